@@ -104,9 +104,7 @@ def cmd_calibrate(args) -> int:
 def _method_and_level(args, th) -> tuple[str, float | None]:
     method = args.method or (th.meta.get("method") if th is not None else None) or M.DENSE
     M.check_method(method)
-    sparsity = None
-    if args.sparsity is not None:
-        sparsity = M.check_sparsity(float(args.sparsity))
+    sparsity = None if args.sparsity is None else M.parse_sparsity(args.sparsity)
     if method != M.DENSE and th is None:
         raise ChessError(f"method {method!r} needs thresholds; run 'chess-mlx calibrate' first")
     if method != M.DENSE and sparsity is None and len(th.sparsities) > 1:
@@ -127,7 +125,7 @@ def cmd_generate(args) -> int:
     if args.method is not None:
         M.check_method(args.method)
     if args.sparsity is not None:
-        M.check_sparsity(float(args.sparsity))
+        M.parse_sparsity(args.sparsity)
     folder, model, tokenizer, fp = _load(args)
     th = _thresholds_for(folder, fp, needed=args.method not in (None, M.DENSE))
     method, sparsity = _method_and_level(args, th)

@@ -40,6 +40,16 @@ def check_sparsity(value: float) -> float:
     return value
 
 
+def parse_sparsity(text: str | float) -> float:
+    """One sparsity level from the command line, checked against [0, 0.99]."""
+    values = parse_sparsities(text)
+    if len(values) != 1:
+        from .errors import ChessError
+
+        raise ChessError(f"give one sparsity level here, not {text!r}")
+    return values[0]
+
+
 def parse_sparsities(text: str) -> list[float]:
     """'0.3,0.5' -> [0.3, 0.5], each checked against [0, 0.99]."""
     from .errors import ChessError

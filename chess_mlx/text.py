@@ -25,7 +25,15 @@ def read_text(path: Path | str, what: str = "text") -> str:
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text))
+    """Token ids of a whole document (no length warning: we window it ourselves)."""
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return list(tokenizer.encode(text))
+    finally:
+        logging.set_verbosity(previous)
 
 
 def token_sequences(tokenizer, text: str, n_tokens: int, seq_len: int, source: str = "text") -> mx.array:

@@ -1,0 +1,120 @@
+"""Bad input: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chess_mlx.cli import main
+from tiny import save_tiny
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def _fails(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("chess-mlx: error: ")
+    return lines[0]
+
+
+@pytest.fixture()
+def calib_text(tmp_path) -> Path:
+    p = tmp_path / "calib.txt"
+    p.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return p
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    msg = _fails(capsys, ["generate", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert "does not exist" in msg
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    d = save_tiny(tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = _fails(capsys, ["calibrate", str(d), "--tokens", "64"])
+    assert "unsupported architecture 'gpt2'" in msg and "llama" in msg and "qwen3" in msg
+    assert not (d / "chess_thresholds.json").exists()
+
+
+def test_not_a_model_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in _fails(capsys, ["calibrate", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "0.995", "abc"])
+def test_sparsity_out_of_range(capsys, tiny_dir, calib_text, value):
+    before = _snapshot(tiny_dir)
+    _fails(capsys, ["calibrate", str(tiny_dir), "--sparsity", value, "--text", str(calib_text)])
+    _fails(capsys, ["generate", str(tiny_dir), "--prompt", "x", "--sparsity", value, "--method", "chess"])
+    assert _snapshot(tiny_dir) == before
+
+
+def test_empty_calibration_text(capsys, tmp_path):
+    d = save_tiny(tmp_path / "m")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    before = _snapshot(d)
+    assert "is empty" in _fails(capsys, ["calibrate", str(d), "--text", str(empty)])
+    assert _snapshot(d) == before
+
+
+def test_calibration_text_too_short(capsys, tmp_path):
+    d = save_tiny(tmp_path / "m")
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    before = _snapshot(d)
+    msg = _fails(capsys, ["calibrate", str(d), "--text", str(short), "--tokens", "4096"])
+    assert "fewer than the 4096 needed" in msg
+    assert _snapshot(d) == before
+
+
+def test_thresholds_from_another_model_refused(capsys, tmp_path, calib_text):
+    a = save_tiny(tmp_path / "a", seed=1)
+    b = save_tiny(tmp_path / "b", seed=2)
+    assert main(["calibrate", str(a), "--text", str(calib_text), "--tokens", "256", "--seq-len", "64"]) == 0
+    capsys.readouterr()
+    for name in ("chess_thresholds.json", "chess_thresholds.safetensors"):
+        shutil.copy(a / name, b / name)
+    msg = _fails(capsys, ["generate", str(b), "--prompt", "hello", "--method", "chess", "--max-tokens", "4"])
+    assert "calibrated for another model" in msg
+    # and the model they were made for accepts them
+    assert main(["generate", str(a), "--prompt", "hello", "--method", "chess", "--max-tokens", "4", "--raw"]) == 0
+
+
+def test_sparse_method_without_thresholds(capsys, tmp_path):
+    d = save_tiny(tmp_path / "m")
+    assert "run 'chess-mlx calibrate" in _fails(capsys, ["generate", str(d), "--prompt", "x", "--method", "cats"])
+
+
+def test_uncalibrated_level_and_unknown_method(capsys, tmp_path, calib_text):
+    d = save_tiny(tmp_path / "m")
+    assert main(["calibrate", str(d), "--text", str(calib_text), "--tokens", "256", "--seq-len", "64",
+                 "--sparsity", "0.3,0.5"]) == 0
+    capsys.readouterr()
+    assert "not calibrated; available: 0.3, 0.5" in _fails(
+        capsys, ["generate", str(d), "--prompt", "x", "--method", "chess", "--sparsity", "0.7"])
+    assert "unknown method" in _fails(capsys, ["generate", str(d), "--prompt", "x", "--method", "magic"])
+
+
+def test_console_entry_exit_code_and_single_line(tmp_path):
+    """Through the real console entry (a new process): exit 2 and exactly one stderr line."""
+    r = subprocess.run([sys.executable, "-m", "chess_mlx", "generate", str(tmp_path / "missing"),
+                        "--prompt", "hi"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "chess_mlx", "frobnicate"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
