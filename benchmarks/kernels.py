@@ -1,0 +1,224 @@
+"""Check and time every sparse GEMV kernel in one GPU call.
+
+    python benchmarks/kernels.py [--quick] [--json OUT.json]
+
+1. Correctness: every kernel x weight type x Llama-3-8B shape x sparsity (0, 0.5, 0.7, 0.9, 0.99)
+   against the pure-MLX reference on fresh random inputs, outputs pre-filled with NaN so an
+   unwritten element fails; relative error ||y - ref|| / ||ref|| must be < 1e-2.
+2. Timing at sparsity 0, 0.5, 0.7, 0.9 against dense ``x @ W.T`` / ``mx.quantized_matmul`` of the
+   same matrix, rotating several weight copies (> 4x L2) so the cache does not flatter anyone.
+   Achieved bandwidth = bytes the kernel really reads / time, as a fraction of the measured copy
+   bandwidth (read + write of a 2 GiB array).
+3. Crossover: decode batch M = 1, 2, 4, 8 tokens (independent 50% masks) vs dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+
+from chess_mlx import sparse_gemv as G  # noqa: E402
+
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]  # (out, in) of W
+LEVELS_CHECK = [0.0, 0.5, 0.7, 0.9, 0.99]
+LEVELS_TIME = [0.0, 0.5, 0.7, 0.9]
+WTYPES = ["float16", "bfloat16", "q4g64", "q4g32", "q8g64", "q8g32"]
+L2_BYTES = 50 << 20
+
+
+def parse_wtype(t: str):
+    if t.startswith("q"):
+        bits, gs = t[1:].split("g")
+        return mx.float16, int(bits), int(gs)
+    return getattr(mx, t), None, None
+
+
+def make_weight(out_dim: int, in_dim: int, wtype: str, transposed: bool):
+    """Random weight in the kernel's layout: W (out, in) or W^T (in, out); quantized likewise."""
+    dtype, bits, gs = parse_wtype(wtype)
+    shape = (in_dim, out_dim) if transposed else (out_dim, in_dim)
+    m = (mx.random.normal(shape) * (1.0 / math.sqrt(in_dim))).astype(dtype)
+    if bits:
+        return G.QWeight.quantize(m, bits, gs)
+    return m
+
+
+def nbytes(w) -> int:
+    return w.nbytes if isinstance(w, G.QWeight) else w.nbytes
+
+
+def sparse_vec(m: int, n: int, s: float, dtype) -> mx.array:
+    v = mx.random.normal((m, n)).astype(dtype)
+    keep = mx.random.uniform(shape=(m, n)) >= s
+    return mx.where(keep, v, mx.zeros((), dtype))
+
+
+def rel_err(y: mx.array, ref: mx.array) -> float:
+    y, ref = y.astype(mx.float32), ref.astype(mx.float32)
+    if mx.any(mx.isnan(y)).item():
+        return float("nan")
+    den = mx.linalg.norm(ref).item()
+    return mx.linalg.norm(y - ref).item() / max(den, 1e-30)
+
+
+def check(kind: str, quick: bool) -> list[dict]:
+    G._POISON = float("nan")
+    rows = []
+    wtypes = WTYPES[:3] if quick else WTYPES
+    for wtype in wtypes:
+        dtype = parse_wtype(wtype)[0]
+        for out_dim, in_dim in SHAPES:
+            w = make_weight(out_dim, in_dim, wtype, transposed=False)
+            wt = make_weight(out_dim, in_dim, wtype, transposed=True)
+            for s in LEVELS_CHECK:
+                x = mx.random.normal((1, in_dim)).astype(dtype)
+                a = sparse_vec(1, out_dim, s, dtype)
+                y = G._launch_spout(kind, x, w, a)
+                e1 = rel_err(y, G.reference_gated_sparse_output(x, w, a))
+                xs = sparse_vec(1, in_dim, s, dtype)
+                y2 = G._launch_spin(kind, xs, wt)
+                e2 = rel_err(y2, G.reference_sparse_input(xs, wt))
+                rows.append(dict(kernel="sparse_output", wtype=wtype, shape=f"{out_dim}x{in_dim}", sparsity=s, rel_err=e1))
+                rows.append(dict(kernel="sparse_input", wtype=wtype, shape=f"{out_dim}x{in_dim}", sparsity=s, rel_err=e2))
+        # small decode batches
+        for m in (2, 4, 8):
+            out_dim, in_dim = SHAPES[2]
+            w = make_weight(out_dim, in_dim, wtype, transposed=False)
+            wt = make_weight(out_dim, in_dim, wtype, transposed=True)
+            x = mx.random.normal((m, in_dim)).astype(dtype)
+            a = sparse_vec(m, out_dim, 0.5, dtype)
+            rows.append(dict(kernel=f"sparse_output_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
+                             rel_err=rel_err(G._launch_spout(kind, x, w, a), G.reference_gated_sparse_output(x, w, a))))
+            if G.kernel_supports(kind, x, wt, transposed=True):
+                xs = sparse_vec(m, in_dim, 0.5, dtype)
+                rows.append(dict(kernel=f"sparse_input_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
+                                 rel_err=rel_err(G._launch_spin(kind, xs, wt), G.reference_sparse_input(xs, wt))))
+    G._POISON = None
+    return rows
+
+
+def timeit(fn_list, reps: int = 30) -> float:
+    """Median seconds per call of a batch of independent calls (one eval per batch)."""
+    outs = [f() for f in fn_list]
+    mx.eval(outs)
+    times = []
+    for _ in range(reps):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval([f() for f in fn_list])
+        mx.synchronize()
+        times.append((time.perf_counter() - t0) / len(fn_list))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    a = mx.random.normal((1 << 30,)).astype(mx.float16)  # 2 GiB
+    mx.eval(a)
+    t = timeit([lambda: mx.abs(a)], reps=10)
+    return 2 * a.nbytes / t
+
+
+def dense_fn(x, w):
+    if isinstance(w, G.QWeight):
+        return lambda: mx.quantized_matmul(x, w.w, w.scales, w.biases, transpose=True, group_size=w.group_size, bits=w.bits)
+    return lambda: x @ w.T
+
+
+def bench(kind: str, bw: float, quick: bool) -> list[dict]:
+    rows = []
+    wtypes = ["float16", "q4g64"] if quick else WTYPES
+    for wtype in wtypes:
+        dtype = parse_wtype(wtype)[0]
+        for out_dim, in_dim in SHAPES:
+            probe = make_weight(out_dim, in_dim, wtype, transposed=False)
+            copies = max(2, math.ceil(4 * L2_BYTES / nbytes(probe)))
+            ws = [make_weight(out_dim, in_dim, wtype, transposed=False) for _ in range(copies)]
+            wts = [make_weight(out_dim, in_dim, wtype, transposed=True) for _ in range(copies)]
+            mx.eval([w.w if isinstance(w, G.QWeight) else w for w in ws + wts])
+            wbytes = nbytes(ws[0])
+            x = mx.random.normal((1, in_dim)).astype(dtype)
+            t_dense = timeit([dense_fn(x, w) for w in ws])
+            for s in LEVELS_TIME:
+                a = sparse_vec(1, out_dim, s, dtype)
+                xs = sparse_vec(1, in_dim, s, dtype)
+                dens_out = mx.mean((a != 0).astype(mx.float32)).item()
+                dens_in = mx.mean((xs != 0).astype(mx.float32)).item()
+                t_out = timeit([lambda w=w: G._launch_spout(kind, x, w, a) for w in ws])
+                t_in = timeit([lambda w=w: G._launch_spin(kind, xs, w) for w in wts])
+                for name, t, dens in (("sparse_output", t_out, dens_out), ("sparse_input", t_in, dens_in)):
+                    read = dens * wbytes
+                    rows.append(dict(kernel=name, wtype=wtype, shape=f"{out_dim}x{in_dim}", sparsity=s,
+                                     us=t * 1e6, dense_us=t_dense * 1e6, speedup=t_dense / t,
+                                     bytes_read=read, bw_fraction=(read / t) / bw))
+        # crossover in the decode batch
+        out_dim, in_dim = SHAPES[0]
+        ws = [make_weight(out_dim, in_dim, wtype, transposed=False) for _ in range(2)]
+        wts = [make_weight(out_dim, in_dim, wtype, transposed=True) for _ in range(2)]
+        for m in (1, 2, 4, 8):
+            x = mx.random.normal((m, in_dim)).astype(dtype)
+            a = sparse_vec(m, out_dim, 0.5, dtype)
+            xs = sparse_vec(m, in_dim, 0.5, dtype)
+            t_dense = timeit([dense_fn(x, w) for w in ws])
+            t_out = timeit([lambda w=w: G._launch_spout(kind, x, w, a) for w in ws])
+            row = dict(kernel="crossover", wtype=wtype, shape=f"{out_dim}x{in_dim}", M=m, dense_us=t_dense * 1e6,
+                       sparse_output_us=t_out * 1e6)
+            if G.kernel_supports(kind, xs, wts[0], transposed=True):
+                row["sparse_input_us"] = timeit([lambda w=w: G._launch_spin(kind, xs, w) for w in wts]) * 1e6
+            rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--skip-bench", action="store_true")
+    args = ap.parse_args()
+    kind = G.backend()
+    if kind == "reference":
+        print("no GPU backend (Metal or CUDA): nothing to check", file=sys.stderr)
+        return 2
+    mx.random.seed(0)
+    t0 = time.time()
+    checks = check(kind, args.quick)
+    bad = [r for r in checks if not (r["rel_err"] < 1e-2)]
+    print(f"correctness: {len(checks) - len(bad)}/{len(checks)} passed (rel err < 1e-2, NaN-poisoned outputs) "
+          f"in {time.time() - t0:.0f}s; worst {max(r['rel_err'] for r in checks):.2e}")
+    for r in bad:
+        print("  FAIL", r)
+    result = {"date": time.strftime("%Y-%m-%d"), "backend": kind, "mlx": mx.__version__,
+              "device": mx.device_info() if hasattr(mx, "device_info") else platform.node(),
+              "checks": checks}
+    if not args.skip_bench:
+        bw = copy_bandwidth()
+        print(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s")
+        rows = bench(kind, bw, args.quick)
+        result.update(copy_bw=bw, bench=rows)
+        print(f"{'kernel':<14}{'weights':<9}{'shape':<12}{'s':>5}{'us':>9}{'dense':>9}{'x':>6}{'bw%':>6}")
+        for r in rows:
+            if r["kernel"] == "crossover":
+                continue
+            print(f"{r['kernel']:<14}{r['wtype']:<9}{r['shape']:<12}{r['sparsity']:>5}{r['us']:>9.1f}"
+                  f"{r['dense_us']:>9.1f}{r['speedup']:>6.2f}{100 * r['bw_fraction']:>6.0f}")
+        print("crossover (50% per token, union grows with M):")
+        for r in rows:
+            if r["kernel"] == "crossover":
+                print(f"  {r['wtype']:<9} M={r['M']}: dense {r['dense_us']:.1f} us, sparse-out {r['sparse_output_us']:.1f} us"
+                      + (f", sparse-in {r['sparse_input_us']:.1f} us" if "sparse_input_us" in r else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Sparse GEMV kernels for batch-1 (and small-batch) decode, with a pure-MLX reference.
+
+Two products, each on float16/bfloat16 or MLX 4/8-bit affine-quantized weights:
+
+* ``gated_sparse_output(x, w, a)``: ``a * (x @ W^T)`` computing only the rows where some ``a`` is
+  non-zero (up_proj under CATS/CHESS). W keeps MLX's (out, in) layout.
+* ``sparse_input(x, wt)``: ``x @ W^T`` reading only the rows of ``wt = W^T`` (in, out) that meet a
+  non-zero input (down_proj; q/o under CHESS+attention; TEAL). Quantized ``wt`` is quantized along
+  the *output* dimension (``mx.quantize(W.T)``), so a skipped input channel costs no bytes.
+
+Dispatch: Metal kernels (``metal/``) on an Apple GPU, CUDA kernels (``cuda/``) on MLX's CUDA
+backend, the reference everywhere else. ``CHESS_MLX_REFERENCE=1`` or ``force_reference(True)``
+selects the reference path on every device. The CUDA and Metal kernels share algorithm, tiling and
+indexing; the CUDA ones are checked and timed on a GPU by ``benchmarks/kernels.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+MAX_TOKENS = 8  # decode batch the kernels handle; larger batches use dense matmul
+_FORCE_REFERENCE = os.environ.get("CHESS_MLX_REFERENCE", "") not in ("", "0")
+_POISON: Optional[float] = None  # benchmarks/kernels.py fills outputs with NaN to catch unwritten elements
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def force_reference(on: bool = True) -> None:
+    """Use the pure-MLX reference path everywhere (debugging, A/B checks)."""
+    global _FORCE_REFERENCE
+    _FORCE_REFERENCE = on
+
+
+def backend() -> str:
+    if _FORCE_REFERENCE:
+        return "reference"
+    if mx.default_device() == mx.gpu:
+        if mx.metal.is_available():
+            return "metal"
+        if mx.cuda.is_available():
+            return "cuda"
+    return "reference"
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """An MLX affine-quantized matrix: packed ``w`` (rows, cols*bits/32), ``scales``/``biases``."""
+
+    w: mx.array
+    scales: mx.array
+    biases: mx.array
+    bits: int
+    group_size: int
+
+    @property
+    def rows(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.w.shape[1] * 32 // self.bits
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + self.scales.nbytes + self.biases.nbytes
+
+    @classmethod
+    def quantize(cls, m: mx.array, bits: int, group_size: int) -> "QWeight":
+        w, s, b = mx.quantize(m, group_size=group_size, bits=bits)
+        return cls(w, s, b, bits, group_size)
+
+    def dequantize(self) -> mx.array:
+        return mx.dequantize(self.w, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+
+Weight = "mx.array | QWeight"
+
+
+# ---------------------------------------------------------------- reference (any device) --------
+def reference_gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
+    if isinstance(w, QWeight):
+        y = mx.quantized_matmul(x, w.w, w.scales, w.biases, transpose=True,
+                                group_size=w.group_size, bits=w.bits)
+    else:
+        y = x @ w.T
+    return a * y
+
+
+def reference_sparse_input(x: mx.array, wt) -> mx.array:
+    if isinstance(wt, QWeight):
+        return mx.quantized_matmul(x, wt.w, wt.scales, wt.biases, transpose=False,
+                                   group_size=wt.group_size, bits=wt.bits)
+    return x @ wt
+
+
+# ---------------------------------------------------------------- kernel sources ----------------
+def source_dir(kind: str) -> Path:
+    return _ROOT / ("cuda" if kind == "cuda" else "metal")
+
+
+def read_source(kind: str, name: str) -> tuple[str, str]:
+    """(header, body) of one kernel; ``kind`` is 'cuda' or 'metal'."""
+    d = source_dir(kind)
+    header = (d / ("common.cuh" if kind == "cuda" else "common.metal")).read_text()
+    body = (d / f"{name}.{'cu' if kind == 'cuda' else 'metal'}").read_text()
+    return header, body
+
+
+_INPUTS = {
+    "spout_f": ["x", "w", "a"],
+    "spout_q": ["x", "w", "scales", "biases", "a"],
+    "spin_f": ["x", "wt"],
+    "spin_q": ["x", "wt", "scales", "biases"],
+    "spin_reduce": ["partial"],
+}
+_OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["partial"], "spin_q": ["partial"], "spin_reduce": ["y"]}
+
+
+@lru_cache(maxsize=None)
+def _kernel(kind: str, name: str):
+    header, body = read_source(kind, name)
+    if kind == "cuda":
+        return mx.fast.cuda_kernel(name=f"chess_{name}", input_names=_INPUTS[name],
+                                   output_names=_OUTPUTS[name], source=body, header=header)
+    return mx.fast.metal_kernel(name=f"chess_{name}", input_names=_INPUTS[name],
+                                output_names=_OUTPUTS[name], source=body, header=header)
+
+
+# ---------------------------------------------------------------- launch geometry ---------------
+def split_k_chunk(k: int, n_tiles: int, target_blocks: int = 1024) -> int:
+    """Rows per split-K chunk: enough blocks to fill the GPU, at most 512 rows each."""
+    kc = 512
+    while kc > 32 and n_tiles * -(-k // kc) < target_blocks:
+        kc //= 2
+    return kc
+
+
+def spin_words(m: int) -> int:
+    """32-bit words per lane in spin_q: 16-byte loads for one token, narrower as M grows."""
+    return {1: 4, 2: 2}.get(m, 1)
+
+
+def kernel_supports(kind: str, x: mx.array, w, transposed: bool) -> bool:
+    """Shapes/dtypes the kernels handle (anything else takes the reference path)."""
+    m = x.shape[0]
+    if x.ndim != 2 or m > MAX_TOKENS or x.dtype not in (mx.float16, mx.bfloat16):
+        return False
+    if isinstance(w, QWeight):
+        if w.bits not in (4, 8) or w.group_size not in (32, 64) or w.scales.dtype != x.dtype:
+            return False
+        if transposed:
+            return m <= 4 and w.cols % (128 // w.bits) == 0 and x.shape[1] == w.rows
+        return x.shape[1] == w.cols and w.cols % (128 // w.bits) == 0
+    if w.dtype != x.dtype:
+        return False
+    k = w.shape[0] if transposed else w.shape[1]
+    n = w.shape[1] if transposed else w.shape[0]
+    return x.shape[1] == k and k % 8 == 0 and n % 8 == 0
+
+
+# ---------------------------------------------------------------- kernel calls ------------------
+def _launch_spout(kind: str, x: mx.array, w, a: mx.array) -> mx.array:
+    m, k = x.shape
+    if isinstance(w, QWeight):
+        n = w.rows
+        name, inputs = "spout_q", [x, w.w, w.scales, w.biases, a]
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size)]
+    else:
+        n = w.shape[0]
+        name, inputs = "spout_f", [x, w, a]
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n)]
+    return _kernel(kind, name)(inputs=inputs, template=tmpl, grid=(n * 32, 1, 1), threadgroup=(256, 1, 1),
+                               output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
+
+
+def _launch_spin(kind: str, x: mx.array, wt, kc: Optional[int] = None) -> mx.array:
+    """spin_f / spin_q into float32 split-K partials, then spin_reduce."""
+    m, k = x.shape
+    if isinstance(wt, QWeight):
+        n = wt.cols
+        words = spin_words(m)
+        tile = 32 * words * (32 // wt.bits)
+        tiles = -(-n // tile)
+        kc = kc or split_k_chunk(k, tiles)
+        name, inputs = "spin_q", [x, wt.w, wt.scales, wt.biases]
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wt.bits), ("GS", wt.group_size),
+                ("KC", kc), ("WORDS", words)]
+    else:
+        n = wt.shape[1]
+        tiles = -(-n // 256)
+        kc = kc or split_k_chunk(k, tiles)
+        name, inputs = "spin_f", [x, wt]
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc)]
+    chunks = -(-k // kc)
+    partial = _kernel(kind, name)(inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1),
+                                  threadgroup=(256, 1, 1), output_shapes=[(chunks, m, n)],
+                                  output_dtypes=[mx.float32], init_value=_POISON)[0]
+    return _kernel(kind, "spin_reduce")(inputs=[partial], template=[("T", x.dtype), ("M", m), ("N", n), ("C", chunks)],
+                                        grid=(m * n, 1, 1), threadgroup=(256, 1, 1),
+                                        output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
+
+
+def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
+    """``a * (x @ W^T)`` for x (M, K), W (N, K) or QWeight, a (M, N); rows with a == 0 are skipped."""
+    kind = backend()
+    if kind != "reference" and kernel_supports(kind, x, w, transposed=False) and a.dtype == x.dtype:
+        return _launch_spout(kind, x, w, a)
+    return reference_gated_sparse_output(x, w, a)
+
+
+def sparse_input(x: mx.array, wt) -> mx.array:
+    """``x @ wt`` for x (M, K) with many zeros, wt = W^T (K, N) or its QWeight (quantized along N)."""
+    kind = backend()
+    if kind != "reference" and kernel_supports(kind, x, wt, transposed=True):
+        return _launch_spin(kind, x, wt)
+    return reference_sparse_input(x, wt)
