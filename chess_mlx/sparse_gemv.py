@@ -140,6 +140,11 @@ def split_k_chunk(k: int, n_tiles: int, target_blocks: int = 1024) -> int:
     return kc
 
 
+def spout_warps_per_row(k: int) -> int:
+    """Warps sharing one row in spout: long rows are split so few active rows still fill the GPU."""
+    return 8 if k >= 8192 else 4 if k >= 2048 else 2 if k >= 1024 else 1
+
+
 def spin_words(m: int) -> int:
     """32-bit words per lane in spin_q: 16-byte loads for one token, narrower as M grows."""
     return {1: 4, 2: 2}.get(m, 1)
@@ -174,7 +179,10 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array) -> mx.array:
         n = w.shape[0]
         name, inputs = "spout_f", [x, w, a]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n)]
-    return _kernel(kind, name)(inputs=inputs, template=tmpl, grid=(n * 32, 1, 1), threadgroup=(256, 1, 1),
+    wpr = spout_warps_per_row(k)
+    tmpl.append(("WPR", wpr))
+    blocks = -(-n // (8 // wpr))
+    return _kernel(kind, name)(inputs=inputs, template=tmpl, grid=(blocks * 256, 1, 1), threadgroup=(256, 1, 1),
                                output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
 
 

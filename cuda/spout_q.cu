@@ -1,61 +1,68 @@
 // Sparse-output GEMV, MLX affine-quantized weights (4 or 8 bits, group GS), fused with the gate.
 //   y[m, r] = a[m, r] * sum_k (scale[r, k/GS] * q[r, k] + bias[r, k/GS]) * x[m, k]   (active rows)
 // Layout: MLX's own (w (N, K*BITS/32) uint32, scales/biases (N, K/GS)): element k of a row sits in
-// word k / (32/BITS) at bit BITS * (k % (32/BITS)). One warp per row, 16-byte weight loads; each
-// load (32 values at 4 bits, 16 at 8) lies inside one quantization group.
-// Template: T, M, K, N, BITS, GS. Grid: N*32 threads, threadgroup 256. Needs K % (128/BITS) == 0.
+// word k / (32/BITS) at bit BITS * (k % (32/BITS)). Same tiling as spout_f (WPR warps per row,
+// 8/WPR rows per block); each 16-byte weight load (32 values at 4 bits, 16 at 8) lies inside one
+// quantization group, so it needs one scale and one bias.
+// Template: T, M, K, N, BITS, GS, WPR. Grid: ceil(N / (8/WPR)) * 256 threads, threadgroup 256.
+// Needs K % (128/BITS) == 0.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = 4 * VPW;
-constexpr int WPR = K / VPW;
+constexpr int WORDS_PER_ROW = K / VPW;
 constexpr uint32_t MASK = (1u << BITS) - 1u;
+constexpr int RPB = 8 / WPR;
 const int lane = threadIdx.x & 31;
-const int r = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
-if (r >= N) return;
-float gate[M];
+const int warp = threadIdx.x >> 5;
+const int part = warp % WPR;
+const int r = (int)blockIdx.x * RPB + warp / WPR;
+const bool valid = r < N;
 bool active = false;
 #pragma unroll
-for (int m = 0; m < M; ++m) {
-  gate[m] = static_cast<float>(a[m * N + r]);
-  active |= (gate[m] != 0.0f);
-}
-if (!active) {
-  if (lane < M) y[lane * N + r] = static_cast<T>(0.0f);
-  return;
-}
+for (int m = 0; m < M; ++m) active |= valid && (static_cast<float>(a[m * N + r]) != 0.0f);
 float acc[M];
 #pragma unroll
 for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-const uint32_t* wrow = w + (size_t)r * WPR;
-const T* srow = scales + (size_t)r * (K / GS);
-const T* brow = biases + (size_t)r * (K / GS);
+if (active) {
+  const uint32_t* wrow = w + (size_t)r * WORDS_PER_ROW;
+  const T* srow = scales + (size_t)r * (K / GS);
+  const T* brow = biases + (size_t)r * (K / GS);
 #pragma unroll 2
-for (int v = lane; v < WPR / 4; v += 32) {
-  uint32_t words[4];
-  chess_load_words<4>(wrow + 4 * v, words);
-  const int k0 = v * VPL;
-  const float s = static_cast<float>(srow[k0 / GS]);
-  const float b = static_cast<float>(brow[k0 / GS]);
+  for (int v = part * 32 + lane; v < WORDS_PER_ROW / 4; v += 32 * WPR) {
+    uint32_t words[4];
+    chess_load_words<4>(wrow + 4 * v, words);
+    const int k0 = v * VPL;
+    const float s = static_cast<float>(srow[k0 / GS]);
+    const float b = static_cast<float>(brow[k0 / GS]);
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)m * K + k0);
-    float qx = 0.0f, xs = 0.0f;
+    for (int m = 0; m < M; ++m) {
+      const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)m * K + k0);
+      float qx = 0.0f, xs = 0.0f;
 #pragma unroll
-    for (int c = 0; c < VPL / 8; ++c) {
-      float xf[8];
-      chess_unpack8<T>(xv[c], xf);
+      for (int c = 0; c < VPL / 8; ++c) {
+        float xf[8];
+        chess_unpack8<T>(xv[c], xf);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int i = c * 8 + e;
-        const float q = (float)((words[i / VPW] >> (BITS * (i % VPW))) & MASK);
-        qx += q * xf[e];
-        xs += xf[e];
+        for (int e = 0; e < 8; ++e) {
+          const int i = c * 8 + e;
+          const float q = (float)((words[i / VPW] >> (BITS * (i % VPW))) & MASK);
+          qx += q * xf[e];
+          xs += xf[e];
+        }
       }
+      acc[m] += s * qx + b * xs;
     }
-    acc[m] += s * qx + b * xs;
   }
 }
+__shared__ float red[8][M];
 #pragma unroll
 for (int m = 0; m < M; ++m) {
   const float s = chess_warp_sum(acc[m]);
-  if (lane == m) y[m * N + r] = static_cast<T>(s * gate[m]);
+  if (lane == 0) red[warp][m] = s;
+}
+__syncthreads();
+if (valid && part == 0 && lane < M) {
+  float s = 0.0f;
+#pragma unroll
+  for (int p = 0; p < WPR; ++p) s += red[warp + p][lane];
+  y[lane * N + r] = static_cast<T>(s * static_cast<float>(a[lane * N + r]));
 }

@@ -1,0 +1,45 @@
+"""GPU-side kernel durations (no host overhead) for a few configurations, for Nsight Compute.
+
+    ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+        python benchmarks/ncu_probe.py > ncu.csv
+
+Prints the order of the measured calls to stderr; each measured call runs 3 times.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+
+import kernels as K  # noqa: E402
+from chess_mlx import sparse_gemv as G  # noqa: E402
+
+mx.random.seed(0)
+plan = []
+for wtype in ("float16", "q4g64"):
+    dtype = K.parse_wtype(wtype)[0]
+    for out_dim, in_dim in K.SHAPES:
+        w = K.make_weight(out_dim, in_dim, wtype, transposed=False)
+        wt = K.make_weight(out_dim, in_dim, wtype, transposed=True)
+        x = mx.random.normal((1, in_dim)).astype(dtype)
+        for s in (0.0, 0.5, 0.7):
+            a = K.sparse_vec(1, out_dim, s, dtype)
+            xs = K.sparse_vec(1, in_dim, s, dtype)
+            plan.append((f"{wtype} {out_dim}x{in_dim} s={s}", w, wt, x, a, xs))
+        mx.eval([x])
+for label, w, wt, x, a, xs in plan:
+    mx.eval(G._launch_spout("cuda", x, w, a), G._launch_spin("cuda", xs, wt), K.dense_fn(x, w)())  # JIT warm-up
+mx.synchronize()
+print("BEGIN", file=sys.stderr)
+for label, w, wt, x, a, xs in plan:
+    for rep in range(3):
+        for kind, fn in (("dense", K.dense_fn(x, w)), ("spout", lambda: G._launch_spout("cuda", x, w, a)),
+                         ("spin", lambda: G._launch_spin("cuda", xs, wt))):
+            print(f"CALL {label} {kind} {rep}", file=sys.stderr)
+            mx.eval(fn())
+            mx.synchronize()
