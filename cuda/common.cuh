@@ -49,3 +49,38 @@ template <>
 __device__ __forceinline__ void chess_load_words<1>(const uint32_t* p, uint32_t* out) {
   out[0] = *p;
 }
+
+// q (a BITS-bit field of a packed word) as float without the quarter-rate I2F instruction:
+// (q | 0x4B000000) is the float 2^23 + q exactly, so one full-rate FADD recovers q.
+template <int BITS>
+__device__ __forceinline__ float chess_qfloat(uint32_t word, int shift) {
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  return __uint_as_float(((word >> shift) & MASK) | 0x4B000000u) - 8388608.0f;
+}
+
+// Ordered compaction of the active inputs of one split-K chunk into shared memory: idx[0..total)
+// holds the rows j in [k_begin, k_begin + KC) with any x[m, j] != 0, in increasing order.
+// All 256 threads of the block must call it. Returns the count.
+template <typename T, int M, int K, int KC>
+__device__ __forceinline__ int chess_compact(const T* x, int k_begin, int* idx, int* wcount) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int total = 0;
+  for (int p = 0; p < KC; p += 256) {
+    const int t = p + (int)threadIdx.x;
+    const int j = k_begin + t;
+    bool act = false;
+    if (t < KC && j < K) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) act |= (static_cast<float>(x[(size_t)m * K + j]) != 0.0f);
+    }
+    const unsigned bal = __ballot_sync(0xffffffffu, act);
+    if (lane == 0) wcount[warp] = __popc(bal);
+    __syncthreads();
+    int off = total;
+    for (int w = 0; w < warp; ++w) off += wcount[w];
+    if (act) idx[off + __popc(bal & ((1u << lane) - 1u))] = j;
+    for (int w = 0; w < 8; ++w) total += wcount[w];
+    __syncthreads();
+  }
+  return total;
+}

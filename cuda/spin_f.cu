@@ -1,54 +1,52 @@
 // Sparse-input GEMV, float16/bfloat16 weights: y[m, :] = sum_{j: x[m, j] != 0} x[m, j] * wt[j, :].
 // Layout: wt (K, N) = W^T row-major, so an input channel j is one contiguous row and a zero x[:, j]
-// costs no weight bytes. Block = 8 warps on a tile of 256 outputs and a chunk of KC inputs (split-K);
-// each lane owns 8 consecutive outputs (one 16-byte load per row); each warp walks every 8th row of
-// the chunk, U rows at a time with the loads issued before the FMAs. The 8 warps reduce through
-// shared memory into partial[chunk, m, n]; spin_reduce sums the chunks.
-// Template: T, M, K, N, KC. Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup (256, 1).
+// costs no weight bytes. Block = 8 warps on a tile of 256 outputs and a chunk of KC inputs (split-K).
+// The block first compacts its chunk's non-zero inputs into shared memory (chess_compact), then each
+// warp takes every 8th active row, U rows at a time with all U 16-byte loads issued before the FMAs;
+// each lane owns 8 consecutive outputs. The 8 warps reduce through shared memory into
+// partial[chunk, m, n]; spin_reduce sums the chunks.
+// Template: T, M, K, N, KC (<= 512). Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.
 // Needs N % 8 == 0.
 constexpr int TILE = 256;
-constexpr int U = 4;
+constexpr int U = 8;
+__shared__ int idx[KC];
+__shared__ int wcount[8];
+__shared__ float red[8][TILE];
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
 const int tile = blockIdx.x;
 const int chunk = blockIdx.y;
 const int n0 = tile * TILE + lane * 8;
 const bool in_range = n0 < N;
-const int k_begin = chunk * KC;
+const int total = chess_compact<T, M, K, KC>(x, chunk * KC, idx, wcount);
 float acc[M][8];
 #pragma unroll
 for (int m = 0; m < M; ++m)
 #pragma unroll
   for (int e = 0; e < 8; ++e) acc[m][e] = 0.0f;
-for (int i = warp; i < KC; i += 8 * U) {
+for (int i0 = warp; i0 < total; i0 += 8 * U) {
   uint4 wv[U];
-  float xv[U][M];
-  bool act[U];
+  int jv[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const int jj = i + 8 * u;
-    const int j = k_begin + jj;
-    act[u] = false;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      xv[u][m] = (jj < KC && j < K) ? static_cast<float>(x[(size_t)m * K + j]) : 0.0f;
-      act[u] |= (xv[u][m] != 0.0f);
-    }
-    if (act[u] && in_range) wv[u] = *reinterpret_cast<const uint4*>(wt + (size_t)j * N + n0);
+    const int e = i0 + 8 * u;
+    jv[u] = e < total ? idx[e] : -1;
+    if (jv[u] >= 0 && in_range) wv[u] = *reinterpret_cast<const uint4*>(wt + (size_t)jv[u] * N + n0);
   }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    if (act[u] && in_range) {
+    if (jv[u] >= 0 && in_range) {
       float wf[8];
       chess_unpack8<T>(wv[u], wf);
 #pragma unroll
-      for (int m = 0; m < M; ++m)
+      for (int m = 0; m < M; ++m) {
+        const float xj = static_cast<float>(x[(size_t)m * K + jv[u]]);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[m][e] += xv[u][m] * wf[e];
+        for (int e = 0; e < 8; ++e) acc[m][e] += xj * wf[e];
+      }
     }
   }
 }
-__shared__ float red[8][TILE];
 #pragma unroll
 for (int m = 0; m < M; ++m) {
 #pragma unroll

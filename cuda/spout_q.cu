@@ -3,13 +3,12 @@
 // Layout: MLX's own (w (N, K*BITS/32) uint32, scales/biases (N, K/GS)): element k of a row sits in
 // word k / (32/BITS) at bit BITS * (k % (32/BITS)). Same tiling as spout_f (WPR warps per row,
 // 8/WPR rows per block); each 16-byte weight load (32 values at 4 bits, 16 at 8) lies inside one
-// quantization group, so it needs one scale and one bias.
+// quantization group, so it needs one scale and one bias; q is decoded without I2F (chess_qfloat).
 // Template: T, M, K, N, BITS, GS, WPR. Grid: ceil(N / (8/WPR)) * 256 threads, threadgroup 256.
 // Needs K % (128/BITS) == 0.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = 4 * VPW;
 constexpr int WORDS_PER_ROW = K / VPW;
-constexpr uint32_t MASK = (1u << BITS) - 1u;
 constexpr int RPB = 8 / WPR;
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
@@ -44,7 +43,7 @@ if (active) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const int i = c * 8 + e;
-          const float q = (float)((words[i / VPW] >> (BITS * (i % VPW))) & MASK);
+          const float q = chess_qfloat<BITS>(words[i / VPW], BITS * (i % VPW));
           qx += q * xf[e];
           xs += xf[e];
         }
