@@ -169,7 +169,7 @@ def kernel_supports(kind: str, x: mx.array, w, transposed: bool) -> bool:
 
 
 # ---------------------------------------------------------------- kernel calls ------------------
-def _launch_spout(kind: str, x: mx.array, w, a: mx.array) -> mx.array:
+def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = None) -> mx.array:
     m, k = x.shape
     if isinstance(w, QWeight):
         n = w.rows
@@ -179,7 +179,7 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array) -> mx.array:
         n = w.shape[0]
         name, inputs = "spout_f", [x, w, a]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n)]
-    wpr = spout_warps_per_row(k)
+    wpr = wpr or spout_warps_per_row(k)
     tmpl.append(("WPR", wpr))
     blocks = -(-n // (8 // wpr))
     return _kernel(kind, name)(inputs=inputs, template=tmpl, grid=(blocks * 256, 1, 1), threadgroup=(256, 1, 1),

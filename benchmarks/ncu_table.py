@@ -1,0 +1,44 @@
+"""Turn ``ncu --csv`` output of ncu_probe.py into a table of GPU-side times and bandwidth.
+
+    python benchmarks/ncu_table.py ncu.csv ncu.err [COPY_BW_TB_S]
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import re
+import sys
+
+
+def main(csv_path: str, err_path: str, copy_bw: float = 2.82) -> None:
+    rows = list(csv.DictReader(l for l in open(csv_path) if l.startswith('"')))
+    ks: dict = collections.OrderedDict()
+    for r in rows:
+        k = ks.setdefault(r["ID"], {"name": r["Kernel Name"]})
+        k[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
+    sel = [k for k in ks.values() if re.search(r"custom_kernel|gemv|qmv|gemm", k["name"])]
+    calls = [l.split(" ", 1)[1].strip() for l in open(err_path) if l.startswith("CALL")]
+    n_kernels = sum(2 if c.rsplit(" ", 2)[1] == "spin" else 1 for c in calls)
+    meas, i = sel[-n_kernels:], 0
+    out = collections.defaultdict(list)
+    for c in calls:
+        cfg, kind, _rep = c.rsplit(" ", 2)
+        n = 2 if kind == "spin" else 1
+        out[(cfg, kind)].append((sum(k["gpu__time_duration.sum"] for k in meas[i:i + n]),
+                                 sum(k["dram__bytes_read.sum"] for k in meas[i:i + n])))
+        i += n
+    dense = {cfg: min(t for t, _ in v) for (cfg, kind), v in out.items() if kind == "dense"}
+    print(f"| config | kernel | GPU us | dense us | speedup | DRAM read MB | TB/s | % of copy bw |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (cfg, kind), v in out.items():
+        if kind == "dense":
+            continue
+        t, b = min(v)
+        print(f"| {cfg} | {'sparse-output' if kind == 'spout' else 'sparse-input'} | {t / 1e3:.1f} | "
+              f"{dense[cfg] / 1e3:.1f} | {dense[cfg] / t:.2f} | {b / 1e6:.1f} | {b / t / 1e3:.2f} | "
+              f"{100 * b / t / 1e3 / copy_bw:.0f}% |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], *(float(a) for a in sys.argv[3:4]))
