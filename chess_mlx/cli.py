@@ -186,6 +186,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import mlx.core as mx
+
+    from .bench import PRESETS, random_model, run_bench
+    from .sparse_gemv import backend
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        M.check_method(m)
+    sparsity = M.parse_sparsity(args.sparsity)
+    if args.quantize not in (None, 4, 8):
+        raise ChessError("--quantize takes 4 or 8")
+    dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
+    model = random_model(args.preset, args.layers, dtype, args.quantize, args.group_size)
+    vocab = PRESETS[args.preset]["vocab_size"]
+    label = f"{args.preset}{'' if not args.layers else f'/{args.layers}L'} {'%d-bit' % args.quantize if args.quantize else args.dtype or str(dtype).split('.')[-1]}"
+    print(f"decode benchmark: {label}, sparsity {sparsity:g}, {args.tokens} tokens x {args.runs} runs, "
+          f"kernels: {backend()}", flush=True)
+    results = run_bench(model, methods, sparsity, vocab, n_tokens=args.tokens, runs=args.runs,
+                        progress=lambda m, r: print(f"  {m:<11} {r.tokens_per_s:8.1f} tok/s  (FFN sparsity {r.ffn_sparsity:.0%})", flush=True))
+    base = next((r.tokens_per_s for r in results if r.method == M.DENSE), None)
+    if base:
+        print("speed vs dense: " + ", ".join(f"{r.method} {r.tokens_per_s / base:.2f}x" for r in results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": label, "sparsity": sparsity, "backend": backend(),
+                                               "results": [r.__dict__ for r in results]}, indent=2) + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="chess-mlx", description="CHESS activation sparsity for MLX language models")
@@ -234,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the results here")
     e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="decode tokens/s, dense vs sparse, on a random model of a real shape")
+    b.add_argument("--preset", choices=["llama3-8b", "tiny"], default="llama3-8b")
+    b.add_argument("--layers", type=int, help="fewer layers than the preset (for quick runs)")
+    b.add_argument("--quantize", type=int, help="4 or 8 bits")
+    b.add_argument("--group-size", type=int, default=64)
+    b.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+    b.add_argument("--methods", default="dense,chess,chess-attn,teal")
+    b.add_argument("--sparsity", default="0.5")
+    b.add_argument("--tokens", type=int, default=128)
+    b.add_argument("--runs", type=int, default=3)
+    b.add_argument("--json")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,15 +1,22 @@
-"""The three matrix-vector products a sparse block needs, on any projection module.
+"""The matrix-vector products a sparse block needs, on any projection module.
 
-These are the dispatch points for the sparse GEMV kernels. The functions here are the pure-MLX
-reference path: they give the numbers the kernels must reproduce, on every device. A projection
-module is anything with ``weight`` (and optionally ``bias``), or an mlx-lm ``QuantizedLinear``
-(``weight``/``scales``/``biases`` + ``group_size``/``bits``).
+These are the dispatch points for the sparse GEMV kernels (``chess_mlx/sparse_gemv.py``). A
+projection is anything with ``weight`` (and optionally ``bias``), or an mlx-lm ``QuantizedLinear``
+(``weight``/``scales``/``biases`` + ``group_size``/``bits``). Decode steps of at most
+``KERNEL_MAX_TOKENS`` tokens go through the kernels on a GPU; everything else (prefill, the CPU)
+takes the reference path, which gives the same numbers.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import sparse_gemv as G
+
+# Crossover measured on the H100 (benchmarks/RESULTS.md): with independent 50% masks the union of
+# several tokens' active rows quickly approaches dense, and at 2+ tokens dense matmul wins.
+KERNEL_MAX_TOKENS = 1
 
 
 def dense_linear(x: mx.array, proj: nn.Module) -> mx.array:
@@ -32,21 +39,61 @@ def dense_linear(x: mx.array, proj: nn.Module) -> mx.array:
     return y
 
 
-def sparse_output_linear(x: mx.array, proj: nn.Module, keep: mx.array) -> mx.array:
-    """Rows of W x where ``keep`` is True, zero elsewhere (up_proj under CATS/CHESS).
+def _row_weight(proj: nn.Module):
+    """The (out, in) weight as the kernels take it."""
+    if "scales" in proj:
+        return G.QWeight(proj["weight"], proj["scales"], proj["biases"], proj.bits, proj.group_size)
+    return proj["weight"]
 
-    A kernel reads only the kept rows of W; the reference computes all and masks.
+
+def _transposed_weight(proj: nn.Module):
+    """W^T (in, out) for sparse-input kernels, built once per projection on first use.
+
+    Float weights: a contiguous copy of W^T. Quantized weights: W^T re-quantized along the output
+    dimension with the same bits and group size (the layout ``chess-mlx convert`` writes), so its
+    numbers differ from the source quantization by one rounding.
     """
-    return mx.where(keep, dense_linear(x, proj), mx.zeros((), dtype=x.dtype))
+    wt = getattr(proj, "_kernel_wt", None)
+    if wt is None:
+        if "scales" in proj:
+            w = mx.dequantize(proj["weight"], proj["scales"], proj["biases"],
+                              group_size=proj.group_size, bits=proj.bits)
+            wt = G.QWeight.quantize(mx.contiguous(w.T), proj.bits, proj.group_size)
+            mx.eval(wt.w, wt.scales, wt.biases)
+        else:
+            wt = mx.contiguous(proj["weight"].T)
+            mx.eval(wt)
+        proj._kernel_wt = wt
+    return wt
+
+
+def _use_kernels(x: mx.array, proj: nn.Module) -> bool:
+    if G.backend() == "reference" or getattr(proj, "mode", "affine") != "affine":
+        return False
+    return x.size // x.shape[-1] <= KERNEL_MAX_TOKENS
+
+
+def gated_sparse_output_linear(x: mx.array, proj: nn.Module, a: mx.array) -> mx.array:
+    """``a * (x W^T + b)``; a kernel computes only the rows where ``a`` is non-zero (up_proj)."""
+    if not _use_kernels(x, proj):
+        return a * dense_linear(x, proj)
+    lead = x.shape[:-1]
+    y = G.gated_sparse_output(x.reshape(-1, x.shape[-1]), _row_weight(proj), a.reshape(-1, a.shape[-1]))
+    y = y.reshape(*lead, -1)
+    return y + a * proj["bias"] if "bias" in proj else y
 
 
 def sparse_input_linear(x: mx.array, proj: nn.Module) -> mx.array:
-    """W x for an x with many exact zeros (down_proj, thresholded q/o inputs).
+    """W x for an x with many exact zeros (down_proj, thresholded q/o inputs, TEAL).
 
-    A kernel reads only the columns of W that meet a non-zero input; the reference is the dense
+    A kernel reads only the rows of W^T that meet a non-zero input; the reference is the dense
     product, which gives the same numbers because the skipped terms are exact zeros.
     """
-    return dense_linear(x, proj)
+    if not _use_kernels(x, proj):
+        return dense_linear(x, proj)
+    lead = x.shape[:-1]
+    y = G.sparse_input(x.reshape(-1, x.shape[-1]), _transposed_weight(proj)).reshape(*lead, -1)
+    return y + proj["bias"] if "bias" in proj else y
 
 
 def weight_nbytes(proj: nn.Module) -> int:

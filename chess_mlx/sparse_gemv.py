@@ -132,17 +132,19 @@ def _kernel(kind: str, name: str):
 
 
 # ---------------------------------------------------------------- launch geometry ---------------
-def split_k_chunk(k: int, n_tiles: int, target_blocks: int = 1024) -> int:
-    """Rows per split-K chunk: enough blocks to fill the GPU, at most 512 rows each."""
-    kc = 512
-    while kc > 32 and n_tiles * -(-k // kc) < target_blocks:
+def split_k_chunk(k: int, n_tiles: int, quantized: bool) -> int:
+    """Rows per split-K chunk of spin (Nsight sweep on H100, benchmarks/RESULTS.md): long chunks
+    amortise each block's compaction and reduction (512 rows for half weights, 256 for quantized
+    ones, whose rows are shorter), halved only while the grid has fewer than 2 blocks per SM."""
+    kc = 256 if quantized else 512
+    while kc > 64 and n_tiles * -(-k // kc) < 264:
         kc //= 2
     return kc
 
 
-def spout_warps_per_row(k: int) -> int:
+def spout_warps_per_row(row_bytes: int) -> int:
     """Warps sharing one row in spout: long rows are split so few active rows still fill the GPU."""
-    return 8 if k >= 8192 else 4 if k >= 2048 else 2 if k >= 1024 else 1
+    return 8 if row_bytes >= 16384 else 4 if row_bytes >= 6144 else 2 if row_bytes >= 2048 else 1
 
 
 def spin_words(m: int) -> int:
@@ -179,7 +181,7 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
         n = w.shape[0]
         name, inputs = "spout_f", [x, w, a]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n)]
-    wpr = wpr or spout_warps_per_row(k)
+    wpr = wpr or spout_warps_per_row(k * (w.bits if isinstance(w, QWeight) else 16) // 8)
     tmpl.append(("WPR", wpr))
     blocks = -(-n // (8 // wpr))
     return _kernel(kind, name)(inputs=inputs, template=tmpl, grid=(blocks * 256, 1, 1), threadgroup=(256, 1, 1),
@@ -194,14 +196,14 @@ def _launch_spin(kind: str, x: mx.array, wt, kc: Optional[int] = None) -> mx.arr
         words = spin_words(m)
         tile = 32 * words * (32 // wt.bits)
         tiles = -(-n // tile)
-        kc = kc or split_k_chunk(k, tiles)
+        kc = kc or split_k_chunk(k, tiles, quantized=True)
         name, inputs = "spin_q", [x, wt.w, wt.scales, wt.biases]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wt.bits), ("GS", wt.group_size),
                 ("KC", kc), ("WORDS", words)]
     else:
         n = wt.shape[1]
         tiles = -(-n // 256)
-        kc = kc or split_k_chunk(k, tiles)
+        kc = kc or split_k_chunk(k, tiles, quantized=False)
         name, inputs = "spin_f", [x, wt]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc)]
     chunks = -(-k // kc)

@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import ChessError
-from .linear_ops import dense_linear, sparse_input_linear, sparse_output_linear, weight_nbytes
+from .linear_ops import dense_linear, gated_sparse_output_linear, sparse_input_linear, weight_nbytes
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
 from .model_io import model_layers
 from .stats import SparsityRecorder, WeightBytes
@@ -89,8 +89,7 @@ class SparseMLP(nn.Module):
             a, keep = _threshold(nn.silu(dense_linear(x, self.gate_proj)), c.act)
             c.recorder.record(c.layer, "up", keep)
             c.recorder.record(c.layer, "down", keep)
-            u = sparse_output_linear(x, self.up_proj, keep)
-            return sparse_input_linear(a * u, self.down_proj)
+            return sparse_input_linear(gated_sparse_output_linear(x, self.up_proj, a), self.down_proj)
         # TEAL: threshold the inputs of gate/up and of down.
         xs, keep_in = _threshold(x, c.inp)
         c.recorder.record(c.layer, "gate", keep_in)

@@ -35,7 +35,7 @@ if (active) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)m * K + k0);
-      float qx = 0.0f, xs = 0.0f;
+      float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f}, xs[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // 4 chains for ILP
 #pragma unroll
       for (int c = 0; c < VPL / 8; ++c) {
         float xf[8];
@@ -44,11 +44,11 @@ if (active) {
         for (int e = 0; e < 8; ++e) {
           const int i = c * 8 + e;
           const float q = chess_qfloat<BITS>(words[i / VPW], BITS * (i % VPW));
-          qx += q * xf[e];
-          xs += xf[e];
+          qx[e & 3] += q * xf[e];
+          xs[e & 3] += xf[e];
         }
       }
-      acc[m] += s * qx + b * xs;
+      acc[m] += s * ((qx[0] + qx[1]) + (qx[2] + qx[3])) + b * ((xs[0] + xs[1]) + (xs[2] + xs[3]));
     }
   }
 }

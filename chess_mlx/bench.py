@@ -1,0 +1,99 @@
+"""Decode speed, dense vs sparse methods, on a model of a real architecture's shape.
+
+Weights are random (no checkpoint needed) and thresholds are calibrated on random tokens: speed
+depends on shapes and sparsity, not on what the weights mean. Decoding uses mlx-lm's own
+``generate_step`` (KV cache, asynchronous evaluation), greedy, with no EOS stop.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .calibrate import calibrate
+from .methods import DENSE
+from .sparse_layers import set_method, sparsify
+
+PRESETS = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, rope_theta=10000.0),
+}
+
+
+def random_model(preset: str, layers: int | None = None, dtype=mx.float16, bits: int | None = None,
+                 group_size: int = 64, seed: int = 0) -> nn.Module:
+    from mlx_lm.models import llama
+
+    cfg = dict(PRESETS[preset], model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    mx.random.seed(seed)
+    from mlx.utils import tree_flatten
+
+    new = []
+    for name, p in tree_flatten(model.parameters()):
+        if "norm" in name:
+            new.append((name, mx.ones(p.shape, dtype=dtype)))
+        else:
+            new.append((name, (mx.random.normal(p.shape) * p.shape[-1] ** -0.5).astype(dtype)))
+        mx.eval(new[-1][1])
+    model.load_weights(new)
+    if bits:
+        nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+@dataclass
+class DecodeResult:
+    method: str
+    tokens_per_s: float
+    runs: list[float]
+    ffn_sparsity: float
+
+
+def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, runs: int = 3,
+                 vocab: int = 512, seed: int = 1) -> list[float]:
+    """Tokens/s of greedy decode after a short prompt, one number per run."""
+    from mlx_lm.generate import generate_step
+
+    prompt = mx.random.randint(0, vocab, (prompt_len,), key=mx.random.key(seed))
+    out = []
+    for _ in range(runs + 1):  # first run warms up kernels and allocations
+        gen = generate_step(prompt, model, max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
+        next(gen)
+        t0 = time.perf_counter()
+        n = 0
+        for _tok, _lp in gen:
+            n += 1
+        out.append(n / (time.perf_counter() - t0))
+    return out[1:]
+
+
+def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int, n_tokens: int = 128,
+              runs: int = 3, calib_tokens: int = 1024, progress=None) -> list[DecodeResult]:
+    state = sparsify(model)
+    tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
+                               key=mx.random.key(7))
+    th = calibrate(model, tokens, [sparsity]) if any(m != DENSE for m in methods) else None
+    results = []
+    for m in methods:
+        set_method(model, m, th, sparsity)
+        state.recorder.enabled = True
+        model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)))
+        calls = state.recorder.pop()
+        state.recorder.enabled = False
+        ffn = 0.0 if not calls else float(1 - calls[-1].density[:, -1].mean())
+        speeds = decode_speed(model, n_tokens=n_tokens, runs=runs, vocab=vocab)
+        results.append(DecodeResult(m, statistics.median(speeds), speeds, ffn))
+        if progress:
+            progress(m, results[-1])
+    set_method(model, DENSE)
+    return results
