@@ -118,6 +118,15 @@ _INPUTS = {
     "spin_q": ["x", "wt", "scales", "biases"],
     "spin_reduce": ["partial"],
 }
+# Template parameters of each kernel, in the order the launchers pass them (checked by the tests
+# against the "Template:" line of both the CUDA and the Metal source).
+TEMPLATES = {
+    "spout_f": ("T", "M", "K", "N", "WPR"),
+    "spout_q": ("T", "M", "K", "N", "BITS", "GS", "WPR"),
+    "spin_f": ("T", "M", "K", "N", "KC"),
+    "spin_q": ("T", "M", "K", "N", "BITS", "GS", "KC", "WORDS"),
+    "spin_reduce": ("T", "M", "N", "C"),
+}
 _OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["partial"], "spin_q": ["partial"], "spin_reduce": ["y"]}
 
 

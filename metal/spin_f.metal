@@ -1,0 +1,49 @@
+// Sparse-input GEMV, float16/bfloat16 weights. Twin of cuda/spin_f.cu: wt (K, N) = W^T row-major;
+// threadgroup = 8 simdgroups on a tile of 256 outputs x a chunk of KC inputs; ordered compaction of
+// the chunk's non-zero inputs; each simdgroup takes every 8th active row, U at a time; each lane
+// owns 8 consecutive outputs; reduction through threadgroup memory into partial[chunk, m, n].
+// Template: T, M, K, N, KC. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
+constexpr int TILE = 256;
+constexpr int U = 8;
+threadgroup int idx[KC];
+threadgroup int wcount[8];
+threadgroup float red[8][TILE];
+const uint tid = thread_position_in_threadgroup.x;
+const uint lane = thread_index_in_simdgroup;
+const uint warp = simdgroup_index_in_threadgroup;
+const int tile = int(threadgroup_position_in_grid.x);
+const int chunk = int(threadgroup_position_in_grid.y);
+const int n0 = tile * TILE + int(lane) * 8;
+const bool in_range = n0 < N;
+const int total = chess_compact<T, M, K, KC>(x, chunk * KC, idx, wcount, tid, lane, warp);
+float acc[M][8];
+for (int m = 0; m < M; ++m)
+  for (int e = 0; e < 8; ++e) acc[m][e] = 0.0f;
+for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
+  uint4 wv[U];
+  int jv[U];
+  for (int u = 0; u < U; ++u) {
+    const int e = i0 + 8 * u;
+    jv[u] = e < total ? idx[e] : -1;
+    if (jv[u] >= 0 && in_range) wv[u] = *((const device uint4*)(wt + jv[u] * N + n0));
+  }
+  for (int u = 0; u < U; ++u) {
+    if (jv[u] >= 0 && in_range) {
+      float wf[8];
+      chess_unpack8<T>(wv[u], wf);
+      for (int m = 0; m < M; ++m) {
+        const float xj = float(x[m * K + jv[u]]);
+        for (int e = 0; e < 8; ++e) acc[m][e] += xj * wf[e];
+      }
+    }
+  }
+}
+for (int m = 0; m < M; ++m) {
+  for (int e = 0; e < 8; ++e) red[warp][lane * 8 + e] = acc[m][e];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float s = 0.0f;
+  for (int w8 = 0; w8 < 8; ++w8) s += red[w8][tid];
+  const int n = tile * TILE + int(tid);
+  if (n < N) partial[(chunk * M + m) * N + n] = s;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}

@@ -1,0 +1,38 @@
+// Sparse-output GEMV, float16/bfloat16 weights, fused with the gate product. Twin of
+// cuda/spout_f.cu (same tiling: WPR simdgroups per row, 8/WPR rows per 256-thread threadgroup).
+//   y[m, r] = a[m, r] * dot(w[r, :], x[m, :])  for rows r with any a[:, r] != 0,  else 0.
+// Template: T, M, K, N, WPR. Grid: ceil(N / (8/WPR)) * 256 threads, threadgroup 256. K % 8 == 0.
+constexpr int RPB = 8 / WPR;
+constexpr int V = K / 8;
+const uint lane = thread_index_in_simdgroup;
+const uint warp = simdgroup_index_in_threadgroup;
+const int part = int(warp) % WPR;
+const int r = int(threadgroup_position_in_grid.x) * RPB + int(warp) / WPR;
+const bool valid = r < N;
+bool active = false;
+for (int m = 0; m < M; ++m) active = active || (valid && float(a[m * N + r]) != 0.0f);
+float acc[M];
+for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+if (active) {
+  const device uint4* wrow = (const device uint4*)(w + r * K);
+  for (int v = part * 32 + int(lane); v < V; v += 32 * WPR) {
+    float wf[8];
+    chess_unpack8<T>(wrow[v], wf);
+    for (int m = 0; m < M; ++m) {
+      float xf[8];
+      chess_unpack8<T>(((const device uint4*)(x + m * K))[v], xf);
+      for (int e = 0; e < 8; ++e) acc[m] += wf[e] * xf[e];
+    }
+  }
+}
+threadgroup float red[8][M];
+for (int m = 0; m < M; ++m) {
+  const float s = simd_sum(acc[m]);
+  if (lane == 0) red[warp][m] = s;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+if (valid && part == 0 && int(lane) < M) {
+  float s = 0.0f;
+  for (int p = 0; p < WPR; ++p) s += red[warp + p][lane];
+  y[int(lane) * N + r] = static_cast<T>(s * float(a[int(lane) * N + r]));
+}

@@ -1,0 +1,189 @@
+"""The kernel layer on the CPU: reference numbers, layouts, dispatch, and the kernel sources.
+
+The kernels themselves run only on a GPU (benchmarks/kernels.py checks them there); here the
+CUDA sources are compiled with nvcc inside the same wrapper MLX generates, and the Metal twins are
+checked against the CUDA sources for the same interface.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from chess_mlx import linear_ops as L
+from chess_mlx import sparse_gemv as G
+
+
+def unpack_np(q: G.QWeight) -> np.ndarray:
+    """Independent float64 dequantization from the documented layout: element k of a row is in
+    word k // (32/bits) at bit bits * (k % (32/bits)); value = scale * q + bias per group."""
+    words = np.array(q.w).astype(np.uint64)
+    per = 32 // q.bits
+    k = np.arange(q.cols)
+    vals = (words[:, k // per] >> (np.uint64(q.bits) * (k % per).astype(np.uint64))) & np.uint64((1 << q.bits) - 1)
+    s = np.array(q.scales.astype(mx.float32), dtype=np.float64)[:, k // q.group_size]
+    b = np.array(q.biases.astype(mx.float32), dtype=np.float64)[:, k // q.group_size]
+    return s * vals + b
+
+
+def sparse(shape, s, rng):
+    v = rng.standard_normal(shape)
+    v[rng.random(shape) < s] = 0.0
+    return v
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 64), (4, 32), (8, 64), (8, 32)])
+def test_quantized_layouts_match_documented_packing(bits, gs):
+    rng = np.random.default_rng(bits * gs)
+    W = rng.standard_normal((128, 256)).astype(np.float32)
+    q = G.QWeight.quantize(mx.array(W), bits, gs)
+    np.testing.assert_allclose(unpack_np(q), np.array(q.dequantize()), rtol=1e-6, atol=1e-6)
+    # transposed layout: quantize(W^T) groups along W's *output* dimension
+    qt = G.QWeight.quantize(mx.array(W.T.copy()), bits, gs)
+    assert qt.rows == W.shape[1] and qt.cols == W.shape[0]
+    assert np.abs(unpack_np(qt) - W.T).max() < (0.2 if bits == 4 else 0.02) * np.abs(W).max()
+
+
+@pytest.mark.parametrize("wtype", ["f32", "q4", "q8"])
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.9, 0.99])
+def test_reference_paths_against_float64(wtype, s):
+    rng = np.random.default_rng(int(s * 100) + len(wtype))
+    out_dim, in_dim, m = 64, 128, 2
+    W = rng.standard_normal((out_dim, in_dim)).astype(np.float32)
+    x = rng.standard_normal((m, in_dim)).astype(np.float32)
+    a = sparse((m, out_dim), s, rng).astype(np.float32)
+    xs = sparse((m, in_dim), s, rng).astype(np.float32)
+    if wtype == "f32":
+        w, wt, Wd, WTd = mx.array(W), mx.array(W.T.copy()), W.astype(np.float64), W.T.astype(np.float64)
+    else:
+        bits = int(wtype[1])
+        w, wt = G.QWeight.quantize(mx.array(W), bits, 32), G.QWeight.quantize(mx.array(W.T.copy()), bits, 32)
+        Wd, WTd = unpack_np(w), unpack_np(wt)
+    y = np.array(G.gated_sparse_output(mx.array(x), w, mx.array(a)))
+    want = a * (x.astype(np.float64) @ Wd.T)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max() + 1e-6)
+    assert np.all(y[a == 0] == 0), "inactive rows must be exact zeros"
+    y2 = np.array(G.sparse_input(mx.array(xs), wt))
+    want2 = xs.astype(np.float64) @ WTd
+    np.testing.assert_allclose(y2, want2, rtol=1e-4, atol=1e-4 * np.abs(want2).max() + 1e-6)
+
+
+def test_dispatch_on_cpu_and_force_switch(monkeypatch):
+    assert G.backend() == "reference"  # CPU: never a kernel
+    G.force_reference(True)
+    assert G.backend() == "reference"
+    G.force_reference(False)
+    x16 = mx.zeros((1, 4096), dtype=mx.float16)
+    w16 = mx.zeros((1024, 4096), dtype=mx.float16)
+    assert G.kernel_supports("cuda", x16, w16, transposed=False)
+    assert not G.kernel_supports("cuda", x16.astype(mx.float32), w16, transposed=False)  # fp32: reference
+    assert not G.kernel_supports("cuda", mx.zeros((9, 4096), dtype=mx.float16), w16, transposed=False)
+    assert not G.kernel_supports("cuda", mx.zeros((1, 4100), dtype=mx.float16),
+                                 mx.zeros((1024, 4100), dtype=mx.float16), transposed=False)
+    q = G.QWeight.quantize(mx.zeros((4096, 1024)), 4, 64)
+    q = G.QWeight(q.w, q.scales.astype(mx.float16), q.biases.astype(mx.float16), 4, 64)
+    assert G.kernel_supports("cuda", x16, q, transposed=True)
+    assert not G.kernel_supports("cuda", mx.zeros((8, 4096), dtype=mx.float16), q, transposed=True)  # M <= 4
+    # the model only uses kernels for one-token decode
+    assert L.KERNEL_MAX_TOKENS == 1
+
+
+def test_launch_geometry():
+    assert G.split_k_chunk(14336, 16, quantized=False) == 512
+    assert G.split_k_chunk(14336, 4, quantized=True) == 128
+    assert G.split_k_chunk(4096, 16, quantized=False) == 128  # 512 blocks >= 2 per SM
+    assert [G.spout_warps_per_row(b) for b in (1152, 2048, 8192, 28672)] == [1, 2, 4, 8]
+    assert [G.spin_words(m) for m in (1, 2, 4)] == [4, 2, 1]
+
+
+def test_transposed_weight_for_kernels():
+    import mlx.nn as nn
+
+    lin = nn.Linear(64, 32, bias=False)
+    np.testing.assert_array_equal(np.array(L._transposed_weight(lin)), np.array(lin.weight.T))
+    ql = nn.QuantizedLinear(64, 32, bias=False, group_size=32, bits=8)
+    wt = L._transposed_weight(ql)
+    deq = np.array(mx.dequantize(ql.weight, ql.scales, ql.biases, group_size=32, bits=8))
+    assert wt.rows == 64 and wt.cols == 32
+    assert np.abs(np.array(wt.dequantize()) - deq.T).max() < 0.02 * np.abs(deq).max()
+    assert L._transposed_weight(ql) is wt  # built once
+
+
+# ------------------------------------------------------------------ kernel sources -------------
+def _template_line(src: str) -> tuple[str, ...]:
+    m = re.search(r"Template: ([^\n]*)", src)
+    assert m, "no Template: line"
+    names = re.sub(r"\([^)]*\)", "", m.group(1)).split(".")[0]
+    return tuple(t.strip() for t in names.split(","))
+
+
+def _balanced(src: str) -> bool:
+    code = re.sub(r"//.*", "", src)
+    return all(code.count(a) == code.count(b) for a, b in ("{}", "()", "[]"))
+
+
+@pytest.mark.parametrize("name", sorted(G.TEMPLATES))
+def test_cuda_and_metal_twins_share_interface(name):
+    cu_h, cu = G.read_source("cuda", name)
+    mt_h, mt = G.read_source("metal", name)
+    assert _template_line(cu) == G.TEMPLATES[name]
+    assert _template_line(mt) == G.TEMPLATES[name]
+    assert f"cuda/{name}.cu" in mt, "the Metal source must name its CUDA twin"
+    for ident in G._INPUTS[name] + G._OUTPUTS[name]:
+        assert re.search(rf"\b{ident}\b", cu) and re.search(rf"\b{ident}\b", mt), ident
+    for tmpl in G.TEMPLATES[name]:
+        assert re.search(rf"\b{tmpl}\b", cu) and re.search(rf"\b{tmpl}\b", mt), tmpl
+    assert _balanced(cu) and _balanced(mt) and _balanced(cu_h) and _balanced(mt_h)
+    # same helpers and the same tiling constants on both sides
+    for helper in re.findall(r"\b(chess_\w+)\s*[<(]", cu):
+        assert helper in mt or helper == "chess_warp_sum", helper
+    for const in re.findall(r"constexpr int (\w+) = ", cu):
+        assert re.search(rf"constexpr int {const} = ", mt), const
+
+
+_CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "float32": "float"}
+_INSTANCES = [
+    ("spout_f", ["float16", "float16", "float16"], ["float16"], dict(T="float16", M=1, K=4096, N=14336, WPR=4)),
+    ("spout_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"], dict(T="bfloat16", M=2, K=576, N=1536, WPR=1)),
+    ("spout_q", ["float16", "uint32", "float16", "float16", "float16"], ["float16"],
+     dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, WPR=2)),
+    ("spout_q", ["bfloat16", "uint32", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
+     dict(T="bfloat16", M=1, K=4096, N=4096, BITS=8, GS=32, WPR=4)),
+    ("spin_f", ["float16", "float16"], ["float32"], dict(T="float16", M=1, K=14336, N=4096, KC=512)),
+    ("spin_f", ["bfloat16", "bfloat16"], ["float32"], dict(T="bfloat16", M=4, K=1536, N=576, KC=64)),
+    ("spin_q", ["float16", "uint32", "float16", "float16"], ["float32"],
+     dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=4)),
+    ("spin_q", ["bfloat16", "uint32", "bfloat16", "bfloat16"], ["float32"],
+     dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2)),
+    ("spin_reduce", ["float32"], ["float16"], dict(T="float16", M=1, N=4096, C=28)),
+]
+
+
+def _mlx_style_kernel(idx: int, name, in_types, out_types, tmpl) -> str:
+    """The __global__ function MLX's cuda_kernel builds around a source body (signature, constants)."""
+    _, body = G.read_source("cuda", name)
+    args = [f"const {_CUDA_TYPES[t]}* {n}" for n, t in zip(G._INPUTS[name], in_types)]
+    args += [f"{_CUDA_TYPES[t]}* {n}" for n, t in zip(G._OUTPUTS[name], out_types)]
+    consts = "".join(f"  using {k} = {_CUDA_TYPES[v]};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
+                     for k, v in tmpl.items())
+    return f"__global__ void k{idx}_{name}({', '.join(args)}) {{\n{consts}\n{body}\n}}\n"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_kernels_compile_for_hopper(tmp_path):
+    header, _ = G.read_source("cuda", "spout_f")
+    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+           "#include <cooperative_groups.h>\n" + header + "\nnamespace chess_check {\n"
+           + "".join(_mlx_style_kernel(i, *inst) for i, inst in enumerate(_INSTANCES)) + "}\n")
+    (tmp_path / "k.cu").write_text(src)
+    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-Xptxas", "-v", "-o",
+                        str(tmp_path / "k.ptx"), str(tmp_path / "k.cu")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert ptx.count(".entry") == len(_INSTANCES)
+    assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, "16-byte vector loads expected"
