@@ -9,6 +9,8 @@ takes the reference path, which gives the same numbers.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -17,6 +19,9 @@ from . import sparse_gemv as G
 # Crossover measured on the H100 (benchmarks/RESULTS.md): with independent 50% masks the union of
 # several tokens' active rows quickly approaches dense, and at 2+ tokens dense matmul wins.
 KERNEL_MAX_TOKENS = 1
+# The quantized kernels lose to MLX's own quantized matmul end to end on the H100 (RESULTS.md), so
+# quantized models take the reference path unless this is set.
+QUANTIZED_KERNELS = os.environ.get("CHESS_MLX_QUANT_KERNELS", "") == "1"
 
 
 def dense_linear(x: mx.array, proj: nn.Module) -> mx.array:
@@ -69,6 +74,8 @@ def _transposed_weight(proj: nn.Module):
 
 def _use_kernels(x: mx.array, proj: nn.Module) -> bool:
     if G.backend() == "reference" or getattr(proj, "mode", "affine") != "affine":
+        return False
+    if "scales" in proj and not QUANTIZED_KERNELS:
         return False
     return x.size // x.shape[-1] <= KERNEL_MAX_TOKENS
 
