@@ -62,6 +62,18 @@ def sparse_vec(m: int, n: int, s: float, dtype) -> mx.array:
     return mx.where(keep, v, mx.zeros((), dtype))
 
 
+def random_case(wtype: str, out_dim: int, in_dim: int, s: float, m: int = 1):
+    """Fresh (w, wt, x, a, xs): both weight layouts, a dense x, and s-sparse gate / input vectors,
+    all evaluated so that later timing sees none of their creation."""
+    dtype = parse_wtype(wtype)[0]
+    w = make_weight(out_dim, in_dim, wtype, transposed=False)
+    wt = make_weight(out_dim, in_dim, wtype, transposed=True)
+    x = mx.random.normal((m, in_dim)).astype(dtype)
+    a, xs = sparse_vec(m, out_dim, s, dtype), sparse_vec(m, in_dim, s, dtype)
+    mx.eval(x, a, xs, *(t.w if isinstance(t, G.QWeight) else t for t in (w, wt)))
+    return w, wt, x, a, xs
+
+
 def rel_err(y: mx.array, ref: mx.array) -> float:
     y, ref = y.astype(mx.float32), ref.astype(mx.float32)
     if mx.any(mx.isnan(y)).item():

@@ -20,18 +20,8 @@ import kernels as K  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
 
 mx.random.seed(0)
-plan = []
-for wtype in ("float16", "q4g64"):
-    dtype = K.parse_wtype(wtype)[0]
-    for out_dim, in_dim in K.SHAPES:
-        w = K.make_weight(out_dim, in_dim, wtype, transposed=False)
-        wt = K.make_weight(out_dim, in_dim, wtype, transposed=True)
-        x = mx.random.normal((1, in_dim)).astype(dtype)
-        for s in (0.0, 0.5, 0.7):
-            a = K.sparse_vec(1, out_dim, s, dtype)
-            xs = K.sparse_vec(1, in_dim, s, dtype)
-            plan.append((f"{wtype} {out_dim}x{in_dim} s={s}", w, wt, x, a, xs))
-        mx.eval([x])
+plan = [(f"{wtype} {out_dim}x{in_dim} s={s}", *K.random_case(wtype, out_dim, in_dim, s))
+        for wtype in ("float16", "q4g64") for out_dim, in_dim in K.SHAPES for s in (0.0, 0.5, 0.7)]
 for label, w, wt, x, a, xs in plan:
     mx.eval(G._launch_spout("cuda", x, w, a), G._launch_spin("cuda", xs, wt), K.dense_fn(x, w)())  # JIT warm-up
 mx.synchronize()

@@ -19,15 +19,9 @@ from chess_mlx import sparse_gemv as G  # noqa: E402
 mx.random.seed(0)
 plan = []
 for wtype in ("float16", "q4g64"):
-    dtype = K.parse_wtype(wtype)[0]
     for out_dim, in_dim in K.SHAPES[:2]:
-        w = K.make_weight(out_dim, in_dim, wtype, transposed=False)
-        wt = K.make_weight(out_dim, in_dim, wtype, transposed=True)
-        x = mx.random.normal((1, in_dim)).astype(dtype)
         for s in (0.0, 0.5):
-            a = K.sparse_vec(1, out_dim, s, dtype)
-            xs = K.sparse_vec(1, in_dim, s, dtype)
-            mx.eval(a, xs, x, w.w if isinstance(w, G.QWeight) else w, wt.w if isinstance(wt, G.QWeight) else wt)
+            w, wt, x, a, xs = K.random_case(wtype, out_dim, in_dim, s)
             for wpr in (1, 2, 4, 8):
                 plan.append((f"{wtype} {out_dim}x{in_dim} s={s} spout wpr={wpr}",
                              lambda x=x, w=w, a=a, wpr=wpr: G._launch_spout("cuda", x, w, a, wpr=wpr)))

@@ -84,3 +84,54 @@ __device__ __forceinline__ int chess_compact(const T* x, int k_begin, int* idx, 
   }
   return total;
 }
+
+// Sparse-output rows: is row r (< N) active for any token, i.e. some a[m, r] != 0?
+template <typename T, int M, int N>
+__device__ __forceinline__ bool chess_row_active(const T* a, int r) {
+  bool active = false;
+#pragma unroll
+  for (int m = 0; m < M; ++m) active |= (r < N) && (static_cast<float>(a[m * N + r]) != 0.0f);
+  return active;
+}
+
+// Sparse-output epilogue: sum acc[m] over the warp and the WPR warps sharing row r (through
+// red[8][M] in shared memory), then y[m, r] = sum * a[m, r]. All 256 threads must call it.
+template <typename T, int M, int N, int WPR>
+__device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, T* y, int r, float (*red)[M]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float s = chess_warp_sum(acc[m]);
+    if (lane == 0) red[warp][m] = s;
+  }
+  __syncthreads();
+  if (r < N && warp % WPR == 0 && lane < M) {
+    float s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < WPR; ++p) s += red[warp + p][lane];
+    y[lane * N + r] = static_cast<T>(s * static_cast<float>(a[lane * N + r]));
+  }
+}
+
+// Sparse-input epilogue: sum the 8 warps' accumulators of one output tile (lane owns VPL
+// consecutive outputs, plus a per-lane scalar) through red[8][TILE] and write partial[chunk, m, :].
+template <int M, int N, int VPL>
+__device__ __forceinline__ void chess_store_partial(const float (*acc)[VPL], const float* accb, float* partial,
+                                                    int tile, int chunk, float (*red)[32 * VPL]) {
+  constexpr int TILE = 32 * VPL;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) red[warp][lane * VPL + e] = acc[m][e] + accb[m];
+    __syncthreads();
+    for (int t = threadIdx.x; t < TILE; t += 256) {
+      float s = 0.0f;
+#pragma unroll
+      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][t];
+      const int n = tile * TILE + t;
+      if (n < N) partial[((size_t)chunk * M + m) * N + n] = s;
+    }
+    __syncthreads();
+  }
+}

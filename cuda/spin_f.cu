@@ -47,15 +47,5 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
     }
   }
 }
-#pragma unroll
-for (int m = 0; m < M; ++m) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) red[warp][lane * 8 + e] = acc[m][e];
-  __syncthreads();
-  float s = 0.0f;
-#pragma unroll
-  for (int w8 = 0; w8 < 8; ++w8) s += red[w8][threadIdx.x];
-  const int n = tile * TILE + (int)threadIdx.x;
-  if (n < N) partial[((size_t)chunk * M + m) * N + n] = s;
-  __syncthreads();
-}
+const float zero[M] = {};
+chess_store_partial<M, N, 8>(acc, zero, partial, tile, chunk, red);

@@ -58,17 +58,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
     }
   }
 }
-#pragma unroll
-for (int m = 0; m < M; ++m) {
-#pragma unroll
-  for (int e = 0; e < VPL; ++e) red[warp][lane * VPL + e] = acc[m][e] + accb[m];
-  __syncthreads();
-  for (int t = threadIdx.x; t < TILE; t += 256) {
-    float s = 0.0f;
-#pragma unroll
-    for (int w8 = 0; w8 < 8; ++w8) s += red[w8][t];
-    const int n = tile * TILE + t;
-    if (n < N) partial[((size_t)chunk * M + m) * N + n] = s;
-  }
-  __syncthreads();
-}
+chess_store_partial<M, N, VPL>(acc, accb, partial, tile, chunk, red);

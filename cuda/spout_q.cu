@@ -14,10 +14,7 @@ const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
 const int part = warp % WPR;
 const int r = (int)blockIdx.x * RPB + warp / WPR;
-const bool valid = r < N;
-bool active = false;
-#pragma unroll
-for (int m = 0; m < M; ++m) active |= valid && (static_cast<float>(a[m * N + r]) != 0.0f);
+const bool active = chess_row_active<T, M, N>(a, r);
 float acc[M];
 #pragma unroll
 for (int m = 0; m < M; ++m) acc[m] = 0.0f;
@@ -53,15 +50,4 @@ if (active) {
   }
 }
 __shared__ float red[8][M];
-#pragma unroll
-for (int m = 0; m < M; ++m) {
-  const float s = chess_warp_sum(acc[m]);
-  if (lane == 0) red[warp][m] = s;
-}
-__syncthreads();
-if (valid && part == 0 && lane < M) {
-  float s = 0.0f;
-#pragma unroll
-  for (int p = 0; p < WPR; ++p) s += red[warp + p][lane];
-  y[lane * N + r] = static_cast<T>(s * static_cast<float>(a[lane * N + r]));
-}
+chess_finish_rows<T, M, N, WPR>(acc, a, y, r, red);

@@ -79,3 +79,48 @@ inline int chess_compact(const device T* x, int k_begin, threadgroup int* idx, t
   }
   return total;
 }
+
+// Sparse-output rows: is row r (< N) active for any token, i.e. some a[m, r] != 0?
+template <typename T, int M, int N>
+inline bool chess_row_active(const device T* a, int r) {
+  bool active = false;
+  for (int m = 0; m < M; ++m) active = active || ((r < N) && float(a[m * N + r]) != 0.0f);
+  return active;
+}
+
+// Sparse-output epilogue (twin of the CUDA one): simd_sum, then the WPR simdgroups of row r
+// through red[8][M]; y[m, r] = sum * a[m, r]. All 256 threads must call it.
+template <typename T, int M, int N, int WPR>
+inline void chess_finish_rows(thread const float* acc, const device T* a, device T* y, int r,
+                              threadgroup float (*red)[M], uint lane, uint warp) {
+  for (int m = 0; m < M; ++m) {
+    const float s = simd_sum(acc[m]);
+    if (lane == 0) red[warp][m] = s;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (r < N && int(warp) % WPR == 0 && int(lane) < M) {
+    float s = 0.0f;
+    for (int p = 0; p < WPR; ++p) s += red[warp + p][lane];
+    y[int(lane) * N + r] = static_cast<T>(s * float(a[int(lane) * N + r]));
+  }
+}
+
+// Sparse-input epilogue (twin of the CUDA one): the 8 simdgroups' accumulators of one output tile
+// through red[8][TILE] into partial[chunk, m, :].
+template <int M, int N, int VPL>
+inline void chess_store_partial(thread const float (*acc)[VPL], thread const float* accb, device float* partial,
+                                int tile, int chunk, threadgroup float (*red)[32 * VPL], uint tid, uint lane,
+                                uint warp) {
+  constexpr int TILE = 32 * VPL;
+  for (int m = 0; m < M; ++m) {
+    for (int e = 0; e < VPL; ++e) red[warp][lane * VPL + e] = acc[m][e] + accb[m];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int t = int(tid); t < TILE; t += 256) {
+      float s = 0.0f;
+      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][t];
+      const int n = tile * TILE + t;
+      if (n < N) partial[(chunk * M + m) * N + n] = s;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}

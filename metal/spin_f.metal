@@ -38,12 +38,5 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
     }
   }
 }
-for (int m = 0; m < M; ++m) {
-  for (int e = 0; e < 8; ++e) red[warp][lane * 8 + e] = acc[m][e];
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  float s = 0.0f;
-  for (int w8 = 0; w8 < 8; ++w8) s += red[w8][tid];
-  const int n = tile * TILE + int(tid);
-  if (n < N) partial[(chunk * M + m) * N + n] = s;
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-}
+const float zero[M] = {};
+chess_store_partial<M, N, 8>(acc, zero, partial, tile, chunk, red, tid, lane, warp);

@@ -49,14 +49,4 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
     }
   }
 }
-for (int m = 0; m < M; ++m) {
-  for (int e = 0; e < VPL; ++e) red[warp][lane * VPL + e] = acc[m][e] + accb[m];
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int t = int(tid); t < TILE; t += 256) {
-    float s = 0.0f;
-    for (int w8 = 0; w8 < 8; ++w8) s += red[w8][t];
-    const int n = tile * TILE + t;
-    if (n < N) partial[(chunk * M + m) * N + n] = s;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-}
+chess_store_partial<M, N, VPL>(acc, accb, partial, tile, chunk, red, tid, lane, warp);

@@ -8,9 +8,7 @@ const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;
 const int part = int(warp) % WPR;
 const int r = int(threadgroup_position_in_grid.x) * RPB + int(warp) / WPR;
-const bool valid = r < N;
-bool active = false;
-for (int m = 0; m < M; ++m) active = active || (valid && float(a[m * N + r]) != 0.0f);
+const bool active = chess_row_active<T, M, N>(a, r);
 float acc[M];
 for (int m = 0; m < M; ++m) acc[m] = 0.0f;
 if (active) {
@@ -26,13 +24,4 @@ if (active) {
   }
 }
 threadgroup float red[8][M];
-for (int m = 0; m < M; ++m) {
-  const float s = simd_sum(acc[m]);
-  if (lane == 0) red[warp][m] = s;
-}
-threadgroup_barrier(mem_flags::mem_threadgroup);
-if (valid && part == 0 && int(lane) < M) {
-  float s = 0.0f;
-  for (int p = 0; p < WPR; ++p) s += red[warp + p][lane];
-  y[int(lane) * N + r] = static_cast<T>(s * float(a[int(lane) * N + r]));
-}
+chess_finish_rows<T, M, N, WPR>(acc, a, y, r, red, lane, warp);

@@ -63,22 +63,16 @@ def test_sparsity_out_of_range(capsys, tiny_dir, calib_text, value):
     assert _snapshot(tiny_dir) == before
 
 
-def test_empty_calibration_text(capsys, tmp_path):
+@pytest.mark.parametrize("content,expected", [
+    ("  \n\n", "is empty"),
+    ("only a few words", "fewer than the 4096 needed"),
+])
+def test_bad_calibration_text(capsys, tmp_path, content, expected):
     d = save_tiny(tmp_path / "m")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n\n")
+    text = tmp_path / "calib.txt"
+    text.write_text(content)
     before = _snapshot(d)
-    assert "is empty" in _fails(capsys, ["calibrate", str(d), "--text", str(empty)])
-    assert _snapshot(d) == before
-
-
-def test_calibration_text_too_short(capsys, tmp_path):
-    d = save_tiny(tmp_path / "m")
-    short = tmp_path / "short.txt"
-    short.write_text("only a few words")
-    before = _snapshot(d)
-    msg = _fails(capsys, ["calibrate", str(d), "--text", str(short), "--tokens", "4096"])
-    assert "fewer than the 4096 needed" in msg
+    assert expected in _fails(capsys, ["calibrate", str(d), "--text", str(text), "--tokens", "4096"])
     assert _snapshot(d) == before
 
 
