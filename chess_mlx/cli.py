@@ -186,6 +186,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import ConvertOptions, convert, threshold_summary
+
+    opts = ConvertOptions(quantize=args.quantize, group_size=args.group_size, method=args.method,
+                          sparsities=M.parse_sparsities(args.sparsity), calib=args.calib,
+                          calib_tokens=args.calib_tokens, seq_len=args.seq_len, dtype=args.dtype,
+                          force=args.force)
+    total = 5 if args.quantize else 4
+    stages = iter(range(1, total + 1))
+    manifest = convert(args.src, Path(args.out), opts,
+                       progress=lambda t: print(f"[{next(stages)}/{total}] {t}", file=sys.stderr, flush=True),
+                       layer_progress=_progress("calibrating"))
+    mb = 1e6
+    kind = f"{manifest['bits']}-bit g{manifest['group_size']}" if manifest["bits"] else manifest["dtype"]
+    print(f"converted {args.src} -> {args.out} in {manifest['seconds']:.1f} s")
+    print(f"  weights: {manifest['source_bytes'] / mb:.1f} MB -> {manifest['bytes'] / mb:.1f} MB ({kind}, "
+          f"{manifest['bytes'] / max(1, manifest['source_bytes']):.0%} of the source)")
+    print(f"  calibrated {manifest['method']} (all methods) at "
+          f"{', '.join(f'{s:g}' for s in manifest['sparsities'])} on {manifest['calibration_tokens']} tokens")
+    for line in threshold_summary(Path(args.out)):
+        print("  " + line)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .convert import info
+
+    for line in info(Path(args.folder)):
+        print(line)
+    return 0
+
+
 def cmd_bench(args) -> int:
     import mlx.core as mx
 
@@ -264,6 +296,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     e.set_defaults(func=cmd_eval)
 
+    v = sub.add_parser("convert", help="(quantize +) calibrate a model folder into a folder chat/generate load")
+    v.add_argument("src", help="Hugging Face or MLX model folder (or a hub repo id, when online)")
+    v.add_argument("out", help="output folder (must not exist unless --force)")
+    v.add_argument("--quantize", type=int, choices=[4, 8])
+    v.add_argument("--group-size", type=int, default=64, choices=[32, 64])
+    v.add_argument("--method", default=M.CHESS, help="default method recorded (all are calibrated)")
+    v.add_argument("--sparsity", default="0.5", help="level(s), e.g. 0.3,0.5,0.7")
+    v.add_argument("--calib", help="calibration text file (default: the shipped one)")
+    v.add_argument("--calib-tokens", type=int, default=4096)
+    v.add_argument("--seq-len", type=int, default=512)
+    v.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    v.add_argument("--force", action="store_true", help="replace an existing OUT")
+    v.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("info", help="print a converted folder's manifest and threshold statistics")
+    i.add_argument("folder")
+    i.set_defaults(func=cmd_info)
+
     b = sub.add_parser("bench", help="decode tokens/s, dense vs sparse, on a random model of a real shape")
     b.add_argument("--preset", choices=["llama3-8b", "tiny"], default="llama3-8b")
     b.add_argument("--layers", type=int, help="fewer layers than the preset (for quick runs)")
@@ -287,9 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     except ChessError as e:
         print(f"chess-mlx: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `chess-mlx info X | head`: the reader left, nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
-        print("chess-mlx: interrupted", file=sys.stderr)
-        return 130
+        print("chess-mlx: error: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def entry() -> None:

@@ -67,6 +67,9 @@ class Thresholds:
                             (js_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))):
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
             os.close(fd)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; these are ordinary files
             try:
                 write(tmp)
                 os.replace(tmp, path)
