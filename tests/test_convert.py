@@ -134,3 +134,22 @@ def test_shipped_round_trip_4bit(tmp_path, shipped_model_dir):
     b = generate(mem, tok2, prompt, max_tokens=10)
     assert a.tokens == b.tokens and len(a.tokens) >= 5
     assert 0.35 < a.stats.ffn_sparsity < 0.65
+
+
+def test_mlx_quantized_source_and_repo_id_offline(capsys, tmp_path, tiny_src, calib, monkeypatch):
+    base = ["--calib", str(calib), "--calib-tokens", "128", "--seq-len", "64"]
+    q = tmp_path / "q"
+    assert main(["convert", str(tiny_src), str(q), "--quantize", "4"] + base) == 0
+    # an MLX folder that is already quantized converts again (recalibrated), keeping its bits
+    again = tmp_path / "again"
+    assert main(["convert", str(q), str(again), "--sparsity", "0.7"] + base) == 0
+    man = json.loads((again / "chess.json").read_text())
+    assert man["bits"] == 4 and man["sparsities"] == [0.7]
+    capsys.readouterr()
+    assert "already quantized" in _fails(capsys, ["convert", str(q), str(tmp_path / "x"), "--quantize", "8"] + base)
+    assert _leftovers(tmp_path, "x") == []
+    # a hub repo id with no network: one clear line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    msg = _fails(capsys, ["convert", "someorg/some-model", str(tmp_path / "y")] + base)
+    assert "could not be downloaded from the hub" in msg
