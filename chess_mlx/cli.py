@@ -147,42 +147,105 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import perplexity
-    from .paths import heldout_text_path
-    from .sparse_layers import set_method
+    from .evaluate import run_eval, write_outputs
+    from .paths import assets_dir, heldout_text_path
+    from .tasks import load_tasks
     from .text import encode, read_text
 
     method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in method_list:
         M.check_method(m)
     levels = M.parse_sparsities(args.sparsity)
-    ppl_path = Path(args.ppl) if args.ppl else heldout_text_path()
-    text = read_text(ppl_path, "perplexity text")
+    ppl_path = None
+    if args.ppl is not None or args.tasks is None:
+        ppl_path = Path(args.ppl) if args.ppl else heldout_text_path()
+        text = read_text(ppl_path, "perplexity text")
+    tasks = None
+    if args.tasks is not None:
+        tasks = load_tasks(Path(args.tasks) if args.tasks else assets_dir() / "tasks", args.strict, args.limit)
+        for t in tasks:
+            for where in t.skipped:
+                print(f"chess-mlx: skipped malformed line {where}", file=sys.stderr)
+            if t.skipped:
+                print(f"chess-mlx: {t.name}: {len(t.skipped)} malformed line(s) skipped", file=sys.stderr)
     folder, model, tokenizer, fp = _load(args)
     th = _thresholds_for(folder, fp, needed=any(m != M.DENSE for m in method_list))
-    tokens = encode(tokenizer, text)
-    if args.tokens:
-        tokens = tokens[: args.tokens]
-    if len(tokens) < 2:
-        raise ChessError(f"{ppl_path} has fewer than two tokens")
+    tokens = None
+    if ppl_path is not None:
+        tokens = encode(tokenizer, text)[: args.tokens or None]
+        if len(tokens) < 2:
+            raise ChessError(f"{ppl_path} has fewer than two tokens")
     runs = [(m, None) for m in method_list if m == M.DENSE]
     runs += [(m, s) for s in levels for m in method_list if m != M.DENSE]
-    rows = []
-    for m, s in runs:
-        set_method(model, m, th, s)
-        r = perplexity(model, tokens, context=args.context, progress=_progress(f"ppl {m}"))
-        rows.append({"method": m, "sparsity": s, "ppl": r.ppl, "tokens": r.n_scored,
-                     "ffn_sparsity": r.stats.ffn_sparsity, "attn_sparsity": r.stats.attn_sparsity,
-                     "weight_bytes_fraction": r.stats.bytes_fraction})
-    print(f"perplexity on {ppl_path.name} ({rows[0]['tokens']} tokens scored, context {args.context}):")
-    print(f"{'method':<11} {'target':>6} {'ppl':>9} {'FFN sp.':>8} {'attn sp.':>8} {'bytes':>7}")
-    for r in rows:
-        tgt = "-" if r["sparsity"] is None else f"{r['sparsity']:g}"
-        print(f"{r['method']:<11} {tgt:>6} {r['ppl']:>9.3f} {r['ffn_sparsity']:>8.1%} "
-              f"{r['attn_sparsity']:>8.1%} {r['weight_bytes_fraction']:>7.1%}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(runs), desc="eval", file=sys.stderr, disable=None)
+    rows = run_eval(model, tokenizer, th, runs, tokens, tasks, context=args.context,
+                    on_run=lambda k, n, label: (bar.set_postfix_str(label), bar.update(1 if k else 0)))
+    bar.update(1)
+    bar.close()
+    _print_eval_table(rows, ppl_path, tokens, args.context)
+    meta = {"model": str(folder), "ppl_text": str(ppl_path) if ppl_path else None, "context": args.context,
+            "ppl_tokens": len(tokens) if tokens else None, "tasks": [t.name for t in tasks or []],
+            "calibration_tokens": th.meta.get("calibration_tokens") if th else None}
     if args.json:
-        Path(args.json).write_text(json.dumps({"text": str(ppl_path), "context": args.context,
-                                               "model": str(folder), "results": rows}, indent=2) + "\n")
+        import json as _json
+
+        Path(args.json).write_text(_json.dumps({"meta": meta, "results": [r.__dict__ for r in rows]}, indent=2) + "\n")
+    if args.out:
+        for p in write_outputs(rows, Path(args.out), meta):
+            print(f"wrote {p}")
+    return 0
+
+
+def _print_eval_table(rows, ppl_path, tokens, context) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = []
+    if ppl_path is not None:
+        title.append(f"perplexity on {ppl_path.name} ({len(tokens)} tokens, context {context})")
+    task_names = sorted({t for r in rows for t in (r.tasks or {})})
+    if task_names:
+        title.append("zero-shot accuracy (acc / acc_norm)")
+    table = Table(title="; ".join(title))
+    for col in ["method", "target"] + (["ppl", "FFN sp.", "attn sp.", "bytes"] if ppl_path else []):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for t in task_names:
+        table.add_column(f"{t}\nacc / norm (FFN sp.)", justify="right")
+    for r in rows:
+        cells = [r.method, "-" if r.sparsity is None else f"{r.sparsity:g}"]
+        if ppl_path:
+            cells += [f"{r.ppl:.3f}", f"{r.ppl_ffn_sparsity:.1%}", f"{r.ppl_attn_sparsity:.1%}",
+                      f"{r.weight_bytes_fraction:.1%}"]
+        for t in task_names:
+            s = r.tasks.get(t)
+            cells.append("" if s is None else f"{s['acc']:.3f} / {s['acc_norm']:.3f} ({s['ffn_sparsity']:.0%})")
+        table.add_row(*cells)
+    Console(width=200).print(table)
+
+
+def cmd_tasks_from_lmeval(args) -> int:
+    import json as _json
+
+    from .tasks import convert_lmeval
+
+    src, dst = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise ChessError(f"{src} does not exist")
+    rows = []
+    for no, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(_json.loads(line))
+            except _json.JSONDecodeError as e:
+                raise ChessError(f"{src}:{no}: not JSON ({e.msg})") from None
+    try:
+        items = convert_lmeval(args.kind, rows)
+    except (KeyError, ValueError, IndexError) as e:
+        raise ChessError(f"{src} does not look like {args.kind} rows ({type(e).__name__}: {e})") from None
+    dst.write_text("".join(_json.dumps(it) + "\n" for it in items))
+    print(f"wrote {len(items)} items to {dst}")
     return 0
 
 
@@ -287,12 +350,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of dense vs sparse methods")
     e.add_argument("model", nargs="?")
-    e.add_argument("--ppl", nargs="?", const="", default="", help="text file (default: the shipped held-out text)")
+    e.add_argument("--ppl", nargs="?", const="", default=None,
+                   help="perplexity on a text file (default: the shipped held-out text)")
+    e.add_argument("--tasks", nargs="?", const="", default=None,
+                   help="JSONL task file or folder of them (default: the shipped tasks)")
+    e.add_argument("--limit", type=int, help="at most N items per task")
+    e.add_argument("--strict", action="store_true", help="refuse malformed task lines instead of skipping")
     e.add_argument("--methods", default="dense,cats,chess")
     e.add_argument("--sparsity", default="0.5")
     e.add_argument("--tokens", type=int, help="score only the first N tokens")
     e.add_argument("--context", type=int, default=512)
     e.add_argument("--json", help="also write the results here")
+    e.add_argument("--out", help="folder for results.json, results.csv and quality_vs_sparsity.png")
     e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     e.set_defaults(func=cmd_eval)
 
@@ -309,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     v.add_argument("--force", action="store_true", help="replace an existing OUT")
     v.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("tasks-from-lmeval", help="convert lm-evaluation-harness style rows into a task file")
+    t.add_argument("kind", help="arc_easy, arc_challenge, hellaswag, piqa, boolq, openbookqa, sciq or winogrande")
+    t.add_argument("input", help="JSONL of the data set's rows (its own field names)")
+    t.add_argument("output")
+    t.set_defaults(func=cmd_tasks_from_lmeval)
 
     i = sub.add_parser("info", help="print a converted folder's manifest and threshold statistics")
     i.add_argument("folder")
