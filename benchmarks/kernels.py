@@ -52,10 +52,6 @@ def make_weight(out_dim: int, in_dim: int, wtype: str, transposed: bool):
     return m
 
 
-def nbytes(w) -> int:
-    return w.nbytes if isinstance(w, G.QWeight) else w.nbytes
-
-
 def sparse_vec(m: int, n: int, s: float, dtype) -> mx.array:
     v = mx.random.normal((m, n)).astype(dtype)
     keep = mx.random.uniform(shape=(m, n)) >= s
@@ -155,11 +151,11 @@ def bench(kind: str, bw: float, quick: bool) -> list[dict]:
         dtype = parse_wtype(wtype)[0]
         for out_dim, in_dim in SHAPES:
             probe = make_weight(out_dim, in_dim, wtype, transposed=False)
-            copies = max(2, math.ceil(4 * L2_BYTES / nbytes(probe)))
+            copies = max(2, math.ceil(4 * L2_BYTES / probe.nbytes))
             ws = [make_weight(out_dim, in_dim, wtype, transposed=False) for _ in range(copies)]
             wts = [make_weight(out_dim, in_dim, wtype, transposed=True) for _ in range(copies)]
             mx.eval([w.w if isinstance(w, G.QWeight) else w for w in ws + wts])
-            wbytes = nbytes(ws[0])
+            wbytes = ws[0].nbytes
             x = mx.random.normal((1, in_dim)).astype(dtype)
             t_dense = timeit([dense_fn(x, w) for w in ws])
             for s in LEVELS_TIME:

@@ -29,7 +29,7 @@ def main(csv_path: str, err_path: str, copy_bw: float = 2.82) -> None:
                                  sum(k["dram__bytes_read.sum"] for k in meas[i:i + n])))
         i += n
     dense = {cfg: min(t for t, _ in v) for (cfg, kind), v in out.items() if kind == "dense"}
-    print(f"| config | kernel | GPU us | dense us | speedup | DRAM read MB | TB/s | % of copy bw |")
+    print("| config | kernel | GPU us | dense us | speedup | DRAM read MB | TB/s | % of copy bw |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (cfg, kind), v in out.items():
         if kind == "dense":

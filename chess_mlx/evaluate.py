@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .sparse_layers import sparsify
-from .stats import TokenStats, merge, summarize
+from .stats import CallStats, TokenStats, merge, summarize
 
 
 @dataclass
@@ -63,11 +63,7 @@ def perplexity(
         rec.enabled = False
         rec.clear()
     wb = state.weight_bytes
-    merged = merge(calls)
-    if merged is None:  # dense: nothing recorded
-        import numpy as np
-        from .stats import CallStats
-        merged = CallStats(np.ones(wb.per_proj.shape), count)
+    merged = merge(calls) or CallStats.dense(wb.per_proj.shape[0], count)
     mean = total / count
     return Perplexity(math.exp(mean), mean, count, summarize(merged, wb))
 

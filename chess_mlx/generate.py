@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import mlx.nn as nn
-import numpy as np
 
 from .sparse_layers import sparsify
 from .stats import CallStats, TokenStats, merge, summarize
@@ -34,10 +33,6 @@ class Step:
     finish_reason: Optional[str]
 
 
-def _dense_call(n_layers: int, n_proj: int) -> CallStats:
-    return CallStats(np.ones((n_layers, n_proj)), 1)
-
-
 def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> Iterator[Step]:
     """Yield a ``Step`` per token. ``kwargs`` go to ``mlx_lm.stream_generate`` (sampler, prompt_cache...)."""
     from mlx_lm import stream_generate
@@ -54,7 +49,7 @@ def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs)
             if ttft is None:
                 ttft = time.perf_counter() - start
             decode.extend(c for c in rec.pop() if c.n_tokens == 1)
-            call = decode.popleft() if decode else _dense_call(*wb.per_proj.shape)
+            call = decode.popleft() if decode else CallStats.dense(wb.per_proj.shape[0])
             yield Step(
                 text=resp.text,
                 token=int(resp.token),

@@ -78,9 +78,6 @@ class QWeight:
         return mx.dequantize(self.w, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
 
 
-Weight = "mx.array | QWeight"
-
-
 # ---------------------------------------------------------------- reference (any device) --------
 def reference_gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
     if isinstance(w, QWeight):

@@ -24,6 +24,11 @@ class CallStats:
     density: np.ndarray
     n_tokens: int
 
+    @classmethod
+    def dense(cls, n_layers: int, n_tokens: int = 1) -> "CallStats":
+        """What a dense call reads: every projection in full (nothing is recorded then)."""
+        return cls(np.ones((n_layers, len(PROJS))), n_tokens)
+
 
 class SparsityRecorder:
     """Collects per-call densities. A new call starts when a (layer, proj) slot repeats."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
