@@ -250,7 +250,7 @@ def cmd_tasks_from_lmeval(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import ConvertOptions, convert, threshold_summary
+    from .convert import ConvertOptions, convert, sparsity_summary, threshold_summary
 
     opts = ConvertOptions(quantize=args.quantize, group_size=args.group_size, method=args.method,
                           sparsities=M.parse_sparsities(args.sparsity), calib=args.calib,
@@ -268,6 +268,8 @@ def cmd_convert(args) -> int:
           f"{manifest['bytes'] / max(1, manifest['source_bytes']):.0%} of the source)")
     print(f"  calibrated {manifest['method']} (all methods) at "
           f"{', '.join(f'{s:g}' for s in manifest['sparsities'])} on {manifest['calibration_tokens']} tokens")
+    for line in sparsity_summary(manifest.get("heldout_ffn_sparsity_per_layer") or {}):
+        print("  " + line)
     for line in threshold_summary(Path(args.out)):
         print("  " + line)
     return 0

@@ -152,6 +152,7 @@ def convert(src: str, out: Path, o: ConvertOptions, progress: Optional[Callable[
                        meta={"method": o.method, "calibration_text": calib_path.name, "model": out.name})
         th.fingerprint = model_fp
         th.save(tmp)
+        heldout = _heldout_sparsity(calib_model, tokenizer, text, tokens.size, th, o.method)
 
         manifest = {
             "format": "chess-mlx-model",
@@ -169,6 +170,7 @@ def convert(src: str, out: Path, o: ConvertOptions, progress: Optional[Callable[
             "model_fingerprint": model_fp,
             "source_bytes": _folder_bytes(src_path),
             "bytes": _folder_bytes(tmp),
+            "heldout_ffn_sparsity_per_layer": heldout,
             "chess_mlx_version": __version__,
             "seconds": round(time.perf_counter() - t0, 1),
         }
@@ -186,6 +188,44 @@ def convert(src: str, out: Path, o: ConvertOptions, progress: Optional[Callable[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _heldout_sparsity(model, tokenizer, text: str, skip: int, th, method: str, n: int = 512) -> dict:
+    """FFN sparsity per layer for ``method`` at every level, on up to ``n`` tokens of the
+    calibration text that calibration did not use (empty when the text has none left)."""
+    from .sparse_layers import set_method, sparsify
+    from .text import encode
+
+    ids = encode(tokenizer, text)[skip : skip + n]
+    if len(ids) < 16:
+        return {}
+    state = sparsify(model)
+    out = {}
+    for s in th.sparsities:
+        set_method(model, method if method != M.DENSE else M.CHESS, th, s)
+        state.recorder.clear()
+        state.recorder.enabled = True
+        try:
+            model(mx.array(ids)[None])
+            calls = state.recorder.pop()
+        finally:
+            state.recorder.enabled = False
+        dens = calls[-1].density[:, M.PROJS.index("down")]
+        out[f"{s:g}"] = [round(float(1 - d), 4) for d in dens]
+    set_method(model, M.DENSE)
+    return out
+
+
+def sparsity_summary(per_layer: dict) -> list[str]:
+    """'layers a-b: min-max' lines of the held-out FFN sparsity, per level."""
+    lines = []
+    for level, vals in per_layer.items():
+        n = len(vals)
+        step = max(1, -(-n // 6))
+        parts = [f"{lo}-{min(n, lo + step) - 1}: {min(vals[lo:lo + step]):.0%}-{max(vals[lo:lo + step]):.0%}"
+                 for lo in range(0, n, step)]
+        lines.append(f"held-out FFN sparsity @ {level} (per layer, min-max by layer range): " + ", ".join(parts))
+    return lines
 
 
 def threshold_summary(folder: Path) -> list[str]:

@@ -118,6 +118,8 @@ def test_shipped_round_trip_4bit(tmp_path, shipped_model_dir):
                  "--calib-tokens", "1024"]) == 0
     man = json.loads((out / "chess.json").read_text())
     assert man["bytes"] <= 0.35 * man["source_bytes"], man
+    held = man["heldout_ffn_sparsity_per_layer"]["0.5"]  # measured on text calibration did not use
+    assert len(held) == 30 and abs(sum(held) / len(held) - 0.5) < 0.03
     prompt = "The three primary colours are"
 
     conv, tok, _ = load_model(out)
