@@ -156,7 +156,7 @@ def write_outputs(rows: list[EvalRow], out_dir: Path, meta: dict) -> list[Path]:
         if panel == "ppl":
             ax.set_yscale("log")
         ax.legend()
-    fig.suptitle(meta.get("model", ""))
+    fig.suptitle(Path(meta.get("model") or "").name)
     fig.tight_layout()
     fig.savefig(out_dir / "quality_vs_sparsity.png", dpi=110)
     plt.close(fig)
