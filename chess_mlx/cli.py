@@ -249,6 +249,59 @@ def cmd_tasks_from_lmeval(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from mlx_lm.sample_utils import make_sampler
+
+    from .chat_session import ChatSession
+    from .generate import format_stats, Generation
+
+    if args.max_tokens <= 0:
+        raise ChessError("--max-tokens must be positive")
+    if args.method is not None:
+        M.check_method(args.method)
+    if args.sparsity is not None:
+        M.parse_sparsity(args.sparsity)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ChessError("the prompt is empty")
+    folder, model, tokenizer, fp = _load(args)
+    wanted_sparse = args.method not in (None, M.DENSE)
+    notice = ""
+    th = None
+    try:
+        th = _thresholds_for(folder, fp, needed=wanted_sparse)
+    except ChessError as e:
+        if args.prompt is not None:
+            raise
+        notice = f"{e}; starting dense"
+    method, sparsity = _method_and_level(argparse.Namespace(method=args.method if th else None,
+                                                            sparsity=args.sparsity if th else None), th)
+    session = ChatSession(model, tokenizer, th, method, sparsity, system_prompt=args.system or "")
+    sampler = make_sampler(args.temp, args.top_p)
+    if args.prompt is not None:
+        steps, reply = [], None
+        for step, reply in session.reply(args.prompt, max_tokens=args.max_tokens, sampler=sampler):
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+            steps.append(step)
+        if reply.notice:
+            print(f"\nchess-mlx: {reply.notice}", file=sys.stderr)
+        from .stats import CallStats, merge, summarize
+        from .sparse_layers import sparsify
+
+        last = reply.last
+        wb = sparsify(model).weight_bytes
+        g = Generation(reply.text, reply.tokens, last.generation_tokens,
+                       summarize(merge([CallStats(st.stats.density, 1) for st in steps]), wb),
+                       last.prompt_tokens, last.prompt_tps, last.generation_tps, last.ttft, last.peak_memory_gb)
+        print()
+        print(format_stats(g, session.method, session.sparsity))
+        return 0
+    from app.chat import ChatApp
+
+    ChatApp(session, max_tokens=args.max_tokens, sampler=sampler, startup_notice=notice).run()
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .convert import ConvertOptions, convert, sparsity_summary, threshold_summary
 
@@ -366,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for results.json, results.csv and quality_vs_sparsity.png")
     e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     e.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("chat", help="the chat app (or, with --prompt, one reply printed for scripts)")
+    h.add_argument("model", nargs="?")
+    h.add_argument("--prompt", help="answer this prompt non-interactively and exit")
+    h.add_argument("--method", help=f"one of {', '.join(M.METHODS)} (default: the calibrated one)")
+    h.add_argument("--sparsity")
+    h.add_argument("--system", help="system prompt")
+    h.add_argument("--max-tokens", type=int, default=512)
+    h.add_argument("--temp", type=float, default=0.0)
+    h.add_argument("--top-p", type=float, default=1.0)
+    h.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    h.set_defaults(func=cmd_chat)
 
     v = sub.add_parser("convert", help="(quantize +) calibrate a model folder into a folder chat/generate load")
     v.add_argument("src", help="Hugging Face or MLX model folder (or a hub repo id, when online)")

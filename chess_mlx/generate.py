@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from .sparse_layers import sparsify
@@ -31,6 +32,7 @@ class Step:
     ttft: float  # seconds from the call to the first token
     peak_memory_gb: float
     finish_reason: Optional[str]
+    active_memory_gb: float = 0.0
 
 
 def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> Iterator[Step]:
@@ -61,6 +63,7 @@ def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs)
                 ttft=ttft,
                 peak_memory_gb=resp.peak_memory,
                 finish_reason=resp.finish_reason,
+                active_memory_gb=mx.get_active_memory() / 1e9,
             )
     finally:
         rec.enabled = False
