@@ -303,7 +303,15 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import ConvertOptions, convert, sparsity_summary, threshold_summary
+    import signal
+
+    from .convert import INTERRUPTED, ConvertOptions, convert, sparsity_summary, threshold_summary
+
+    def on_sigint(signum, frame):
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
 
     opts = ConvertOptions(quantize=args.quantize, group_size=args.group_size, method=args.method,
                           sparsities=M.parse_sparsities(args.sparsity), calib=args.calib,
@@ -473,9 +481,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .convert import INTERRUPTED
+
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        if INTERRUPTED.is_set():  # interrupted, and some library swallowed the KeyboardInterrupt
+            raise KeyboardInterrupt
+        return code
+    except SystemExit:
+        if INTERRUPTED.is_set():
+            print("chess-mlx: error: interrupted; nothing was written", file=sys.stderr)
+            return EXIT_USAGE
+        raise
     except ChessError as e:
         print(f"chess-mlx: error: {e}", file=sys.stderr)
         return EXIT_USAGE

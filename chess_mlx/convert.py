@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import shutil
 import tempfile
 import time
@@ -32,6 +33,9 @@ from .errors import ChessError
 from .model_io import cast_floats, fingerprint, load_model, read_config
 
 MANIFEST = "chess.json"
+# Set by the CLI's SIGINT handler: a library may swallow the KeyboardInterrupt, so convert also
+# checks this between stages and before the final rename.
+INTERRUPTED = threading.Event()
 LAYOUT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -93,6 +97,8 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def _stage(progress: Optional[Callable[[str], None]], text: str) -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
     if progress is not None:
         progress(text)
 
