@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .calibrate import calibrate
 from .methods import DENSE
@@ -35,8 +36,6 @@ def random_model(preset: str, layers: int | None = None, dtype=mx.float16, bits:
         cfg["num_hidden_layers"] = layers
     model = llama.Model(llama.ModelArgs.from_dict(cfg))
     mx.random.seed(seed)
-    from mlx.utils import tree_flatten
-
     new = []
     for name, p in tree_flatten(model.parameters()):
         if "norm" in name:

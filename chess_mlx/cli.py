@@ -253,7 +253,8 @@ def cmd_chat(args) -> int:
     from mlx_lm.sample_utils import make_sampler
 
     from .chat_session import ChatSession
-    from .generate import format_stats, Generation
+    from .generate import format_stats, from_steps
+    from .sparse_layers import sparsify
 
     if args.max_tokens <= 0:
         raise ChessError("--max-tokens must be positive")
@@ -278,21 +279,17 @@ def cmd_chat(args) -> int:
     session = ChatSession(model, tokenizer, th, method, sparsity, system_prompt=args.system or "")
     sampler = make_sampler(args.temp, args.top_p)
     if args.prompt is not None:
-        steps, reply = [], None
-        for step, reply in session.reply(args.prompt, max_tokens=args.max_tokens, sampler=sampler):
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
-            steps.append(step)
-        if reply.notice:
-            print(f"\nchess-mlx: {reply.notice}", file=sys.stderr)
-        from .stats import CallStats, merge, summarize
-        from .sparse_layers import sparsify
+        replies = []
 
-        last = reply.last
-        wb = sparsify(model).weight_bytes
-        g = Generation(reply.text, reply.tokens, last.generation_tokens,
-                       summarize(merge([CallStats(st.stats.density, 1) for st in steps]), wb),
-                       last.prompt_tokens, last.prompt_tps, last.generation_tps, last.ttft, last.peak_memory_gb)
+        def steps():
+            for step, reply in session.reply(args.prompt, max_tokens=args.max_tokens, sampler=sampler):
+                replies.append(reply)
+                yield step
+
+        g = from_steps(steps(), sparsify(model).weight_bytes,
+                       on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        if replies and replies[-1].notice:
+            print(f"\nchess-mlx: {replies[-1].notice}", file=sys.stderr)
         print()
         print(format_stats(g, session.method, session.sparsity))
         return 0

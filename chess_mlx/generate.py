@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -83,11 +83,11 @@ class Generation:
     peak_memory_gb: float
 
 
-def generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, on_text=None, **kwargs) -> Generation:
-    """Run ``stream`` to the end; ``on_text(segment)`` is called as text arrives."""
+def from_steps(steps: Iterable[Step], wb, on_text=None) -> Generation:
+    """Aggregate a stream of ``Step``s into one ``Generation``; ``on_text(segment)`` is called as
+    text arrives."""
     texts, tokens, calls, last = [], [], [], None
-    wb = sparsify(model).weight_bytes
-    for step in stream(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+    for step in steps:
         texts.append(step.text)
         tokens.append(step.token)
         calls.append(CallStats(step.stats.density, 1))
@@ -110,6 +110,12 @@ def generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, on_text
         ttft=last.ttft,
         peak_memory_gb=last.peak_memory_gb,
     )
+
+
+def generate(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, on_text=None, **kwargs) -> Generation:
+    """Run ``stream`` to the end; ``on_text(segment)`` is called as text arrives."""
+    steps = stream(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+    return from_steps(steps, sparsify(model).weight_bytes, on_text)
 
 
 def format_stats(g: Generation, method: str, sparsity: float | None) -> str:
