@@ -1,50 +1,35 @@
 """The chess-mlx chat app (Textual): streaming replies and the library's live statistics.
 
-Generation runs in a worker thread (``ChatSession.reply``); the UI only formats what each
-``Step`` reports. Quitting during a reply stops the worker and waits for it before the
-interpreter exits (a live MLX generation thread at exit can abort Python).
+Generation runs in a worker thread (``ChatSession.reply`` / ``CompareSession.reply``); the UI only
+formats what each ``Step`` reports. Quitting during a reply stops the worker and waits for it
+before the interpreter exits (a live MLX generation thread at exit can abort Python).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Optional
 
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Markdown, Sparkline, Static
 
+from chess_mlx import methods as M
+from chess_mlx import transcript
 from chess_mlx.chat_session import ChatSession, Reply
+from chess_mlx.compare import CompareSession
 from chess_mlx.errors import ChessError
 from chess_mlx.generate import Step
+from chess_mlx.sampling import Sampling
 
+from .screens import CompareScreen, HelpScreen, SettingsScreen, SystemPromptScreen
+from .stats_view import stats_text
 
-def stats_text(session: ChatSession, step: Optional[Step], reply: Optional[Reply]) -> str:
-    level = "" if session.sparsity is None else f" @ {session.sparsity:g}"
-    lines = [f"[b]{session.method}{level}[/b]"]
-    if step is None:
-        return "\n".join(lines + ["", "(no reply yet)"])
-    s = step.stats
-    lines += [
-        "",
-        f"tokens/s        {step.generation_tps:8.1f}",
-        f"TTFT            {step.ttft:8.2f} s",
-        f"prompt tok/s    {step.prompt_tps:8.1f}",
-        f"generated       {step.generation_tokens:8d}",
-        f"context         {(reply.context_tokens if reply else 0) + step.generation_tokens:8d} / {session.context_limit}",
-        "",
-        f"FFN sparsity    {s.ffn_sparsity:8.1%}",
-        f"attn sparsity   {s.attn_sparsity:8.1%}",
-        f"weights/token   {s.bytes_fraction:8.1%} of dense",
-        f"  ({s.bytes_read / 1e6:.1f} / {s.bytes_dense / 1e6:.1f} MB)",
-        "",
-        f"MLX active mem  {step.active_memory_gb:8.2f} GB",
-        f"MLX peak mem    {step.peak_memory_gb:8.2f} GB",
-    ]
-    if reply is not None and reply.notice:
-        lines += ["", f"[yellow]{reply.notice}[/yellow]"]
-    return "\n".join(lines)
+PAINT_INTERVAL_S = 0.05  # repaint at most 20 times a second; tokens can come faster
 
 
 class ChatApp(App):
@@ -53,66 +38,117 @@ class ChatApp(App):
     #log { width: 3fr; padding: 0 1; }
     #side { width: 36; border-left: solid $accent; padding: 0 1; }
     .user { margin: 1 0 0 0; color: $text-muted; }
-    #layers { height: 3; }
+    #layers, #attn-layers { height: 3; }
     """
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
+        Binding("f1", "help", "Help"),
         Binding("f2", "next_method", "Method"),
         Binding("f3", "next_level", "Sparsity"),
+        Binding("f4", "compare", "Compare"),
+        Binding("f5", "system_prompt", "System prompt", show=False),
+        Binding("f6", "settings", "Settings", show=False),
         Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+l", "clear", "Clear"),
+        Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+l", "clear", "Clear", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
+    HELP = {  # longer descriptions for the help screen and the command palette
+        "stop": "Stop the reply now (what was generated is kept)",
+        "help": "Show every key",
+        "next_method": "Next method: dense, CATS, CHESS, CHESS+attn, TEAL (no weight reload)",
+        "next_level": "Next calibrated sparsity level",
+        "compare": "Compare mode: dense and sparse answer side by side (F4 again to return)",
+        "system_prompt": "Edit the system prompt",
+        "settings": "Sampling settings: temperature, top-p, max tokens",
+        "regenerate": "Regenerate the last reply",
+        "save": "Save the conversation with its stats to Markdown",
+        "clear": "Clear the conversation",
+        "quit": "Quit (stops a running reply first)",
+    }
 
-    def __init__(self, session: ChatSession, max_tokens: int = 256, sampler=None, startup_notice: str = ""):
+    def __init__(self, session: ChatSession, sampling: Optional[Sampling] = None, startup_notice: str = "",
+                 compare: bool = False, save_dir: Optional[Path] = None, model_name: str = ""):
         super().__init__()
-        self.session, self.max_tokens, self.sampler = session, max_tokens, sampler
+        self.session = session
+        self.sampling = sampling or Sampling()
         self.startup_notice = startup_notice
+        self.start_in_compare = compare
+        self.save_dir = Path(save_dir) if save_dir is not None else Path.cwd()
+        self.model_name = model_name
+        self.compare: Optional[CompareSession] = None
+        self._compare_screen: Optional[CompareScreen] = None
         self.generating = False
         self.last_step: Optional[Step] = None
         self.last_reply: Optional[Reply] = None
-        self.replies = 0
+        self.replies = 0  # finished replies (chat) and finished comparisons
+        self.last_saved: Optional[Path] = None
+        self._stop = session.stop
         self._md: Optional[Markdown] = None
         self._last_paint = 0.0
 
+    # -- layout -------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal():
             yield VerticalScroll(id="log")
             with Vertical(id="side"):
-                yield Static(stats_text(self.session, None, None), id="stats")
+                yield Static(self._stats(None, None), id="stats")
                 yield Static("FFN sparsity per layer", classes="user")
                 yield Sparkline([], id="layers")
-        yield Input(placeholder="Message (Enter to send)", id="prompt")
+                yield Static("attention sparsity per layer", classes="user")
+                yield Sparkline([], id="attn-layers")
+        yield Input(placeholder="Message (Enter to send, F1 help)", id="prompt")
         yield Footer()
 
     def on_mount(self) -> None:
+        self.sub_title = f"{self.model_name}  ·  {self.sampling.describe()}".strip(" ·")
         self.query_one("#prompt", Input).focus()
         if self.startup_notice:
             self.notify(self.startup_notice, severity="warning", timeout=10)
+        if self.start_in_compare:
+            self.action_compare()
 
-    # -- sending ------------------------------------------------------------------------------
+    def _stats(self, step: Optional[Step], reply: Optional[Reply]) -> str:
+        return stats_text(self.session.label, step, reply, self.session.context_limit)
+
+    def _in_compare(self) -> bool:
+        return self._compare_screen is not None and self._compare_screen in self.screen_stack
+
+    def _main(self) -> Screen:
+        """The chat screen, wherever the app is (dialogs and compare mode sit on top of it)."""
+        return self.screen_stack[0]
+
+    # -- chat ---------------------------------------------------------------------------------
     def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "prompt":
+            return
         text = event.value
         if not text.strip() or self.generating:
             return  # empty prompts are ignored; one reply at a time
         event.input.value = ""
-        self.query_one("#log").mount(Static(f"> {text}", classes="user"))
+        self._main().query_one("#log").mount(Static(f"> {text}", classes="user"))
         self._start(text)
 
     def _start(self, text: Optional[str]) -> None:
         self._md = Markdown("")
-        self.query_one("#log").mount(self._md)
-        self.generating = True
-        self.run_worker(lambda: self._generate(text), thread=True, exclusive=True, group="gen")
+        self._main().query_one("#log").mount(self._md)
+        self.generating, self._stop = True, self.session.stop
+        self.run_worker(partial(self._generate, text), thread=True, exclusive=True, group="gen")
+
+    def _throttled(self, final: bool) -> bool:
+        now = time.monotonic()
+        if final or now - self._last_paint > PAINT_INTERVAL_S:
+            self._last_paint = now
+            return True
+        return False
 
     def _generate(self, text: Optional[str]) -> None:
         reply = None
         try:
-            for step, reply in self.session.reply(text, max_tokens=self.max_tokens, sampler=self.sampler):
-                now = time.monotonic()
-                if now - self._last_paint > 0.05 or step.finish_reason:
-                    self._last_paint = now
+            for step, reply in self.session.reply(text, max_tokens=self.sampling.max_tokens,
+                                                   sampler=self.sampling.sampler()):
+                if self._throttled(step.finish_reason is not None):
                     self.call_from_thread(self._paint, reply.text, step, reply)
         except ChessError as e:
             self.call_from_thread(self.notify, str(e), severity="error")
@@ -123,55 +159,172 @@ class ChatApp(App):
         self.last_step, self.last_reply = step, reply
         if self._md is not None:
             self._md.update(text)
-        self.query_one("#stats", Static).update(stats_text(self.session, step, reply))
-        self.query_one("#layers", Sparkline).data = list(step.stats.ffn_per_layer)
-        self.query_one("#log", VerticalScroll).scroll_end(animate=False)
+        screen = self._main()
+        screen.query_one("#stats", Static).update(self._stats(step, reply))
+        per_layer = reply.mean if reply.mean is not None else step.stats
+        screen.query_one("#layers", Sparkline).data = list(per_layer.ffn_per_layer)
+        screen.query_one("#attn-layers", Sparkline).data = list(per_layer.attn_per_layer)
+        screen.query_one("#log", VerticalScroll).scroll_end(animate=False)
 
     def _done(self, reply: Optional[Reply]) -> None:
         if reply is not None and reply.last is not None:
             self._paint(reply.text + ("\n\n*(stopped)*" if reply.stopped else ""), reply.last, reply)
+            if reply.notice:
+                self.notify(reply.notice, severity="warning")
         self.generating = False
         self.replies += 1
+
+    # -- compare ------------------------------------------------------------------------------
+    def start_compare(self, text: str) -> bool:
+        """Called by the compare screen's input; False when the prompt was not taken."""
+        if self.generating or self.compare is None or not text.strip():
+            return False
+        self._compare_screen.begin(text)
+        self.generating, self._stop = True, self.compare.stop
+        self.run_worker(partial(self._generate_compare, text), thread=True, exclusive=True, group="gen")
+        return True
+
+    def _generate_compare(self, text: str) -> None:
+        screen, last = self._compare_screen, {}
+        try:
+            for side, step, reply in self.compare.reply(text, max_tokens=self.sampling.max_tokens):
+                final = step.finish_reason is not None or side not in last
+                last[side] = (step, reply)
+                if self._throttled(final):
+                    self.call_from_thread(screen.paint, side, reply.text, step, reply)
+        except ChessError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+        finally:
+            self.call_from_thread(self._done_compare, last)
+
+    def _done_compare(self, last: dict) -> None:
+        for side, (step, reply) in last.items():
+            self._compare_screen.paint(side, reply.text + ("\n\n*(stopped)*" if reply.stopped else ""), step, reply)
+            self.last_step, self.last_reply = step, reply
+        done = self.compare.last
+        self._compare_screen.finish(done.summary() if done is not None else "stopped before both sides answered")
+        self.generating = False
+        self.replies += 1
+
+    def action_compare(self) -> None:
+        """Toggle compare mode (the sparse side uses the chat's method, or CHESS when that is dense)."""
+        if self.generating:
+            self.notify("wait for the reply to finish (Esc stops it)", severity="warning")
+            return
+        if self._in_compare():
+            if self.screen is self._compare_screen:
+                self.pop_screen()
+            return
+        if self.compare is None:
+            try:
+                self.compare = CompareSession(self.session)
+            except ChessError as e:
+                self.notify(str(e), severity="error")
+                return
+            self._compare_screen = CompareScreen(self.compare)
+        self.push_screen(self._compare_screen)
 
     # -- actions ------------------------------------------------------------------------------
     def action_stop(self) -> None:
         if self.generating:
-            self.session.stop()
+            self._stop()
 
     def _switch(self, method: str, level: Optional[float]) -> None:
+        target = self.compare.sparse if self._in_compare() else self.session
         try:
-            self.session.set_method(method, level)
+            target.set_method(method, level)
         except ChessError as e:
             self.notify(str(e), severity="error")
-        self.query_one("#stats", Static).update(stats_text(self.session, self.last_step, self.last_reply))
+        if self._in_compare():
+            self._compare_screen.refresh_titles()
+        else:
+            self._main().query_one("#stats", Static).update(self._stats(self.last_step, self.last_reply))
 
     def action_next_method(self) -> None:
         if self.generating:
             return
-        methods = self.session.methods()
+        target = self.compare.sparse if self._in_compare() else self.session
+        methods = target.methods() if not self._in_compare() else list(M.SPARSE_METHODS)
         if len(methods) == 1:
             self.notify("this model folder has no calibrated thresholds: only dense is available",
                         severity="warning")
             return
-        self._switch(methods[(methods.index(self.session.method) + 1) % len(methods)], self.session.sparsity)
+        i = methods.index(target.method) if target.method in methods else -1
+        self._switch(methods[(i + 1) % len(methods)], target.sparsity)
 
     def action_next_level(self) -> None:
-        levels = self.session.levels()
-        if self.generating or self.session.method == "dense" or len(levels) < 2:
+        target = self.compare.sparse if self._in_compare() else self.session
+        levels = target.levels()
+        if self.generating or target.method == M.DENSE or len(levels) < 2:
             return
-        self._switch(self.session.method, levels[(levels.index(self.session.sparsity) + 1) % len(levels)])
+        self._switch(target.method, levels[(levels.index(target.sparsity) + 1) % len(levels)])
 
     def action_regenerate(self) -> None:
-        if not self.generating and self.session.messages:
+        if self._in_compare():
+            self.notify("regenerate works in the chat view; in compare mode send the prompt again")
+        elif not self.generating and self.session.messages:
             self._start(None)
 
     def action_clear(self) -> None:
-        if not self.generating:
+        if self.generating:
+            return
+        if self._in_compare():
+            self.compare.clear()
+            self._compare_screen.clear()
+        else:
             self.session.clear()
-            self.query_one("#log").remove_children()
+            self._main().query_one("#log").remove_children()
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            rows = [(b.key, self.HELP.get(b.action, b.description)) for b in self.BINDINGS]
+            rows.append(("ctrl+p", "Command palette (every action above, searchable)"))
+            self.push_screen(HelpScreen(rows))
+
+    def action_settings(self) -> None:
+        def apply(value: Optional[Sampling]) -> None:
+            if value is not None:
+                self.sampling = value
+                self.sub_title = f"{self.model_name}  ·  {value.describe()}".strip(" ·")
+                self.notify(f"sampling: {value.describe()}")
+
+        self.push_screen(SettingsScreen(self.sampling), apply)
+
+    def action_system_prompt(self) -> None:
+        def apply(value: Optional[str]) -> None:
+            if value is not None:
+                self.session.system_prompt = value
+                if self.compare is not None:
+                    self.compare.system_prompt = value
+                self.notify("system prompt " + ("cleared" if not value else "set; it applies from the next reply"))
+
+        self.push_screen(SystemPromptScreen(self.session.system_prompt), apply)
+
+    def action_save(self) -> None:
+        if self.generating:
+            self.notify("wait for the reply to finish (Esc stops it), then save", severity="warning")
+            return
+        turns = self.compare.turns if self._in_compare() else self.session.turns
+        if not turns:
+            self.notify("nothing to save yet", severity="warning")
+            return
+        text = transcript.to_markdown(turns, self.session.system_prompt, self.model_name, self.sampling.describe())
+        try:
+            self.last_saved = transcript.save(text, self.save_dir)
+        except ChessError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.notify(f"saved to {self.last_saved}")
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for b in self.BINDINGS:
+            if b.action != "quit":  # Textual already lists Quit
+                yield SystemCommand(b.description, f"{self.HELP.get(b.action, '')} [{b.key}]",
+                                    partial(self.run_action, b.action))
 
     async def action_quit(self) -> None:
         if self.generating:
-            self.session.stop()
+            self._stop()
             await self.workers.wait_for_complete()
         self.exit()

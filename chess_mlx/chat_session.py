@@ -18,6 +18,7 @@ from . import methods as M
 from .errors import ChessError
 from .generate import Step, stream
 from .sparse_layers import set_method, sparsify
+from .stats import CallStats, TokenStats, merge, summarize
 
 
 @dataclass
@@ -28,6 +29,17 @@ class Reply:
     stopped: bool = False
     notice: Optional[str] = None  # e.g. the prompt had to be truncated
     context_tokens: int = 0  # prompt tokens of this turn (whole history), before the reply
+    label: str = ""  # method @ level that produced it
+    mean: Optional[TokenStats] = None  # token-weighted over the whole reply, set when it ends
+
+
+@dataclass
+class Turn:
+    """One user message and the answer(s) it got (two in compare mode), kept for saving."""
+
+    user: str
+    answers: list[Reply] = field(default_factory=list)
+    note: str = ""  # e.g. compare mode's speed ratio and divergence
 
 
 class ChatSession:
@@ -39,6 +51,7 @@ class ChatSession:
         self.context_limit = context_limit or int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 4096)
         self.stop_event = threading.Event()
         self.last_fed = 0  # tokens fed to the model for the last reply (after cache reuse)
+        self.turns: list[Turn] = []
         self._cache = None
         self._cached: list[int] = []
         sparsify(model)
@@ -70,8 +83,12 @@ class ChatSession:
         self._cache, self._cached = None, []
 
     def clear(self) -> None:
-        self.messages = []
+        self.messages, self.turns = [], []
         self.reset_cache()
+
+    @property
+    def label(self) -> str:
+        return M.label(self.method, self.sparsity)
 
     def _template(self, messages: list[dict]) -> list[int]:
         msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + messages
@@ -110,10 +127,14 @@ class ChatSession:
             if not self.messages or self.messages[-1]["role"] != "assistant":
                 raise ChessError("there is no reply to regenerate")
             self.messages.pop()
+            turn = self.turns[-1] if self.turns else Turn(self.messages[-1]["content"])
         else:
             if not user_text.strip():
                 raise ChessError("the prompt is empty")
             self.messages.append({"role": "user", "content": user_text})
+            turn = Turn(user_text)
+        # Several sessions may share one model (compare mode): put this session's method in place.
+        state = set_method(self.model, self.method, self.thresholds, self.sparsity)
         full, notice = self._fit(max_tokens)
         if self._cache is None:
             self._cache, self._cached = make_prompt_cache(self.model), []
@@ -127,7 +148,11 @@ class ChatSession:
         fed = full[common:]
         self.last_fed = len(fed)
         self.stop_event.clear()
-        out = Reply(notice=notice, context_tokens=len(full))
+        out = Reply(notice=notice, context_tokens=len(full), label=self.label)
+        turn.answers = [out]
+        if not self.turns or self.turns[-1] is not turn:
+            self.turns.append(turn)
+        calls: list[CallStats] = []
         steps = stream(self.model, self.tokenizer, fed, max_tokens=max_tokens, sampler=sampler,
                        prompt_cache=self._cache)
         try:
@@ -136,12 +161,15 @@ class ChatSession:
                     out.tokens.append(step.token)
                 out.text += step.text
                 out.last = step
+                calls.append(CallStats(step.stats.density, 1))
                 yield step, out
                 if self.stop_event.is_set():
                     out.stopped = True
                     break
         finally:
             steps.close()
+            if calls:
+                out.mean = summarize(merge(calls), state.weight_bytes)
             self.messages.append({"role": "assistant", "content": out.text})
             known = full + out.tokens
             offset = self._cache[0].offset if self._cache else 0

@@ -250,14 +250,17 @@ def cmd_tasks_from_lmeval(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from mlx_lm.sample_utils import make_sampler
-
     from .chat_session import ChatSession
     from .generate import format_stats, from_steps
+    from .sampling import Sampling
     from .sparse_layers import sparsify
 
-    if args.max_tokens <= 0:
-        raise ChessError("--max-tokens must be positive")
+    sampling = Sampling(args.temp, args.top_p, args.max_tokens)
+    if args.prompt is not None and args.compare:
+        raise ChessError("--compare is for the app; with --prompt use 'chess-mlx generate' per method")
+    save_dir = Path(args.save_dir) if args.save_dir else Path.cwd()
+    if not save_dir.is_dir():
+        raise ChessError(f"--save-dir {save_dir} is not a folder")
     if args.method is not None:
         M.check_method(args.method)
     if args.sparsity is not None:
@@ -276,13 +279,15 @@ def cmd_chat(args) -> int:
         notice = f"{e}; starting dense"
     method, sparsity = _method_and_level(argparse.Namespace(method=args.method if th else None,
                                                             sparsity=args.sparsity if th else None), th)
+    if args.compare and th is None:
+        raise ChessError("--compare needs calibrated thresholds; this model folder has none "
+                         "(run 'chess-mlx calibrate' or 'chess-mlx convert')")
     session = ChatSession(model, tokenizer, th, method, sparsity, system_prompt=args.system or "")
-    sampler = make_sampler(args.temp, args.top_p)
     if args.prompt is not None:
         replies = []
 
         def steps():
-            for step, reply in session.reply(args.prompt, max_tokens=args.max_tokens, sampler=sampler):
+            for step, reply in session.reply(args.prompt, max_tokens=sampling.max_tokens, sampler=sampling.sampler()):
                 replies.append(reply)
                 yield step
 
@@ -295,7 +300,8 @@ def cmd_chat(args) -> int:
         return 0
     from app.chat import ChatApp
 
-    ChatApp(session, max_tokens=args.max_tokens, sampler=sampler, startup_notice=notice).run()
+    ChatApp(session, sampling, startup_notice=notice, compare=args.compare, save_dir=save_dir,
+            model_name=folder.name).run()
     return 0
 
 
@@ -432,8 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--sparsity")
     h.add_argument("--system", help="system prompt")
     h.add_argument("--max-tokens", type=int, default=512)
-    h.add_argument("--temp", type=float, default=0.0)
+    h.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
     h.add_argument("--top-p", type=float, default=1.0)
+    h.add_argument("--compare", action="store_true", help="start in compare mode (dense | sparse side by side)")
+    h.add_argument("--save-dir", help="where ctrl+s saves conversations (default: the current folder)")
     h.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     h.set_defaults(func=cmd_chat)
 

@@ -66,3 +66,8 @@ def parse_sparsities(text: str) -> list[float]:
 def level_key(sparsity: float) -> str:
     """Canonical name of a sparsity level inside threshold files ('0.5' for 0.50)."""
     return f"{round(sparsity, 4):g}"
+
+
+def label(method: str, sparsity: float | None) -> str:
+    """How a method at a level is named to people: 'chess @ 0.5', 'dense'."""
+    return method if method == DENSE or sparsity is None else f"{method} @ {sparsity:g}"

@@ -127,4 +127,4 @@ def merge(calls: list[CallStats]) -> CallStats | None:
         return None
     w = np.array([c.n_tokens for c in calls], dtype=np.float64)
     dens = np.tensordot(w / w.sum(), np.stack([c.density for c in calls]), axes=1)
-    return CallStats(dens, int(w.sum()))
+    return CallStats(np.clip(dens, 0.0, 1.0), int(w.sum()))  # no -0.0% from rounding

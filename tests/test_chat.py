@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -80,87 +78,6 @@ def test_no_thresholds_means_dense_only(tmp_path):
         s.set_method("chess", 0.5)
 
 
-async def _until(pilot, cond, seconds: float = 120.0, step: float = 0.05) -> None:
-    """Wait for cond() without ever hanging the suite."""
-    for _ in range(int(seconds / step)):
-        if cond():
-            return
-        await pilot.pause(step)
-    raise AssertionError("timed out waiting for the app")
-
-
-async def _pilot_flow(folder: Path, prompt: str, max_tokens: int) -> dict:
-    from app.chat import ChatApp
-    from textual.widgets import Markdown, Static
-
-    app = ChatApp(_session(folder, "chess"), max_tokens=max_tokens)
-    seen = {}
-    app.max_tokens = max_tokens
-    async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.press("enter")  # empty prompt: ignored
-        assert not app.generating and app.replies == 0
-        inp = app.query_one("#prompt")
-        inp.value = prompt
-        await pilot.press("enter")
-        await _until(pilot, lambda: app.replies >= 1)
-        seen["reply"] = app.query(Markdown).last()._markdown
-        seen["stats"] = str(app.query_one("#stats", Static).render())
-        seen["tokens"] = app.last_step.generation_tokens
-        await pilot.press("f2")
-        seen["method_after_f2"] = app.session.method
-        # Esc stops a long reply at once
-        app.max_tokens = 100_000
-        inp.value = "tell me everything"
-        await pilot.press("enter")
-        await _until(pilot, lambda: app.generating)
-        await pilot.pause(0.3)
-        await pilot.press("escape")
-        await _until(pilot, lambda: not app.generating)
-        seen["stopped_at"] = app.last_step.generation_tokens
-        seen["stopped_text"] = app.query(Markdown).last()._markdown
-    return seen
-
-
-def test_pilot_on_the_shipped_model(shipped_model_dir):
-    seen = asyncio.run(_pilot_flow(shipped_model_dir, "What is the capital of France?", 16))
-    assert len(seen["reply"].strip()) > 3 and seen["tokens"] > 0
-    assert "tokens/s" in seen["stats"] and "FFN sparsity" in seen["stats"] and "chess @ 0.5" in seen["stats"]
-    assert seen["method_after_f2"] == "chess-attn"
-    assert 0 < seen["stopped_at"] < 100_000 and "(stopped)" in seen["stopped_text"]
-
-
-_QUIT_SCRIPT = textwrap.dedent("""
-    import asyncio, sys
-    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    from app.chat import ChatApp
-    from test_chat import _session
-    from pathlib import Path
-
-    async def go():
-        app = ChatApp(_session(Path({folder!r})), max_tokens=100_000)
-        async with app.run_test() as pilot:
-            app.query_one("#prompt").value = "go on forever"
-            await pilot.press("enter")
-            while not app.generating or app.last_step is None:
-                await pilot.pause(0.02)
-            await pilot.press("ctrl+q")
-            for _ in range(200):
-                if not app.is_running:
-                    break
-                await pilot.pause(0.05)
-        print("quit cleanly", app.generating)
-
-    asyncio.run(go())
-""")
-
-
-def test_quit_in_the_middle_of_a_reply_exits_cleanly(tiny_calibrated):
-    script = _QUIT_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), folder=str(tiny_calibrated))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "quit cleanly False" in r.stdout
-
-
 def test_chat_prompt_cli(tiny_calibrated, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "chess_mlx", "chat", *args], capture_output=True, text=True,
@@ -175,3 +92,88 @@ def test_chat_prompt_cli(tiny_calibrated, tmp_path):
                       ([str(plain), "--prompt", "  "], "the prompt is empty")):
         r = run(*args)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
+
+
+# -- compare mode, sampling settings, transcripts ----------------------------------------------
+
+def test_compare_sides_equal_separate_generations_and_report_divergence(tiny_calibrated):
+    from chess_mlx.compare import CompareSession
+    from chess_mlx.generate import generate
+    from chess_mlx.sparse_layers import set_method
+
+    base = _session(tiny_calibrated, "chess")
+    cmp = CompareSession(base)
+    events = list(cmp.reply("compare me", max_tokens=12))
+    sides = [e[0] for e in events]
+    assert sides == sorted(sides) and set(sides) == {"dense", "sparse"}  # dense streams first, then sparse
+    c = cmp.last
+    # Each side must equal an independent greedy generation of the same prompt under that method.
+    prompt = cmp.dense._template([{"role": "user", "content": "compare me"}])
+    for method, reply in (("dense", c.dense), ("chess", c.sparse)):
+        set_method(base.model, method, base.thresholds, 0.5)
+        ref = generate(base.model, base.tokenizer, prompt, max_tokens=12)
+        assert reply.tokens == ref.tokens, method
+    first_diff = next((i for i, (a, b) in enumerate(zip(c.dense.tokens, c.sparse.tokens)) if a != b), None)
+    assert c.divergence == first_diff
+    assert c.speed_ratio == c.sparse.last.generation_tps / c.dense.last.generation_tps
+    assert c.sparse.mean.ffn_sparsity > 0.2 and abs(c.dense.mean.ffn_sparsity) < 1e-9
+    assert "x dense tokens/s" in c.summary() and len(cmp.turns) == 1 and len(cmp.turns[0].answers) == 2
+    # The base session still answers with its own method afterwards (sessions share the weights).
+    again = _run(base, "compare me", 12)
+    assert again.tokens == c.sparse.tokens
+
+
+def test_divergence_rules():
+    from chess_mlx.chat_session import Reply
+    from chess_mlx.compare import Comparison
+
+    def cmp(a, b, stopped=False):
+        return Comparison(Reply(tokens=a), Reply(tokens=b, stopped=stopped)).divergence
+
+    assert cmp([1, 2, 3], [1, 2, 3]) is None
+    assert cmp([1, 2, 3], [1, 5, 3]) == 1
+    assert cmp([1, 2], [1, 2, 3]) == 2  # one side ended (EOS) where the other went on
+    assert cmp([1, 2], [1, 2, 3], stopped=True) is None  # a stopped side proves nothing
+
+
+def test_compare_needs_thresholds(tmp_path):
+    from chess_mlx.compare import CompareSession
+    from chess_mlx.errors import ChessError
+
+    with pytest.raises(ChessError, match="needs calibrated thresholds"):
+        CompareSession(_session(save_tiny(tmp_path / "plain")))
+
+
+def test_sampling_settings_are_checked():
+    from chess_mlx.errors import ChessError
+    from chess_mlx.sampling import Sampling
+
+    s = Sampling.parse("0.7", " 0.9 ", "64")
+    assert (s.temperature, s.top_p, s.max_tokens, s.greedy) == (0.7, 0.9, 64, False)
+    assert Sampling().sampler() is None and s.sampler() is not None
+    for args, msg in ((("-1", "1", "5"), "temperature must be >= 0"), (("0", "0", "5"), "top-p must be in"),
+                      (("0", "1.5", "5"), "top-p must be in"), (("0", "1", "0"), "max tokens must be positive"),
+                      (("hot", "1", "5"), "temperature 'hot' is not a number"),
+                      (("0", "1", "2.5"), "max tokens '2.5' is not an integer")):
+        with pytest.raises(ChessError, match=msg):
+            Sampling.parse(*args)
+
+
+def test_transcript_has_every_turn_with_its_stats(tiny_calibrated, tmp_path):
+    from chess_mlx import transcript
+    from chess_mlx.errors import ChessError
+
+    s = _session(tiny_calibrated, "chess")
+    s.system_prompt = "Be brief."
+    first = _run(s, "first question", 6)
+    _run(s, "second question", 6)
+    _run(s, None, 6)  # regenerate replaces the second answer, it does not add a turn
+    md = transcript.to_markdown(s.turns, s.system_prompt, "tiny", "greedy")
+    assert [t.user for t in s.turns] == ["first question", "second question"]
+    assert md.count("### Assistant (chess @ 0.5)") == 2 and "Be brief." in md
+    assert f"FFN sparsity {first.mean.ffn_sparsity:.1%}" in md and f"{first.last.generation_tps:.1f} tok/s" in md
+    p1 = transcript.save(md, tmp_path)
+    p2 = transcript.save(md, tmp_path)
+    assert p1 != p2 and p1.read_text() == md == p2.read_text()
+    with pytest.raises(ChessError, match="not a folder"):
+        transcript.save(md, tmp_path / "missing")

@@ -1,0 +1,268 @@
+"""The Textual app driven by Pilot: streaming, stats, stop, method switch, compare mode, dialogs,
+saving, the command palette, bad input, and a clean quit in the middle of a reply."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from test_chat import ROOT, _session, tiny_calibrated  # noqa: F401  (fixture)
+from tiny import save_tiny
+
+from chess_mlx.sampling import Sampling
+
+
+async def _until(pilot, cond, seconds: float = 120.0, step: float = 0.05) -> None:
+    """Wait for cond() without ever hanging the suite."""
+    for _ in range(int(seconds / step)):
+        if cond():
+            return
+        await pilot.pause(step)
+    raise AssertionError("timed out waiting for the app")
+
+
+def _notes(app) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+def _text(widget) -> str:
+    return str(widget.render())
+
+
+async def _shipped_flow(folder: Path) -> dict:
+    from app.chat import ChatApp
+    from textual.widgets import Markdown, Static
+
+    app = ChatApp(_session(folder, "chess"), Sampling(max_tokens=40))
+    seen: dict = {"painted": []}
+    paint = app._paint
+
+    def recording_paint(text, step, reply):  # what the reply widget showed, paint by paint
+        seen["painted"].append((text, step.generation_tokens))
+        paint(text, step, reply)
+
+    app._paint = recording_paint
+    async with app.run_test(size=(120, 40)) as pilot:
+        seen["stats_before"] = _text(app.query_one("#stats", Static))
+        await pilot.press("enter")  # empty prompt: ignored
+        assert not app.generating and app.replies == 0
+        inp = app.query_one("#prompt")
+        inp.value = "Write a short story about a cat who learns to fly."
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.replies >= 1)
+        seen["reply"] = app.query(Markdown).last()._markdown
+        seen["stats"] = _text(app.query_one("#stats", Static))
+        seen["tokens"] = app.last_step.generation_tokens
+        seen["painted"] = list(seen["painted"])  # this reply's paints only
+        app._paint = paint
+        await pilot.press("f2")
+        seen["method_after_f2"] = app.session.method
+        # Esc stops a long reply at once and keeps what was generated
+        app.sampling = Sampling(max_tokens=100_000)
+        inp.value = "tell me everything"
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.generating and app.last_step is not None)
+        await pilot.press("escape")
+        await _until(pilot, lambda: not app.generating)
+        seen["stopped_at"] = app.last_step.generation_tokens
+        seen["stopped_text"] = app.query(Markdown).last()._markdown
+        # compare mode: dense | chess-attn columns, a verdict line
+        app.sampling = Sampling(max_tokens=24)
+        await pilot.press("f4")
+        await pilot.pause()
+        seen["screen"] = type(app.screen).__name__
+        app.screen.query_one("#cmp-prompt").value = "Name three colours."
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.replies >= 3)
+        await pilot.pause()
+        seen["verdict"] = _text(app.screen.query_one("#verdict"))
+        seen["cmp_stats"] = [_text(app.screen.query_one(f"#stats-{s}")) for s in ("dense", "sparse")]
+        seen["cmp"] = app.compare.last
+        await pilot.press("f4")
+        await pilot.pause()
+        seen["back"] = type(app.screen).__name__
+    return seen
+
+
+def test_pilot_on_the_shipped_model(shipped_model_dir):
+    seen = asyncio.run(_shipped_flow(shipped_model_dir))
+    assert "(no reply yet)" in seen["stats_before"] and "tokens/s" not in seen["stats_before"]
+    # streamed: several paints, each a growing prefix of the final reply
+    partial = [(t, n) for t, n in seen["painted"] if n < seen["tokens"]]
+    assert len(partial) >= 2, seen["painted"]
+    assert all(seen["reply"].startswith(t) for t, _ in partial)
+    assert partial[0][1] < partial[-1][1]
+    assert len(seen["reply"].strip()) > 3 and seen["tokens"] > 0
+    assert "tokens/s" in seen["stats"] and "FFN sparsity" in seen["stats"] and "chess @ 0.5" in seen["stats"]
+    assert seen["method_after_f2"] == "chess-attn"
+    assert 0 < seen["stopped_at"] < 100_000 and "(stopped)" in seen["stopped_text"]
+    assert seen["screen"] == "CompareScreen" and seen["back"] == "Screen"
+    c = seen["cmp"]
+    assert c.dense.label == "dense" and c.sparse.label == "chess-attn @ 0.5"
+    assert c.summary() in seen["verdict"] and "greedy outputs" in seen["verdict"]
+    assert "FFN sparsity" in seen["cmp_stats"][1] and "chess-attn @ 0.5" in seen["cmp_stats"][1]
+    assert c.sparse.mean.attn_sparsity > 0.2 and abs(c.dense.mean.attn_sparsity) < 1e-9
+
+
+async def _dialogs_flow(folder: Path, save_dir: Path) -> dict:
+    from app.chat import ChatApp
+    from app.screens import HelpScreen, SettingsScreen, SystemPromptScreen
+
+    app = ChatApp(_session(folder, "chess"), Sampling(max_tokens=6), save_dir=save_dir, model_name="tiny")
+    seen: dict = {}
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("ctrl+s")  # nothing to save yet
+        await pilot.pause()
+        seen["empty_save"] = _notes(app)[-1]
+        await pilot.press("f1")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        seen["help"] = app.screen.query_one("Markdown")._markdown
+        await pilot.press("escape")
+        await pilot.press("f6")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        app.screen.query_one("#top_p").value = "2"
+        app.screen.query_one("#top_p").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        seen["settings_error"] = _text(app.screen.query_one("#error"))
+        seen["still_open"] = isinstance(app.screen, SettingsScreen)
+        app.screen.query_one("#top_p").value = "0.9"
+        app.screen.query_one("#max_tokens").value = "5"
+        await pilot.press("enter")
+        await pilot.pause()
+        seen["sampling"] = app.sampling
+        await pilot.press("f5")
+        await pilot.pause()
+        assert isinstance(app.screen, SystemPromptScreen)
+        app.screen.query_one("TextArea").text = "You are terse."
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        seen["system"] = app.session.system_prompt
+        app.query_one("#prompt").value = "hello"
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.replies >= 1)
+        seen["context_ids"] = app.session._template(app.session.messages[:1])
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        seen["saved"] = app.last_saved
+        # a fenced code block is rendered as a highlighted fence
+        app._md.update("```python\ndef f(x):\n    return x + 1\n```")
+        await pilot.pause()
+        fences = app.query("MarkdownFence")
+        seen["fence"] = len(fences)
+        # the command palette runs our actions
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Help")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        seen["palette_opened"] = type(app.screen).__name__
+        seen["commands"] = [c.title for c in app.get_system_commands(app.screen)]
+    return seen
+
+
+def test_dialogs_save_and_palette(tiny_calibrated, tmp_path):  # noqa: F811
+    seen = asyncio.run(_dialogs_flow(tiny_calibrated, tmp_path))
+    assert "nothing to save" in seen["empty_save"]
+    for key in ("escape", "f1", "f2", "f3", "f4", "f5", "f6", "ctrl+r", "ctrl+s", "ctrl+l", "ctrl+q", "ctrl+p"):
+        assert f"`{key}`" in seen["help"], key
+    assert "top-p must be in (0, 1]" in seen["settings_error"] and seen["still_open"]
+    assert seen["sampling"] == Sampling(0.0, 0.9, 5)
+    assert seen["system"] == "You are terse."
+    from chess_mlx.model_io import load_model
+    _, tok, _ = load_model(tiny_calibrated)
+    assert "You are terse." in tok.decode(seen["context_ids"])  # the system prompt reached the model
+    text = seen["saved"].read_text()
+    assert "You are terse." in text and "### You\n\nhello" in text and "tok/s" in text
+    assert "FFN sparsity" in text and "chess @ 0.5" in text
+    assert seen["fence"] == 1
+    assert seen["palette_opened"] == "HelpScreen"
+    for title in ("Stop", "Help", "Method", "Sparsity", "Compare", "System prompt", "Settings", "Regenerate",
+                  "Save", "Clear"):
+        assert title in seen["commands"], title
+
+
+async def _bad_input_flow(plain: Path, calibrated: Path) -> dict:
+    from app.chat import ChatApp
+
+    seen: dict = {}
+    app = ChatApp(_session(plain), Sampling(max_tokens=4), startup_notice="no thresholds; starting dense")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("f2")
+        await pilot.press("f4")
+        await pilot.pause()
+        seen["screen"] = type(app.screen).__name__
+        app.query_one("#prompt").value = "still works?"
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.replies >= 1)
+        seen["dense_reply"] = app.last_reply
+        seen["notes"] = _notes(app)
+    session = _session(calibrated, "chess")
+    session.context_limit = 120
+    app = ChatApp(session, Sampling(max_tokens=8))
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.query_one("#prompt").value = "y" * 4000
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.replies >= 1)
+        await pilot.pause()
+        seen["long_notes"] = _notes(app)
+        seen["long_stats"] = _text(app.query_one("#stats"))
+        seen["long_reply"] = app.last_reply
+    return seen
+
+
+def test_bad_input_in_the_app(tiny_calibrated, tmp_path):  # noqa: F811
+    seen = asyncio.run(_bad_input_flow(save_tiny(tmp_path / "plain"), tiny_calibrated))
+    notes = " | ".join(seen["notes"])
+    assert "no thresholds; starting dense" in notes
+    assert "only dense is available" in notes and "compare mode needs calibrated thresholds" in notes
+    assert seen["screen"] == "Screen"
+    assert seen["dense_reply"].label == "dense" and seen["dense_reply"].tokens
+    assert any("truncated" in n for n in seen["long_notes"]) and "truncated" in seen["long_stats"]
+    assert seen["long_reply"].context_tokens <= 120 - 8
+
+
+def test_unknown_model_path_is_one_line_before_the_ui_starts(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "chess_mlx", "chat", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+
+
+_QUIT_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    from app.chat import ChatApp
+    from chess_mlx.sampling import Sampling
+    from test_chat import _session
+    from pathlib import Path
+
+    async def go():
+        app = ChatApp(_session(Path({folder!r})), Sampling(max_tokens=100_000))
+        async with app.run_test() as pilot:
+            app.query_one("#prompt").value = "go on forever"
+            await pilot.press("enter")
+            while not app.generating or app.last_step is None:
+                await pilot.pause(0.02)
+            await pilot.press("ctrl+q")
+            for _ in range(200):
+                if not app.is_running:
+                    break
+                await pilot.pause(0.05)
+        print("quit cleanly", app.generating)
+
+    asyncio.run(go())
+""")
+
+
+def test_quit_in_the_middle_of_a_reply_exits_cleanly(tiny_calibrated):  # noqa: F811
+    script = _QUIT_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), folder=str(tiny_calibrated))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "quit cleanly False" in r.stdout
