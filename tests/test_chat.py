@@ -89,7 +89,11 @@ def test_chat_prompt_cli(tiny_calibrated, tmp_path):
     plain = save_tiny(tmp_path / "plain")
     for args, msg in (([str(plain), "--prompt", "hi", "--method", "chess"], "no calibrated thresholds"),
                       ([str(tmp_path / "nope"), "--prompt", "hi"], "does not exist"),
-                      ([str(plain), "--prompt", "  "], "the prompt is empty")):
+                      ([str(plain), "--prompt", "  "], "the prompt is empty"),
+                      ([str(plain), "--compare"], "--compare needs calibrated thresholds"),
+                      ([str(plain), "--prompt", "hi", "--compare"], "--compare is for the app"),
+                      ([str(plain), "--prompt", "hi", "--top-p", "0"], "top-p must be in"),
+                      ([str(plain), "--save-dir", str(tmp_path / "nowhere")], "is not a folder")):
         r = run(*args)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
 
