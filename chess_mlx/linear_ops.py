@@ -80,6 +80,22 @@ def _use_kernels(x: mx.array, proj: nn.Module) -> bool:
     return x.size // x.shape[-1] <= KERNEL_MAX_TOKENS
 
 
+def compiled_path_ok(x: mx.array, *projs: nn.Module) -> bool:
+    """Whether a one-token step may take the compiled kernel paths (``decode_paths``): float
+    weights without bias, dtypes and shapes the kernels take, kernels on this device."""
+    from . import decode_paths
+
+    if not decode_paths.enabled() or G.backend() == "reference" or x.size != x.shape[-1]:
+        return False
+    return all("scales" not in p and "bias" not in p and p["weight"].dtype == x.dtype for p in projs) and \
+        x.dtype in (mx.float16, mx.bfloat16) and all(n % 8 == 0 for p in projs for n in p["weight"].shape)
+
+
+def transposed_weight(proj: nn.Module):
+    """W^T as the sparse-input kernels read it (built once; see ``_transposed_weight``)."""
+    return _transposed_weight(proj)
+
+
 def gated_sparse_output_linear(x: mx.array, proj: nn.Module, a: mx.array) -> mx.array:
     """``a * (x W^T + b)``; a kernel computes only the rows where ``a`` is non-zero (up_proj)."""
     if not _use_kernels(x, proj):

@@ -16,7 +16,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import ChessError
-from .linear_ops import dense_linear, gated_sparse_output_linear, sparse_input_linear, weight_nbytes
+from . import decode_paths as D
+from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, sparse_input_linear,
+                         transposed_weight, weight_nbytes)
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
 from .model_io import model_layers
 from .stats import SparsityRecorder, WeightBytes
@@ -36,6 +38,21 @@ class _Control:
         self.inp = None  # TEAL: gate/up input threshold
         self.down = None  # TEAL: down input threshold
         self.collector: Optional[Collector] = None
+        self._arrays: dict = {}
+
+    def arr(self, name: str, dtype) -> mx.array:
+        """A threshold as an array for the compiled paths: a scalar in the activation dtype (as the
+        reference path compares a Python float), a per-channel vector as calibrated (float32)."""
+        v = getattr(self, name)
+        if isinstance(v, mx.array):
+            return v
+        key = (name, dtype, v)
+        a = self._arrays.get(key)
+        if a is None:
+            if len(self._arrays) > 8:
+                self._arrays.clear()
+            a = self._arrays[key] = mx.array(v, dtype=dtype)
+        return a
 
 
 def _threshold(x: mx.array, t) -> tuple[mx.array, mx.array]:
@@ -63,6 +80,10 @@ class SparseInputLinear(nn.Module):
             c.collector(self.proj, x)
         if c.threshold is None:
             return dense_linear(x, self)
+        if compiled_path_ok(x, self):
+            y, dens = D.spin(x, c.arr("threshold", x.dtype), transposed_weight(self))
+            c.recorder.record_density(c.layer, self.proj, dens, 1)
+            return y
         xs, keep = _threshold(x, c.threshold)
         c.recorder.record(c.layer, self.proj, keep)
         return sparse_input_linear(xs, self)
@@ -85,6 +106,20 @@ class SparseMLP(nn.Module):
         if c.mode == DENSE:
             a = nn.silu(dense_linear(x, self.gate_proj))
             return dense_linear(a * dense_linear(x, self.up_proj), self.down_proj)
+        if c.mode == "act" and compiled_path_ok(x, self.gate_proj, self.up_proj, self.down_proj):
+            y, dens = D.act_mlp(x, self.gate_proj["weight"], c.arr("act", x.dtype), self.up_proj["weight"],
+                                transposed_weight(self.down_proj))
+            c.recorder.record_density(c.layer, "up", dens, 1)
+            c.recorder.record_density(c.layer, "down", dens, 1)
+            return y
+        if c.mode == "teal" and compiled_path_ok(x, self.gate_proj, self.up_proj, self.down_proj):
+            y, d_in, d_down = D.teal_mlp(x, c.arr("inp", x.dtype), transposed_weight(self.gate_proj),
+                                         transposed_weight(self.up_proj), c.arr("down", x.dtype),
+                                         transposed_weight(self.down_proj))
+            c.recorder.record_density(c.layer, "gate", d_in, 1)
+            c.recorder.record_density(c.layer, "up", d_in, 1)
+            c.recorder.record_density(c.layer, "down", d_down, 1)
+            return y
         if c.mode == "act":
             a, keep = _threshold(nn.silu(dense_linear(x, self.gate_proj)), c.act)
             c.recorder.record(c.layer, "up", keep)

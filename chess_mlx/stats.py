@@ -41,13 +41,17 @@ class SparsityRecorder:
         self._pending: list[tuple[dict, int]] = []
 
     def record(self, layer: int, proj: str, keep: mx.array) -> None:
+        if self.enabled:
+            self.record_density(layer, proj, keep.astype(mx.float32).mean(), keep.size // keep.shape[-1])
+
+    def record_density(self, layer: int, proj: str, density: mx.array, n_tokens: int) -> None:
+        """Record an already computed kept fraction (a lazy scalar), e.g. from a compiled path."""
         if not self.enabled:
             return
         key = (layer, _P[proj])
         if key in self._current:
             self._close()
-        n_tokens = keep.size // keep.shape[-1]
-        self._current[key] = keep.astype(mx.float32).mean()
+        self._current[key] = density
         self._current_tokens = n_tokens
 
     def _close(self) -> None:

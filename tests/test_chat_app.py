@@ -244,7 +244,7 @@ _QUIT_SCRIPT = textwrap.dedent("""
     from pathlib import Path
 
     async def go():
-        app = ChatApp(_session(Path({folder!r})), Sampling(max_tokens=100_000))
+        app = ChatApp(_session(Path({folder!r}), "chess"), Sampling(max_tokens=100_000))
         async with app.run_test() as pilot:
             app.query_one("#prompt").value = "go on forever"
             await pilot.press("enter")
@@ -261,8 +261,8 @@ _QUIT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_quit_in_the_middle_of_a_reply_exits_cleanly(tiny_calibrated):  # noqa: F811
-    script = _QUIT_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), folder=str(tiny_calibrated))
+def test_quit_in_the_middle_of_a_reply_exits_cleanly(shipped_model_dir):
+    script = _QUIT_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), folder=str(shipped_model_dir))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "quit cleanly False" in r.stdout

@@ -1,0 +1,70 @@
+"""One method's decode under Nsight (Systems or Compute): GPU busy time per token vs wall time per token.
+
+    nsys profile --capture-range=cudaProfilerApi -o OUT python benchmarks/nsys_decode.py --method chess
+    nsys stats --report cuda_gpu_kern_sum,cuda_gpu_trace --format csv OUT.nsys-rep
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv python benchmarks/nsys_decode.py --tokens 2
+
+Only the timed decode loop (after warm-up) lies inside cudaProfilerStart/Stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chess_mlx.bench import PRESETS, random_model  # noqa: E402
+from chess_mlx.calibrate import calibrate  # noqa: E402
+from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
+
+
+def cudart():
+    import glob
+
+    found = sorted(glob.glob("/usr/local/cuda*/lib64/libcudart.so*") + glob.glob("/usr/lib/x86_64-linux-gnu/libcudart.so*")
+                   + glob.glob(f"{sys.prefix}/lib/python3*/site-packages/nvidia/*/lib/libcudart.so*")
+                   + glob.glob("/tmp/site/nvidia/*/lib/libcudart.so*"))
+    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12", *found):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--method", default="chess")
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+    from mlx_lm.generate import generate_step
+
+    model = random_model("llama3-8b", args.layers, mx.float16)
+    vocab = PRESETS["llama3-8b"]["vocab_size"]
+    sparsify(model)
+    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
+    set_method(model, args.method, th, 0.5)
+    prompt = mx.random.randint(0, vocab, (32,), key=mx.random.key(1))
+    rt = cudart()
+    for rep in range(2):
+        gen = generate_step(prompt, model, max_tokens=args.tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
+        next(gen)
+        if rep == 1 and rt is not None:
+            rt.cudaProfilerStart()
+        t0 = time.perf_counter()
+        n = sum(1 for _ in gen)
+        dt = time.perf_counter() - t0
+        if rep == 1 and rt is not None:
+            rt.cudaProfilerStop()
+    print(f"{args.method}: {n} tokens, {1e3 * dt / n:.2f} ms/token wall, {n / dt:.1f} tok/s (cudart: {rt is not None})")
+
+
+if __name__ == "__main__":
+    main()
