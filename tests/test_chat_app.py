@@ -266,3 +266,15 @@ def test_quit_in_the_middle_of_a_reply_exits_cleanly(shipped_model_dir):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "quit cleanly False" in r.stdout
+
+
+def test_compare_flag_starts_in_compare_mode(tiny_calibrated):  # noqa: F811
+    from app.chat import ChatApp
+
+    async def go():
+        app = ChatApp(_session(tiny_calibrated, "cats"), Sampling(max_tokens=4), compare=True)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            return type(app.screen).__name__, app.compare.sparse.label
+
+    assert asyncio.run(go()) == ("CompareScreen", "cats @ 0.5")
