@@ -32,6 +32,10 @@ from .stats_view import stats_text
 PAINT_INTERVAL_S = 0.05  # repaint at most 20 times a second; tokens can come faster
 
 
+def _final_text(reply: Reply) -> str:
+    return reply.text + ("\n\n*(stopped)*" if reply.stopped else "")
+
+
 class ChatApp(App):
     TITLE = "chess-mlx chat"
     CSS = """
@@ -102,18 +106,25 @@ class ChatApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"{self.model_name}  ·  {self.sampling.describe()}".strip(" ·")
+        self._show_sampling()
         self.query_one("#prompt", Input).focus()
         if self.startup_notice:
             self.notify(self.startup_notice, severity="warning", timeout=10)
         if self.start_in_compare:
             self.action_compare()
 
+    def _show_sampling(self) -> None:
+        self.sub_title = f"{self.model_name}  ·  {self.sampling.describe()}".strip(" ·")
+
     def _stats(self, step: Optional[Step], reply: Optional[Reply]) -> str:
         return stats_text(self.session.label, step, reply, self.session.context_limit)
 
     def _in_compare(self) -> bool:
         return self._compare_screen is not None and self._compare_screen in self.screen_stack
+
+    def _target(self) -> ChatSession:
+        """The session F2/F3 act on: the sparse side in compare mode, else the chat."""
+        return self.compare.sparse if self._in_compare() else self.session
 
     def _main(self) -> Screen:
         """The chat screen, wherever the app is (dialogs and compare mode sit on top of it)."""
@@ -168,7 +179,7 @@ class ChatApp(App):
 
     def _done(self, reply: Optional[Reply]) -> None:
         if reply is not None and reply.last is not None:
-            self._paint(reply.text + ("\n\n*(stopped)*" if reply.stopped else ""), reply.last, reply)
+            self._paint(_final_text(reply), reply.last, reply)
             if reply.notice:
                 self.notify(reply.notice, severity="warning")
         self.generating = False
@@ -199,7 +210,7 @@ class ChatApp(App):
 
     def _done_compare(self, last: dict) -> None:
         for side, (step, reply) in last.items():
-            self._compare_screen.paint(side, reply.text + ("\n\n*(stopped)*" if reply.stopped else ""), step, reply)
+            self._compare_screen.paint(side, _final_text(reply), step, reply)
             self.last_step, self.last_reply = step, reply
         done = self.compare.last
         self._compare_screen.finish(done.summary() if done is not None else "stopped before both sides answered")
@@ -230,7 +241,7 @@ class ChatApp(App):
             self._stop()
 
     def _switch(self, method: str, level: Optional[float]) -> None:
-        target = self.compare.sparse if self._in_compare() else self.session
+        target = self._target()
         try:
             target.set_method(method, level)
         except ChessError as e:
@@ -243,7 +254,7 @@ class ChatApp(App):
     def action_next_method(self) -> None:
         if self.generating:
             return
-        target = self.compare.sparse if self._in_compare() else self.session
+        target = self._target()
         methods = target.methods() if not self._in_compare() else list(M.SPARSE_METHODS)
         if len(methods) == 1:
             self.notify("this model folder has no calibrated thresholds: only dense is available",
@@ -253,7 +264,7 @@ class ChatApp(App):
         self._switch(methods[(i + 1) % len(methods)], target.sparsity)
 
     def action_next_level(self) -> None:
-        target = self.compare.sparse if self._in_compare() else self.session
+        target = self._target()
         levels = target.levels()
         if self.generating or target.method == M.DENSE or len(levels) < 2:
             return
@@ -285,7 +296,7 @@ class ChatApp(App):
         def apply(value: Optional[Sampling]) -> None:
             if value is not None:
                 self.sampling = value
-                self.sub_title = f"{self.model_name}  ·  {value.describe()}".strip(" ·")
+                self._show_sampling()
                 self.notify(f"sampling: {value.describe()}")
 
         self.push_screen(SettingsScreen(self.sampling), apply)

@@ -152,9 +152,7 @@ def cmd_eval(args) -> int:
     from .tasks import load_tasks
     from .text import encode, read_text
 
-    method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in method_list:
-        M.check_method(m)
+    method_list = M.parse_methods(args.methods)
     levels = M.parse_sparsities(args.sparsity)
     ppl_path = None
     if args.ppl is not None or args.tasks is None:
@@ -353,9 +351,7 @@ def cmd_bench(args) -> int:
     from .bench import PRESETS, random_model, run_bench
     from .sparse_gemv import backend
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        M.check_method(m)
+    methods = M.parse_methods(args.methods)
     sparsity = M.parse_sparsity(args.sparsity)
     if args.quantize not in (None, 4, 8):
         raise ChessError("--quantize takes 4 or 8")

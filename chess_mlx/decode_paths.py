@@ -18,6 +18,7 @@ import os
 import mlx.core as mx
 
 from . import sparse_gemv as G
+from .stats import kept_fraction
 
 _ENABLED = os.environ.get("CHESS_MLX_COMPILE", "1") != "0"
 
@@ -43,10 +44,6 @@ def _silu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(x)  # inline (nn.silu is itself compiled, which stops fusion at its edge)
 
 
-def _density(keep: mx.array) -> mx.array:
-    return keep.astype(mx.float32).mean()
-
-
 def _rows(x: mx.array) -> mx.array:
     return x.reshape(-1, x.shape[-1])
 
@@ -55,7 +52,7 @@ def _act_mlp(x: mx.array, wg: mx.array, t: mx.array, wu, wt_down) -> tuple[mx.ar
     """CATS (scalar t) / CHESS (per-channel t): down(thr(SiLU(gate x)) * up x)."""
     a, keep = _threshold(_silu(x @ wg.T), t)
     h = G.gated_sparse_output(_rows(x), wu, _rows(a))
-    return G.sparse_input(h, wt_down).reshape(*x.shape[:-1], -1), _density(keep)
+    return G.sparse_input(h, wt_down).reshape(*x.shape[:-1], -1), kept_fraction(keep)
 
 
 def _teal_mlp(x: mx.array, t_in: mx.array, wt_gate, wt_up, t_down: mx.array, wt_down):
@@ -63,13 +60,13 @@ def _teal_mlp(x: mx.array, t_in: mx.array, wt_gate, wt_up, t_down: mx.array, wt_
     xs, keep_in = _threshold(_rows(x), t_in)
     h = _silu(G.sparse_input(xs, wt_gate)) * G.sparse_input(xs, wt_up)
     hs, keep_d = _threshold(h, t_down)
-    return G.sparse_input(hs, wt_down).reshape(*x.shape[:-1], -1), _density(keep_in), _density(keep_d)
+    return G.sparse_input(hs, wt_down).reshape(*x.shape[:-1], -1), kept_fraction(keep_in), kept_fraction(keep_d)
 
 
 def _spin(x: mx.array, t: mx.array, wt) -> tuple[mx.array, mx.array]:
     """A projection with a thresholded input (q/o under CHESS+attention, every one under TEAL)."""
     xs, keep = _threshold(_rows(x), t)
-    return G.sparse_input(xs, wt).reshape(*x.shape[:-1], -1), _density(keep)
+    return G.sparse_input(xs, wt).reshape(*x.shape[:-1], -1), kept_fraction(keep)
 
 
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes

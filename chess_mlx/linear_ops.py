@@ -14,6 +14,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import decode_paths
 from . import sparse_gemv as G
 
 # Crossover measured on the H100 (benchmarks/RESULTS.md): with independent 50% masks the union of
@@ -51,7 +52,7 @@ def _row_weight(proj: nn.Module):
     return proj["weight"]
 
 
-def _transposed_weight(proj: nn.Module):
+def transposed_weight(proj: nn.Module):
     """W^T (in, out) for sparse-input kernels, built once per projection on first use.
 
     Float weights: a contiguous copy of W^T. Quantized weights: W^T re-quantized along the output
@@ -83,17 +84,10 @@ def _use_kernels(x: mx.array, proj: nn.Module) -> bool:
 def compiled_path_ok(x: mx.array, *projs: nn.Module) -> bool:
     """Whether a one-token step may take the compiled kernel paths (``decode_paths``): float
     weights without bias, dtypes and shapes the kernels take, kernels on this device."""
-    from . import decode_paths
-
     if not decode_paths.enabled() or G.backend() == "reference" or x.size != x.shape[-1]:
         return False
     return all("scales" not in p and "bias" not in p and p["weight"].dtype == x.dtype for p in projs) and \
         x.dtype in (mx.float16, mx.bfloat16) and all(n % 8 == 0 for p in projs for n in p["weight"].shape)
-
-
-def transposed_weight(proj: nn.Module):
-    """W^T as the sparse-input kernels read it (built once; see ``_transposed_weight``)."""
-    return _transposed_weight(proj)
 
 
 def gated_sparse_output_linear(x: mx.array, proj: nn.Module, a: mx.array) -> mx.array:
@@ -115,7 +109,7 @@ def sparse_input_linear(x: mx.array, proj: nn.Module) -> mx.array:
     if not _use_kernels(x, proj):
         return dense_linear(x, proj)
     lead = x.shape[:-1]
-    y = G.sparse_input(x.reshape(-1, x.shape[-1]), _transposed_weight(proj)).reshape(*lead, -1)
+    y = G.sparse_input(x.reshape(-1, x.shape[-1]), transposed_weight(proj)).reshape(*lead, -1)
     return y + proj["bias"] if "bias" in proj else y
 
 

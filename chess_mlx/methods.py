@@ -32,6 +32,11 @@ def check_method(name: str) -> str:
     return name
 
 
+def parse_methods(text: str) -> list[str]:
+    """'dense, chess' -> ['dense', 'chess'], each checked."""
+    return [check_method(m.strip()) for m in text.split(",") if m.strip()]
+
+
 def check_sparsity(value: float) -> float:
     from .errors import ChessError
 

@@ -109,26 +109,22 @@ class SparseMLP(nn.Module):
         if c.mode == "act" and compiled_path_ok(x, self.gate_proj, self.up_proj, self.down_proj):
             y, dens = D.act_mlp(x, self.gate_proj["weight"], c.arr("act", x.dtype), self.up_proj["weight"],
                                 transposed_weight(self.down_proj))
-            c.recorder.record_density(c.layer, "up", dens, 1)
-            c.recorder.record_density(c.layer, "down", dens, 1)
+            c.recorder.record_density(c.layer, ("up", "down"), dens, 1)
             return y
         if c.mode == "teal" and compiled_path_ok(x, self.gate_proj, self.up_proj, self.down_proj):
             y, d_in, d_down = D.teal_mlp(x, c.arr("inp", x.dtype), transposed_weight(self.gate_proj),
                                          transposed_weight(self.up_proj), c.arr("down", x.dtype),
                                          transposed_weight(self.down_proj))
-            c.recorder.record_density(c.layer, "gate", d_in, 1)
-            c.recorder.record_density(c.layer, "up", d_in, 1)
+            c.recorder.record_density(c.layer, ("gate", "up"), d_in, 1)
             c.recorder.record_density(c.layer, "down", d_down, 1)
             return y
         if c.mode == "act":
             a, keep = _threshold(nn.silu(dense_linear(x, self.gate_proj)), c.act)
-            c.recorder.record(c.layer, "up", keep)
-            c.recorder.record(c.layer, "down", keep)
+            c.recorder.record(c.layer, ("up", "down"), keep)
             return sparse_input_linear(gated_sparse_output_linear(x, self.up_proj, a), self.down_proj)
         # TEAL: threshold the inputs of gate/up and of down.
         xs, keep_in = _threshold(x, c.inp)
-        c.recorder.record(c.layer, "gate", keep_in)
-        c.recorder.record(c.layer, "up", keep_in)
+        c.recorder.record(c.layer, ("gate", "up"), keep_in)
         h = nn.silu(sparse_input_linear(xs, self.gate_proj)) * sparse_input_linear(xs, self.up_proj)
         hs, keep_d = _threshold(h, c.down)
         c.recorder.record(c.layer, "down", keep_d)

@@ -30,6 +30,11 @@ class CallStats:
         return cls(np.ones((n_layers, len(PROJS))), n_tokens)
 
 
+def kept_fraction(keep: mx.array) -> mx.array:
+    """Density of a keep mask, as a lazy float32 scalar."""
+    return keep.astype(mx.float32).mean()
+
+
 class SparsityRecorder:
     """Collects per-call densities. A new call starts when a (layer, proj) slot repeats."""
 
@@ -40,18 +45,20 @@ class SparsityRecorder:
         self._current_tokens = 0
         self._pending: list[tuple[dict, int]] = []
 
-    def record(self, layer: int, proj: str, keep: mx.array) -> None:
+    def record(self, layer: int, projs: str | tuple[str, ...], keep: mx.array) -> None:
+        """Record the density of ``keep`` for one projection or several that read the same input."""
         if self.enabled:
-            self.record_density(layer, proj, keep.astype(mx.float32).mean(), keep.size // keep.shape[-1])
+            self.record_density(layer, projs, kept_fraction(keep), keep.size // keep.shape[-1])
 
-    def record_density(self, layer: int, proj: str, density: mx.array, n_tokens: int) -> None:
+    def record_density(self, layer: int, projs: str | tuple[str, ...], density: mx.array, n_tokens: int) -> None:
         """Record an already computed kept fraction (a lazy scalar), e.g. from a compiled path."""
         if not self.enabled:
             return
-        key = (layer, _P[proj])
-        if key in self._current:
+        keys = [(layer, _P[p]) for p in ((projs,) if isinstance(projs, str) else projs)]
+        if any(k in self._current for k in keys):
             self._close()
-        self._current[key] = density
+        for k in keys:
+            self._current[k] = density
         self._current_tokens = n_tokens
 
     def _close(self) -> None:

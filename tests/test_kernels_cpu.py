@@ -105,13 +105,13 @@ def test_transposed_weight_for_kernels():
     import mlx.nn as nn
 
     lin = nn.Linear(64, 32, bias=False)
-    np.testing.assert_array_equal(np.array(L._transposed_weight(lin)), np.array(lin.weight.T))
+    np.testing.assert_array_equal(np.array(L.transposed_weight(lin)), np.array(lin.weight.T))
     ql = nn.QuantizedLinear(64, 32, bias=False, group_size=32, bits=8)
-    wt = L._transposed_weight(ql)
+    wt = L.transposed_weight(ql)
     deq = np.array(mx.dequantize(ql.weight, ql.scales, ql.biases, group_size=32, bits=8))
     assert wt.rows == 64 and wt.cols == 32
     assert np.abs(np.array(wt.dequantize()) - deq.T).max() < 0.02 * np.abs(deq).max()
-    assert L._transposed_weight(ql) is wt  # built once
+    assert L.transposed_weight(ql) is wt  # built once
 
 
 # ------------------------------------------------------------------ kernel sources -------------
