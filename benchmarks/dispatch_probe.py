@@ -44,6 +44,8 @@ def main() -> None:
         mx.eval(wg, wu, wd, wtd, t)
         layers.append((wg, wu, wd, wtd, t))
 
+    ws_of = {id(L[3]): G.workspace(L[3].shape[1]) for L in layers}
+
     def dense(x, L):
         wg, wu, wd, _, _ = L
         return (nn.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
@@ -54,11 +56,11 @@ def main() -> None:
         keep = mx.abs(g) >= t
         a = mx.where(keep, g, mx.zeros((), dtype=g.dtype))
         h = G.gated_sparse_output(x.reshape(1, -1), wu, a.reshape(1, -1))
-        return G.sparse_input(h, wtd).reshape(1, 1, -1)
+        return G.sparse_input(h, wtd, ws=ws_of[id(wtd)])[0].reshape(1, 1, -1)
 
     def chess_compiled(x, L):
         wg, wu, _, wtd, t = L
-        return D.act_mlp(x, wg, t, wu, wtd)[0]
+        return D.act_mlp(x, wg, wu, t, wtd, ws_of[id(wtd)])[0]
 
     thr = mx.compile(lambda g, t: mx.where(mx.abs(g) >= t, g, mx.zeros((), dtype=g.dtype)))
 
@@ -66,7 +68,7 @@ def main() -> None:
         wg, wu, _, wtd, t = L
         a = thr(nn.silu(x @ wg.T), t)
         h = G.gated_sparse_output(x.reshape(1, -1), wu, a.reshape(1, -1))
-        return G.sparse_input(h, wtd).reshape(1, 1, -1)
+        return G.sparse_input(h, wtd, ws=ws_of[id(wtd)])[0].reshape(1, 1, -1)
 
     variants = {"dense": dense, "chess op-by-op": chess_ops, "chess compiled": chess_compiled,
                 "chess thr-compiled": chess_thr_compiled}

@@ -22,14 +22,15 @@ from chess_mlx import sparse_gemv as G  # noqa: E402
 mx.random.seed(0)
 plan = [(f"{wtype} {out_dim}x{in_dim} s={s}", *K.random_case(wtype, out_dim, in_dim, s))
         for wtype in ("float16", "q4g64") for out_dim, in_dim in K.SHAPES for s in (0.0, 0.5, 0.7)]
+WS = {id(p[2]): G.workspace(p[2].cols if isinstance(p[2], G.QWeight) else p[2].shape[1]) for p in plan}
 for label, w, wt, x, a, xs in plan:
-    mx.eval(G._launch_spout("cuda", x, w, a), G._launch_spin("cuda", xs, wt), K.dense_fn(x, w)())  # JIT warm-up
+    mx.eval(G._launch_spout("cuda", x, w, a), G.sparse_input(xs, wt, ws=WS[id(wt)])[0], K.dense_fn(x, w)())  # JIT warm-up
 mx.synchronize()
 print("BEGIN", file=sys.stderr)
 for label, w, wt, x, a, xs in plan:
     for rep in range(3):
         for kind, fn in (("dense", K.dense_fn(x, w)), ("spout", lambda: G._launch_spout("cuda", x, w, a)),
-                         ("spin", lambda: G._launch_spin("cuda", xs, wt))):
+                         ("spin", lambda: G.sparse_input(xs, wt, ws=WS[id(wt)])[0])):
             print(f"CALL {label} {kind} {rep}", file=sys.stderr)
             mx.eval(fn())
             mx.synchronize()

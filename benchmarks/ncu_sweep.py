@@ -26,8 +26,10 @@ for wtype in ("float16", "q4g64"):
                 plan.append((f"{wtype} {out_dim}x{in_dim} s={s} spout wpr={wpr}",
                              lambda x=x, w=w, a=a, wpr=wpr: G._launch_spout("cuda", x, w, a, wpr=wpr)))
             for kc in (64, 128, 256, 512):
+                ws = G.workspace(out_dim)
                 plan.append((f"{wtype} {out_dim}x{in_dim} s={s} spin kc={kc}",
-                             lambda xs=xs, wt=wt, kc=kc: G._launch_spin("cuda", xs, wt, kc=kc)))
+                             lambda xs=xs, wt=wt, kc=kc, ws=ws: G._launch_spin("cuda", xs, wt, G.zero_threshold(xs.dtype),
+                                                                                ws, kc=kc)[0]))
 for _, f in plan:
     mx.eval(f())
 mx.synchronize()

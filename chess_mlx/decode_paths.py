@@ -1,14 +1,16 @@
 """Compiled one-token decode paths of the sparse blocks (GPU kernels only).
 
-A CHESS decode step builds, per layer, a threshold (abs, compare, select), the sparse kernels and
-the density the statistics report. Built op by op from Python that is a dozen graph nodes per
-layer, and each ``mx.fast.cuda_kernel``/``metal_kernel`` call also assembles its kernel source on
-the host: measured on the H100, the host then cannot keep up with the GPU (RESULTS.md). Here each
-path is one ``mx.compile``d function of arrays only: the first call traces it (per shape and
-dtype), later calls replay the traced graph, and the elementwise ops fuse into one kernel.
+Decode on a GPU is bound by per-node host work (graph building and MLX's encoding of each node,
+benchmarks/RESULTS.md), so a sparse block must cost no more graph nodes than the dense one it
+replaces. Here the CATS/CHESS FFN is two launches (``gate_up``: gate GEMV + SiLU + channel
+threshold + sparse-output up; ``sparse_input``: down with its split-K reduction and density
+count), a thresholded projection is one, and TEAL's FFN is three plus one fused elementwise
+node. Each path is one ``mx.compile``d function of arrays only: the first call traces it (per
+shape and dtype), later calls replay the trace without rebuilding kernel sources in Python.
 
 Every function returns ``(y, densities...)``; the densities are lazy scalars for the recorder.
-The reference path (CPU, prefill, quantized weights without the kernels) does not come here.
+The reference path (CPU, prefill, quantized weights) does not come here, except in the CPU
+tests, where the same functions wrap the reference products.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import mlx.core as mx
 
 from . import sparse_gemv as G
-from .stats import kept_fraction
 
 _ENABLED = os.environ.get("CHESS_MLX_COMPILE", "1") != "0"
 
@@ -33,40 +34,31 @@ def enable(on: bool = True) -> None:
     _ENABLED = on
 
 
-def _threshold(x: mx.array, t: mx.array) -> tuple[mx.array, mx.array]:
-    # x * keep rather than where(keep, x, 0): no scalar constant, which a replayed trace would copy
-    # into a fresh buffer on every call (Nsight: one extra kernel per layer). Same values for finite x.
-    keep = mx.abs(x) >= t
-    return x * keep.astype(x.dtype), keep
-
-
-def _silu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(x)  # inline (nn.silu is itself compiled, which stops fusion at its edge)
-
-
 def _rows(x: mx.array) -> mx.array:
     return x.reshape(-1, x.shape[-1])
 
 
-def _act_mlp(x: mx.array, wg: mx.array, t: mx.array, wu, wt_down) -> tuple[mx.array, mx.array]:
-    """CATS (scalar t) / CHESS (per-channel t): down(thr(SiLU(gate x)) * up x)."""
-    a, keep = _threshold(_silu(x @ wg.T), t)
-    h = G.gated_sparse_output(_rows(x), wu, _rows(a))
-    return G.sparse_input(h, wt_down).reshape(*x.shape[:-1], -1), kept_fraction(keep)
+def _act_mlp(x, wg, wu, t, wt_down, ws_down, zero):
+    """CATS (scalar t) / CHESS (per-channel t): down(keep(SiLU(gate x), t) * up x). The density is
+    that of down's input, i.e. of the kept channels (up rows and down rows read)."""
+    h = G.gate_up(_rows(x), wg, wu, t)
+    y, dens = G.sparse_input(h, wt_down, zero, ws_down)
+    return y.reshape(*x.shape[:-1], -1), dens
 
 
-def _teal_mlp(x: mx.array, t_in: mx.array, wt_gate, wt_up, t_down: mx.array, wt_down):
+def _teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down):
     """TEAL: thresholded inputs of gate/up and of down, all three sparse-input products."""
-    xs, keep_in = _threshold(_rows(x), t_in)
-    h = _silu(G.sparse_input(xs, wt_gate)) * G.sparse_input(xs, wt_up)
-    hs, keep_d = _threshold(h, t_down)
-    return G.sparse_input(hs, wt_down).reshape(*x.shape[:-1], -1), kept_fraction(keep_in), kept_fraction(keep_d)
+    xr = _rows(x)
+    g, d_in = G.sparse_input(xr, wt_gate, t_in, ws_gate)
+    u, _ = G.sparse_input(xr, wt_up, t_in, ws_up)
+    y, d_down = G.sparse_input(G.silu(g) * u, wt_down, t_down, ws_down)
+    return y.reshape(*x.shape[:-1], -1), d_in, d_down
 
 
-def _spin(x: mx.array, t: mx.array, wt) -> tuple[mx.array, mx.array]:
+def _spin(x, t, wt, ws):
     """A projection with a thresholded input (q/o under CHESS+attention, every one under TEAL)."""
-    xs, keep = _threshold(_rows(x), t)
-    return G.sparse_input(xs, wt).reshape(*x.shape[:-1], -1), kept_fraction(keep)
+    y, dens = G.sparse_input(_rows(x), wt, t, ws)
+    return y.reshape(*x.shape[:-1], -1), dens
 
 
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes
@@ -83,13 +75,13 @@ def _compiled(fn):
     return c
 
 
-def act_mlp(x, wg, t, wu, wt_down):
-    return _compiled(_act_mlp)(x, wg, t, wu, wt_down)
+def act_mlp(x, wg, wu, t, wt_down, ws_down):
+    return _compiled(_act_mlp)(x, wg, wu, t, wt_down, ws_down, G.zero_threshold(x.dtype))
 
 
-def teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down):
-    return _compiled(_teal_mlp)(x, t_in, wt_gate, wt_up, t_down, wt_down)
+def teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down):
+    return _compiled(_teal_mlp)(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)
 
 
-def spin(x, t, wt):
-    return _compiled(_spin)(x, t, wt)
+def spin(x, t, wt, ws):
+    return _compiled(_spin)(x, t, wt, ws)

@@ -73,6 +73,14 @@ def transposed_weight(proj: nn.Module):
     return wt
 
 
+def kernel_workspace(proj: nn.Module) -> mx.array:
+    """The sparse-input kernel's counters for this projection (one call site), made once."""
+    ws = getattr(proj, "_kernel_ws", None)
+    if ws is None:
+        ws = proj._kernel_ws = G.workspace(proj["weight"].shape[0])
+    return ws
+
+
 def _use_kernels(x: mx.array, proj: nn.Module) -> bool:
     if G.backend() == "reference" or getattr(proj, "mode", "affine") != "affine":
         return False
@@ -109,7 +117,8 @@ def sparse_input_linear(x: mx.array, proj: nn.Module) -> mx.array:
     if not _use_kernels(x, proj):
         return dense_linear(x, proj)
     lead = x.shape[:-1]
-    y = G.sparse_input(x.reshape(-1, x.shape[-1]), transposed_weight(proj)).reshape(*lead, -1)
+    y, _ = G.sparse_input(x.reshape(-1, x.shape[-1]), transposed_weight(proj), ws=kernel_workspace(proj))
+    y = y.reshape(*lead, -1)
     return y + proj["bias"] if "bias" in proj else y
 
 

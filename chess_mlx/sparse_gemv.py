@@ -1,12 +1,19 @@
 """Sparse GEMV kernels for batch-1 (and small-batch) decode, with a pure-MLX reference.
 
-Two products, each on float16/bfloat16 or MLX 4/8-bit affine-quantized weights:
+Products, on float16/bfloat16 or MLX 4/8-bit affine-quantized weights:
 
 * ``gated_sparse_output(x, w, a)``: ``a * (x @ W^T)`` computing only the rows where some ``a`` is
   non-zero (up_proj under CATS/CHESS). W keeps MLX's (out, in) layout.
-* ``sparse_input(x, wt)``: ``x @ W^T`` reading only the rows of ``wt = W^T`` (in, out) that meet a
-  non-zero input (down_proj; q/o under CHESS+attention; TEAL). Quantized ``wt`` is quantized along
-  the *output* dimension (``mx.quantize(W.T)``), so a skipped input channel costs no bytes.
+* ``sparse_input(x, wt, t, ws)``: ``threshold(x, t) @ W^T`` reading only the rows of ``wt = W^T``
+  (in, out) that meet a surviving input (down_proj; q/o under CHESS+attention; TEAL), and the
+  density of that input. Quantized ``wt`` is quantized along the *output* dimension
+  (``mx.quantize(W.T)``), so a skipped input channel costs no bytes.
+* ``gate_up(x, w_gate, w_up, t)`` (float weights): the whole CATS/CHESS FFN front in one launch,
+  ``keep(SiLU(x W_gate^T), t) * (x W_up^T)`` with the up rows of dropped channels never read.
+
+Decode speed on a GPU is bound by the number of graph nodes per token as much as by bytes
+(benchmarks/RESULTS.md), so thresholds, split-K reduction and the density count live inside
+the kernels rather than in separate MLX ops.
 
 Dispatch: Metal kernels (``metal/``) on an Apple GPU, CUDA kernels (``cuda/``) on MLX's CUDA
 backend, the reference everywhere else. ``CHESS_MLX_REFERENCE=1`` or ``force_reference(True)``
@@ -88,11 +95,36 @@ def reference_gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
     return a * y
 
 
-def reference_sparse_input(x: mx.array, wt) -> mx.array:
+def threshold(x: mx.array, t: Optional[mx.array]) -> mx.array:
+    """x with |x| < t set to 0 (t: scalar or one per channel; None keeps x)."""
+    if t is None:
+        return x
+    return x * (mx.abs(x) >= t).astype(x.dtype)
+
+
+def input_density(xs: mx.array) -> mx.array:
+    """Fraction of non-zero entries: the share of weight rows a sparse-input product reads."""
+    return (xs != 0).astype(mx.float32).mean()
+
+
+def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+    xs = threshold(x, t)
     if isinstance(wt, QWeight):
-        return mx.quantized_matmul(x, wt.w, wt.scales, wt.biases, transpose=False,
-                                   group_size=wt.group_size, bits=wt.bits)
-    return x @ wt
+        y = mx.quantized_matmul(xs, wt.w, wt.scales, wt.biases, transpose=False,
+                                group_size=wt.group_size, bits=wt.bits)
+    else:
+        y = xs @ wt
+    return y, input_density(xs)
+
+
+def silu(x: mx.array) -> mx.array:
+    # x * sigmoid(x) written out: nn.silu is itself compiled, which stops fusion at its edge
+    return x * mx.sigmoid(x)
+
+
+def reference_gate_up(x: mx.array, wg: mx.array, wu: mx.array, t: mx.array) -> mx.array:
+    a = silu(x @ wg.T)
+    return threshold(a, t) * (x @ wu.T)
 
 
 # ---------------------------------------------------------------- kernel sources ----------------
@@ -111,20 +143,21 @@ def read_source(kind: str, name: str) -> tuple[str, str]:
 _INPUTS = {
     "spout_f": ["x", "w", "a"],
     "spout_q": ["x", "w", "scales", "biases", "a"],
-    "spin_f": ["x", "wt"],
-    "spin_q": ["x", "wt", "scales", "biases"],
-    "spin_reduce": ["partial"],
+    "spin_f": ["x", "t", "wt", "sem"],
+    "spin_q": ["x", "t", "wt", "scales", "biases", "sem"],
+    "gateup_f": ["x", "wg", "wu", "t"],
 }
 # Template parameters of each kernel, in the order the launchers pass them (checked by the tests
 # against the "Template:" line of both the CUDA and the Metal source).
 TEMPLATES = {
     "spout_f": ("T", "M", "K", "N", "WPR"),
     "spout_q": ("T", "M", "K", "N", "BITS", "GS", "WPR"),
-    "spin_f": ("T", "M", "K", "N", "KC"),
-    "spin_q": ("T", "M", "K", "N", "BITS", "GS", "KC", "WORDS"),
-    "spin_reduce": ("T", "M", "N", "C"),
+    "spin_f": ("T", "M", "K", "N", "KC", "TPC"),
+    "spin_q": ("T", "M", "K", "N", "BITS", "GS", "KC", "WORDS", "TPC"),
+    "gateup_f": ("T", "M", "K", "N", "WPR", "TPC"),
 }
-_OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["partial"], "spin_q": ["partial"], "spin_reduce": ["y"]}
+_OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "partial", "dens"],
+            "spin_q": ["y", "partial", "dens"], "gateup_f": ["y"]}
 
 
 @lru_cache(maxsize=None)
@@ -194,8 +227,38 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
                                output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
 
 
-def _launch_spin(kind: str, x: mx.array, wt, kc: Optional[int] = None) -> mx.array:
-    """spin_f / spin_q into float32 split-K partials, then spin_reduce."""
+def workspace(n_out: int) -> mx.array:
+    """The int32 counters one sparse-input call site needs (tiles + 2 zeros). The kernel resets
+    them after use, so one workspace serves every call of that site; two launches that may run
+    concurrently (e.g. TEAL's gate and up) need two."""
+    ws = mx.zeros((-(-n_out // 256) + 2,), dtype=mx.int32)
+    mx.eval(ws)
+    return ws
+
+
+_ZERO: dict = {}
+
+
+def zero_threshold(dtype) -> mx.array:
+    """t = 0 (keep every input) as a cached array, so no launch allocates a constant."""
+    z = _ZERO.get(dtype)
+    if z is None:
+        z = _ZERO[dtype] = mx.zeros((1,), dtype=dtype)
+        mx.eval(z)
+    return z
+
+
+def _tpc(t: mx.array, n: int) -> int:
+    if t.size == 1:
+        return 0
+    if t.size != n:
+        raise ValueError(f"threshold has {t.size} entries, expected 1 or {n}")
+    return 1
+
+
+def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: mx.array,
+                 kc: Optional[int] = None) -> tuple[mx.array, mx.array]:
+    """spin_f / spin_q: thresholded sparse-input product and its input density, one launch."""
     m, k = x.shape
     if isinstance(wt, QWeight):
         n = wt.cols
@@ -203,22 +266,35 @@ def _launch_spin(kind: str, x: mx.array, wt, kc: Optional[int] = None) -> mx.arr
         tile = 32 * words * (32 // wt.bits)
         tiles = -(-n // tile)
         kc = kc or split_k_chunk(k, tiles, quantized=True)
-        name, inputs = "spin_q", [x, wt.w, wt.scales, wt.biases]
+        name, inputs = "spin_q", [x, t, wt.w, wt.scales, wt.biases, ws]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wt.bits), ("GS", wt.group_size),
-                ("KC", kc), ("WORDS", words)]
+                ("KC", kc), ("WORDS", words), ("TPC", _tpc(t, k))]
     else:
         n = wt.shape[1]
         tiles = -(-n // 256)
         kc = kc or split_k_chunk(k, tiles, quantized=False)
-        name, inputs = "spin_f", [x, wt]
-        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc)]
+        name, inputs = "spin_f", [x, t, wt, ws]
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc), ("TPC", _tpc(t, k))]
+    if ws.dtype != mx.int32 or ws.size < tiles + 2:  # the kernel indexes sem[0 .. tiles + 1]
+        raise ValueError(f"workspace too small: {ws.size} counters for {tiles} tiles")
     chunks = -(-k // kc)
-    partial = _kernel(kind, name)(inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1),
-                                  threadgroup=(256, 1, 1), output_shapes=[(chunks, m, n)],
-                                  output_dtypes=[mx.float32], init_value=_POISON)[0]
-    return _kernel(kind, "spin_reduce")(inputs=[partial], template=[("T", x.dtype), ("M", m), ("N", n), ("C", chunks)],
-                                        grid=(m * n, 1, 1), threadgroup=(256, 1, 1),
-                                        output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
+    y, _partial, dens = _kernel(kind, name)(
+        inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(m, n), (chunks, m, n), (1,)], output_dtypes=[x.dtype, mx.float32, mx.float32],
+        init_value=_POISON)
+    return y, dens.reshape(())
+
+
+def _launch_gateup(kind: str, x: mx.array, wg: mx.array, wu: mx.array, t: mx.array,
+                   wpr: Optional[int] = None) -> mx.array:
+    m, k = x.shape
+    n = wg.shape[0]
+    wpr = wpr or spout_warps_per_row(k * 2)
+    tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("WPR", wpr), ("TPC", _tpc(t, n))]
+    blocks = -(-n // (8 // wpr))
+    return _kernel(kind, "gateup_f")(inputs=[x, wg, wu, t], template=tmpl, grid=(blocks * 256, 1, 1),
+                                     threadgroup=(256, 1, 1), output_shapes=[(m, n)], output_dtypes=[x.dtype],
+                                     init_value=_POISON)[0]
 
 
 def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
@@ -229,9 +305,23 @@ def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
     return reference_gated_sparse_output(x, w, a)
 
 
-def sparse_input(x: mx.array, wt) -> mx.array:
-    """``x @ wt`` for x (M, K) with many zeros, wt = W^T (K, N) or its QWeight (quantized along N)."""
+def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
+                 ws: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+    """``(threshold(x, t) @ wt, density)`` for x (M, K), wt = W^T (K, N) or its QWeight (quantized
+    along N); only the rows of wt that meet a surviving input are read. ``ws``: the call site's
+    ``workspace`` (a fresh one is made if omitted, at the cost of a fill)."""
     kind = backend()
     if kind != "reference" and kernel_supports(kind, x, wt, transposed=True):
-        return _launch_spin(kind, x, wt)
-    return reference_sparse_input(x, wt)
+        ws = workspace(wt.cols if isinstance(wt, QWeight) else wt.shape[1]) if ws is None else ws
+        return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws)
+    return reference_sparse_input(x, wt, t)
+
+
+def gate_up(x: mx.array, wg: mx.array, wu: mx.array, t: mx.array) -> mx.array:
+    """``threshold(SiLU(x W_gate^T), t) * (x W_up^T)`` for float weights; the up rows of dropped
+    channels are never read."""
+    kind = backend()
+    if (kind != "reference" and kernel_supports(kind, x, wu, transposed=False) and wg.shape == wu.shape
+            and wg.dtype == x.dtype):
+        return _launch_gateup(kind, x, wg, wu, t)
+    return reference_gate_up(x, wg, wu, t)

@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import ChessError
 from . import decode_paths as D
-from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, sparse_input_linear,
-                         transposed_weight, weight_nbytes)
+from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, kernel_workspace,
+                         sparse_input_linear, transposed_weight, weight_nbytes)
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
 from .model_io import model_layers
 from .stats import SparsityRecorder, WeightBytes
@@ -81,7 +81,7 @@ class SparseInputLinear(nn.Module):
         if c.threshold is None:
             return dense_linear(x, self)
         if compiled_path_ok(x, self):
-            y, dens = D.spin(x, c.arr("threshold", x.dtype), transposed_weight(self))
+            y, dens = D.spin(x, c.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self))
             c.recorder.record_density(c.layer, self.proj, dens, 1)
             return y
         xs, keep = _threshold(x, c.threshold)
@@ -107,14 +107,15 @@ class SparseMLP(nn.Module):
             a = nn.silu(dense_linear(x, self.gate_proj))
             return dense_linear(a * dense_linear(x, self.up_proj), self.down_proj)
         if c.mode == "act" and compiled_path_ok(x, self.gate_proj, self.up_proj, self.down_proj):
-            y, dens = D.act_mlp(x, self.gate_proj["weight"], c.arr("act", x.dtype), self.up_proj["weight"],
-                                transposed_weight(self.down_proj))
+            y, dens = D.act_mlp(x, self.gate_proj["weight"], self.up_proj["weight"], c.arr("act", x.dtype),
+                                transposed_weight(self.down_proj), kernel_workspace(self.down_proj))
             c.recorder.record_density(c.layer, ("up", "down"), dens, 1)
             return y
         if c.mode == "teal" and compiled_path_ok(x, self.gate_proj, self.up_proj, self.down_proj):
             y, d_in, d_down = D.teal_mlp(x, c.arr("inp", x.dtype), transposed_weight(self.gate_proj),
                                          transposed_weight(self.up_proj), c.arr("down", x.dtype),
-                                         transposed_weight(self.down_proj))
+                                         transposed_weight(self.down_proj), kernel_workspace(self.gate_proj),
+                                         kernel_workspace(self.up_proj), kernel_workspace(self.down_proj))
             c.recorder.record_density(c.layer, ("gate", "up"), d_in, 1)
             c.recorder.record_density(c.layer, "down", d_down, 1)
             return y

@@ -58,30 +58,50 @@ __device__ __forceinline__ float chess_qfloat(uint32_t word, int shift) {
   return __uint_as_float(((word >> shift) & MASK) | 0x4B000000u) - 8388608.0f;
 }
 
+// x[m, j] after the input threshold: kept where |x| >= t (t[j] per channel if TPC, else t[0]),
+// else 0. A plain sparse input passes t = 0. Compared in float32, as MLX compares |x| with t
+// after promoting both to the wider type (a scalar t arrives already in x's dtype).
+template <int K, int TPC, typename T, typename TT>
+__device__ __forceinline__ float chess_xval(const T* x, const TT* t, int m, int j) {
+  const float v = static_cast<float>(x[(size_t)m * K + j]);
+  return fabsf(v) >= static_cast<float>(t[TPC ? j : 0]) ? v : 0.0f;
+}
+
 // Ordered compaction of the active inputs of one split-K chunk into shared memory: idx[0..total)
-// holds the rows j in [k_begin, k_begin + KC) with any x[m, j] != 0, in increasing order.
-// All 256 threads of the block must call it. Returns the count.
-template <typename T, int M, int K, int KC>
-__device__ __forceinline__ int chess_compact(const T* x, int k_begin, int* idx, int* wcount) {
+// holds the rows j in [k_begin, k_begin + KC) with any thresholded x[m, j] != 0, in increasing
+// order. *nnz gets the number of non-zero (m, j) elements of the chunk (the density the stats
+// report). All 256 threads of the block must call it. Returns the count of active rows.
+template <int M, int K, int KC, int TPC, typename T, typename TT>
+__device__ __forceinline__ int chess_compact(const T* x, const TT* t, int k_begin, int* idx, int* wcount,
+                                             int* wnnz, int* nnz) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int total = 0;
+  int total = 0, elems = 0;
   for (int p = 0; p < KC; p += 256) {
-    const int t = p + (int)threadIdx.x;
-    const int j = k_begin + t;
-    bool act = false;
-    if (t < KC && j < K) {
+    const int i = p + (int)threadIdx.x;
+    const int j = k_begin + i;
+    int mine = 0;
+    if (i < KC && j < K) {
 #pragma unroll
-      for (int m = 0; m < M; ++m) act |= (static_cast<float>(x[(size_t)m * K + j]) != 0.0f);
+      for (int m = 0; m < M; ++m) mine += chess_xval<K, TPC>(x, t, m, j) != 0.0f;
     }
+    const bool act = mine > 0;
     const unsigned bal = __ballot_sync(0xffffffffu, act);
-    if (lane == 0) wcount[warp] = __popc(bal);
+    const int wsum = __reduce_add_sync(0xffffffffu, mine);
+    if (lane == 0) {
+      wcount[warp] = __popc(bal);
+      wnnz[warp] = wsum;
+    }
     __syncthreads();
     int off = total;
     for (int w = 0; w < warp; ++w) off += wcount[w];
     if (act) idx[off + __popc(bal & ((1u << lane) - 1u))] = j;
-    for (int w = 0; w < 8; ++w) total += wcount[w];
+    for (int w = 0; w < 8; ++w) {
+      total += wcount[w];
+      elems += wnnz[w];
+    }
     __syncthreads();
   }
+  *nnz = elems;
   return total;
 }
 
@@ -113,25 +133,89 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
   }
 }
 
-// Sparse-input epilogue: sum the 8 warps' accumulators of one output tile (lane owns VPL
-// consecutive outputs, plus a per-lane scalar) through red[8][TILE] and write partial[chunk, m, :].
-template <int M, int N, int VPL>
-__device__ __forceinline__ void chess_store_partial(const float (*acc)[VPL], const float* accb, float* partial,
-                                                    int tile, int chunk, float (*red)[32 * VPL]) {
+// Sparse-input epilogue, one launch for what used to be two (fewer graph nodes per token is what
+// decode speed depends on, benchmarks/RESULTS.md): the 8 warps' accumulators of one output tile
+// (lane owns VPL consecutive outputs, plus a per-lane scalar) are summed through red[8][TILE] into
+// partial[chunk, m, :]; the last of the tile's gridDim.y chunk blocks to arrive (counted in
+// sem[tile]) sums the chunks in order 0..C-1 into y, and the last tile to finish (sem[tiles])
+// writes dens[0] = non-zero inputs / (M*K) (accumulated by the tile-0 blocks in sem[tiles + 1]).
+// sem is a per-call-site int32 workspace of tiles + 2 zeros; every counter is reset to 0 by the
+// block that consumed it, so the next launch finds zeros again. All 256 threads must call it.
+template <typename T, int M, int N, int K, int VPL>
+__device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const float* accb, float* partial,
+                                                  T* y, float* dens, const int* sem_in, int nnz,
+                                                  float (*red)[32 * VPL], int* flag) {
   constexpr int TILE = 32 * VPL;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tile = blockIdx.x, chunk = blockIdx.y;
+  const int tiles = gridDim.x, chunks = gridDim.y;
+  int* sem = const_cast<int*>(sem_in);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
 #pragma unroll
     for (int e = 0; e < VPL; ++e) red[warp][lane * VPL + e] = acc[m][e] + accb[m];
     __syncthreads();
-    for (int t = threadIdx.x; t < TILE; t += 256) {
+    for (int i = threadIdx.x; i < TILE; i += 256) {
       float s = 0.0f;
 #pragma unroll
-      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][t];
-      const int n = tile * TILE + t;
+      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
+      const int n = tile * TILE + i;
       if (n < N) partial[((size_t)chunk * M + m) * N + n] = s;
     }
     __syncthreads();
   }
+  __threadfence();  // this block's partials are visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (tile == 0) atomicAdd(&sem[tiles + 1], nnz);
+    __threadfence();
+    *flag = atomicAdd(&sem[tile], 1) == chunks - 1;
+  }
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < M * TILE; i += 256) {
+    const int m = i / TILE, n = tile * TILE + i % TILE;
+    if (n < N) {
+      float s = 0.0f;
+      for (int c = 0; c < chunks; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
+      y[(size_t)m * N + n] = static_cast<T>(s);
+    }
+  }
+  if (threadIdx.x == 0) {
+    atomicExch(&sem[tile], 0);
+    __threadfence();
+    if (atomicAdd(&sem[tiles], 1) == tiles - 1) {
+      const int total = atomicExch(&sem[tiles + 1], 0);
+      atomicExch(&sem[tiles], 0);
+      dens[0] = (float)total / (float)(M * K);
+    }
+  }
+}
+
+// Row sums of a sparse-output block: acc[m] summed over the warp and the WPR warps sharing the
+// row (through red[8][M]), returned to every thread of those warps. All 256 threads must call it.
+template <int M, int WPR>
+__device__ __forceinline__ void chess_row_sums(const float* acc, float (*red)[M], float* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float s = chess_warp_sum(acc[m]);
+    if (lane == 0) red[warp][m] = s;
+  }
+  __syncthreads();
+  const int w0 = warp - warp % WPR;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    out[m] = 0.0f;
+#pragma unroll
+    for (int p = 0; p < WPR; ++p) out[m] += red[w0 + p][m];
+  }
+  __syncthreads();
+}
+
+// Round a float32 to T and back: the fused kernels round where the op-by-op graph stores a T.
+template <typename T>
+__device__ __forceinline__ float chess_round(float v) {
+  return static_cast<float>(static_cast<T>(v));
 }

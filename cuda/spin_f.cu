@@ -1,16 +1,20 @@
-// Sparse-input GEMV, float16/bfloat16 weights: y[m, :] = sum_{j: x[m, j] != 0} x[m, j] * wt[j, :].
-// Layout: wt (K, N) = W^T row-major, so an input channel j is one contiguous row and a zero x[:, j]
-// costs no weight bytes. Block = 8 warps on a tile of 256 outputs and a chunk of KC inputs (split-K).
-// The block first compacts its chunk's non-zero inputs into shared memory (chess_compact), then each
-// warp takes every 8th active row, U rows at a time with all U 16-byte loads issued before the FMAs;
-// each lane owns 8 consecutive outputs. The 8 warps reduce through shared memory into
-// partial[chunk, m, n]; spin_reduce sums the chunks.
-// Template: T, M, K, N, KC (<= 512). Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.
-// Needs N % 8 == 0.
+// Sparse-input GEMV, float16/bfloat16 weights, with the input threshold fused in:
+//   y[m, :] = sum_{j: |x[m, j]| >= t} x[m, j] * wt[j, :]   (t = t[j] if TPC else t[0]; t = 0: plain)
+// Layout: wt (K, N) = W^T row-major, so an input channel j is one contiguous row and a dropped
+// x[:, j] costs no weight bytes. Block = 8 warps on a tile of 256 outputs and a chunk of KC inputs
+// (split-K). The block first compacts its chunk's surviving inputs into shared memory
+// (chess_compact), then each warp takes every 8th active row, U rows at a time with all U 16-byte
+// loads issued before the FMAs; each lane owns 8 consecutive outputs. chess_spin_finish reduces
+// the 8 warps into partial[chunk, m, n], and the tile's last chunk block sums the chunks into y;
+// dens[0] = fraction of non-zero (m, j) inputs. sem: int32 workspace of >= tiles + 2 zeros.
+// Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.
+// Needs N % 8 == 0, KC <= 512.
 constexpr int TILE = 256;
 constexpr int U = 8;
 __shared__ int idx[KC];
 __shared__ int wcount[8];
+__shared__ int wnnz[8];
+__shared__ int flag;
 __shared__ float red[8][TILE];
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
@@ -18,7 +22,8 @@ const int tile = blockIdx.x;
 const int chunk = blockIdx.y;
 const int n0 = tile * TILE + lane * 8;
 const bool in_range = n0 < N;
-const int total = chess_compact<T, M, K, KC>(x, chunk * KC, idx, wcount);
+int nnz = 0;
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, wcount, wnnz, &nnz);
 float acc[M][8];
 #pragma unroll
 for (int m = 0; m < M; ++m)
@@ -40,7 +45,7 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
       chess_unpack8<T>(wv[u], wf);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float xj = static_cast<float>(x[(size_t)m * K + jv[u]]);
+        const float xj = chess_xval<K, TPC>(x, t, m, jv[u]);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[m][e] += xj * wf[e];
       }
@@ -48,4 +53,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
   }
 }
 const float zero[M] = {};
-chess_store_partial<M, N, 8>(acc, zero, partial, tile, chunk, red);
+chess_spin_finish<T, M, N, K, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag);

@@ -1,11 +1,13 @@
-// Sparse-input GEMV, MLX affine-quantized weights in the transposed ("input-major") layout:
+// Sparse-input GEMV with the input threshold fused in (as spin_f), MLX affine-quantized weights
+// in the transposed ("input-major") layout:
 // wt (K, N*BITS/32) uint32 = quantize(W^T) with groups of GS consecutive *outputs*, scales/biases
 // (K, N/GS). An input channel j is one contiguous row of packed words + N/GS scales and biases, so a
 // zero x[:, j] costs no bytes.   y[m, n] = sum_j x[m, j] * (scale[j, n/GS] * q[j, n] + bias[j, n/GS]).
 // Same tiling and compaction as spin_f; each lane owns WORDS consecutive words (VPL = WORDS*32/BITS
 // outputs, all inside one group), so the bias term is one scalar per lane: acc_e += (x*s) * q_e and
-// accb += x*b. q is decoded without I2F (chess_qfloat).
-// Template: T, M, K, N, BITS, GS, KC (<= 512), WORDS. Grid: (ceil(N/TILE)*256, ceil(K/KC)),
+// accb += x*b. q is decoded without I2F (chess_qfloat). Same epilogue as spin_f (chess_spin_finish:
+// partials, last-chunk reduction into y, density into dens; sem >= tiles + 2 int32 zeros).
+// Template: T, M, K, N, BITS, GS, KC (<= 512), WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)),
 // threadgroup 256. Needs N % (4*32/BITS) == 0.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = WORDS * VPW;
@@ -13,6 +15,8 @@ constexpr int TILE = 32 * VPL;
 constexpr int U = 4;
 __shared__ int idx[KC];
 __shared__ int wcount[8];
+__shared__ int wnnz[8];
+__shared__ int flag;
 __shared__ float red[8][TILE];
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
@@ -20,7 +24,8 @@ const int tile = blockIdx.x;
 const int chunk = blockIdx.y;
 const int n0 = tile * TILE + lane * VPL;
 const bool in_range = n0 < N;
-const int total = chess_compact<T, M, K, KC>(x, chunk * KC, idx, wcount);
+int nnz = 0;
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, wcount, wnnz, &nnz);
 float acc[M][VPL];
 float accb[M];
 #pragma unroll
@@ -48,7 +53,7 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
     if (jv[u] >= 0 && in_range) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float xj = static_cast<float>(x[(size_t)m * K + jv[u]]);
+        const float xj = chess_xval<K, TPC>(x, t, m, jv[u]);
         const float xs = xj * sc[u];
         accb[m] += xj * bi[u];
 #pragma unroll
@@ -58,4 +63,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
     }
   }
 }
-chess_store_partial<M, N, VPL>(acc, accb, partial, tile, chunk, red);
+chess_spin_finish<T, M, N, K, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag);

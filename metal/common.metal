@@ -54,29 +54,48 @@ inline float chess_qfloat(uint32_t word, int shift) {
   return as_type<float>(((word >> shift) & MASK) | 0x4B000000u) - 8388608.0f;
 }
 
-// Ordered compaction of the active inputs of one split-K chunk into threadgroup memory; all 256
-// threads of the threadgroup must call it. Returns the count (same order as the CUDA twin).
-template <typename T, int M, int K, int KC>
-inline int chess_compact(const device T* x, int k_begin, threadgroup int* idx, threadgroup int* wcount,
-                         uint tid, uint lane, uint warp) {
-  int total = 0;
+// x[m, j] after the input threshold (twin of the CUDA helper): kept where |x| >= t (t[j] if TPC,
+// else t[0]), else 0; compared in float32.
+template <int K, int TPC, typename T, typename TT>
+inline float chess_xval(const device T* x, const device TT* t, int m, int j) {
+  const float v = float(x[m * K + j]);
+  return fabs(v) >= float(t[TPC ? j : 0]) ? v : 0.0f;
+}
+
+// Ordered compaction of the surviving inputs of one split-K chunk into threadgroup memory, and the
+// chunk's count of non-zero (m, j) elements in *nnz; all 256 threads of the threadgroup must call
+// it. Returns the count of active rows (same order as the CUDA twin).
+template <int M, int K, int KC, int TPC, typename T, typename TT>
+inline int chess_compact(const device T* x, const device TT* t, int k_begin, threadgroup int* idx,
+                         threadgroup int* wcount, threadgroup int* wnnz, thread int* nnz, uint tid, uint lane,
+                         uint warp) {
+  int total = 0, elems = 0;
   for (int p = 0; p < KC; p += 256) {
-    const int t = p + int(tid);
-    const int j = k_begin + t;
-    bool act = false;
-    if (t < KC && j < K) {
-      for (int m = 0; m < M; ++m) act = act || (float(x[m * K + j]) != 0.0f);
+    const int i = p + int(tid);
+    const int j = k_begin + i;
+    int mine = 0;
+    if (i < KC && j < K) {
+      for (int m = 0; m < M; ++m) mine += chess_xval<K, TPC>(x, t, m, j) != 0.0f ? 1 : 0;
     }
+    const bool act = mine > 0;
     const uint before = simd_prefix_exclusive_sum(uint(act));
     const uint count = simd_sum(uint(act));
-    if (lane == 0) wcount[warp] = int(count);
+    const int wsum = simd_sum(mine);
+    if (lane == 0) {
+      wcount[warp] = int(count);
+      wnnz[warp] = wsum;
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     int off = total;
     for (uint w = 0; w < warp; ++w) off += wcount[w];
     if (act) idx[off + int(before)] = j;
-    for (int w = 0; w < 8; ++w) total += wcount[w];
+    for (int w = 0; w < 8; ++w) {
+      total += wcount[w];
+      elems += wnnz[w];
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
+  *nnz = elems;
   return total;
 }
 
@@ -106,21 +125,77 @@ inline void chess_finish_rows(thread const float* acc, const device T* a, device
 }
 
 // Sparse-input epilogue (twin of the CUDA one): the 8 simdgroups' accumulators of one output tile
-// through red[8][TILE] into partial[chunk, m, :].
-template <int M, int N, int VPL>
-inline void chess_store_partial(thread const float (*acc)[VPL], thread const float* accb, device float* partial,
-                                int tile, int chunk, threadgroup float (*red)[32 * VPL], uint tid, uint lane,
-                                uint warp) {
+// through red[8][TILE] into partial[chunk, m, :]; the tile's last chunk threadgroup (counted in
+// sem[tile]) sums the chunks in order into y; the last tile (sem[tiles]) writes dens[0] from the
+// count the tile-0 threadgroups left in sem[tiles + 1]; every counter is reset by its consumer.
+// Needs Metal 3.2 device-scope fences (atomic_thread_fence with thread_scope_device).
+template <typename T, int M, int N, int K, int VPL>
+inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float* accb, device float* partial,
+                              device T* y, device float* dens, const device int* sem_in, int nnz,
+                              threadgroup float (*red)[32 * VPL], threadgroup int* flag, uint tid, uint lane,
+                              uint warp, int tile, int chunk, int tiles, int chunks) {
   constexpr int TILE = 32 * VPL;
+  device atomic_int* sem = (device atomic_int*)(sem_in);
   for (int m = 0; m < M; ++m) {
     for (int e = 0; e < VPL; ++e) red[warp][lane * VPL + e] = acc[m][e] + accb[m];
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int t = int(tid); t < TILE; t += 256) {
+    for (int i = int(tid); i < TILE; i += 256) {
       float s = 0.0f;
-      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][t];
-      const int n = tile * TILE + t;
+      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
+      const int n = tile * TILE + i;
       if (n < N) partial[(chunk * M + m) * N + n] = s;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
+  atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+  threadgroup_barrier(mem_flags::mem_device);
+  if (tid == 0) {
+    if (tile == 0) atomic_fetch_add_explicit(&sem[tiles + 1], nnz, memory_order_relaxed);
+    atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+    *flag = atomic_fetch_add_explicit(&sem[tile], 1, memory_order_relaxed) == chunks - 1 ? 1 : 0;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (*flag == 0) return;
+  atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+  for (int i = int(tid); i < M * TILE; i += 256) {
+    const int m = i / TILE, n = tile * TILE + i % TILE;
+    if (n < N) {
+      float s = 0.0f;
+      for (int c = 0; c < chunks; ++c) s += partial[(c * M + m) * N + n];
+      y[m * N + n] = static_cast<T>(s);
+    }
+  }
+  if (tid == 0) {
+    atomic_store_explicit(&sem[tile], 0, memory_order_relaxed);
+    atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+    if (atomic_fetch_add_explicit(&sem[tiles], 1, memory_order_relaxed) == tiles - 1) {
+      const int total = atomic_exchange_explicit(&sem[tiles + 1], 0, memory_order_relaxed);
+      atomic_store_explicit(&sem[tiles], 0, memory_order_relaxed);
+      dens[0] = float(total) / float(M * K);
+    }
+  }
+}
+
+// Row sums of a sparse-output threadgroup (twin of the CUDA one), returned to every thread of the
+// WPR simdgroups sharing the row. All 256 threads must call it.
+template <int M, int WPR>
+inline void chess_row_sums(thread const float* acc, threadgroup float (*red)[M], thread float* out, uint lane,
+                           uint warp) {
+  for (int m = 0; m < M; ++m) {
+    const float s = simd_sum(acc[m]);
+    if (lane == 0) red[warp][m] = s;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const uint w0 = warp - warp % WPR;
+  for (int m = 0; m < M; ++m) {
+    out[m] = 0.0f;
+    for (int p = 0; p < WPR; ++p) out[m] += red[w0 + p][m];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// Round a float32 to T and back, where the op-by-op graph stores a T.
+template <typename T>
+inline float chess_round(float v) {
+  return float(static_cast<T>(v));
 }

@@ -1,12 +1,16 @@
-// Sparse-input GEMV, float16/bfloat16 weights. Twin of cuda/spin_f.cu: wt (K, N) = W^T row-major;
-// threadgroup = 8 simdgroups on a tile of 256 outputs x a chunk of KC inputs; ordered compaction of
-// the chunk's non-zero inputs; each simdgroup takes every 8th active row, U at a time; each lane
-// owns 8 consecutive outputs; reduction through threadgroup memory into partial[chunk, m, n].
-// Template: T, M, K, N, KC. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
+// Sparse-input GEMV with the input threshold fused in, float16/bfloat16 weights. Twin of
+// cuda/spin_f.cu: wt (K, N) = W^T row-major; threadgroup = 8 simdgroups on a tile of 256 outputs x a
+// chunk of KC inputs; ordered compaction of the chunk's surviving inputs (|x| >= t); each simdgroup
+// takes every 8th active row, U at a time; each lane owns 8 consecutive outputs; reduction through
+// threadgroup memory into partial[chunk, m, n], the tile's last chunk sums the chunks into y and
+// the last tile writes dens (chess_spin_finish; sem >= tiles + 2 int32 zeros).
+// Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
 constexpr int TILE = 256;
 constexpr int U = 8;
 threadgroup int idx[KC];
 threadgroup int wcount[8];
+threadgroup int wnnz[8];
+threadgroup int flag;
 threadgroup float red[8][TILE];
 const uint tid = thread_position_in_threadgroup.x;
 const uint lane = thread_index_in_simdgroup;
@@ -15,7 +19,8 @@ const int tile = int(threadgroup_position_in_grid.x);
 const int chunk = int(threadgroup_position_in_grid.y);
 const int n0 = tile * TILE + int(lane) * 8;
 const bool in_range = n0 < N;
-const int total = chess_compact<T, M, K, KC>(x, chunk * KC, idx, wcount, tid, lane, warp);
+int nnz = 0;
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, wcount, wnnz, &nnz, tid, lane, warp);
 float acc[M][8];
 for (int m = 0; m < M; ++m)
   for (int e = 0; e < 8; ++e) acc[m][e] = 0.0f;
@@ -32,11 +37,12 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
       float wf[8];
       chess_unpack8<T>(wv[u], wf);
       for (int m = 0; m < M; ++m) {
-        const float xj = float(x[m * K + jv[u]]);
+        const float xj = chess_xval<K, TPC>(x, t, m, jv[u]);
         for (int e = 0; e < 8; ++e) acc[m][e] += xj * wf[e];
       }
     }
   }
 }
 const float zero[M] = {};
-chess_store_partial<M, N, 8>(acc, zero, partial, tile, chunk, red, tid, lane, warp);
+chess_spin_finish<T, M, N, K, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
+                                  int(threadgroups_per_grid.x), int(threadgroups_per_grid.y));

@@ -1,14 +1,17 @@
-// Sparse-input GEMV, MLX affine-quantized weights in the transposed ("input-major") layout.
+// Sparse-input GEMV with the input threshold fused in, MLX affine-quantized weights in the
+// transposed ("input-major") layout.
 // Twin of cuda/spin_q.cu: wt (K, N*BITS/32) = quantize(W^T) grouped along outputs, scales/biases
 // (K, N/GS); same tiling and compaction as spin_f; each lane owns WORDS words (VPL outputs inside
-// one group): acc_e += (x*s) * q_e, accb += x*b.
-// Template: T, M, K, N, BITS, GS, KC, WORDS. Grid: (ceil(N/TILE)*256, ceil(K/KC)), threadgroup 256.
+// one group): acc_e += (x*s) * q_e, accb += x*b; same epilogue as spin_f (chess_spin_finish).
+// Template: T, M, K, N, BITS, GS, KC, WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)), threadgroup 256.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = WORDS * VPW;
 constexpr int TILE = 32 * VPL;
 constexpr int U = 4;
 threadgroup int idx[KC];
 threadgroup int wcount[8];
+threadgroup int wnnz[8];
+threadgroup int flag;
 threadgroup float red[8][TILE];
 const uint tid = thread_position_in_threadgroup.x;
 const uint lane = thread_index_in_simdgroup;
@@ -17,7 +20,8 @@ const int tile = int(threadgroup_position_in_grid.x);
 const int chunk = int(threadgroup_position_in_grid.y);
 const int n0 = tile * TILE + int(lane) * VPL;
 const bool in_range = n0 < N;
-const int total = chess_compact<T, M, K, KC>(x, chunk * KC, idx, wcount, tid, lane, warp);
+int nnz = 0;
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, wcount, wnnz, &nnz, tid, lane, warp);
 float acc[M][VPL];
 float accb[M];
 for (int m = 0; m < M; ++m) {
@@ -40,7 +44,7 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
   for (int u = 0; u < U; ++u) {
     if (jv[u] >= 0 && in_range) {
       for (int m = 0; m < M; ++m) {
-        const float xj = float(x[m * K + jv[u]]);
+        const float xj = chess_xval<K, TPC>(x, t, m, jv[u]);
         const float xs = xj * sc[u];
         accb[m] += xj * bi[u];
         for (int e = 0; e < VPL; ++e)
@@ -49,4 +53,5 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
     }
   }
 }
-chess_store_partial<M, N, VPL>(acc, accb, partial, tile, chunk, red, tid, lane, warp);
+chess_spin_finish<T, M, N, K, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
+                                  int(threadgroups_per_grid.x), int(threadgroups_per_grid.y));

@@ -68,9 +68,48 @@ def test_reference_paths_against_float64(wtype, s):
     want = a * (x.astype(np.float64) @ Wd.T)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max() + 1e-6)
     assert np.all(y[a == 0] == 0), "inactive rows must be exact zeros"
-    y2 = np.array(G.sparse_input(mx.array(xs), wt))
+    y2, d2 = G.sparse_input(mx.array(xs), wt)
     want2 = xs.astype(np.float64) @ WTd
-    np.testing.assert_allclose(y2, want2, rtol=1e-4, atol=1e-4 * np.abs(want2).max() + 1e-6)
+    np.testing.assert_allclose(np.array(y2), want2, rtol=1e-4, atol=1e-4 * np.abs(want2).max() + 1e-6)
+    assert d2.item() == pytest.approx(np.mean(xs != 0))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_thresholded_sparse_input_and_gate_up_against_float64(per_channel):
+    """The fused products' reference: threshold inside sparse_input (with its density), and the
+    CATS/CHESS FFN front gate_up = keep(SiLU(x Wg^T), t) * (x Wu^T), against numpy float64."""
+    rng = np.random.default_rng(11 + per_channel)
+    n, k = 96, 64
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    Wt = rng.standard_normal((k, n)).astype(np.float32)
+    t = (np.abs(rng.standard_normal(k)) * 0.8).astype(np.float32) if per_channel else np.float32(0.7)
+    y, dens = G.sparse_input(mx.array(x), mx.array(Wt), mx.array(t))
+    keep = np.abs(x) >= t
+    want = np.where(keep, x, 0).astype(np.float64) @ Wt
+    np.testing.assert_allclose(np.array(y), want, rtol=1e-5, atol=1e-5)
+    assert dens.item() == pytest.approx(keep.mean()) and 0 < dens.item() < 1
+
+    Wg = rng.standard_normal((n, k)).astype(np.float32)
+    Wu = rng.standard_normal((n, k)).astype(np.float32)
+    g = x.astype(np.float64) @ Wg.T
+    a = g / (1 + np.exp(-g))
+    tc = (np.abs(rng.standard_normal(n)) * 0.5).astype(np.float32) if per_channel else np.float32(0.5)
+    h = np.array(G.gate_up(mx.array(x), mx.array(Wg), mx.array(Wu), mx.array(tc)))
+    kept = np.abs(a) >= tc
+    want_h = np.where(kept, a, 0) * (x.astype(np.float64) @ Wu.T)
+    np.testing.assert_allclose(h, want_h, rtol=1e-4, atol=1e-4)
+    assert np.all(h[~kept] == 0) and 0 < kept.mean() < 1
+
+
+def test_workspace_and_threshold_shape_checks():
+    ws = G.workspace(14336)
+    assert ws.dtype == mx.int32 and ws.size == 14336 // 256 + 2 and not np.array(ws).any()
+    assert G._tpc(mx.zeros((1,)), 4096) == 0 and G._tpc(mx.zeros((4096,)), 4096) == 1
+    with pytest.raises(ValueError):
+        G._tpc(mx.zeros((100,)), 4096)
+    with pytest.raises(ValueError, match="workspace too small"):
+        G._launch_spin("cuda", mx.zeros((1, 4096), dtype=mx.float16), mx.zeros((4096, 4096), dtype=mx.float16),
+                       G.zero_threshold(mx.float16), mx.zeros((3,), dtype=mx.int32))
 
 
 def test_dispatch_on_cpu_and_force_switch(monkeypatch):
@@ -146,7 +185,8 @@ def test_cuda_and_metal_twins_share_interface(name):
         assert re.search(rf"constexpr int {const} = ", mt), const
 
 
-_CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "float32": "float"}
+_CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "float32": "float",
+               "int32": "int32_t"}
 _INSTANCES = [
     ("spout_f", ["float16", "float16", "float16"], ["float16"], dict(T="float16", M=1, K=4096, N=14336, WPR=4)),
     ("spout_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"], dict(T="bfloat16", M=2, K=576, N=1536, WPR=1)),
@@ -154,13 +194,18 @@ _INSTANCES = [
      dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, WPR=2)),
     ("spout_q", ["bfloat16", "uint32", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
      dict(T="bfloat16", M=1, K=4096, N=4096, BITS=8, GS=32, WPR=4)),
-    ("spin_f", ["float16", "float16"], ["float32"], dict(T="float16", M=1, K=14336, N=4096, KC=512)),
-    ("spin_f", ["bfloat16", "bfloat16"], ["float32"], dict(T="bfloat16", M=4, K=1536, N=576, KC=64)),
-    ("spin_q", ["float16", "uint32", "float16", "float16"], ["float32"],
-     dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=4)),
-    ("spin_q", ["bfloat16", "uint32", "bfloat16", "bfloat16"], ["float32"],
-     dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2)),
-    ("spin_reduce", ["float32"], ["float16"], dict(T="float16", M=1, N=4096, C=28)),
+    ("spin_f", ["float16", "float16", "float16", "int32"], ["float16", "float32", "float32"],
+     dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
+    ("spin_f", ["bfloat16", "float32", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
+     dict(T="bfloat16", M=4, K=1536, N=576, KC=64, TPC=1)),
+    ("spin_q", ["float16", "float32", "uint32", "float16", "float16", "int32"], ["float16", "float32", "float32"],
+     dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=4, TPC=1)),
+    ("spin_q", ["bfloat16", "bfloat16", "uint32", "bfloat16", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
+     dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=0)),
+    ("gateup_f", ["float16", "float16", "float16", "float32"], ["float16"],
+     dict(T="float16", M=1, K=4096, N=14336, WPR=4, TPC=1)),
+    ("gateup_f", ["bfloat16", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
+     dict(T="bfloat16", M=2, K=576, N=1536, WPR=1, TPC=0)),
 ]
 
 

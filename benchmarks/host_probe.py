@@ -1,0 +1,80 @@
+"""Where a decode token's host time goes: graph building, encoding, waiting for the GPU.
+
+    python benchmarks/host_probe.py [--layers 32] [--methods dense,chess,chess-attn,teal]
+
+Per token (median over --tokens steps, synchronous, no pipelining):
+  build  = Python forward pass (graph construction),
+  encode = ``mx.async_eval`` returning (MLX evaluates the graph on the host: allocation, CUDA-graph
+           node creation, graph launches), the GPU running behind it,
+  wait   = ``mx.eval`` of the already-scheduled token (GPU time not hidden behind encoding).
+Run it under different MLX_MAX_OPS_PER_BUFFER / MLX_USE_CUDA_GRAPHS settings to see which part moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chess_mlx.bench import PRESETS, decode_speed, random_model  # noqa: E402
+from chess_mlx.calibrate import calibrate  # noqa: E402
+from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
+
+
+def split_times(model, n: int, vocab: int) -> dict:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    y = model(mx.random.randint(0, vocab, (1, 32), key=mx.random.key(1)), cache=cache)[:, -1]
+    tok = mx.argmax(y, axis=-1)
+    mx.eval(tok)
+    b, e, w, t = [], [], [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        y = model(tok[None], cache=cache)[:, -1]
+        tok = mx.argmax(y, axis=-1)
+        t1 = time.perf_counter()
+        mx.async_eval(tok)
+        t2 = time.perf_counter()
+        mx.eval(tok)
+        t3 = time.perf_counter()
+        b.append(t1 - t0), e.append(t2 - t1), w.append(t3 - t2), t.append(t3 - t0)
+    med = lambda v: round(1e3 * statistics.median(v), 3)  # noqa: E731
+    return {"build_ms": med(b), "encode_ms": med(e), "wait_ms": med(w), "total_ms": med(t)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--methods", default="dense,chess,chess-attn,teal")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    env = {k: os.environ.get(k) for k in ("MLX_MAX_OPS_PER_BUFFER", "MLX_USE_CUDA_GRAPHS", "CHESS_MLX_COMPILE")}
+    model = random_model(args.preset, args.layers, mx.float16 if mx.default_device() == mx.gpu else mx.float32)
+    vocab = PRESETS[args.preset]["vocab_size"]
+    sparsify(model)
+    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
+    rows = []
+    for m in args.methods.split(","):
+        set_method(model, m, th, 0.5)
+        split_times(model, 8, vocab)  # warm-up: compile traces, kernels, allocator
+        r = {"method": m, **split_times(model, args.tokens, vocab),
+             "generate_step_tok_s": round(statistics.median(decode_speed(model, 64, runs=2, vocab=vocab)), 1)}
+        rows.append(r)
+        print(json.dumps({**r, "env": env}), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "layers": args.layers, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
