@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import ChessError
 from . import decode_paths as D
+from . import sparse_gemv as G
 from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, kernel_workspace,
                          sparse_input_linear, transposed_weight, weight_nbytes)
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
@@ -24,6 +25,7 @@ from .model_io import model_layers
 from .stats import SparsityRecorder, WeightBytes
 
 Collector = Callable[[str, mx.array], None]
+_MISSING = object()
 
 
 class _Control:
@@ -39,6 +41,19 @@ class _Control:
         self.down = None  # TEAL: down input threshold
         self.collector: Optional[Collector] = None
         self._arrays: dict = {}
+        # One-token decode plans, per (dtype, kernel backend, compiled paths on): the compiled
+        # path's function and array arguments, or None where it does not apply. Decode is bound by
+        # host time per token, so the checks and lookups run once, not at every layer and token.
+        # set_method clears them; weights are assumed fixed once a model is sparsified (as for the
+        # transposed weights the kernels cache).
+        self.plans: dict = {}
+
+    def plan(self, x: mx.array, make: Callable[[mx.array], object]):
+        key = (x.dtype, G.backend(), D.enabled())
+        p = self.plans.get(key, _MISSING)
+        if p is _MISSING:
+            p = self.plans[key] = make(x)
+        return p
 
     def arr(self, name: str, dtype) -> mx.array:
         """A threshold as an array for the compiled paths: a scalar in the activation dtype (as the
@@ -80,13 +95,19 @@ class SparseInputLinear(nn.Module):
             c.collector(self.proj, x)
         if c.threshold is None:
             return dense_linear(x, self)
-        if compiled_path_ok(x, self):
-            y, dens = D.spin(x, c.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self))
+        args = c.plan(x, self._plan) if x.size == x.shape[-1] else None
+        if args is not None:
+            y, dens = D.spin(x, *args)
             c.recorder.record_density(c.layer, self.proj, dens, 1)
             return y
         xs, keep = _threshold(x, c.threshold)
         c.recorder.record(c.layer, self.proj, keep)
         return sparse_input_linear(xs, self)
+
+    def _plan(self, x: mx.array):
+        if not compiled_path_ok(x, self):
+            return None
+        return self.ctl.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self)
 
 
 class SparseMLP(nn.Module):
@@ -106,18 +127,12 @@ class SparseMLP(nn.Module):
         if c.mode == DENSE:
             a = nn.silu(dense_linear(x, self.gate_proj))
             return dense_linear(a * dense_linear(x, self.up_proj), self.down_proj)
-        if c.mode == "act" and compiled_path_ok(x, self.gate_proj, self.up_proj, self.down_proj):
-            y, dens = D.act_mlp(x, self.gate_proj["weight"], self.up_proj["weight"], c.arr("act", x.dtype),
-                                transposed_weight(self.down_proj), kernel_workspace(self.down_proj))
-            c.recorder.record_density(c.layer, ("up", "down"), dens, 1)
-            return y
-        if c.mode == "teal" and compiled_path_ok(x, self.gate_proj, self.up_proj, self.down_proj):
-            y, d_in, d_down = D.teal_mlp(x, c.arr("inp", x.dtype), transposed_weight(self.gate_proj),
-                                         transposed_weight(self.up_proj), c.arr("down", x.dtype),
-                                         transposed_weight(self.down_proj), kernel_workspace(self.gate_proj),
-                                         kernel_workspace(self.up_proj), kernel_workspace(self.down_proj))
-            c.recorder.record_density(c.layer, ("gate", "up"), d_in, 1)
-            c.recorder.record_density(c.layer, "down", d_down, 1)
+        plan = c.plan(x, self._plan) if x.size == x.shape[-1] else None
+        if plan is not None:
+            fn, args, recorded = plan
+            y, *dens = fn(x, *args)
+            for projs, d in zip(recorded, dens):
+                c.recorder.record_density(c.layer, projs, d, 1)
             return y
         if c.mode == "act":
             a, keep = _threshold(nn.silu(dense_linear(x, self.gate_proj)), c.act)
@@ -130,6 +145,18 @@ class SparseMLP(nn.Module):
         hs, keep_d = _threshold(h, c.down)
         c.recorder.record(c.layer, "down", keep_d)
         return sparse_input_linear(hs, self.down_proj)
+
+    def _plan(self, x: mx.array):
+        """The compiled one-token path of the current mode, with its arguments (or None)."""
+        c, g, u, d = self.ctl, self.gate_proj, self.up_proj, self.down_proj
+        if not compiled_path_ok(x, g, u, d):
+            return None
+        if c.mode == "act":
+            return D.act_mlp, (g["weight"], u["weight"], c.arr("act", x.dtype), transposed_weight(d),
+                               kernel_workspace(d)), [("up", "down")]
+        return D.teal_mlp, (c.arr("inp", x.dtype), transposed_weight(g), transposed_weight(u), c.arr("down", x.dtype),
+                            transposed_weight(d), kernel_workspace(g), kernel_workspace(u),
+                            kernel_workspace(d)), [("gate", "up"), "down"]
 
     def _collect(self, x: mx.array, collect: Collector) -> mx.array:
         a = nn.silu(dense_linear(x, self.gate_proj))
@@ -202,8 +229,10 @@ def set_method(model: nn.Module, method: str, thresholds=None, sparsity: float |
             elif method == TEAL:
                 t = level["attn_out" if p == "o" else "attn_in"][i]
             mod.ctl.threshold = None if t is None else float(t)
+            mod.ctl.plans.clear()
         c = mlp.ctl
         c.mode, c.act, c.inp, c.down = DENSE, None, None, None
+        c.plans.clear()
         if method == CATS:
             c.mode, c.act = "act", float(level["cats"][i])
         elif method in (CHESS, CHESS_ATTN):
