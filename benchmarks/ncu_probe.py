@@ -20,17 +20,29 @@ import kernels as K  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
 
 mx.random.seed(0)
+WTYPES = ("float16",) if "--fp16-only" in sys.argv else ("float16", "q4g64")
 plan = [(f"{wtype} {out_dim}x{in_dim} s={s}", *K.random_case(wtype, out_dim, in_dim, s))
-        for wtype in ("float16", "q4g64") for out_dim, in_dim in K.SHAPES for s in (0.0, 0.5, 0.7)]
+        for wtype in WTYPES for out_dim, in_dim in K.SHAPES for s in (0.0, 0.5, 0.7)]
+# fused gate/up on the FFN shape (gate = w of the case, a second matrix for up), float weights only
+WU = {label: K.make_weight(w.shape[0], w.shape[1], "float16", False)
+      for label, w, *_ in plan if not isinstance(w, G.QWeight) and w.shape[0] > w.shape[1]}
+TG = {label: K.robust_channel_thresholds(x, w, float(label.rsplit("=", 1)[1]))
+      for label, w, wt, x, a, xs in plan if label in WU}
+mx.eval(list(WU.values()), list(TG.values()))
 WS = {id(p[2]): G.workspace(p[2].cols if isinstance(p[2], G.QWeight) else p[2].shape[1]) for p in plan}
 for label, w, wt, x, a, xs in plan:
     mx.eval(G._launch_spout("cuda", x, w, a), G.sparse_input(xs, wt, ws=WS[id(wt)])[0], K.dense_fn(x, w)())  # JIT warm-up
+    if label in WU:
+        mx.eval(G._launch_gateup("cuda", x, w, WU[label], TG[label]))
 mx.synchronize()
 print("BEGIN", file=sys.stderr)
 for label, w, wt, x, a, xs in plan:
     for rep in range(3):
-        for kind, fn in (("dense", K.dense_fn(x, w)), ("spout", lambda: G._launch_spout("cuda", x, w, a)),
-                         ("spin", lambda: G.sparse_input(xs, wt, ws=WS[id(wt)])[0])):
+        fns = [("dense", K.dense_fn(x, w)), ("spout", lambda: G._launch_spout("cuda", x, w, a)),
+               ("spin", lambda: G.sparse_input(xs, wt, ws=WS[id(wt)])[0])]
+        if label in WU:
+            fns.append(("gateup", lambda: G._launch_gateup("cuda", x, w, WU[label], TG[label])))
+        for kind, fn in fns:
             print(f"CALL {label} {kind} {rep}", file=sys.stderr)
             mx.eval(fn())
             mx.synchronize()

@@ -19,12 +19,12 @@ def main(csv_path: str, err_path: str, copy_bw: float = 2.82) -> None:
         k[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
     sel = [k for k in ks.values() if re.search(r"custom_kernel|gemv|qmv|gemm", k["name"])]
     calls = [l.split(" ", 1)[1].strip() for l in open(err_path) if l.startswith("CALL")]
-    n_kernels = sum(2 if c.rsplit(" ", 2)[1] == "spin" else 1 for c in calls)
+    n_kernels = len(calls)  # one launch per call (spin's reduction is inside it since session 3)
     meas, i = sel[-n_kernels:], 0
     out = collections.defaultdict(list)
     for c in calls:
         cfg, kind, _rep = c.rsplit(" ", 2)
-        n = 2 if kind == "spin" else 1
+        n = 1
         out[(cfg, kind)].append((sum(k["gpu__time_duration.sum"] for k in meas[i:i + n]),
                                  sum(k["dram__bytes_read.sum"] for k in meas[i:i + n])))
         i += n
@@ -35,8 +35,10 @@ def main(csv_path: str, err_path: str, copy_bw: float = 2.82) -> None:
         if kind == "dense":
             continue
         t, b = min(v)
-        print(f"| {cfg} | {'sparse-output' if kind == 'spout' else 'sparse-input'} | {t / 1e3:.1f} | "
-              f"{dense[cfg] / 1e3:.1f} | {dense[cfg] / t:.2f} | {b / 1e6:.1f} | {b / t / 1e3:.2f} | "
+        d = dense[cfg] * (2 if kind == "gateup" else 1)  # gate_up replaces two dense GEMVs
+        name = {"spout": "sparse-output", "spin": "sparse-input", "gateup": "gate+up fused"}[kind]
+        print(f"| {cfg} | {name} | {t / 1e3:.1f} | "
+              f"{d / 1e3:.1f} | {d / t:.2f} | {b / 1e6:.1f} | {b / t / 1e3:.2f} | "
               f"{100 * b / t / 1e3 / copy_bw:.0f}% |")
 
 

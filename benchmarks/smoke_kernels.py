@@ -1,7 +1,7 @@
 """Seconds-long GPU smoke test of the sparse-input and fused gate/up kernels (run before kernels.py)."""
 import sys, time; sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
 import mlx.core as mx, kernels as K
-from chess_mlx import sparse_gemv as G
+
 mx.random.seed(0)
 t0 = time.time()
 for wtype in ("float16", "q4g64"):
