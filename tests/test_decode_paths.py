@@ -65,3 +65,35 @@ def test_compiled_paths_match_the_op_by_op_path(model_type, monkeypatch):
     decode_paths.enable(True)
     assert any(used)
     assert any(k[0] == "_act_mlp" for k in decode_paths._COMPILED) and any(k[0] == "_spin" for k in decode_paths._COMPILED)
+
+
+def test_decode_plans_are_built_once_and_dropped_on_method_switch(monkeypatch):
+    """The one-token plan (checks, thresholds, weights, workspaces) is made once per module and
+    dtype, reused on later tokens, and rebuilt after set_method: a stale CHESS plan under CATS
+    would apply per-channel thresholds where one per layer is due."""
+    model, cfg = tiny_model("llama", 2)
+    rng = np.random.default_rng(9)
+    th = calibrate(model, mx.array(rng.integers(0, cfg["vocab_size"], size=(2, 32))), [0.5])
+    calls = []
+
+    def ok(x, *projs):
+        calls.append(len(projs))
+        return decode_paths.enabled()
+
+    monkeypatch.setattr(SL, "compiled_path_ok", ok)
+    tok = mx.array([[3]])
+    set_method(model, "chess", th, 0.5)
+    mx.eval(model(tok), model(tok), model(tok))
+    assert calls.count(3) == 2  # one MLP plan per layer, not one per token
+    mlp = model.model.layers[0].mlp
+    (plan,) = mlp.ctl.plans.values()
+    assert plan[1][2].size == cfg["intermediate_size"]  # per-channel CHESS thresholds
+    set_method(model, "cats", th, 0.5)
+    assert not mlp.ctl.plans
+    mx.eval(model(tok))
+    (plan,) = mlp.ctl.plans.values()
+    assert plan[1][2].size == 1 and calls.count(3) == 4  # rebuilt: one threshold for the layer
+    decode_paths.enable(False)
+    mx.eval(model(tok))
+    assert len(mlp.ctl.plans) == 2  # the compile switch is part of the key
+    decode_paths.enable(True)
