@@ -114,10 +114,31 @@ __device__ __forceinline__ bool chess_row_active(const T* a, int r) {
   return active;
 }
 
-// Sparse-output epilogue: sum acc[m] over the warp and the WPR warps sharing row r (through
-// red[8][M] in shared memory), then y[m, r] = sum * a[m, r]. All 256 threads must call it.
-template <typename T, int M, int N, int WPR>
-__device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, T* y, int r, float (*red)[M]) {
+// Sparse-output row dot products: acc[m] += w_row . x[m, :] over this lane's share of the row
+// (the WPR warps of a row step through it together, 16 bytes per lane per step).
+template <typename T, int M, int K, int WPR>
+__device__ __forceinline__ void chess_row_dot(const T* w_row, const T* x, int part, float* acc) {
+  constexpr int V = K / 8;
+  const int lane = threadIdx.x & 31;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w_row);
+#pragma unroll 4
+  for (int v = part * 32 + lane; v < V; v += 32 * WPR) {
+    float wf[8];
+    chess_unpack8<T>(wrow[v], wf);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xf[8];
+      chess_unpack8<T>(reinterpret_cast<const uint4*>(x + (size_t)m * K)[v], xf);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[m] += wf[e] * xf[e];
+    }
+  }
+}
+
+// First step of a sparse-output epilogue: each warp's sum of acc[m] into red[warp][m], then a
+// barrier. All 256 threads must call it.
+template <int M>
+__device__ __forceinline__ void chess_warp_sums_to_shared(const float* acc, float (*red)[M]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -125,6 +146,14 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
     if (lane == 0) red[warp][m] = s;
   }
   __syncthreads();
+}
+
+// Sparse-output epilogue: sum acc[m] over the warp and the WPR warps sharing row r (through
+// red[8][M] in shared memory), then y[m, r] = sum * a[m, r]. All 256 threads must call it.
+template <typename T, int M, int N, int WPR>
+__device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, T* y, int r, float (*red)[M]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  chess_warp_sums_to_shared<M>(acc, red);
   if (r < N && warp % WPR == 0 && lane < M) {
     float s = 0.0f;
 #pragma unroll
@@ -197,13 +226,8 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
 // row (through red[8][M]), returned to every thread of those warps. All 256 threads must call it.
 template <int M, int WPR>
 __device__ __forceinline__ void chess_row_sums(const float* acc, float (*red)[M], float* out) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float s = chess_warp_sum(acc[m]);
-    if (lane == 0) red[warp][m] = s;
-  }
-  __syncthreads();
+  const int warp = threadIdx.x >> 5;
+  chess_warp_sums_to_shared<M>(acc, red);
   const int w0 = warp - warp % WPR;
 #pragma unroll
   for (int m = 0; m < M; ++m) {

@@ -9,7 +9,6 @@
 // Template: T, M, K, N, WPR, TPC. Grid: ceil(N / (8/WPR)) * 256 threads, threadgroup 256.
 // Needs K % 8 == 0.
 constexpr int RPB = 8 / WPR;
-constexpr int V = K / 8;
 __shared__ float red[8][M];
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
@@ -18,21 +17,7 @@ const int r = (int)blockIdx.x * RPB + warp / WPR;
 float acc[M];
 #pragma unroll
 for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-if (r < N) {
-  const uint4* grow = reinterpret_cast<const uint4*>(wg + (size_t)r * K);
-#pragma unroll 4
-  for (int v = part * 32 + lane; v < V; v += 32 * WPR) {
-    float wf[8];
-    chess_unpack8<T>(grow[v], wf);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float xf[8];
-      chess_unpack8<T>(reinterpret_cast<const uint4*>(x + (size_t)m * K)[v], xf);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[m] += wf[e] * xf[e];
-    }
-  }
-}
+if (r < N) chess_row_dot<T, M, K, WPR>(wg + (size_t)r * K, x, part, acc);
 float g[M];
 chess_row_sums<M, WPR>(acc, red, g);
 float a[M];
@@ -46,21 +31,7 @@ for (int m = 0; m < M; ++m) {
   active |= keep;
   acc[m] = 0.0f;
 }
-if (active) {
-  const uint4* urow = reinterpret_cast<const uint4*>(wu + (size_t)r * K);
-#pragma unroll 4
-  for (int v = part * 32 + lane; v < V; v += 32 * WPR) {
-    float wf[8];
-    chess_unpack8<T>(urow[v], wf);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float xf[8];
-      chess_unpack8<T>(reinterpret_cast<const uint4*>(x + (size_t)m * K)[v], xf);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[m] += wf[e] * xf[e];
-    }
-  }
-}
+if (active) chess_row_dot<T, M, K, WPR>(wu + (size_t)r * K, x, part, acc);
 float u[M];
 chess_row_sums<M, WPR>(acc, red, u);
 if (r < N && part == 0 && lane < M) {

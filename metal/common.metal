@@ -107,16 +107,40 @@ inline bool chess_row_active(const device T* a, int r) {
   return active;
 }
 
-// Sparse-output epilogue (twin of the CUDA one): simd_sum, then the WPR simdgroups of row r
-// through red[8][M]; y[m, r] = sum * a[m, r]. All 256 threads must call it.
-template <typename T, int M, int N, int WPR>
-inline void chess_finish_rows(thread const float* acc, const device T* a, device T* y, int r,
-                              threadgroup float (*red)[M], uint lane, uint warp) {
+// Sparse-output row dot products (twin of the CUDA one): acc[m] += w_row . x[m, :] over this
+// lane's share of the row; the WPR simdgroups of a row step through it together, 16 bytes per lane.
+template <typename T, int M, int K, int WPR>
+inline void chess_row_dot(const device T* w_row, const device T* x, int part, thread float* acc, uint lane) {
+  constexpr int V = K / 8;
+  const device uint4* wrow = (const device uint4*)w_row;
+  for (int v = part * 32 + int(lane); v < V; v += 32 * WPR) {
+    float wf[8];
+    chess_unpack8<T>(wrow[v], wf);
+    for (int m = 0; m < M; ++m) {
+      float xf[8];
+      chess_unpack8<T>(((const device uint4*)(x + m * K))[v], xf);
+      for (int e = 0; e < 8; ++e) acc[m] += wf[e] * xf[e];
+    }
+  }
+}
+
+// First step of a sparse-output epilogue: each simdgroup's sum of acc[m] into red[warp][m], then
+// a barrier. All 256 threads must call it.
+template <int M>
+inline void chess_warp_sums_to_shared(thread const float* acc, threadgroup float (*red)[M], uint lane, uint warp) {
   for (int m = 0; m < M; ++m) {
     const float s = simd_sum(acc[m]);
     if (lane == 0) red[warp][m] = s;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// Sparse-output epilogue (twin of the CUDA one): simd_sum, then the WPR simdgroups of row r
+// through red[8][M]; y[m, r] = sum * a[m, r]. All 256 threads must call it.
+template <typename T, int M, int N, int WPR>
+inline void chess_finish_rows(thread const float* acc, const device T* a, device T* y, int r,
+                              threadgroup float (*red)[M], uint lane, uint warp) {
+  chess_warp_sums_to_shared<M>(acc, red, lane, warp);
   if (r < N && int(warp) % WPR == 0 && int(lane) < M) {
     float s = 0.0f;
     for (int p = 0; p < WPR; ++p) s += red[warp + p][lane];
@@ -181,11 +205,7 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
 template <int M, int WPR>
 inline void chess_row_sums(thread const float* acc, threadgroup float (*red)[M], thread float* out, uint lane,
                            uint warp) {
-  for (int m = 0; m < M; ++m) {
-    const float s = simd_sum(acc[m]);
-    if (lane == 0) red[warp][m] = s;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  chess_warp_sums_to_shared<M>(acc, red, lane, warp);
   const uint w0 = warp - warp % WPR;
   for (int m = 0; m < M; ++m) {
     out[m] = 0.0f;

@@ -5,7 +5,6 @@
 // The gate row is always read; the up row only if some token keeps r.
 // Template: T, M, K, N, WPR, TPC. Grid: ceil(N / (8/WPR)) * 256 threads, threadgroup 256. K % 8 == 0.
 constexpr int RPB = 8 / WPR;
-constexpr int V = K / 8;
 threadgroup float red[8][M];
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;
@@ -13,18 +12,7 @@ const int part = int(warp) % WPR;
 const int r = int(threadgroup_position_in_grid.x) * RPB + int(warp) / WPR;
 float acc[M];
 for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-if (r < N) {
-  const device uint4* grow = (const device uint4*)(wg + r * K);
-  for (int v = part * 32 + int(lane); v < V; v += 32 * WPR) {
-    float wf[8];
-    chess_unpack8<T>(grow[v], wf);
-    for (int m = 0; m < M; ++m) {
-      float xf[8];
-      chess_unpack8<T>(((const device uint4*)(x + m * K))[v], xf);
-      for (int e = 0; e < 8; ++e) acc[m] += wf[e] * xf[e];
-    }
-  }
-}
+if (r < N) chess_row_dot<T, M, K, WPR>(wg + r * K, x, part, acc, lane);
 float g[M];
 chess_row_sums<M, WPR>(acc, red, g, lane, warp);
 float a[M];
@@ -37,18 +25,7 @@ for (int m = 0; m < M; ++m) {
   active = active || keep;
   acc[m] = 0.0f;
 }
-if (active) {
-  const device uint4* urow = (const device uint4*)(wu + r * K);
-  for (int v = part * 32 + int(lane); v < V; v += 32 * WPR) {
-    float wf[8];
-    chess_unpack8<T>(urow[v], wf);
-    for (int m = 0; m < M; ++m) {
-      float xf[8];
-      chess_unpack8<T>(((const device uint4*)(x + m * K))[v], xf);
-      for (int e = 0; e < 8; ++e) acc[m] += wf[e] * xf[e];
-    }
-  }
-}
+if (active) chess_row_dot<T, M, K, WPR>(wu + r * K, x, part, acc, lane);
 float u[M];
 chess_row_sums<M, WPR>(acc, red, u, lane, warp);
 if (r < N && part == 0 && int(lane) < M) {

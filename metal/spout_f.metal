@@ -3,7 +3,6 @@
 //   y[m, r] = a[m, r] * dot(w[r, :], x[m, :])  for rows r with any a[:, r] != 0,  else 0.
 // Template: T, M, K, N, WPR. Grid: ceil(N / (8/WPR)) * 256 threads, threadgroup 256. K % 8 == 0.
 constexpr int RPB = 8 / WPR;
-constexpr int V = K / 8;
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;
 const int part = int(warp) % WPR;
@@ -11,17 +10,6 @@ const int r = int(threadgroup_position_in_grid.x) * RPB + int(warp) / WPR;
 const bool active = chess_row_active<T, M, N>(a, r);
 float acc[M];
 for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-if (active) {
-  const device uint4* wrow = (const device uint4*)(w + r * K);
-  for (int v = part * 32 + int(lane); v < V; v += 32 * WPR) {
-    float wf[8];
-    chess_unpack8<T>(wrow[v], wf);
-    for (int m = 0; m < M; ++m) {
-      float xf[8];
-      chess_unpack8<T>(((const device uint4*)(x + m * K))[v], xf);
-      for (int e = 0; e < 8; ++e) acc[m] += wf[e] * xf[e];
-    }
-  }
-}
+if (active) chess_row_dot<T, M, K, WPR>(w + r * K, x, part, acc, lane);
 threadgroup float red[8][M];
 chess_finish_rows<T, M, N, WPR>(acc, a, y, r, red, lane, warp);
