@@ -96,10 +96,15 @@ def spin_check(kind: str, x: mx.array, wt, t=None) -> dict:
                 dens_err=dens_err, ws_reset=ok_ws, density=rd.item())
 
 
+def act_abs(x, wg) -> mx.array:
+    """|SiLU(x W_gate^T)| in float32 (M, N): what the fused gate/up kernel thresholds."""
+    g = x.astype(mx.float32) @ wg.astype(mx.float32).T
+    return mx.abs(g * mx.sigmoid(g))
+
+
 def robust_channel_thresholds(x, wg, s: float) -> mx.array:
     """Per-channel t dropping a random fraction s of channels, each 2% away from |SiLU(g)|."""
-    g = (x.astype(mx.float32) @ wg.astype(mx.float32).T)[0]
-    a = mx.abs(g * mx.sigmoid(g))
+    a = act_abs(x, wg)[0]
     drop = mx.random.uniform(shape=a.shape) < s
     return mx.where(drop, a * 1.02 + 1e-30, a * 0.98)
 
@@ -111,8 +116,7 @@ def gateup_check(kind: str, x, wg, wu, t) -> dict:
     is measured on the channels both decided alike."""
     y = G._launch_gateup(kind, x, wg, wu, t)
     ref = G.reference_gate_up(x, wg, wu, t)
-    g = x.astype(mx.float32) @ wg.astype(mx.float32).T
-    a = mx.abs(g * mx.sigmoid(g))
+    a = act_abs(x, wg)
     tt = t.astype(mx.float32)
     agree = (y == 0) == (ref == 0)
     near = mx.abs(a - tt) <= 0.02 * mx.maximum(tt, 1e-30)
@@ -155,8 +159,7 @@ def check(kind: str, quick: bool) -> list[dict]:
                     if not r["zero_pattern_match"]:
                         r["rel_err"] = float("nan")
                     rows.append(dict(kernel="gate_up_channel", **base, sparsity=s, **r))
-                    g = x.astype(mx.float32) @ w.astype(mx.float32).T
-                    av = mx.sort(mx.abs(g * mx.sigmoid(g))[0])
+                    av = mx.sort(act_abs(x, w)[0])
                     t_sc = mx.array([av[min(out_dim - 1, int(s * out_dim))].item()], dtype=dtype)
                     rows.append(dict(kernel="gate_up_scalar", **base, sparsity=s, **gateup_check(kind, x, w, wu, t_sc)))
         # small decode batches

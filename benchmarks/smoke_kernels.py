@@ -1,6 +1,15 @@
 """Seconds-long GPU smoke test of the sparse-input and fused gate/up kernels (run before kernels.py)."""
-import sys, time; sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
-import mlx.core as mx, kernels as K
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+
+import kernels as K  # noqa: E402
 
 mx.random.seed(0)
 t0 = time.time()

@@ -31,6 +31,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .stats import kept_fraction
+
 MAX_TOKENS = 8  # decode batch the kernels handle; larger batches use dense matmul
 _FORCE_REFERENCE = os.environ.get("CHESS_MLX_REFERENCE", "") not in ("", "0")
 _POISON: Optional[float] = None  # benchmarks/kernels.py fills outputs with NaN to catch unwritten elements
@@ -102,11 +104,6 @@ def threshold(x: mx.array, t: Optional[mx.array]) -> mx.array:
     return x * (mx.abs(x) >= t).astype(x.dtype)
 
 
-def input_density(xs: mx.array) -> mx.array:
-    """Fraction of non-zero entries: the share of weight rows a sparse-input product reads."""
-    return (xs != 0).astype(mx.float32).mean()
-
-
 def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
     xs = threshold(x, t)
     if isinstance(wt, QWeight):
@@ -114,7 +111,7 @@ def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None) -> tup
                                 group_size=wt.group_size, bits=wt.bits)
     else:
         y = xs @ wt
-    return y, input_density(xs)
+    return y, kept_fraction(xs != 0)  # the share of weight rows a kernel reads
 
 
 def silu(x: mx.array) -> mx.array:

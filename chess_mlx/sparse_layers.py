@@ -49,6 +49,9 @@ class _Control:
         self.plans: dict = {}
 
     def plan(self, x: mx.array, make: Callable[[mx.array], object]):
+        """The cached plan for a one-token step on ``x`` (None for several tokens: prefill)."""
+        if x.size != x.shape[-1]:
+            return None
         key = (x.dtype, G.backend(), D.enabled())
         p = self.plans.get(key, _MISSING)
         if p is _MISSING:
@@ -95,7 +98,7 @@ class SparseInputLinear(nn.Module):
             c.collector(self.proj, x)
         if c.threshold is None:
             return dense_linear(x, self)
-        args = c.plan(x, self._plan) if x.size == x.shape[-1] else None
+        args = c.plan(x, self._plan)
         if args is not None:
             y, dens = D.spin(x, *args)
             c.recorder.record_density(c.layer, self.proj, dens, 1)
@@ -127,7 +130,7 @@ class SparseMLP(nn.Module):
         if c.mode == DENSE:
             a = nn.silu(dense_linear(x, self.gate_proj))
             return dense_linear(a * dense_linear(x, self.up_proj), self.down_proj)
-        plan = c.plan(x, self._plan) if x.size == x.shape[-1] else None
+        plan = c.plan(x, self._plan)
         if plan is not None:
             fn, args, recorded = plan
             y, *dens = fn(x, *args)
