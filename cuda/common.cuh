@@ -69,20 +69,26 @@ __device__ __forceinline__ float chess_xval(const T* x, const TT* t, int m, int 
 
 // Ordered compaction of the active inputs of one split-K chunk into shared memory: idx[0..total)
 // holds the rows j in [k_begin, k_begin + KC) with any thresholded x[m, j] != 0, in increasing
-// order. *nnz gets the number of non-zero (m, j) elements of the chunk (the density the stats
-// report). All 256 threads of the block must call it. Returns the count of active rows.
+// order, and xsh[m * KC + i] the thresholded x[m, idx[i]] as float. The inner loops then read x
+// from shared memory only: global x loads there wait on L1, which every gpu-scope fence of a
+// finishing block on the same SM invalidates (Nsight, benchmarks/RESULTS.md). *nnz gets the
+// number of non-zero (m, j) elements of the chunk (the density the stats report). All 256 threads
+// of the block must call it. Returns the count of active rows.
 template <int M, int K, int KC, int TPC, typename T, typename TT>
-__device__ __forceinline__ int chess_compact(const T* x, const TT* t, int k_begin, int* idx, int* wcount,
-                                             int* wnnz, int* nnz) {
+__device__ __forceinline__ int chess_compact(const T* x, const TT* t, int k_begin, int* idx, float* xsh,
+                                             int* wcount, int* wnnz, int* nnz) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int total = 0, elems = 0;
   for (int p = 0; p < KC; p += 256) {
     const int i = p + (int)threadIdx.x;
     const int j = k_begin + i;
+    const bool valid = i < KC && j < K;
+    float v[M];
     int mine = 0;
-    if (i < KC && j < K) {
 #pragma unroll
-      for (int m = 0; m < M; ++m) mine += chess_xval<K, TPC>(x, t, m, j) != 0.0f;
+    for (int m = 0; m < M; ++m) {
+      v[m] = valid ? chess_xval<K, TPC>(x, t, m, j) : 0.0f;
+      mine += v[m] != 0.0f;
     }
     const bool act = mine > 0;
     const unsigned bal = __ballot_sync(0xffffffffu, act);
@@ -94,7 +100,12 @@ __device__ __forceinline__ int chess_compact(const T* x, const TT* t, int k_begi
     __syncthreads();
     int off = total;
     for (int w = 0; w < warp; ++w) off += wcount[w];
-    if (act) idx[off + __popc(bal & ((1u << lane) - 1u))] = j;
+    if (act) {
+      const int slot = off + __popc(bal & ((1u << lane) - 1u));
+      idx[slot] = j;
+#pragma unroll
+      for (int m = 0; m < M; ++m) xsh[m * KC + slot] = v[m];
+    }
     for (int w = 0; w < 8; ++w) {
       total += wcount[w];
       elems += wnnz[w];
@@ -169,20 +180,27 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
 // sem[tile]) sums the chunks in order 0..C-1 into y, and the last tile to finish (sem[tiles])
 // writes dens[0] = non-zero inputs / (M*K) (accumulated by the tile-0 blocks in sem[tiles + 1]).
 // sem is a per-call-site int32 workspace of tiles + 2 zeros; every counter is reset to 0 by the
-// block that consumed it, so the next launch finds zeros again. All 256 threads must call it.
-template <typename T, int M, int N, int K, int VPL>
+// block that consumed it, so the next launch finds zeros again. Only thread 0 fences, after the
+// block barrier (the pattern of cooperative groups' grid sync): a fence per warp cost up to 40% of
+// the kernel's time. The chunk count is a compile-time constant so the last block's in-order sum
+// issues its partial loads together. All 256 threads must call it.
+template <typename T, int M, int N, int K, int KC, int VPL>
 __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const float* accb, float* partial,
                                                   T* y, float* dens, const int* sem_in, int nnz,
                                                   float (*red)[32 * VPL], int* flag) {
   constexpr int TILE = 32 * VPL;
+  constexpr int CHUNKS = (K + KC - 1) / KC;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile = blockIdx.x, chunk = blockIdx.y;
-  const int tiles = gridDim.x, chunks = gridDim.y;
+  const int tiles = gridDim.x;
   int* sem = const_cast<int*>(sem_in);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
+    float4* dst = reinterpret_cast<float4*>(&red[warp][lane * VPL]);  // 16-byte stores: fewer bank conflicts
 #pragma unroll
-    for (int e = 0; e < VPL; ++e) red[warp][lane * VPL + e] = acc[m][e] + accb[m];
+    for (int q = 0; q < VPL / 4; ++q)
+      dst[q] = make_float4(acc[m][4 * q] + accb[m], acc[m][4 * q + 1] + accb[m], acc[m][4 * q + 2] + accb[m],
+                           acc[m][4 * q + 3] + accb[m]);
     __syncthreads();
     for (int i = threadIdx.x; i < TILE; i += 256) {
       float s = 0.0f;
@@ -193,21 +211,24 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
     }
     __syncthreads();
   }
-  __threadfence();  // this block's partials are visible device-wide before it is counted
-  __syncthreads();
   if (threadIdx.x == 0) {
-    if (tile == 0) atomicAdd(&sem[tiles + 1], nnz);
-    __threadfence();
-    *flag = atomicAdd(&sem[tile], 1) == chunks - 1;
+    __threadfence();  // release: the block's partials (ordered before by the barrier) are visible
+    if (tile == 0) {
+      atomicAdd(&sem[tiles + 1], nnz);
+      __threadfence();
+    }
+    const bool last = atomicAdd(&sem[tile], 1) == CHUNKS - 1;
+    if (last) __threadfence();  // acquire: the other chunks' partials
+    *flag = last;
   }
   __syncthreads();
   if (!*flag) return;
-  __threadfence();
   for (int i = threadIdx.x; i < M * TILE; i += 256) {
     const int m = i / TILE, n = tile * TILE + i % TILE;
     if (n < N) {
       float s = 0.0f;
-      for (int c = 0; c < chunks; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
+#pragma unroll 16
+      for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
       y[(size_t)m * N + n] = static_cast<T>(s);
     }
   }

@@ -2,8 +2,8 @@
 //   y[m, :] = sum_{j: |x[m, j]| >= t} x[m, j] * wt[j, :]   (t = t[j] if TPC else t[0]; t = 0: plain)
 // Layout: wt (K, N) = W^T row-major, so an input channel j is one contiguous row and a dropped
 // x[:, j] costs no weight bytes. Block = 8 warps on a tile of 256 outputs and a chunk of KC inputs
-// (split-K). The block first compacts its chunk's surviving inputs into shared memory
-// (chess_compact), then each warp takes every 8th active row, U rows at a time with all U 16-byte
+// (split-K). The block first compacts its chunk's surviving inputs and their thresholded values
+// into shared memory (chess_compact), then each warp takes every 8th active row, U rows at a time with all U 16-byte
 // loads issued before the FMAs; each lane owns 8 consecutive outputs. chess_spin_finish reduces
 // the 8 warps into partial[chunk, m, n], and the tile's last chunk block sums the chunks into y;
 // dens[0] = fraction of non-zero (m, j) inputs. sem: int32 workspace of >= tiles + 2 zeros.
@@ -12,10 +12,11 @@
 constexpr int TILE = 256;
 constexpr int U = 8;
 __shared__ int idx[KC];
+__shared__ float xsh[M * KC];
 __shared__ int wcount[8];
 __shared__ int wnnz[8];
 __shared__ int flag;
-__shared__ float red[8][TILE];
+__shared__ __align__(16) float red[8][TILE];
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
 const int tile = blockIdx.x;
@@ -23,7 +24,7 @@ const int chunk = blockIdx.y;
 const int n0 = tile * TILE + lane * 8;
 const bool in_range = n0 < N;
 int nnz = 0;
-const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, wcount, wnnz, &nnz);
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
 float acc[M][8];
 #pragma unroll
 for (int m = 0; m < M; ++m)
@@ -45,7 +46,7 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
       chess_unpack8<T>(wv[u], wf);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float xj = chess_xval<K, TPC>(x, t, m, jv[u]);
+        const float xj = xsh[m * KC + i0 + 8 * u];
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[m][e] += xj * wf[e];
       }
@@ -53,4 +54,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
   }
 }
 const float zero[M] = {};
-chess_spin_finish<T, M, N, K, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag);
+chess_spin_finish<T, M, N, K, KC, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag);

@@ -14,10 +14,11 @@ constexpr int VPL = WORDS * VPW;
 constexpr int TILE = 32 * VPL;
 constexpr int U = 4;
 __shared__ int idx[KC];
+__shared__ float xsh[M * KC];
 __shared__ int wcount[8];
 __shared__ int wnnz[8];
 __shared__ int flag;
-__shared__ float red[8][TILE];
+__shared__ __align__(16) float red[8][TILE];
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
 const int tile = blockIdx.x;
@@ -25,7 +26,7 @@ const int chunk = blockIdx.y;
 const int n0 = tile * TILE + lane * VPL;
 const bool in_range = n0 < N;
 int nnz = 0;
-const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, wcount, wnnz, &nnz);
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
 float acc[M][VPL];
 float accb[M];
 #pragma unroll
@@ -53,7 +54,7 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
     if (jv[u] >= 0 && in_range) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float xj = chess_xval<K, TPC>(x, t, m, jv[u]);
+        const float xj = xsh[m * KC + i0 + 8 * u];
         const float xs = xj * sc[u];
         accb[m] += xj * bi[u];
 #pragma unroll
@@ -63,4 +64,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
     }
   }
 }
-chess_spin_finish<T, M, N, K, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag);
+chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag);

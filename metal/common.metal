@@ -62,20 +62,24 @@ inline float chess_xval(const device T* x, const device TT* t, int m, int j) {
   return fabs(v) >= float(t[TPC ? j : 0]) ? v : 0.0f;
 }
 
-// Ordered compaction of the surviving inputs of one split-K chunk into threadgroup memory, and the
-// chunk's count of non-zero (m, j) elements in *nnz; all 256 threads of the threadgroup must call
-// it. Returns the count of active rows (same order as the CUDA twin).
+// Ordered compaction of the surviving inputs of one split-K chunk into threadgroup memory (rows in
+// idx, thresholded values as float in xsh[m * KC + i], so the inner loops never read x from device
+// memory), and the chunk's count of non-zero (m, j) elements in *nnz; all 256 threads of the
+// threadgroup must call it. Returns the count of active rows (same order as the CUDA twin).
 template <int M, int K, int KC, int TPC, typename T, typename TT>
 inline int chess_compact(const device T* x, const device TT* t, int k_begin, threadgroup int* idx,
-                         threadgroup int* wcount, threadgroup int* wnnz, thread int* nnz, uint tid, uint lane,
-                         uint warp) {
+                         threadgroup float* xsh, threadgroup int* wcount, threadgroup int* wnnz, thread int* nnz,
+                         uint tid, uint lane, uint warp) {
   int total = 0, elems = 0;
   for (int p = 0; p < KC; p += 256) {
     const int i = p + int(tid);
     const int j = k_begin + i;
+    const bool valid = i < KC && j < K;
+    float v[M];
     int mine = 0;
-    if (i < KC && j < K) {
-      for (int m = 0; m < M; ++m) mine += chess_xval<K, TPC>(x, t, m, j) != 0.0f ? 1 : 0;
+    for (int m = 0; m < M; ++m) {
+      v[m] = valid ? chess_xval<K, TPC>(x, t, m, j) : 0.0f;
+      mine += v[m] != 0.0f ? 1 : 0;
     }
     const bool act = mine > 0;
     const uint before = simd_prefix_exclusive_sum(uint(act));
@@ -88,7 +92,11 @@ inline int chess_compact(const device T* x, const device TT* t, int k_begin, thr
     threadgroup_barrier(mem_flags::mem_threadgroup);
     int off = total;
     for (uint w = 0; w < warp; ++w) off += wcount[w];
-    if (act) idx[off + int(before)] = j;
+    if (act) {
+      const int slot = off + int(before);
+      idx[slot] = j;
+      for (int m = 0; m < M; ++m) xsh[m * KC + slot] = v[m];
+    }
     for (int w = 0; w < 8; ++w) {
       total += wcount[w];
       elems += wnnz[w];
@@ -149,19 +157,24 @@ inline void chess_finish_rows(thread const float* acc, const device T* a, device
 }
 
 // Sparse-input epilogue (twin of the CUDA one): the 8 simdgroups' accumulators of one output tile
-// through red[8][TILE] into partial[chunk, m, :]; the tile's last chunk threadgroup (counted in
-// sem[tile]) sums the chunks in order into y; the last tile (sem[tiles]) writes dens[0] from the
-// count the tile-0 threadgroups left in sem[tiles + 1]; every counter is reset by its consumer.
+// through red[8][TILE] (16-byte stores) into partial[chunk, m, :]; the tile's last chunk
+// threadgroup (counted in sem[tile]) sums the chunks in order into y; the last tile (sem[tiles])
+// writes dens[0] from the count the tile-0 threadgroups left in sem[tiles + 1]; every counter is
+// reset by its consumer. Only thread 0 fences, after the threadgroup barrier. The chunk count is a
+// compile-time constant so the in-order sum's loads can be issued together.
 // Needs Metal 3.2 device-scope fences (atomic_thread_fence with thread_scope_device).
-template <typename T, int M, int N, int K, int VPL>
+template <typename T, int M, int N, int K, int KC, int VPL>
 inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float* accb, device float* partial,
                               device T* y, device float* dens, const device int* sem_in, int nnz,
                               threadgroup float (*red)[32 * VPL], threadgroup int* flag, uint tid, uint lane,
-                              uint warp, int tile, int chunk, int tiles, int chunks) {
+                              uint warp, int tile, int chunk, int tiles) {
   constexpr int TILE = 32 * VPL;
+  constexpr int CHUNKS = (K + KC - 1) / KC;
   device atomic_int* sem = (device atomic_int*)(sem_in);
   for (int m = 0; m < M; ++m) {
-    for (int e = 0; e < VPL; ++e) red[warp][lane * VPL + e] = acc[m][e] + accb[m];
+    threadgroup float4* dst = (threadgroup float4*)(&red[warp][lane * VPL]);
+    for (int q = 0; q < VPL / 4; ++q)
+      dst[q] = float4(acc[m][4 * q], acc[m][4 * q + 1], acc[m][4 * q + 2], acc[m][4 * q + 3]) + accb[m];
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int i = int(tid); i < TILE; i += 256) {
       float s = 0.0f;
@@ -171,21 +184,25 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
-  atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
   threadgroup_barrier(mem_flags::mem_device);
   if (tid == 0) {
-    if (tile == 0) atomic_fetch_add_explicit(&sem[tiles + 1], nnz, memory_order_relaxed);
-    atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
-    *flag = atomic_fetch_add_explicit(&sem[tile], 1, memory_order_relaxed) == chunks - 1 ? 1 : 0;
+    atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);  // release
+    if (tile == 0) {
+      atomic_fetch_add_explicit(&sem[tiles + 1], nnz, memory_order_relaxed);
+      atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+    }
+    const bool last = atomic_fetch_add_explicit(&sem[tile], 1, memory_order_relaxed) == CHUNKS - 1;
+    if (last) atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);  // acquire
+    *flag = last ? 1 : 0;
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   if (*flag == 0) return;
-  atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
   for (int i = int(tid); i < M * TILE; i += 256) {
     const int m = i / TILE, n = tile * TILE + i % TILE;
     if (n < N) {
       float s = 0.0f;
-      for (int c = 0; c < chunks; ++c) s += partial[(c * M + m) * N + n];
+#pragma unroll(16)
+      for (int c = 0; c < CHUNKS; ++c) s += partial[(c * M + m) * N + n];
       y[m * N + n] = static_cast<T>(s);
     }
   }

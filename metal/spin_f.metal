@@ -8,10 +8,12 @@
 constexpr int TILE = 256;
 constexpr int U = 8;
 threadgroup int idx[KC];
+threadgroup float xsh[M * KC];
 threadgroup int wcount[8];
 threadgroup int wnnz[8];
 threadgroup int flag;
-threadgroup float red[8][TILE];
+threadgroup float4 red_v[8][TILE / 4];  // float4-aligned for 16-byte stores
+threadgroup float (*red)[TILE] = (threadgroup float (*)[TILE])red_v;
 const uint tid = thread_position_in_threadgroup.x;
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;
@@ -20,7 +22,7 @@ const int chunk = int(threadgroup_position_in_grid.y);
 const int n0 = tile * TILE + int(lane) * 8;
 const bool in_range = n0 < N;
 int nnz = 0;
-const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, wcount, wnnz, &nnz, tid, lane, warp);
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, xsh, wcount, wnnz, &nnz, tid, lane, warp);
 float acc[M][8];
 for (int m = 0; m < M; ++m)
   for (int e = 0; e < 8; ++e) acc[m][e] = 0.0f;
@@ -37,12 +39,12 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
       float wf[8];
       chess_unpack8<T>(wv[u], wf);
       for (int m = 0; m < M; ++m) {
-        const float xj = chess_xval<K, TPC>(x, t, m, jv[u]);
+        const float xj = xsh[m * KC + i0 + 8 * u];
         for (int e = 0; e < 8; ++e) acc[m][e] += xj * wf[e];
       }
     }
   }
 }
 const float zero[M] = {};
-chess_spin_finish<T, M, N, K, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
-                                  int(threadgroups_per_grid.x), int(threadgroups_per_grid.y));
+chess_spin_finish<T, M, N, K, KC, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
+                                  int(threadgroups_per_grid.x));

@@ -9,10 +9,12 @@ constexpr int VPL = WORDS * VPW;
 constexpr int TILE = 32 * VPL;
 constexpr int U = 4;
 threadgroup int idx[KC];
+threadgroup float xsh[M * KC];
 threadgroup int wcount[8];
 threadgroup int wnnz[8];
 threadgroup int flag;
-threadgroup float red[8][TILE];
+threadgroup float4 red_v[8][TILE / 4];  // float4-aligned for 16-byte stores
+threadgroup float (*red)[TILE] = (threadgroup float (*)[TILE])red_v;
 const uint tid = thread_position_in_threadgroup.x;
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;
@@ -21,7 +23,7 @@ const int chunk = int(threadgroup_position_in_grid.y);
 const int n0 = tile * TILE + int(lane) * VPL;
 const bool in_range = n0 < N;
 int nnz = 0;
-const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, wcount, wnnz, &nnz, tid, lane, warp);
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, xsh, wcount, wnnz, &nnz, tid, lane, warp);
 float acc[M][VPL];
 float accb[M];
 for (int m = 0; m < M; ++m) {
@@ -44,7 +46,7 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
   for (int u = 0; u < U; ++u) {
     if (jv[u] >= 0 && in_range) {
       for (int m = 0; m < M; ++m) {
-        const float xj = chess_xval<K, TPC>(x, t, m, jv[u]);
+        const float xj = xsh[m * KC + i0 + 8 * u];
         const float xs = xj * sc[u];
         accb[m] += xj * bi[u];
         for (int e = 0; e < VPL; ++e)
@@ -53,5 +55,5 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
     }
   }
 }
-chess_spin_finish<T, M, N, K, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
-                                  int(threadgroups_per_grid.x), int(threadgroups_per_grid.y));
+chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
+                                  int(threadgroups_per_grid.x));

@@ -1,0 +1,105 @@
+"""A/B probe of the sparse-input kernel (spin_f): which part of it costs the GPU time.
+
+Builds variants of cuda/spin_f.cu by editing its source text (the shipped kernel is untouched)
+and launches each on the same inputs, for Nsight Compute to time:
+
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+        python benchmarks/spin_variants.py > var.csv 2> var.err
+    python benchmarks/spin_variants.py --table var.csv var.err
+
+Variants: ``base`` (as shipped), ``acqrel`` (fence.acq_rel.gpu instead of __threadfence),
+``store`` (epilogue stops after the partial sums: no counters, no last-block reduction; wrong y),
+``u4`` (4 rows in flight per warp instead of 8), and ``base@KC`` (split-K chunk KC instead of the
+default). Session 4 (RESULTS.md) used an earlier set of variants on the previous source to find
+that per-warp fences and global x loads in the inner loop cost up to 40% of the time.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (14336, 4096, 0.5), (4096, 4096, 0.5)]  # K, N, sparsity
+VARIANTS = ("base", "acqrel", "store", "u4", "base@64", "base@256", "base@512")
+
+
+def variant_source(name: str) -> tuple[str, str]:
+    from chess_mlx import sparse_gemv as G
+
+    header, body = G.read_source("cuda", "spin_f")
+    name = name.split("@")[0]
+    if name == "acqrel":
+        header = header.replace("__threadfence();", 'asm volatile("fence.acq_rel.gpu;" ::: "memory");')
+    elif name == "store":
+        header = header.replace("  if (threadIdx.x == 0) {\n    __threadfence();  // release",
+                                "  return;\n  if (threadIdx.x == 0) {\n    __threadfence();  // release")
+    elif name == "u4":
+        body = body.replace("constexpr int U = 8;", "constexpr int U = 4;")
+    return header, body
+
+
+def run() -> None:
+    import mlx.core as mx
+
+    from chess_mlx import sparse_gemv as G
+
+    mx.random.seed(0)
+    cases = [c for c in CASES if not ONLY or f"{c[0]}x{c[1]} s={c[2]}" in ONLY]
+    kernels = {}
+    for v in VARIANTS:
+        header, body = variant_source(v)
+        kernels[v] = mx.fast.cuda_kernel(name=f"spinvar_{v.split('@')[0]}", input_names=["x", "t", "wt", "sem"],
+                                         output_names=["y", "partial", "dens"], source=body, header=header)
+    for k, n, s in cases:
+        wt = (mx.random.normal((k, n)) * 0.02).astype(mx.float16)
+        x = mx.random.normal((1, k)).astype(mx.float16)
+        x = mx.where(mx.random.uniform(shape=(1, k)) < s, 0, x).astype(mx.float16)
+        t = G.zero_threshold(mx.float16)
+        tiles = -(-n // 256)
+        mx.eval(wt, x)
+        ref = x @ wt
+        for v in VARIANTS:
+            kc = int(v.split("@")[1]) if "@" in v else G.split_k_chunk(k, tiles, quantized=False)
+            chunks = -(-k // kc)
+            ws = G.workspace(n)
+            for rep in range(4):
+                print(f"CALL {k}x{n} s={s} {v} {rep}", file=sys.stderr)
+                y, _, _ = kernels[v](inputs=[x, t, wt, ws], template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
+                                                                        ("KC", kc), ("TPC", 0)],
+                                     grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
+                                     output_shapes=[(1, n), (chunks, 1, n), (1,)],
+                                     output_dtypes=[mx.float16, mx.float32, mx.float32])
+                mx.eval(y)
+                mx.synchronize()
+                if v != "store" and rep == 0:
+                    err = float(mx.max(mx.abs(y.astype(mx.float32) - ref.astype(mx.float32))) /
+                                mx.max(mx.abs(ref.astype(mx.float32))))
+                    print(f"CHECK {k}x{n} s={s} {v} rel_err={err:.2e}", file=sys.stderr)
+
+
+def table(csv_path: str, err_path: str) -> None:
+    rows = [r for r in csv.DictReader(l for l in open(csv_path) if l.startswith('"'))
+            if "spinvar" in r["Kernel Name"] and r["Metric Name"] == "gpu__time_duration.sum"]
+    calls = [l.split(" ", 1)[1].strip() for l in open(err_path) if l.startswith("CALL")]
+    times = collections.defaultdict(list)
+    for c, r in zip(calls, rows):
+        case, v, _ = c.rsplit(" ", 2)
+        times[(case, v)].append(float(r["Metric Value"].replace(",", "")) / 1e3)
+    print("| case (K x N) | " + " | ".join(VARIANTS) + " |")
+    print("| --- |" + " ---: |" * len(VARIANTS))
+    for case in dict.fromkeys(c for c, _ in times):
+        print(f"| {case} | " + " | ".join(f"{min(times[(case, v)]):.1f}" for v in VARIANTS) + " |")
+
+
+ONLY = [a.replace("_", " ") for a in sys.argv[1:] if "x" in a and not a.startswith("-")]  # e.g. 4096x4096_s=0.5
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--table"]:
+        table(sys.argv[2], sys.argv[3])
+    else:
+        run()
