@@ -59,13 +59,14 @@ class DecodeResult:
 
 
 def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, runs: int = 3,
-                 vocab: int = 512, seed: int = 1) -> list[float]:
-    """Tokens/s of greedy decode after a short prompt, one number per run."""
+                 vocab: int = 512, seed: int = 1, warmup: bool = True) -> list[float]:
+    """Tokens/s of greedy decode after a short prompt, one number per run (after one untimed
+    run that warms up kernels and allocations, unless ``warmup`` is False)."""
     from mlx_lm.generate import generate_step
 
     prompt = mx.random.randint(0, vocab, (prompt_len,), key=mx.random.key(seed))
     out = []
-    for _ in range(runs + 1):  # first run warms up kernels and allocations
+    for _ in range(runs + int(warmup)):
         gen = generate_step(prompt, model, max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
         next(gen)
         t0 = time.perf_counter()
@@ -73,7 +74,7 @@ def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, ru
         for _tok, _lp in gen:
             n += 1
         out.append(n / (time.perf_counter() - t0))
-    return out[1:]
+    return out[int(warmup):]
 
 
 def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int, n_tokens: int = 128,
@@ -82,16 +83,24 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
     tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
                                key=mx.random.key(7))
     th = calibrate(model, tokens, [sparsity]) if any(m != DENSE for m in methods) else None
-    results = []
-    for m in methods:
+    ffn: dict[str, float] = {}
+    for m in methods:  # measured sparsity of one decode token, and a warm-up run, per method
         set_method(model, m, th, sparsity)
         state.recorder.enabled = True
         model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)))
         calls = state.recorder.pop()
         state.recorder.enabled = False
-        ffn = 0.0 if not calls else float(1 - calls[-1].density[:, -1].mean())
-        speeds = decode_speed(model, n_tokens=n_tokens, runs=runs, vocab=vocab)
-        results.append(DecodeResult(m, statistics.median(speeds), speeds, ffn))
+        ffn[m] = 0.0 if not calls else float(1 - calls[-1].density[:, -1].mean())
+        decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab)
+    # Runs interleave the methods, so a slow spell of the (shared) host CPU hits all of them alike.
+    speeds: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(runs):
+        for m in methods:
+            set_method(model, m, th, sparsity)
+            speeds[m] += decode_speed(model, n_tokens=n_tokens, runs=1, vocab=vocab, warmup=False)
+    results = []
+    for m in methods:
+        results.append(DecodeResult(m, statistics.median(speeds[m]), speeds[m], ffn[m]))
         if progress:
             progress(m, results[-1])
     set_method(model, DENSE)
