@@ -9,8 +9,9 @@ and launches each on the same inputs, for Nsight Compute to time:
 
 Variants: ``base`` (as shipped), ``acqrel`` (fence.acq_rel.gpu instead of __threadfence),
 ``store`` (epilogue stops after the partial sums: no counters, no last-block reduction; wrong y),
-``u4`` (4 rows in flight per warp instead of 8), and ``base@KC`` (split-K chunk KC instead of the
-default). Session 4 (RESULTS.md) used an earlier set of variants on the previous source to find
+``u4`` (4 rows in flight per warp instead of 8), ``base@KC`` (split-K chunk KC instead of the
+default), and ``warpc`` (each warp compacts its own KC/8 rows with a ballot and takes x from a
+shuffle: no block barrier or shared memory before the weight loads). Session 4 (RESULTS.md) used an earlier set of variants on the previous source to find
 that per-warp fences and global x loads in the inner loop cost up to 40% of the time.
 """
 
@@ -18,14 +19,70 @@ from __future__ import annotations
 
 import collections
 import csv
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (14336, 4096, 0.5), (4096, 4096, 0.5)]  # K, N, sparsity
-VARIANTS = ("base", "acqrel", "store", "u4", "base@64", "base@256", "base@512")
+VARIANTS = ("base", "acqrel", "store", "u4", "warpc", "warpc@256", "base@64", "base@256", "base@512")
+
+# Per-warp compaction: warp w owns rows [k_begin + w*KC/8, +KC/8); 32 at a time, one per lane, the
+# active ones taken lowest bit first from the ballot, U weight rows in flight.
+_WARPC_MAIN = r"""
+constexpr int RW = KC / 8;
+int nnz_w = 0;
+float acc[M][8];
+#pragma unroll
+for (int m = 0; m < M; ++m)
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[m][e] = 0.0f;
+const int row0 = chunk * KC + warp * RW;
+for (int p = 0; p < RW; p += 32) {
+  const int jl = row0 + p + lane;
+  const bool valid = p + lane < RW && jl < K;
+  float v[M];
+  int mine = 0;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    v[m] = valid ? chess_xval<K, TPC>(x, t, m, jl) : 0.0f;
+    mine += v[m] != 0.0f;
+  }
+  unsigned mask = __ballot_sync(0xffffffffu, mine > 0);
+  nnz_w += __reduce_add_sync(0xffffffffu, mine);
+  while (mask) {
+    uint4 wv[U];
+    int bv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      bv[u] = mask ? __ffs(mask) - 1 : -1;
+      mask &= mask - 1;
+      if (bv[u] >= 0 && in_range) wv[u] = *reinterpret_cast<const uint4*>(wt + (size_t)(row0 + p + bv[u]) * N + n0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (bv[u] >= 0) {
+        float xj[M];
+#pragma unroll
+        for (int m = 0; m < M; ++m) xj[m] = __shfl_sync(0xffffffffu, v[m], bv[u]);
+        if (in_range) {
+          float wf[8];
+          chess_unpack8<T>(wv[u], wf);
+#pragma unroll
+          for (int m = 0; m < M; ++m)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[m][e] += xj[m] * wf[e];
+        }
+      }
+    }
+  }
+}
+if (lane == 0) wnnz[warp] = nnz_w;
+__syncthreads();
+int nnz = 0;
+for (int w8 = 0; w8 < 8; ++w8) nnz += wnnz[w8];
+const float zero[M] = {};
+"""
 
 
 def variant_source(name: str) -> tuple[str, str]:
@@ -40,6 +97,10 @@ def variant_source(name: str) -> tuple[str, str]:
                                 "  return;\n  if (threadIdx.x == 0) {\n    __threadfence();  // release")
     elif name == "u4":
         body = body.replace("constexpr int U = 8;", "constexpr int U = 4;")
+    elif name == "warpc":
+        start = body.index("int nnz = 0;")
+        end = body.index("chess_spin_finish<")
+        body = body[:start] + _WARPC_MAIN + body[end:]
     return header, body
 
 
