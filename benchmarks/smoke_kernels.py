@@ -1,4 +1,6 @@
-"""Seconds-long GPU smoke test of the sparse-input and fused gate/up kernels (run before kernels.py)."""
+"""Seconds-long GPU smoke test of the sparse-input and fused gate/up kernels (run before kernels.py),
+and of the compiled one-token decode paths against the op-by-op kernel path on a tiny random model,
+float16 and 4-bit (the quantized paths switched on for the run)."""
 
 import sys
 import time
@@ -11,6 +13,41 @@ import mlx.core as mx  # noqa: E402
 
 import kernels as K  # noqa: E402
 
+
+def decode_paths_check() -> None:
+    """Logits of 4 teacher-forced decode steps, compiled paths vs op by op, per method."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from chess_mlx import calibrate, decode_paths, linear_ops, set_method
+    from chess_mlx.bench import random_model
+
+    def decode(model, tokens):
+        cache = make_prompt_cache(model)
+        model(tokens[None, :8], cache=cache)
+        return mx.concatenate([model(tokens[None, i:i + 1], cache=cache)[:, -1].astype(mx.float32)
+                               for i in range(8, 12)])
+
+    for bits in (None, 4):
+        linear_ops.QUANTIZED_KERNELS = bits is not None
+        model = random_model("tiny", dtype=mx.float16, bits=bits)
+        th = calibrate(model, mx.random.randint(0, 512, (2, 64), key=mx.random.key(1)), [0.5])
+        tokens = mx.random.randint(0, 512, (12,), key=mx.random.key(2))
+        for method in ("chess", "chess-attn", "teal"):
+            set_method(model, method, th, 0.5)
+            decode_paths.enable(False)
+            want = decode(model, tokens)
+            decode_paths.enable(True)
+            got = decode(model, tokens)
+            rel = float(mx.max(mx.abs(got - want)) / mx.max(mx.abs(want)))
+            same = float(mx.mean(mx.argmax(got, -1) == mx.argmax(want, -1)))
+            print(f"decode paths {bits or 16}-bit {method}: rel diff {rel:.2e}, same argmax {same:.2f}", flush=True)
+        set_method(model, "dense")
+    linear_ops.QUANTIZED_KERNELS = False
+
+
+if "--decode-only" in sys.argv:
+    decode_paths_check()
+    sys.exit(0)
 mx.random.seed(0)
 t0 = time.time()
 for wtype in ("float16", "q4g64"):
@@ -20,4 +57,5 @@ for wtype in ("float16", "q4g64"):
 w, wt, x, a, xs = K.random_case("float16", 14336, 4096, 0.5)
 wu = K.make_weight(14336, 4096, "float16", False)
 print("gateup", K.gateup_check("cuda", x, w, wu, K.robust_channel_thresholds(x, w, 0.5)), flush=True)
+decode_paths_check()
 print("smoke done in %.1fs" % (time.time() - t0), flush=True)

@@ -9,8 +9,9 @@ node. Each path is one ``mx.compile``d function of arrays only: the first call t
 shape and dtype), later calls replay the trace without rebuilding kernel sources in Python.
 
 Every function returns ``(y, densities...)``; the densities are lazy scalars for the recorder.
-The reference path (CPU, prefill, quantized weights) does not come here, except in the CPU
-tests, where the same functions wrap the reference products.
+Quantized weights come here only with ``CHESS_MLX_QUANT_KERNELS=1`` (``linear_ops``). The
+reference path (CPU, prefill) does not come here, except in the CPU tests, where the same
+functions wrap the reference products.
 """
 
 from __future__ import annotations
@@ -63,25 +64,32 @@ def _spin(x, t, wt, ws):
 
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes
 # on its own generation stream) every layer would wait across streams. So: one compiled function
-# per (path, stream), each a distinct callable, since mx.compile caches traces by function.
-_COMPILED: dict[tuple[str, str], object] = {}
+# per (path, stream, quantization of each weight argument), each a distinct callable, since
+# mx.compile caches traces by function.
+_COMPILED: dict[tuple, object] = {}
 
 
-def _compiled(fn):
-    key = (fn.__name__, repr(mx.default_stream(mx.default_device())))
+def _call(fn, *args):
+    """``fn(*args)`` through its compiled twin. mx.compile takes arrays (and tuples of them), so a
+    QWeight travels as its three arrays, and its bits and group size, which the kernels need as
+    compile-time constants, become part of the cache key and are baked into the traced function."""
+    meta = tuple((a.bits, a.group_size) if isinstance(a, G.QWeight) else None for a in args)
+    key = (fn.__name__, meta, repr(mx.default_stream(mx.default_device())))
     c = _COMPILED.get(key)
     if c is None:
-        c = _COMPILED[key] = mx.compile(lambda *args: fn(*args))
-    return c
+        def rebuilt(*flat):
+            return fn(*(a if m is None else G.QWeight(*a, *m) for a, m in zip(flat, meta)))
+        c = _COMPILED[key] = mx.compile(rebuilt)
+    return c(*((a.w, a.scales, a.biases) if isinstance(a, G.QWeight) else a for a in args))
 
 
 def act_mlp(x, wg, wu, t, wt_down, ws_down):
-    return _compiled(_act_mlp)(x, wg, wu, t, wt_down, ws_down, G.zero_threshold(x.dtype))
+    return _call(_act_mlp, x, wg, wu, t, wt_down, ws_down, G.zero_threshold(x.dtype))
 
 
 def teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down):
-    return _compiled(_teal_mlp)(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)
+    return _call(_teal_mlp, x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)
 
 
 def spin(x, t, wt, ws):
-    return _compiled(_spin)(x, t, wt, ws)
+    return _call(_spin, x, t, wt, ws)

@@ -21,7 +21,7 @@ from . import sparse_gemv as G
 # several tokens' active rows quickly approaches dense, and at 2+ tokens dense matmul wins.
 KERNEL_MAX_TOKENS = 1
 # The quantized kernels lose to MLX's own quantized matmul end to end on the H100 (RESULTS.md), so
-# quantized models take the reference path unless this is set.
+# quantized models take the reference path unless this is set (then also the compiled paths).
 QUANTIZED_KERNELS = os.environ.get("CHESS_MLX_QUANT_KERNELS", "") == "1"
 
 
@@ -45,7 +45,7 @@ def dense_linear(x: mx.array, proj: nn.Module) -> mx.array:
     return y
 
 
-def _row_weight(proj: nn.Module):
+def row_weight(proj: nn.Module):
     """The (out, in) weight as the kernels take it."""
     if "scales" in proj:
         return G.QWeight(proj["weight"], proj["scales"], proj["biases"], proj.bits, proj.group_size)
@@ -90,12 +90,23 @@ def _use_kernels(x: mx.array, proj: nn.Module) -> bool:
 
 
 def compiled_path_ok(x: mx.array, *projs: nn.Module) -> bool:
-    """Whether a one-token step may take the compiled kernel paths (``decode_paths``): float
-    weights without bias, dtypes and shapes the kernels take, kernels on this device."""
+    """Whether a one-token step may take the compiled kernel paths (``decode_paths``): weights
+    without bias in the activation dtype (quantized ones: affine, with the quantized kernels
+    switched on), kernels on this device. Shapes a kernel cannot take fall back to the reference
+    product inside the same path."""
     if not decode_paths.enabled() or G.backend() == "reference" or x.size != x.shape[-1]:
         return False
-    return all("scales" not in p and "bias" not in p and p["weight"].dtype == x.dtype for p in projs) and \
-        x.dtype in (mx.float16, mx.bfloat16) and all(n % 8 == 0 for p in projs for n in p["weight"].shape)
+    if x.dtype not in (mx.float16, mx.bfloat16):
+        return False
+    for p in projs:
+        if "bias" in p:
+            return False
+        if "scales" in p:
+            if not QUANTIZED_KERNELS or getattr(p, "mode", "affine") != "affine" or p["scales"].dtype != x.dtype:
+                return False
+        elif p["weight"].dtype != x.dtype or any(n % 8 for n in p["weight"].shape):
+            return False
+    return True
 
 
 def gated_sparse_output_linear(x: mx.array, proj: nn.Module, a: mx.array) -> mx.array:
@@ -103,7 +114,7 @@ def gated_sparse_output_linear(x: mx.array, proj: nn.Module, a: mx.array) -> mx.
     if not _use_kernels(x, proj):
         return a * dense_linear(x, proj)
     lead = x.shape[:-1]
-    y = G.gated_sparse_output(x.reshape(-1, x.shape[-1]), _row_weight(proj), a.reshape(-1, a.shape[-1]))
+    y = G.gated_sparse_output(x.reshape(-1, x.shape[-1]), row_weight(proj), a.reshape(-1, a.shape[-1]))
     y = y.reshape(*lead, -1)
     return y + a * proj["bias"] if "bias" in proj else y
 

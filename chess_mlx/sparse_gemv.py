@@ -8,8 +8,8 @@ Products, on float16/bfloat16 or MLX 4/8-bit affine-quantized weights:
   (in, out) that meet a surviving input (down_proj; q/o under CHESS+attention; TEAL), and the
   density of that input. Quantized ``wt`` is quantized along the *output* dimension
   (``mx.quantize(W.T)``), so a skipped input channel costs no bytes.
-* ``gate_up(x, w_gate, w_up, t)`` (float weights): the whole CATS/CHESS FFN front in one launch,
-  ``keep(SiLU(x W_gate^T), t) * (x W_up^T)`` with the up rows of dropped channels never read.
+* ``gate_up(x, w_gate, w_up, t)``: the whole CATS/CHESS FFN front, ``keep(SiLU(x W_gate^T), t) *
+  (x W_up^T)`` with the up rows of dropped channels never read; one launch for float weights.
 
 Decode speed on a GPU is bound by the number of graph nodes per token as much as by bytes
 (benchmarks/RESULTS.md), so thresholds, split-K reduction and the density count live inside
@@ -88,13 +88,16 @@ class QWeight:
 
 
 # ---------------------------------------------------------------- reference (any device) --------
-def reference_gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
+def matvec_t(x: mx.array, w) -> mx.array:
+    """``x @ W^T`` for a float W (out, in) or its QWeight: MLX's own dense products."""
     if isinstance(w, QWeight):
-        y = mx.quantized_matmul(x, w.w, w.scales, w.biases, transpose=True,
-                                group_size=w.group_size, bits=w.bits)
-    else:
-        y = x @ w.T
-    return a * y
+        return mx.quantized_matmul(x, w.w, w.scales, w.biases, transpose=True,
+                                   group_size=w.group_size, bits=w.bits)
+    return x @ w.T
+
+
+def reference_gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
+    return a * matvec_t(x, w)
 
 
 def threshold(x: mx.array, t: Optional[mx.array]) -> mx.array:
@@ -119,9 +122,8 @@ def silu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(x)
 
 
-def reference_gate_up(x: mx.array, wg: mx.array, wu: mx.array, t: mx.array) -> mx.array:
-    a = silu(x @ wg.T)
-    return threshold(a, t) * (x @ wu.T)
+def reference_gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:
+    return threshold(silu(matvec_t(x, wg)), t) * matvec_t(x, wu)
 
 
 # ---------------------------------------------------------------- kernel sources ----------------
@@ -314,9 +316,12 @@ def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
     return reference_sparse_input(x, wt, t)
 
 
-def gate_up(x: mx.array, wg: mx.array, wu: mx.array, t: mx.array) -> mx.array:
-    """``threshold(SiLU(x W_gate^T), t) * (x W_up^T)`` for float weights; the up rows of dropped
-    channels are never read."""
+def gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:
+    """``threshold(SiLU(x W_gate^T), t) * (x W_up^T)``; the up rows of dropped channels are never
+    read. Float weights: one fused kernel. Quantized weights (no fused kernel yet): MLX's quantized
+    GEMV for the gate, then the sparse-output kernel for up."""
+    if isinstance(wg, QWeight) or isinstance(wu, QWeight):
+        return gated_sparse_output(x, wu, threshold(silu(matvec_t(x, wg)), t))
     kind = backend()
     if (kind != "reference" and kernel_supports(kind, x, wu, transposed=False) and wg.shape == wu.shape
             and wg.dtype == x.dtype):

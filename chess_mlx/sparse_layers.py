@@ -19,7 +19,7 @@ from .errors import ChessError
 from . import decode_paths as D
 from . import sparse_gemv as G
 from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, kernel_workspace,
-                         sparse_input_linear, transposed_weight, weight_nbytes)
+                         row_weight, sparse_input_linear, transposed_weight, weight_nbytes)
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
 from .model_io import model_layers
 from .stats import SparsityRecorder, WeightBytes
@@ -155,7 +155,7 @@ class SparseMLP(nn.Module):
         if not compiled_path_ok(x, g, u, d):
             return None
         if c.mode == "act":
-            return D.act_mlp, (g["weight"], u["weight"], c.arr("act", x.dtype), transposed_weight(d),
+            return D.act_mlp, (row_weight(g), row_weight(u), c.arr("act", x.dtype), transposed_weight(d),
                                kernel_workspace(d)), [("up", "down")]
         return D.teal_mlp, (c.arr("inp", x.dtype), transposed_weight(g), transposed_weight(u), c.arr("down", x.dtype),
                             transposed_weight(d), kernel_workspace(g), kernel_workspace(u),

@@ -97,3 +97,66 @@ def test_decode_plans_are_built_once_and_dropped_on_method_switch(monkeypatch):
     mx.eval(model(tok))
     assert len(mlp.ctl.plans) == 2  # the compile switch is part of the key
     decode_paths.enable(True)
+
+
+def test_quantized_compiled_paths_match_the_op_by_op_kernel_path(monkeypatch):
+    """4-bit weights (CHESS_MLX_QUANT_KERNELS=1): the compiled paths pass each QWeight as arrays and
+    rebuild it with its bits/group size; against the op-by-op path on the same kernel layouts
+    (row-major W for up, W^T re-quantized along the outputs for sparse inputs)."""
+    import mlx.nn as nn
+
+    from chess_mlx import linear_ops as L
+
+    model, cfg = tiny_model("llama", 4)
+    nn.quantize(model, group_size=32, bits=4)  # before sparsify (calibrate), which copies the projections
+    rng = np.random.default_rng(6)
+    th = calibrate(model, mx.array(rng.integers(0, cfg["vocab_size"], size=(3, 40))), [0.5])
+    prompt = mx.array(rng.integers(0, cfg["vocab_size"], size=(8,)))
+    quantized = []
+
+    def ok(x, *projs):
+        quantized.append(all("scales" in p for p in projs))
+        return x.size == x.shape[-1] and decode_paths.enabled()
+
+    monkeypatch.setattr(SL, "compiled_path_ok", ok)
+    monkeypatch.setattr(L, "_use_kernels", lambda x, p: x.size == x.shape[-1])  # kernel layouts, op by op
+    for method in ("chess", "chess-attn", "teal"):
+        set_method(model, method, th, 0.5)
+        decode_paths.enable(False)
+        want, want_d = _decode(model, prompt, 3)
+        decode_paths.enable(True)
+        got, got_d = _decode(model, prompt, 3)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=method)
+        for a, b in zip(got_d, want_d):
+            np.testing.assert_allclose(a, b, atol=1e-7, err_msg=method)
+            assert (a < 1).any()
+    assert quantized and all(quantized)
+    assert any(k[0] == "_act_mlp" and k[1][1] == (4, 32) for k in decode_paths._COMPILED)
+    assert any(k[0] == "_spin" and k[1][2] == (4, 32) for k in decode_paths._COMPILED)
+    set_method(model, "dense")
+
+
+def test_compiled_path_gate(monkeypatch):
+    """Which projections may take the compiled kernel paths on a GPU backend: float weights in the
+    activation dtype; affine-quantized ones only with the quantized kernels switched on; no bias;
+    one token only."""
+    import mlx.nn as nn
+
+    from chess_mlx import linear_ops as L
+    from chess_mlx import sparse_gemv as G
+
+    monkeypatch.setattr(G, "backend", lambda: "cuda")
+    x = mx.zeros((1, 1, 64), dtype=mx.float16)
+    lin, biased = nn.Linear(64, 32, bias=False), nn.Linear(64, 32)
+    lin.set_dtype(mx.float16)
+    biased.set_dtype(mx.float16)
+    q = nn.QuantizedLinear.from_linear(lin, group_size=32, bits=4)
+    assert L.compiled_path_ok(x, lin)
+    assert not L.compiled_path_ok(mx.zeros((1, 2, 64), dtype=mx.float16), lin)  # prefill
+    assert not L.compiled_path_ok(x.astype(mx.bfloat16), lin)  # dtype mismatch
+    assert not L.compiled_path_ok(x, biased)
+    monkeypatch.setattr(L, "QUANTIZED_KERNELS", False)
+    assert not L.compiled_path_ok(x, lin, q)
+    monkeypatch.setattr(L, "QUANTIZED_KERNELS", True)
+    assert L.compiled_path_ok(x, lin, q)
+    assert not L.compiled_path_ok(x.astype(mx.bfloat16), q)  # scales are float16
