@@ -185,9 +185,24 @@ def spout_warps_per_row(row_bytes: int) -> int:
     return 8 if row_bytes >= 16384 else 4 if row_bytes >= 6144 else 2 if row_bytes >= 2048 else 1
 
 
-def spin_words(m: int) -> int:
-    """32-bit words per lane in spin_q: 16-byte loads for one token, narrower as M grows."""
-    return {1: 4, 2: 2}.get(m, 1)
+METAL_THREADGROUP_BYTES = 32768  # what an Apple GPU threadgroup may declare
+
+
+def spin_threadgroup_bytes(m: int, kc: int, words: int = 0, bits: Optional[int] = None) -> int:
+    """Static shared/threadgroup memory of spin_f (``bits`` None) or spin_q, as their sources
+    declare it: idx[KC], xsh[M * KC], red[8][TILE] and a few counters."""
+    tile = 256 if bits is None else 32 * words * (32 // bits)
+    return 4 * (kc + m * kc + 8 * tile + 17)
+
+
+def spin_words(m: int, bits: int = 4, kind: str = "cuda") -> int:
+    """32-bit words per lane in spin_q: 16-byte loads for one token, narrower as M grows. On Metal
+    also narrower where the reduction tile would not fit a threadgroup's 32 KB."""
+    words = {1: 4, 2: 2}.get(m, 1)
+    if kind == "metal":
+        while words > 1 and spin_threadgroup_bytes(m, 256, words, bits) > METAL_THREADGROUP_BYTES:
+            words //= 2
+    return words
 
 
 def kernel_supports(kind: str, x: mx.array, w, transposed: bool) -> bool:
@@ -261,7 +276,7 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: mx.array,
     m, k = x.shape
     if isinstance(wt, QWeight):
         n = wt.cols
-        words = spin_words(m)
+        words = spin_words(m, wt.bits, kind)
         tile = 32 * words * (32 // wt.bits)
         tiles = -(-n // tile)
         kc = kc or split_k_chunk(k, tiles, quantized=True)

@@ -140,6 +140,40 @@ def test_launch_geometry():
     assert [G.spin_words(m) for m in (1, 2, 4)] == [4, 2, 1]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_metal_spin_geometry_fits_a_threadgroup(bits):
+    """Apple GPUs allow 32 KB of threadgroup memory: the Metal launch narrows spin_q's lanes where
+    the 4-bit reduction tile would not fit; spin_f fits at its largest chunk and batch."""
+    for m in (1, 2, 4):  # spin_q takes M <= 4; quantized chunks are at most 256 rows
+        w = G.spin_words(m, bits, "metal")
+        assert G.spin_threadgroup_bytes(m, 256, w, bits) <= G.METAL_THREADGROUP_BYTES
+        assert w <= G.spin_words(m, bits, "cuda")
+    assert G.spin_words(1, 4, "metal") == 2 and G.spin_words(1, 8, "metal") == 4
+    assert G.spin_threadgroup_bytes(1, 256, 4, 4) > G.METAL_THREADGROUP_BYTES  # what it avoids
+    assert G.spin_threadgroup_bytes(G.MAX_TOKENS, 512) <= G.METAL_THREADGROUP_BYTES
+
+
+@pytest.mark.parametrize("kind,name", [("cuda", "spin_f"), ("cuda", "spin_q"), ("metal", "spin_f"), ("metal", "spin_q")])
+def test_spin_threadgroup_bytes_match_the_declarations(kind, name):
+    """The byte count the launcher budgets is what the source declares (arrays evaluated with the
+    template values), so the Metal geometry check above sees the real footprint."""
+    _, body = G.read_source(kind, name)
+    sizes = {"int": 4, "float": 4, "float4": 16}
+    decl = re.compile(r"^(?:threadgroup|__shared__)\s+(?:__align__\(\d+\)\s+)?(int|float4|float)\s+(\w+)((?:\[[^\]]+\])*);",
+                      re.M)
+    for m, kc, words, bits in ((1, 256, 4, 4), (2, 128, 2, 8), (4, 64, 1, 4)):
+        tile = 256 if name == "spin_f" else 32 * words * (32 // bits)
+        env = {"KC": kc, "M": m, "TILE": tile}
+        total = 0
+        for typ, _name, dims in decl.findall(body):
+            n = 1
+            for d in re.findall(r"\[([^\]]+)\]", dims):
+                n *= eval(d, {}, env)
+            total += sizes[typ] * n
+        want = G.spin_threadgroup_bytes(m, kc, words, None if name == "spin_f" else bits)
+        assert total == want, (kind, name, m, kc, words, bits)
+
+
 def test_transposed_weight_for_kernels():
     import mlx.nn as nn
 
