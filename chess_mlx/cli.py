@@ -362,7 +362,8 @@ def cmd_bench(args) -> int:
     print(f"decode benchmark: {label}, sparsity {sparsity:g}, {args.tokens} tokens x {args.runs} runs, "
           f"kernels: {backend()}", flush=True)
     results = run_bench(model, methods, sparsity, vocab, n_tokens=args.tokens, runs=args.runs,
-                        progress=lambda m, r: print(f"  {m:<11} {r.tokens_per_s:8.1f} tok/s  (FFN sparsity {r.ffn_sparsity:.0%})", flush=True))
+                        progress=lambda m, r: print(f"  {m:<11} {r.tokens_per_s:8.1f} tok/s  (runs {min(r.runs):.1f}-{max(r.runs):.1f}; "
+                                                     f"FFN sparsity {r.ffn_sparsity:.0%})", flush=True))
     base = next((r.tokens_per_s for r in results if r.method == M.DENSE), None)
     if base:
         print("speed vs dense: " + ", ".join(f"{r.method} {r.tokens_per_s / base:.2f}x" for r in results))
