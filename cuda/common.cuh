@@ -176,7 +176,7 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
 // Sparse-input epilogue, one launch for what used to be two (fewer graph nodes per token is what
 // decode speed depends on, benchmarks/RESULTS.md): the 8 warps' accumulators of one output tile
 // (lane owns VPL consecutive outputs, plus a per-lane scalar) are summed through red[8][TILE] into
-// partial[chunk, m, :]; the last of the tile's gridDim.y chunk blocks to arrive (counted in
+// partial[chunk, m, :]; the last of the tile's CHUNKS chunk blocks to arrive (counted in
 // sem[tile]) sums the chunks in order 0..C-1 into y, and the last tile to finish (sem[tiles])
 // writes dens[0] = non-zero inputs / (M*K) (accumulated by the tile-0 blocks in sem[tiles + 1]).
 // sem is a per-call-site int32 workspace of tiles + 2 zeros; every counter is reset to 0 by the

@@ -3,8 +3,8 @@
 // Layout: wt (K, N) = W^T row-major, so an input channel j is one contiguous row and a dropped
 // x[:, j] costs no weight bytes. Block = 8 warps on a tile of 256 outputs and a chunk of KC inputs
 // (split-K). The block first compacts its chunk's surviving inputs and their thresholded values
-// into shared memory (chess_compact), then each warp takes every 8th active row, U rows at a time with all U 16-byte
-// loads issued before the FMAs; each lane owns 8 consecutive outputs. chess_spin_finish reduces
+// into shared memory (chess_compact), then each warp takes every 8th active row, U rows at a time
+// with all U 16-byte loads issued before the FMAs; each lane owns 8 consecutive outputs. chess_spin_finish reduces
 // the 8 warps into partial[chunk, m, n], and the tile's last chunk block sums the chunks into y;
 // dens[0] = fraction of non-zero (m, j) inputs. sem: int32 workspace of >= tiles + 2 zeros.
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.

@@ -35,6 +35,22 @@ def _decode(model, prompt, steps):
     return np.stack(out), dens
 
 
+def _paths_agree(model, th, prompt, method: str, steps: int) -> list:
+    """Decode with the compiled paths off, then on: same logits, same recorded densities.
+    Returns the densities (None where nothing was recorded, as under dense)."""
+    set_method(model, method, th, 0.5)
+    decode_paths.enable(False)
+    want, want_d = _decode(model, prompt, steps)
+    decode_paths.enable(True)
+    got, got_d = _decode(model, prompt, steps)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=method)
+    for a, b in zip(got_d, want_d):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(a, b, atol=1e-7, err_msg=method)
+    return got_d
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_compiled_paths_match_the_op_by_op_path(model_type, monkeypatch):
     model, cfg = tiny_model(model_type, 3)
@@ -50,18 +66,9 @@ def test_compiled_paths_match_the_op_by_op_path(model_type, monkeypatch):
 
     monkeypatch.setattr(SL, "compiled_path_ok", ok)
     for method in METHODS:
-        set_method(model, method, th, 0.5)
-        decode_paths.enable(False)
-        want, want_d = _decode(model, prompt, 4)
-        decode_paths.enable(True)
-        got, got_d = _decode(model, prompt, 4)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=method)
-        for a, b in zip(got_d, want_d):
-            assert (a is None) == (b is None)
-            if a is not None:
-                np.testing.assert_allclose(a, b, atol=1e-7, err_msg=method)
-                if method != "dense":
-                    assert (a < 1).any()  # something really was sparsified
+        for a in _paths_agree(model, th, prompt, method, 4):
+            if a is not None and method != "dense":
+                assert (a < 1).any()  # something really was sparsified
     decode_paths.enable(True)
     assert any(used)
     assert any(k[0] == "_act_mlp" for k in decode_paths._COMPILED) and any(k[0] == "_spin" for k in decode_paths._COMPILED)
@@ -121,15 +128,8 @@ def test_quantized_compiled_paths_match_the_op_by_op_kernel_path(monkeypatch):
     monkeypatch.setattr(SL, "compiled_path_ok", ok)
     monkeypatch.setattr(L, "_use_kernels", lambda x, p: x.size == x.shape[-1])  # kernel layouts, op by op
     for method in ("chess", "chess-attn", "teal"):
-        set_method(model, method, th, 0.5)
-        decode_paths.enable(False)
-        want, want_d = _decode(model, prompt, 3)
-        decode_paths.enable(True)
-        got, got_d = _decode(model, prompt, 3)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=method)
-        for a, b in zip(got_d, want_d):
-            np.testing.assert_allclose(a, b, atol=1e-7, err_msg=method)
-            assert (a < 1).any()
+        for a in _paths_agree(model, th, prompt, method, 3):
+            assert a is not None and (a < 1).any()
     assert quantized and all(quantized)
     assert any(k[0] == "_act_mlp" and k[1][1] == (4, 32) for k in decode_paths._COMPILED)
     assert any(k[0] == "_spin" and k[1][2] == (4, 32) for k in decode_paths._COMPILED)
