@@ -97,8 +97,10 @@ def spin_check(kind: str, x: mx.array, wt, t=None) -> dict:
 
 
 def act_abs(x, wg) -> mx.array:
-    """|SiLU(x W_gate^T)| in float32 (M, N): what the fused gate/up kernel thresholds."""
-    g = x.astype(mx.float32) @ wg.astype(mx.float32).T
+    """|SiLU(x W_gate^T)| in float32 (M, N): what the fused gate/up kernel thresholds (a
+    quantized gate through its dequantized float32 values)."""
+    w = wg.dequantize() if isinstance(wg, G.QWeight) else wg
+    g = x.astype(mx.float32) @ w.astype(mx.float32).T
     return mx.abs(g * mx.sigmoid(g))
 
 
@@ -152,16 +154,15 @@ def check(kind: str, quick: bool) -> list[dict]:
                 rows.append(dict(kernel="sparse_input_thr_channel", **base, sparsity=s, **spin_check(kind, x, wt, tpc)))
                 rows.append(dict(kernel="sparse_input_thr_scalar", **base, sparsity=s,
                                  **spin_check(kind, x, wt, mx.array([q], dtype=dtype))))
-                if not isinstance(w, G.QWeight):
-                    wu = make_weight(out_dim, in_dim, wtype, transposed=False)
-                    t_ch = robust_channel_thresholds(x, w, s)
-                    r = gateup_check(kind, x, w, wu, t_ch)
-                    if not r["zero_pattern_match"]:
-                        r["rel_err"] = float("nan")
-                    rows.append(dict(kernel="gate_up_channel", **base, sparsity=s, **r))
-                    av = mx.sort(act_abs(x, w)[0])
-                    t_sc = mx.array([av[min(out_dim - 1, int(s * out_dim))].item()], dtype=dtype)
-                    rows.append(dict(kernel="gate_up_scalar", **base, sparsity=s, **gateup_check(kind, x, w, wu, t_sc)))
+                wu = make_weight(out_dim, in_dim, wtype, transposed=False)
+                t_ch = robust_channel_thresholds(x, w, s)
+                r = gateup_check(kind, x, w, wu, t_ch)
+                if not r["zero_pattern_match"]:
+                    r["rel_err"] = float("nan")
+                rows.append(dict(kernel="gate_up_channel", **base, sparsity=s, **r))
+                av = mx.sort(act_abs(x, w)[0])
+                t_sc = mx.array([av[min(out_dim - 1, int(s * out_dim))].item()], dtype=dtype)
+                rows.append(dict(kernel="gate_up_scalar", **base, sparsity=s, **gateup_check(kind, x, w, wu, t_sc)))
         # small decode batches
         for m in (2, 4, 8):
             out_dim, in_dim = SHAPES[2]
@@ -177,10 +178,9 @@ def check(kind: str, quick: bool) -> list[dict]:
                                  **spin_check(kind, xs, wt)))
                 rows.append(dict(kernel=f"sparse_input_thr_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
                                  **spin_check(kind, x, wt, mx.array([0.6745], dtype=dtype))))
-            if not isinstance(w, G.QWeight):
-                wu = make_weight(out_dim, in_dim, wtype, transposed=False)
-                rows.append(dict(kernel=f"gate_up_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
-                                 **gateup_check(kind, x, w, wu, mx.array([0.1], dtype=dtype))))
+            wu = make_weight(out_dim, in_dim, wtype, transposed=False)
+            rows.append(dict(kernel=f"gate_up_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
+                             **gateup_check(kind, x, w, wu, mx.array([0.1], dtype=dtype))))
     G._POISON = None
     return rows
 
@@ -224,18 +224,19 @@ def spin_calls(kind: str, xs, wts, t=None, batch: int = 64) -> list:
 
 
 def bench_gate_up(kind: str, bw: float) -> list[dict]:
-    """The fused FFN front vs MLX's two dense GEMVs (gate and up) on the Llama-3-8B FFN shape."""
+    """The fused FFN front vs MLX's two dense GEMVs (gate and up, quantized_matmul for 4-bit) on
+    the Llama-3-8B FFN shape."""
     rows = []
     out_dim, in_dim = SHAPES[1]
-    for wtype in ("float16", "bfloat16"):
+    for wtype in ("float16", "bfloat16", "q4g64"):
         dtype = parse_wtype(wtype)[0]
         probe = make_weight(out_dim, in_dim, wtype, transposed=False)
         copies = max(2, math.ceil(4 * L2_BYTES / (2 * probe.nbytes)))
         pairs = [(make_weight(out_dim, in_dim, wtype, False), make_weight(out_dim, in_dim, wtype, False))
                  for _ in range(copies)]
-        mx.eval([w for p in pairs for w in p])
+        mx.eval([w.w if isinstance(w, G.QWeight) else w for p in pairs for w in p])
         x = mx.random.normal((1, in_dim)).astype(dtype)
-        t_dense = timeit([lambda p=p: (x @ p[0].T, x @ p[1].T) for p in pairs])
+        t_dense = timeit([lambda p=p: (dense_fn(x, p[0])(), dense_fn(x, p[1])()) for p in pairs])
         for s in LEVELS_TIME:
             ts = [robust_channel_thresholds(x, g, s) for g, _ in pairs]
             mx.eval(ts)

@@ -42,7 +42,39 @@ def decode_paths_check() -> None:
             same = float(mx.mean(mx.argmax(got, -1) == mx.argmax(want, -1)))
             print(f"decode paths {bits or 16}-bit {method}: rel diff {rel:.2e}, same argmax {same:.2f}", flush=True)
         set_method(model, "dense")
+        if bits is None:
+            teal_module_check(model, th)
     linear_ops.QUANTIZED_KERNELS = False
+
+
+def teal_module_check(model, th) -> None:
+    """Layer 0's TEAL modules on one fixed input, compiled vs op by op vs the reference path. Their
+    inputs are identical, so the only admissible difference is rounding, plus (MLP) a down-input
+    channel whose |h| lies at its threshold; with the down threshold at 0 no decision can flip."""
+    from chess_mlx import decode_paths, set_method
+    from chess_mlx import sparse_gemv as G
+    from chess_mlx.sparse_layers import sparse_modules
+
+    set_method(model, "teal", th, 0.5)
+    projs, mlp = sparse_modules(model.model.layers[0])
+    x = mx.random.normal((1, 1, mlp.gate_proj.weight.shape[1]), key=mx.random.key(3)).astype(mx.float16)
+    for label, mod, down in [(f"attn {p}", m, None) for p, m in projs.items()] + [("mlp", mlp, None), ("mlp t_down=0", mlp, 0.0)]:
+        if down is not None:
+            mod.ctl.down = down
+            mod.ctl.plans.clear()
+        xin = x if label[-1] != "o" else mx.random.normal((1, 1, mod.weight.shape[1]), key=mx.random.key(4)).astype(mx.float16)
+        outs = {}
+        for name, ref, comp in (("op", False, False), ("compiled", False, True), ("reference", True, False)):
+            G.force_reference(ref)
+            decode_paths.enable(comp)
+            outs[name] = mod(xin).astype(mx.float32)
+        G.force_reference(False)
+        decode_paths.enable(True)
+        scale = float(mx.max(mx.abs(outs["reference"])))
+        d = {k: float(mx.max(mx.abs(outs[k] - outs["reference"]))) / scale for k in ("op", "compiled")}
+        print(f"teal module {label}: op vs reference {d['op']:.2e}, compiled vs reference {d['compiled']:.2e}",
+              flush=True)
+    set_method(model, "dense")
 
 
 if "--decode-only" in sys.argv:

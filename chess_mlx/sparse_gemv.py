@@ -145,18 +145,20 @@ _INPUTS = {
     "spin_f": ["x", "t", "wt", "sem"],
     "spin_q": ["x", "t", "wt", "scales", "biases", "sem"],
     "gateup_f": ["x", "wg", "wu", "t"],
+    "gateup_q": ["x", "wg", "sg", "bg", "wu", "su", "bu", "t"],
 }
 # Template parameters of each kernel, in the order the launchers pass them (checked by the tests
 # against the "Template:" line of both the CUDA and the Metal source).
 TEMPLATES = {
     "spout_f": ("T", "M", "K", "N", "WPR"),
-    "spout_q": ("T", "M", "K", "N", "BITS", "GS", "WPR"),
+    "spout_q": ("T", "M", "K", "N", "BITS", "GS", "RPW"),
     "spin_f": ("T", "M", "K", "N", "KC", "TPC"),
     "spin_q": ("T", "M", "K", "N", "BITS", "GS", "KC", "WORDS", "TPC"),
     "gateup_f": ("T", "M", "K", "N", "WPR", "TPC"),
+    "gateup_q": ("T", "M", "K", "N", "BITS", "GS", "RPW", "TPC"),
 }
 _OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "partial", "dens"],
-            "spin_q": ["y", "partial", "dens"], "gateup_f": ["y"]}
+            "spin_q": ["y", "partial", "dens"], "gateup_f": ["y"], "gateup_q": ["y"]}
 
 
 @lru_cache(maxsize=None)
@@ -171,13 +173,21 @@ def _kernel(kind: str, name: str):
 
 # ---------------------------------------------------------------- launch geometry ---------------
 def split_k_chunk(k: int, n_tiles: int, quantized: bool) -> int:
-    """Rows per split-K chunk of spin (Nsight sweep on H100, benchmarks/RESULTS.md): long chunks
-    amortise each block's compaction and reduction (512 rows for half weights, 256 for quantized
-    ones, whose rows are shorter), halved only while the grid has fewer than 2 blocks per SM."""
-    kc = 256 if quantized else 512
-    while kc > 64 and n_tiles * -(-k // kc) < 264:
+    """Rows per split-K chunk of spin (Nsight sweeps on H100, benchmarks/RESULTS.md): long chunks
+    amortise each block's compaction and reduction (512 rows for half weights, halved while the
+    grid has fewer than 2 blocks per SM); 128 for quantized ones, whose rows are short (halved
+    only below one block per SM)."""
+    kc, min_blocks = (128, 132) if quantized else (512, 264)
+    while kc > 64 and n_tiles * -(-k // kc) < min_blocks:
         kc //= 2
     return kc
+
+
+def spout_rows_per_warp(m: int) -> int:
+    """Rows per warp of the quantized sparse-output kernels (spout_q, gateup_q): 4 shares each x
+    load and latency chain among 4 rows (Nsight A/B on H100: 1.45x one row per warp at 50%
+    sparsity); 2 for larger decode batches, whose accumulators (RPW x M) would spill."""
+    return 4 if m <= 4 else 2
 
 
 def spout_warps_per_row(row_bytes: int) -> int:
@@ -196,9 +206,9 @@ def spin_threadgroup_bytes(m: int, kc: int, words: int = 0, bits: Optional[int] 
 
 
 def spin_words(m: int, bits: int = 4, kind: str = "cuda") -> int:
-    """32-bit words per lane in spin_q: 16-byte loads for one token, narrower as M grows. On Metal
+    """32-bit words per lane in spin_q: 8-byte loads for one or two tokens, 4-byte beyond. On Metal
     also narrower where the reduction tile would not fit a threadgroup's 32 KB."""
-    words = {1: 4, 2: 2}.get(m, 1)
+    words = 2 if m <= 2 else 1  # Nsight sweep (H100): 2 words beat 4 at one token, 1.4x at 4096x4096
     if kind == "metal":
         while words > 1 and spin_threadgroup_bytes(m, 256, words, bits) > METAL_THREADGROUP_BYTES:
             words //= 2
@@ -225,20 +235,21 @@ def kernel_supports(kind: str, x: mx.array, w, transposed: bool) -> bool:
 
 # ---------------------------------------------------------------- kernel calls ------------------
 def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = None) -> mx.array:
+    """spout_f (``wpr`` warps per row) / spout_q (``spout_rows_per_warp`` rows per warp)."""
     m, k = x.shape
     if isinstance(w, QWeight):
-        n = w.rows
-        name, inputs = "spout_q", [x, w.w, w.scales, w.biases, a]
-        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size)]
-    else:
-        n = w.shape[0]
-        name, inputs = "spout_f", [x, w, a]
-        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n)]
-    wpr = wpr or spout_warps_per_row(k * (w.bits if isinstance(w, QWeight) else 16) // 8)
-    tmpl.append(("WPR", wpr))
+        n, rpw = w.rows, spout_rows_per_warp(m)
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size), ("RPW", rpw)]
+        return _kernel(kind, "spout_q")(
+            inputs=[x, w.w, w.scales, w.biases, a], template=tmpl, grid=(-(-n // (8 * rpw)) * 256, 1, 1),
+            threadgroup=(256, 1, 1), output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
+    n = w.shape[0]
+    wpr = wpr or spout_warps_per_row(k * 2)
+    tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("WPR", wpr)]
     blocks = -(-n // (8 // wpr))
-    return _kernel(kind, name)(inputs=inputs, template=tmpl, grid=(blocks * 256, 1, 1), threadgroup=(256, 1, 1),
-                               output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
+    return _kernel(kind, "spout_f")(inputs=[x, w, a], template=tmpl, grid=(blocks * 256, 1, 1),
+                                    threadgroup=(256, 1, 1), output_shapes=[(m, n)], output_dtypes=[x.dtype],
+                                    init_value=_POISON)[0]
 
 
 def workspace(n_out: int) -> mx.array:
@@ -299,9 +310,17 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: mx.array,
     return y, dens.reshape(())
 
 
-def _launch_gateup(kind: str, x: mx.array, wg: mx.array, wu: mx.array, t: mx.array,
-                   wpr: Optional[int] = None) -> mx.array:
+def _launch_gateup(kind: str, x: mx.array, wg, wu, t: mx.array, wpr: Optional[int] = None) -> mx.array:
+    """gateup_f (float weights, ``wpr`` warps per row) / gateup_q (two QWeights of one format)."""
     m, k = x.shape
+    if isinstance(wg, QWeight):
+        n, rpw = wg.rows, spout_rows_per_warp(m)
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wg.bits), ("GS", wg.group_size),
+                ("RPW", rpw), ("TPC", _tpc(t, n))]
+        return _kernel(kind, "gateup_q")(
+            inputs=[x, wg.w, wg.scales, wg.biases, wu.w, wu.scales, wu.biases, t], template=tmpl,
+            grid=(-(-n // (8 * rpw)) * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(m, n)],
+            output_dtypes=[x.dtype], init_value=_POISON)[0]
     n = wg.shape[0]
     wpr = wpr or spout_warps_per_row(k * 2)
     tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("WPR", wpr), ("TPC", _tpc(t, n))]
@@ -333,11 +352,15 @@ def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
 
 def gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:
     """``threshold(SiLU(x W_gate^T), t) * (x W_up^T)``; the up rows of dropped channels are never
-    read. Float weights: one fused kernel. Quantized weights (no fused kernel yet): MLX's quantized
-    GEMV for the gate, then the sparse-output kernel for up."""
-    if isinstance(wg, QWeight) or isinstance(wu, QWeight):
-        return gated_sparse_output(x, wu, threshold(silu(matvec_t(x, wg)), t))
+    read. One fused kernel for two float weights or two QWeights of one format; otherwise (mixed
+    formats) the gate GEMV, then the sparse-output kernel for up."""
     kind = backend()
+    if isinstance(wg, QWeight) or isinstance(wu, QWeight):
+        if (kind != "reference" and isinstance(wg, QWeight) and isinstance(wu, QWeight)
+                and kernel_supports(kind, x, wg, transposed=False) and kernel_supports(kind, x, wu, transposed=False)
+                and (wg.bits, wg.group_size, wg.rows) == (wu.bits, wu.group_size, wu.rows)):
+            return _launch_gateup(kind, x, wg, wu, t)
+        return gated_sparse_output(x, wu, threshold(silu(matvec_t(x, wg)), t))
     if (kind != "reference" and kernel_supports(kind, x, wu, transposed=False) and wg.shape == wu.shape
             and wg.dtype == x.dtype):
         return _launch_gateup(kind, x, wg, wu, t)

@@ -146,6 +146,56 @@ __device__ __forceinline__ void chess_row_dot(const T* w_row, const T* x, int pa
   }
 }
 
+// Quantized sparse-output row dot products, RPW rows per warp (spout_q, gateup_q):
+// acc[q][m] += w[r0 + q, :] . x[m, :] for the rows with act[q]. Each lane takes 16-byte steps
+// (32 values at 4 bits, 16 at 8, inside one quantization group: one scale and one bias per row);
+// x is loaded once per step and applied to all RPW rows, so the x traffic and the latency chain of
+// a step are shared by RPW rows (Nsight A/B, benchmarks/RESULTS.md: 1.45x the one-row-per-warp
+// design at 50% sparsity). No shared memory and no barrier: the warp sums its own rows.
+template <typename T, int M, int K, int BITS, int GS, int RPW>
+__device__ __forceinline__ void chess_qrows_dot(const uint32_t* w, const T* scales, const T* biases, const T* x,
+                                                int r0, const bool* act, float (*acc)[M]) {
+  constexpr int VPW = 32 / BITS;
+  constexpr int VPL = 4 * VPW;
+  constexpr int WORDS_PER_ROW = K / VPW;
+  constexpr int STEPS = WORDS_PER_ROW / 4;
+  const int lane = threadIdx.x & 31;
+#pragma unroll 2
+  for (int v = lane; v < STEPS; v += 32) {
+    const int k0 = v * VPL;
+    uint32_t words[RPW][4];
+    float sc[RPW], bi[RPW];
+#pragma unroll
+    for (int q = 0; q < RPW; ++q) {
+      if (act[q]) {
+        chess_load_words<4>(w + (size_t)(r0 + q) * WORDS_PER_ROW + 4 * v, words[q]);
+        sc[q] = static_cast<float>(scales[(size_t)(r0 + q) * (K / GS) + k0 / GS]);
+        bi[q] = static_cast<float>(biases[(size_t)(r0 + q) * (K / GS) + k0 / GS]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xf[VPL];
+      const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)m * K + k0);
+#pragma unroll
+      for (int c = 0; c < VPL / 8; ++c) chess_unpack8<T>(xv[c], xf + 8 * c);
+      float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) xs4[i & 3] += xf[i];
+      const float xsum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
+#pragma unroll
+      for (int q = 0; q < RPW; ++q) {
+        if (act[q]) {
+          float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // 4 chains for ILP
+#pragma unroll
+          for (int i = 0; i < VPL; ++i) qx[i & 3] += chess_qfloat<BITS>(words[q][i / VPW], BITS * (i % VPW)) * xf[i];
+          acc[q][m] += sc[q] * ((qx[0] + qx[1]) + (qx[2] + qx[3])) + bi[q] * xsum;
+        }
+      }
+    }
+  }
+}
+
 // First step of a sparse-output epilogue: each warp's sum of acc[m] into red[warp][m], then a
 // barrier. All 256 threads must call it.
 template <int M>

@@ -132,6 +132,45 @@ inline void chess_row_dot(const device T* w_row, const device T* x, int part, th
   }
 }
 
+// Quantized sparse-output row dot products, RPW rows per simdgroup (twin of the CUDA one, used by
+// spout_q and gateup_q): acc[q][m] += w[r0 + q, :] . x[m, :] for the rows with act[q]; 16-byte
+// steps inside one quantization group; x loaded once per step for all RPW rows; no threadgroup memory.
+template <typename T, int M, int K, int BITS, int GS, int RPW>
+inline void chess_qrows_dot(const device uint32_t* w, const device T* scales, const device T* biases,
+                            const device T* x, int r0, thread const bool* act, thread float (*acc)[M], uint lane) {
+  constexpr int VPW = 32 / BITS;
+  constexpr int VPL = 4 * VPW;
+  constexpr int WORDS_PER_ROW = K / VPW;
+  constexpr int STEPS = WORDS_PER_ROW / 4;
+  for (int v = int(lane); v < STEPS; v += 32) {
+    const int k0 = v * VPL;
+    uint32_t words[RPW][4];
+    float sc[RPW], bi[RPW];
+    for (int q = 0; q < RPW; ++q) {
+      if (act[q]) {
+        chess_load_words<4>(w + (r0 + q) * WORDS_PER_ROW + 4 * v, words[q]);
+        sc[q] = float(scales[(r0 + q) * (K / GS) + k0 / GS]);
+        bi[q] = float(biases[(r0 + q) * (K / GS) + k0 / GS]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float xf[VPL];
+      const device uint4* xv = (const device uint4*)(x + m * K + k0);
+      for (int c = 0; c < VPL / 8; ++c) chess_unpack8<T>(xv[c], xf + 8 * c);
+      float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int i = 0; i < VPL; ++i) xs4[i & 3] += xf[i];
+      const float xsum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
+      for (int q = 0; q < RPW; ++q) {
+        if (act[q]) {
+          float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          for (int i = 0; i < VPL; ++i) qx[i & 3] += chess_qfloat<BITS>(words[q][i / VPW], BITS * (i % VPW)) * xf[i];
+          acc[q][m] += sc[q] * ((qx[0] + qx[1]) + (qx[2] + qx[3])) + bi[q] * xsum;
+        }
+      }
+    }
+  }
+}
+
 // First step of a sparse-output epilogue: each simdgroup's sum of acc[m] into red[warp][m], then
 // a barrier. All 256 threads must call it.
 template <int M>

@@ -134,10 +134,13 @@ def test_dispatch_on_cpu_and_force_switch(monkeypatch):
 
 def test_launch_geometry():
     assert G.split_k_chunk(14336, 16, quantized=False) == 512
-    assert G.split_k_chunk(14336, 4, quantized=True) == 128
+    assert G.split_k_chunk(14336, 8, quantized=True) == 128
+    assert G.split_k_chunk(4096, 8, quantized=True) == 128  # 256 blocks >= 1 per SM
+    assert G.split_k_chunk(4096, 2, quantized=True) == 64
     assert G.split_k_chunk(4096, 16, quantized=False) == 128  # 512 blocks >= 2 per SM
     assert [G.spout_warps_per_row(b) for b in (1152, 2048, 8192, 28672)] == [1, 2, 4, 8]
-    assert [G.spin_words(m) for m in (1, 2, 4)] == [4, 2, 1]
+    assert [G.spin_words(m) for m in (1, 2, 4)] == [2, 2, 1]
+    assert [G.spout_rows_per_warp(m) for m in (1, 4, 8)] == [4, 4, 2]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -148,7 +151,7 @@ def test_metal_spin_geometry_fits_a_threadgroup(bits):
         w = G.spin_words(m, bits, "metal")
         assert G.spin_threadgroup_bytes(m, 256, w, bits) <= G.METAL_THREADGROUP_BYTES
         assert w <= G.spin_words(m, bits, "cuda")
-    assert G.spin_words(1, 4, "metal") == 2 and G.spin_words(1, 8, "metal") == 4
+    assert G.spin_words(1, 4, "metal") == 2 and G.spin_words(1, 8, "metal") == 2
     assert G.spin_threadgroup_bytes(1, 256, 4, 4) > G.METAL_THREADGROUP_BYTES  # what it avoids
     assert G.spin_threadgroup_bytes(G.MAX_TOKENS, 512) <= G.METAL_THREADGROUP_BYTES
 
@@ -225,21 +228,25 @@ _INSTANCES = [
     ("spout_f", ["float16", "float16", "float16"], ["float16"], dict(T="float16", M=1, K=4096, N=14336, WPR=4)),
     ("spout_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"], dict(T="bfloat16", M=2, K=576, N=1536, WPR=1)),
     ("spout_q", ["float16", "uint32", "float16", "float16", "float16"], ["float16"],
-     dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, WPR=2)),
+     dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, RPW=4)),
     ("spout_q", ["bfloat16", "uint32", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
-     dict(T="bfloat16", M=1, K=4096, N=4096, BITS=8, GS=32, WPR=4)),
+     dict(T="bfloat16", M=8, K=4096, N=4100, BITS=8, GS=32, RPW=2)),
     ("spin_f", ["float16", "float16", "float16", "int32"], ["float16", "float32", "float32"],
      dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
     ("spin_f", ["bfloat16", "float32", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
      dict(T="bfloat16", M=4, K=1536, N=576, KC=64, TPC=1)),
     ("spin_q", ["float16", "float32", "uint32", "float16", "float16", "int32"], ["float16", "float32", "float32"],
-     dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=4, TPC=1)),
+     dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=128, WORDS=2, TPC=1)),
     ("spin_q", ["bfloat16", "bfloat16", "uint32", "bfloat16", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
      dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=0)),
     ("gateup_f", ["float16", "float16", "float16", "float32"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, WPR=4, TPC=1)),
     ("gateup_f", ["bfloat16", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
      dict(T="bfloat16", M=2, K=576, N=1536, WPR=1, TPC=0)),
+    ("gateup_q", ["float16"] + ["uint32", "float16", "float16"] * 2 + ["float32"], ["float16"],
+     dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, RPW=4, TPC=1)),
+    ("gateup_q", ["bfloat16"] + ["uint32", "bfloat16", "bfloat16"] * 2 + ["bfloat16"], ["bfloat16"],
+     dict(T="bfloat16", M=8, K=1536, N=580, BITS=8, GS=32, RPW=2, TPC=0)),
 ]
 
 
