@@ -99,6 +99,8 @@ def spin_check(kind: str, x: mx.array, wt, t=None) -> dict:
 def act_abs(x, wg) -> mx.array:
     """|SiLU(x W_gate^T)| in float32 (M, N): what the fused gate/up kernel thresholds (a
     quantized gate through its dequantized float32 values)."""
+    if isinstance(wg, G.QWeight):  # scale * q + bias in float32: a float16 dequantization would round each weight
+        wg = G.QWeight(wg.w, wg.scales.astype(mx.float32), wg.biases.astype(mx.float32), wg.bits, wg.group_size)
     w = wg.dequantize() if isinstance(wg, G.QWeight) else wg
     g = x.astype(mx.float32) @ w.astype(mx.float32).T
     return mx.abs(g * mx.sigmoid(g))
@@ -130,10 +132,10 @@ def gateup_check(kind: str, x, wg, wu, t) -> dict:
                 zero_pattern_match=flips == 0.0, density=mx.mean((ref != 0).astype(mx.float32)).item())
 
 
-def check(kind: str, quick: bool) -> list[dict]:
+def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
     G._POISON = float("nan")
     rows = []
-    wtypes = WTYPES[:3] if quick else WTYPES
+    wtypes = only or (WTYPES[:3] if quick else WTYPES)
     for wtype in wtypes:
         dtype = parse_wtype(wtype)[0]
         for out_dim, in_dim in SHAPES:
@@ -297,14 +299,18 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--wtypes", help="comma-separated weight types to check, e.g. q4g64 (default: all)")
     args = ap.parse_args()
+    only = args.wtypes.split(",") if args.wtypes else None
+    if only and any(t not in WTYPES for t in only):
+        ap.error(f"--wtypes takes some of {', '.join(WTYPES)}")
     kind = G.backend()
     if kind == "reference":
         print("no GPU backend (Metal or CUDA): nothing to check", file=sys.stderr)
         return 2
     mx.random.seed(0)
     t0 = time.time()
-    checks = check(kind, args.quick)
+    checks = check(kind, args.quick, only)
     bad = [r for r in checks if not (r["rel_err"] < 1e-2) or r.get("ws_reset") is False
            or r.get("zero_pattern_match") is False and r["kernel"] == "gate_up_channel"]
     print(f"correctness: {len(checks) - len(bad)}/{len(checks)} passed (rel err < 1e-2, NaN-poisoned outputs) "
