@@ -96,13 +96,19 @@ def spin_check(kind: str, x: mx.array, wt, t=None) -> dict:
                 dens_err=dens_err, ws_reset=ok_ws, density=rd.item())
 
 
+def float32_weight(w) -> mx.array:
+    """W in float32; a QWeight as scale * q + bias computed in float32. The reference for quantized
+    sparse-output kernels: MLX's CUDA 4-bit quantized_matmul accumulates in the activation dtype
+    (float16), which moves small outputs by more than the kernels' float32 sums do."""
+    if isinstance(w, G.QWeight):
+        return G.QWeight(w.w, w.scales.astype(mx.float32), w.biases.astype(mx.float32), w.bits,
+                         w.group_size).dequantize()
+    return w.astype(mx.float32)
+
+
 def act_abs(x, wg) -> mx.array:
-    """|SiLU(x W_gate^T)| in float32 (M, N): what the fused gate/up kernel thresholds (a
-    quantized gate through its dequantized float32 values)."""
-    if isinstance(wg, G.QWeight):  # scale * q + bias in float32: a float16 dequantization would round each weight
-        wg = G.QWeight(wg.w, wg.scales.astype(mx.float32), wg.biases.astype(mx.float32), wg.bits, wg.group_size)
-    w = wg.dequantize() if isinstance(wg, G.QWeight) else wg
-    g = x.astype(mx.float32) @ w.astype(mx.float32).T
+    """|SiLU(x W_gate^T)| in float32 (M, N): what the fused gate/up kernel thresholds."""
+    g = x.astype(mx.float32) @ float32_weight(wg).T
     return mx.abs(g * mx.sigmoid(g))
 
 
@@ -119,7 +125,10 @@ def gateup_check(kind: str, x, wg, wu, t) -> dict:
     SiLU at different points); such flips are counted, any other disagreement fails, and the error
     is measured on the channels both decided alike."""
     y = G._launch_gateup(kind, x, wg, wu, t)
-    ref = G.reference_gate_up(x, wg, wu, t)
+    if isinstance(wg, G.QWeight):
+        ref = G.reference_gate_up(x, float32_weight(wg), float32_weight(wu), t).astype(x.dtype)
+    else:
+        ref = G.reference_gate_up(x, wg, wu, t)
     a = act_abs(x, wg)
     tt = t.astype(mx.float32)
     agree = (y == 0) == (ref == 0)
@@ -147,7 +156,7 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
                 a = sparse_vec(1, out_dim, s, dtype)
                 y = G._launch_spout(kind, x, w, a)
                 rows.append(dict(kernel="sparse_output", **base, sparsity=s,
-                                 rel_err=rel_err(y, G.reference_gated_sparse_output(x, w, a))))
+                                 rel_err=rel_err(y, G.reference_gated_sparse_output(x, float32_weight(w), a))))
                 rows.append(dict(kernel="sparse_input", **base, sparsity=s,
                                  **spin_check(kind, sparse_vec(1, in_dim, s, dtype), wt)))
                 # fused threshold on a dense x: per channel (float32) and scalar (activation dtype)

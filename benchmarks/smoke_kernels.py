@@ -14,18 +14,46 @@ import mlx.core as mx  # noqa: E402
 import kernels as K  # noqa: E402
 
 
-def decode_paths_check() -> None:
-    """Logits of 4 teacher-forced decode steps, compiled paths vs op by op, per method."""
+def decode(model, tokens):
+    """Logits of 4 teacher-forced one-token steps after an 8-token prefill."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from chess_mlx import calibrate, decode_paths, linear_ops, set_method
+    cache = make_prompt_cache(model)
+    model(tokens[None, :8], cache=cache)
+    return mx.concatenate([model(tokens[None, i:i + 1], cache=cache)[:, -1].astype(mx.float32)
+                           for i in range(8, 12)])
+
+
+def repeat_check(reps: int = 3) -> None:
+    """Run-to-run stability on the tiny float16 model: each path (op by op, compiled) decoded
+    ``reps`` times against the reference path. A path whose runs disagree with each other is
+    nondeterministic (a race); one that is stable but far from the reference flips decisions."""
+    from chess_mlx import calibrate, decode_paths, set_method
+    from chess_mlx import sparse_gemv as G
     from chess_mlx.bench import random_model
 
-    def decode(model, tokens):
-        cache = make_prompt_cache(model)
-        model(tokens[None, :8], cache=cache)
-        return mx.concatenate([model(tokens[None, i:i + 1], cache=cache)[:, -1].astype(mx.float32)
-                               for i in range(8, 12)])
+    model = random_model("tiny", dtype=mx.float16)
+    th = calibrate(model, mx.random.randint(0, 512, (2, 64), key=mx.random.key(1)), [0.5])
+    tokens = mx.random.randint(0, 512, (12,), key=mx.random.key(2))
+    for method in ("chess-attn", "teal"):
+        set_method(model, method, th, 0.5)
+        G.force_reference(True)
+        ref = decode(model, tokens)
+        G.force_reference(False)
+        scale = float(mx.max(mx.abs(ref)))
+        for comp in (False, True):
+            decode_paths.enable(comp)
+            d = [float(mx.max(mx.abs(decode(model, tokens) - ref))) / scale for _ in range(reps)]
+            print(f"repeat {method} {'compiled' if comp else 'op-by-op'} vs reference: "
+                  + " ".join(f"{v:.2e}" for v in d), flush=True)
+        decode_paths.enable(True)
+    set_method(model, "dense")
+
+
+def decode_paths_check() -> None:
+    """Logits of 4 teacher-forced decode steps, compiled paths vs op by op, per method."""
+    from chess_mlx import calibrate, decode_paths, linear_ops, set_method
+    from chess_mlx.bench import random_model
 
     for bits in (None, 4):
         linear_ops.QUANTIZED_KERNELS = bits is not None
@@ -77,6 +105,9 @@ def teal_module_check(model, th) -> None:
     set_method(model, "dense")
 
 
+if "--repeat" in sys.argv:
+    repeat_check()
+    sys.exit(0)
 if "--decode-only" in sys.argv:
     decode_paths_check()
     sys.exit(0)
