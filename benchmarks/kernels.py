@@ -91,7 +91,7 @@ def spin_check(kind: str, x: mx.array, wt, t=None) -> dict:
     ry, rd = G.reference_sparse_input(x, wt, t)
     mx.eval(y, d, y2, d2, ry, rd)
     dens_err = max(abs(d.item() - rd.item()), abs(d2.item() - rd.item()))
-    ok_ws = not mx.any(ws != 0).item()
+    ok_ws = not mx.any(ws.sem != 0).item()
     return dict(rel_err=max(rel_err(y, ry), rel_err(y2, ry)) if ok_ws and dens_err < 1e-6 else float("nan"),
                 dens_err=dens_err, ws_reset=ok_ws, density=rd.item())
 

@@ -260,7 +260,7 @@ def run() -> None:
             tiles, chunks = -(-n // (32 * words * 8)), -(-k // kc)
             ws = G.workspace(tiles * 256)  # >= tiles + 2 counters
             timed(label, "qvar_spin_u", lambda: spin[u](
-                inputs=[x, t, wt.w, wt.scales, wt.biases, ws],
+                inputs=[x, t, wt.w, wt.scales, wt.biases, ws.sem, ws.last],
                 template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n), ("BITS", 4), ("GS", 64), ("KC", kc),
                           ("WORDS", words), ("TPC", 0)],
                 grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),

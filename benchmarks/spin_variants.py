@@ -130,7 +130,7 @@ def run() -> None:
             ws = G.workspace(n)
             for rep in range(4):
                 print(f"CALL {k}x{n} s={s} {v} {rep}", file=sys.stderr)
-                y, _, _ = kernels[v](inputs=[x, t, wt, ws], template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
+                y, _, _ = kernels[v](inputs=[x, t, wt, ws.sem], template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
                                                                         ("KC", kc), ("TPC", 0)],
                                      grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
                                      output_shapes=[(1, n), (chunks, 1, n), (1,)],

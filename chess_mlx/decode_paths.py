@@ -69,18 +69,45 @@ def _spin(x, t, wt, ws):
 _COMPILED: dict[tuple, object] = {}
 
 
+def _flat(a):
+    if isinstance(a, G.QWeight):
+        return a.w, a.scales, a.biases
+    if isinstance(a, G.Workspace):
+        return a.sem, a.last
+    return a
+
+
 def _call(fn, *args):
     """``fn(*args)`` through its compiled twin. mx.compile takes arrays (and tuples of them), so a
     QWeight travels as its three arrays, and its bits and group size, which the kernels need as
-    compile-time constants, become part of the cache key and are baked into the traced function."""
-    meta = tuple((a.bits, a.group_size) if isinstance(a, G.QWeight) else None for a in args)
+    compile-time constants, become part of the cache key and are baked into the traced function.
+    A Workspace travels as its counters and ordering token; the launches' new tokens come back as
+    extra outputs and are stored on the caller's workspaces (a side effect inside the trace would
+    only ever see tracers)."""
+    meta = tuple((a.bits, a.group_size) if isinstance(a, G.QWeight) else "ws" if isinstance(a, G.Workspace) else None
+                 for a in args)
     key = (fn.__name__, meta, repr(mx.default_stream(mx.default_device())))
     c = _COMPILED.get(key)
     if c is None:
         def rebuilt(*flat):
-            return fn(*(a if m is None else G.QWeight(*a, *m) for a, m in zip(flat, meta)))
+            objs = []
+            for a, m in zip(flat, meta):
+                if m == "ws":
+                    w = G.Workspace.__new__(G.Workspace)
+                    w.sem, w.last = a
+                    objs.append(w)
+                else:
+                    objs.append(a if m is None else G.QWeight(*a, *m))
+            out = fn(*objs)
+            return (*out, *(o.last for o in objs if isinstance(o, G.Workspace)))
         c = _COMPILED[key] = mx.compile(rebuilt)
-    return c(*((a.w, a.scales, a.biases) if isinstance(a, G.QWeight) else a for a in args))
+    out = c(*(_flat(a) for a in args))
+    spaces = [a for a in args if isinstance(a, G.Workspace)]
+    if not spaces:
+        return out
+    for w, token in zip(spaces, out[len(out) - len(spaces):]):
+        w.last = token
+    return tuple(out[:len(out) - len(spaces)])
 
 
 def act_mlp(x, wg, wu, t, wt_down, ws_down):

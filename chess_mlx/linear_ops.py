@@ -73,8 +73,9 @@ def transposed_weight(proj: nn.Module):
     return wt
 
 
-def kernel_workspace(proj: nn.Module) -> mx.array:
-    """The sparse-input kernel's counters for this projection (one call site), made once."""
+def kernel_workspace(proj: nn.Module) -> G.Workspace:
+    """The sparse-input kernel's counters for this projection (one call site), made once; a plain
+    attribute, not a parameter of the module."""
     ws = getattr(proj, "_kernel_ws", None)
     if ws is None:
         ws = proj._kernel_ws = G.workspace(proj["weight"].shape[0])

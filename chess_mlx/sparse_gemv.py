@@ -142,8 +142,8 @@ def read_source(kind: str, name: str) -> tuple[str, str]:
 _INPUTS = {
     "spout_f": ["x", "w", "a"],
     "spout_q": ["x", "w", "scales", "biases", "a"],
-    "spin_f": ["x", "t", "wt", "sem"],
-    "spin_q": ["x", "t", "wt", "scales", "biases", "sem"],
+    "spin_f": ["x", "t", "wt", "sem", "after"],
+    "spin_q": ["x", "t", "wt", "scales", "biases", "sem", "after"],
     "gateup_f": ["x", "wg", "wu", "t"],
     "gateup_q": ["x", "wg", "sg", "bg", "wu", "su", "bu", "t"],
 }
@@ -252,13 +252,27 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
                                     init_value=_POISON)[0]
 
 
-def workspace(n_out: int) -> mx.array:
-    """The int32 counters one sparse-input call site needs (tiles + 2 zeros). The kernel resets
-    them after use, so one workspace serves every call of that site; two launches that may run
-    concurrently (e.g. TEAL's gate and up) need two."""
-    ws = mx.zeros((-(-n_out // 256) + 2,), dtype=mx.int32)
-    mx.eval(ws)
-    return ws
+class Workspace:
+    """The int32 counters of one sparse-input call site (``sem``: tiles + 2 zeros) and the ordering
+    token of its launches (``last``: the previous launch's density output).
+
+    The kernel's blocks meet through ``sem`` and the last one resets it, so two launches on one
+    workspace must never overlap. MLX's CUDA graphs run nodes without a data path between them
+    concurrently: teacher-forced decode steps (the layer-0 projections of consecutive tokens) and
+    the independent calls of a timed batch would share counters and corrupt each other's sums
+    (seen on the H100: run-to-run differences in logits). Each launch therefore takes ``last`` as an
+    input it never reads, which makes it wait for the launch before it at the same site; that costs
+    no node and no bytes."""
+
+    def __init__(self, n_out: int):
+        self.sem = mx.zeros((-(-n_out // 256) + 2,), dtype=mx.int32)
+        self.last = mx.zeros((1,), dtype=mx.float32)  # the dtype/shape of a density output: one trace
+        mx.eval(self.sem, self.last)
+
+
+def workspace(n_out: int) -> Workspace:
+    """A fresh workspace for one sparse-input call site (see ``Workspace``)."""
+    return Workspace(n_out)
 
 
 _ZERO: dict = {}
@@ -281,9 +295,10 @@ def _tpc(t: mx.array, n: int) -> int:
     return 1
 
 
-def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: mx.array,
+def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
                  kc: Optional[int] = None) -> tuple[mx.array, mx.array]:
-    """spin_f / spin_q: thresholded sparse-input product and its input density, one launch."""
+    """spin_f / spin_q: thresholded sparse-input product and its input density, one launch,
+    ordered after the previous launch on ``ws`` (whose token it then becomes)."""
     m, k = x.shape
     if isinstance(wt, QWeight):
         n = wt.cols
@@ -291,22 +306,23 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: mx.array,
         tile = 32 * words * (32 // wt.bits)
         tiles = -(-n // tile)
         kc = kc or split_k_chunk(k, tiles, quantized=True)
-        name, inputs = "spin_q", [x, t, wt.w, wt.scales, wt.biases, ws]
+        name, inputs = "spin_q", [x, t, wt.w, wt.scales, wt.biases, ws.sem, ws.last]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wt.bits), ("GS", wt.group_size),
                 ("KC", kc), ("WORDS", words), ("TPC", _tpc(t, k))]
     else:
         n = wt.shape[1]
         tiles = -(-n // 256)
         kc = kc or split_k_chunk(k, tiles, quantized=False)
-        name, inputs = "spin_f", [x, t, wt, ws]
+        name, inputs = "spin_f", [x, t, wt, ws.sem, ws.last]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc), ("TPC", _tpc(t, k))]
-    if ws.dtype != mx.int32 or ws.size < tiles + 2:  # the kernel indexes sem[0 .. tiles + 1]
-        raise ValueError(f"workspace too small: {ws.size} counters for {tiles} tiles")
+    if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 2:  # the kernel indexes sem[0 .. tiles + 1]
+        raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
     chunks = -(-k // kc)
     y, _partial, dens = _kernel(kind, name)(
         inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
         output_shapes=[(m, n), (chunks, m, n), (1,)], output_dtypes=[x.dtype, mx.float32, mx.float32],
         init_value=_POISON)
+    ws.last = dens
     return y, dens.reshape(())
 
 
@@ -339,7 +355,7 @@ def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
 
 
 def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
-                 ws: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+                 ws: Optional[Workspace] = None) -> tuple[mx.array, mx.array]:
     """``(threshold(x, t) @ wt, density)`` for x (M, K), wt = W^T (K, N) or its QWeight (quantized
     along N); only the rows of wt that meet a surviving input are read. ``ws``: the call site's
     ``workspace`` (a fresh one is made if omitted, at the cost of a fill)."""

@@ -7,6 +7,8 @@
 // with all U 16-byte loads issued before the FMAs; each lane owns 8 consecutive outputs. chess_spin_finish reduces
 // the 8 warps into partial[chunk, m, n], and the tile's last chunk block sums the chunks into y;
 // dens[0] = fraction of non-zero (m, j) inputs. sem: int32 workspace of >= tiles + 2 zeros.
+// after: the previous launch's density output at this call site. Never read: an input only so that
+// MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.
 // Needs N % 8 == 0, KC <= 512.
 constexpr int TILE = 256;

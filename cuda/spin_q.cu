@@ -7,6 +7,8 @@
 // outputs, all inside one group), so the bias term is one scalar per lane: acc_e += (x*s) * q_e and
 // accb += x*b. q is decoded without I2F (chess_qfloat). Same epilogue as spin_f (chess_spin_finish:
 // partials, last-chunk reduction into y, density into dens; sem >= tiles + 2 int32 zeros).
+// after: the previous launch's density output at this call site. Never read: an input only so that
+// MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, BITS, GS, KC (<= 512), WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)),
 // threadgroup 256. Needs N % (4*32/BITS) == 0.
 constexpr int VPW = 32 / BITS;

@@ -4,6 +4,8 @@
 // takes every 8th active row, U at a time; each lane owns 8 consecutive outputs; reduction through
 // threadgroup memory into partial[chunk, m, n], the tile's last chunk sums the chunks into y and
 // the last tile writes dens (chess_spin_finish; sem >= tiles + 2 int32 zeros).
+// after: the previous launch's density output at this call site. Never read: an input only so that
+// MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
 constexpr int TILE = 256;
 constexpr int U = 8;

@@ -3,6 +3,8 @@
 // Twin of cuda/spin_q.cu: wt (K, N*BITS/32) = quantize(W^T) grouped along outputs, scales/biases
 // (K, N/GS); same tiling and compaction as spin_f; each lane owns WORDS words (VPL outputs inside
 // one group): acc_e += (x*s) * q_e, accb += x*b; same epilogue as spin_f (chess_spin_finish).
+// after: the previous launch's density output at this call site. Never read: an input only so that
+// MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, BITS, GS, KC, WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)), threadgroup 256.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = WORDS * VPW;

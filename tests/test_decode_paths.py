@@ -160,3 +160,56 @@ def test_compiled_path_gate(monkeypatch):
     monkeypatch.setattr(L, "QUANTIZED_KERNELS", True)
     assert L.compiled_path_ok(x, lin, q)
     assert not L.compiled_path_ok(x.astype(mx.bfloat16), q)  # scales are float16
+
+
+class _FakeSpin:
+    """Stands in for the compiled spin kernel on the CPU: the reference product and density, and
+    a log of the ordering token (``after``) each launch was given."""
+
+    def __init__(self):
+        self.after = []
+
+    def __call__(self, inputs, output_shapes, output_dtypes, **_):
+        x, wt, after = inputs[0], inputs[2], inputs[-1]
+        self.after.append(after)
+        y = (x @ wt).astype(output_dtypes[0])
+        dens = mx.mean((x != 0).astype(mx.float32)).reshape(1)
+        return [y, mx.zeros(output_shapes[1], dtype=mx.float32), dens]
+
+
+def test_launches_on_one_workspace_are_chained(monkeypatch):
+    """Every sparse-input launch takes the previous launch's density output at the same call site
+    as an input, so MLX's graph can never run two launches on one set of counters at once (the race
+    seen on the H100 when teacher-forced decode steps had no data path between them)."""
+    from chess_mlx import sparse_gemv as G
+
+    fake = _FakeSpin()
+    monkeypatch.setattr(G, "_kernel", lambda kind, name: fake)
+    rng = np.random.default_rng(0)
+    wt = mx.array(rng.standard_normal((64, 32)).astype(np.float32))
+    ws, other = G.workspace(32), G.workspace(32)
+    first_token = ws.last
+    x = mx.array(rng.standard_normal((1, 64)).astype(np.float32))
+    y1, d1 = G._launch_spin("cuda", x, wt, G.zero_threshold(x.dtype), ws)
+    y2, d2 = G._launch_spin("cuda", x, wt, G.zero_threshold(x.dtype), ws)
+    G._launch_spin("cuda", x, wt, G.zero_threshold(x.dtype), other)
+    assert fake.after[0] is first_token and fake.after[1] is not first_token
+    assert fake.after[2] is not fake.after[1]  # another call site keeps its own chain
+    assert float(fake.after[1].item()) == pytest.approx(d1.item())  # the first launch's density output
+    assert ws.last is not fake.after[1] and ws.last.shape == (1,)
+
+    # through the compiled path: the tokens come back as outputs and land on the caller's workspace
+    monkeypatch.setattr(G, "backend", lambda: "cuda")
+    monkeypatch.setattr(G, "kernel_supports", lambda *a, **k: True)
+    decode_paths._COMPILED.clear()
+    xs = mx.where(mx.array(rng.random((1, 64)) < 0.5), 0.0, x)
+    before = ws.last
+    y, d = decode_paths.spin(xs, G.zero_threshold(x.dtype), wt, ws)
+    mid = ws.last
+    decode_paths.spin(xs, G.zero_threshold(x.dtype), wt, ws)
+    assert before is not mid and mid is not ws.last and ws.last.dtype == mx.float32 and ws.last.shape == (1,)
+    assert ws.last.item() == pytest.approx(float(np.mean(np.array(xs) != 0)))
+    np.testing.assert_allclose(np.array(y), np.array(xs) @ np.array(wt), rtol=1e-5, atol=1e-5)
+    assert d.item() == pytest.approx(ws.last.item())
+    assert sum(k[0] == "_spin" for k in decode_paths._COMPILED) == 1  # one trace for both calls
+    decode_paths._COMPILED.clear()

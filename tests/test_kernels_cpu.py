@@ -103,13 +103,13 @@ def test_thresholded_sparse_input_and_gate_up_against_float64(per_channel):
 
 def test_workspace_and_threshold_shape_checks():
     ws = G.workspace(14336)
-    assert ws.dtype == mx.int32 and ws.size == 14336 // 256 + 2 and not np.array(ws).any()
+    assert ws.sem.dtype == mx.int32 and ws.sem.size == 14336 // 256 + 2 and not np.array(ws.sem).any()
     assert G._tpc(mx.zeros((1,)), 4096) == 0 and G._tpc(mx.zeros((4096,)), 4096) == 1
     with pytest.raises(ValueError):
         G._tpc(mx.zeros((100,)), 4096)
     with pytest.raises(ValueError, match="workspace too small"):
         G._launch_spin("cuda", mx.zeros((1, 4096), dtype=mx.float16), mx.zeros((4096, 4096), dtype=mx.float16),
-                       G.zero_threshold(mx.float16), mx.zeros((3,), dtype=mx.int32))
+                       G.zero_threshold(mx.float16), G.workspace(256))
 
 
 def test_dispatch_on_cpu_and_force_switch(monkeypatch):
