@@ -1,6 +1,6 @@
 """A/B probe of the 4-bit kernels: candidate designs and launch geometries, for Nsight Compute.
 
-    ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    ncu --clock-control base --metrics gpu__time_duration.sum --csv \
         python benchmarks/quant_variants.py > qvar.csv 2> qvar.err
     python benchmarks/quant_variants.py --table qvar.csv qvar.err
 

@@ -3,7 +3,7 @@
 Builds variants of cuda/spin_f.cu by editing its source text (the shipped kernel is untouched)
 and launches each on the same inputs, for Nsight Compute to time:
 
-    ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    ncu --clock-control base --metrics gpu__time_duration.sum --csv \
         python benchmarks/spin_variants.py > var.csv 2> var.err
     python benchmarks/spin_variants.py --table var.csv var.err
 
