@@ -1,20 +1,21 @@
-"""A/B probe of the 4-bit kernels: candidate designs and launch geometries, for Nsight Compute.
+"""A/B probe of the 4-bit kernels' launch geometries, for Nsight Compute.
 
     ncu --clock-control base --metrics gpu__time_duration.sum --csv \
         python benchmarks/quant_variants.py > qvar.csv 2> qvar.err
     python benchmarks/quant_variants.py --table qvar.csv qvar.err
 
-* sparse-output (``spout_q``, gate/up shape 14336x4096): the shipped kernel against ``rpw`` R,
-  a design with R rows per warp and no shared memory or barrier: each lane loads x once per
-  16-byte step and applies it to the R rows (x traffic and latency chains shared by R rows).
-* fused gate/up on 4-bit weights (``gateup_q``, the twin of ``gateup_f`` on the rows-per-warp
-  design) against MLX's two ``quantized_matmul`` calls (gate and up; the table doubles one).
+* sparse-output (``spout_q``, gate/up shape 14336x4096) with R = 1, 2, 4 rows per warp (each
+  lane loads x once per 16-byte step and applies it to the R rows), against ``quantized_matmul``.
+  Session 5 compared this design with the earlier warps-per-row kernel and adopted it (RPW 4).
+* fused gate/up on 4-bit weights (``gateup_q``) with R rows per warp, against MLX's two
+  ``quantized_matmul`` calls (gate and up; the table doubles one).
 * sparse-input (``spin_q``, down 14336 -> 4096 and q/o 4096 -> 4096): WORDS per lane, rows in
   flight per warp (U) and split-K chunk (KC), against ``quantized_matmul`` on the same matrix.
 
-Each candidate is checked against ``mx.quantized_matmul`` (CHECK lines on stderr) before its
-numbers mean anything; nothing here is used by the library until a winner is moved into
-``cuda/`` (and its Metal twin) and passes ``benchmarks/kernels.py``.
+Each launch is checked against ``mx.quantized_matmul`` (CHECK lines on stderr) before its numbers
+mean anything. The spin_q U variants are source edits of the shipped kernel; nothing here is used
+by the library until a winner is moved into ``cuda/`` (and its Metal twin) and passes
+``benchmarks/kernels.py``.
 """
 
 from __future__ import annotations
@@ -26,131 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Helper of the candidates below: acc[q][m] += dot(row r0+q of a quantized W, x[m]) for the rows with
-# act[q], R = RPW rows per warp; each lane loads x once per 16-byte step and applies it to all rows.
-QROWS_HELPER = r"""
-template <typename T, int M, int K, int BITS, int GS, int RPW>
-__device__ __forceinline__ void qvar_rows_dot(const uint32_t* w, const T* scales, const T* biases, const T* x,
-                                              int r0, const bool* act, float (*acc)[M]) {
-  constexpr int VPW = 32 / BITS;
-  constexpr int VPL = 4 * VPW;
-  constexpr int WORDS_PER_ROW = K / VPW;
-  constexpr int STEPS = WORDS_PER_ROW / 4;
-  const int lane = threadIdx.x & 31;
-#pragma unroll 2
-  for (int v = lane; v < STEPS; v += 32) {
-    const int k0 = v * VPL;
-    uint32_t words[RPW][4];
-    float sc[RPW], bi[RPW];
-#pragma unroll
-    for (int q = 0; q < RPW; ++q) {
-      if (act[q]) {
-        chess_load_words<4>(w + (size_t)(r0 + q) * WORDS_PER_ROW + 4 * v, words[q]);
-        sc[q] = static_cast<float>(scales[(size_t)(r0 + q) * (K / GS) + k0 / GS]);
-        bi[q] = static_cast<float>(biases[(size_t)(r0 + q) * (K / GS) + k0 / GS]);
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float xf[VPL];
-      const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)m * K + k0);
-#pragma unroll
-      for (int c = 0; c < VPL / 8; ++c) chess_unpack8<T>(xv[c], xf + 8 * c);
-      float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int i = 0; i < VPL; ++i) xs4[i & 3] += xf[i];
-      const float xsum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
-#pragma unroll
-      for (int q = 0; q < RPW; ++q) {
-        if (act[q]) {
-          float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-          for (int i = 0; i < VPL; ++i)
-            qx[i & 3] += chess_qfloat<BITS>(words[q][i / VPW], BITS * (i % VPW)) * xf[i];
-          acc[q][m] += sc[q] * ((qx[0] + qx[1]) + (qx[2] + qx[3])) + bi[q] * xsum;
-        }
-      }
-    }
-  }
-}
-"""
-
-# Sparse-output with R rows per warp, no shared memory or barrier. Template: T, M, K, N, BITS, GS, RPW.
-# Grid: ceil(N / (8 * RPW)) * 256 threads, threadgroup 256. Needs K % (128 / BITS) == 0.
-SPOUT_RPW = r"""
-const int lane = threadIdx.x & 31;
-const int warp = threadIdx.x >> 5;
-const int r0 = ((int)blockIdx.x * 8 + warp) * RPW;
-bool act[RPW];
-bool any = false;
-#pragma unroll
-for (int q = 0; q < RPW; ++q) {
-  act[q] = chess_row_active<T, M, N>(a, r0 + q);
-  any |= act[q];
-}
-float acc[RPW][M];
-#pragma unroll
-for (int q = 0; q < RPW; ++q)
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[q][m] = 0.0f;
-if (any) qvar_rows_dot<T, M, K, BITS, GS, RPW>(w, scales, biases, x, r0, act, acc);
-#pragma unroll
-for (int q = 0; q < RPW; ++q) {
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float s = chess_warp_sum(acc[q][m]);
-    const int r = r0 + q;
-    if (lane == 0 && r < N) y[(size_t)m * N + r] = static_cast<T>(s * static_cast<float>(a[(size_t)m * N + r]));
-  }
-}
-"""
-
-# Fused gate + channel threshold + sparse-output up on quantized weights (the 4-bit twin of
-# gateup_f, same rounding points), R rows per warp. Inputs x, wg, sg, bg, wu, su, bu, t.
-# Template: T, M, K, N, BITS, GS, RPW, TPC. Grid: ceil(N / (8 * RPW)) * 256, threadgroup 256.
-GATEUP_Q = r"""
-const int lane = threadIdx.x & 31;
-const int warp = threadIdx.x >> 5;
-const int r0 = ((int)blockIdx.x * 8 + warp) * RPW;
-bool in_n[RPW];
-float acc[RPW][M];
-#pragma unroll
-for (int q = 0; q < RPW; ++q) {
-  in_n[q] = r0 + q < N;
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[q][m] = 0.0f;
-}
-qvar_rows_dot<T, M, K, BITS, GS, RPW>(wg, sg, bg, x, r0, in_n, acc);
-float am[RPW][M];
-bool act[RPW];
-bool any = false;
-#pragma unroll
-for (int q = 0; q < RPW; ++q) {
-  act[q] = false;
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float gr = chess_round<T>(chess_warp_sum(acc[q][m]));
-    float av = chess_round<T>(gr * chess_round<T>(1.0f / (1.0f + expf(-gr))));
-    const bool keep = in_n[q] && fabsf(av) >= static_cast<float>(t[TPC ? (in_n[q] ? r0 + q : 0) : 0]);
-    am[q][m] = keep ? av : 0.0f;
-    act[q] |= keep;
-    acc[q][m] = 0.0f;
-  }
-  any |= act[q];
-}
-if (any) qvar_rows_dot<T, M, K, BITS, GS, RPW>(wu, su, bu, x, r0, act, acc);
-#pragma unroll
-for (int q = 0; q < RPW; ++q) {
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float u = chess_warp_sum(acc[q][m]);
-    if (lane == 0 && in_n[q]) y[(size_t)m * N + r0 + q] = static_cast<T>(am[q][m] * chess_round<T>(u));
-  }
-}
-"""
-
 SPOUT_CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (4096, 4096, 0.5)]  # K (in), N (out rows), sparsity
-SPOUT_VARIANTS = ("base", "rpw1", "rpw2", "rpw4", "dense")
+SPOUT_VARIANTS = ("rpw1", "rpw2", "rpw4", "dense")
 SPIN_CASES = [(14336, 4096, 0.5), (4096, 4096, 0.5)]  # K (in), N (out), sparsity
 SPIN_VARIANTS = ("w4u4k64", "w4u4k128", "w4u4k256", "w4u8k128", "w2u4k128", "w2u8k64", "w2u8k128", "w2u8k256",
                  "w1u8k128", "dense")
@@ -170,13 +48,7 @@ def run() -> None:
     from chess_mlx import sparse_gemv as G
 
     mx.random.seed(0)
-    header, _ = G.read_source("cuda", "spout_q")
-    _, spin_body = G.read_source("cuda", "spin_q")
-    rpw_kernel = mx.fast.cuda_kernel(name="qvar_spout_rpw", input_names=G._INPUTS["spout_q"], output_names=["y"],
-                                     source=SPOUT_RPW, header=header + QROWS_HELPER)
-    gateup_kernel = mx.fast.cuda_kernel(name="qvar_gateup_q", output_names=["y"], source=GATEUP_Q,
-                                        input_names=["x", "wg", "sg", "bg", "wu", "su", "bu", "t"],
-                                        header=header + QROWS_HELPER)
+    header, spin_body = G.read_source("cuda", "spin_q")
     spin = {u: mx.fast.cuda_kernel(name=f"qvar_spin_u{u}", input_names=G._INPUTS["spin_q"],
                                    output_names=["y", "partial", "dens"], header=header,
                                    source=spin_body.replace("constexpr int U = 4;", f"constexpr int U = {u};"))
@@ -212,17 +84,10 @@ def run() -> None:
         mx.eval(x, a, ref)
         for v in SPOUT_VARIANTS:
             label = f"spout {k}x{n} s={s} {v}"
-            if v == "base":
-                timed(label, "chess_spout_q", lambda: G._launch_spout("cuda", x, wq, a), ref)
-            elif v == "dense":
+            if v == "dense":
                 timed(label, "qmv", lambda: qmm(x, wq), None)
             else:
-                rpw = int(v[3:])
-                timed(label, "qvar_spout_rpw", lambda: rpw_kernel(
-                    inputs=[x, wq.w, wq.scales, wq.biases, a],
-                    template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n), ("BITS", 4), ("GS", 64), ("RPW", rpw)],
-                    grid=(-(-n // (8 * rpw)) * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(1, n)],
-                    output_dtypes=[mx.float16], init_value=float("nan"))[0], ref)
+                timed(label, "chess_spout_q", lambda: G._launch_spout("cuda", x, wq, a, rpw=int(v[3:])), ref)
 
     for k, n, s in GATEUP_CASES:
         wg, wu = q4(n, k), q4(n, k)
@@ -236,13 +101,7 @@ def run() -> None:
             if v == "dense":
                 timed(label, "qmv", lambda: qmm(x, wg), None)  # one of the two; the table doubles it
                 continue
-            rpw = int(v[3:])
-            timed(label, "qvar_gateup_q", lambda: gateup_kernel(
-                inputs=[x, wg.w, wg.scales, wg.biases, wu.w, wu.scales, wu.biases, t],
-                template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n), ("BITS", 4), ("GS", 64), ("RPW", rpw),
-                          ("TPC", 0)],
-                grid=(-(-n // (8 * rpw)) * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(1, n)],
-                output_dtypes=[mx.float16], init_value=float("nan"))[0], ref)
+            timed(label, "chess_gateup_q", lambda: G._launch_gateup("cuda", x, wg, wu, t, rpw=int(v[3:])), ref)
 
     for k, n, s in SPIN_CASES:
         wt = q4(k, n)

@@ -24,17 +24,25 @@ def decode(model, tokens):
                            for i in range(8, 12)])
 
 
+def tiny_case(bits=None):
+    """The tiny random model (float16, or quantized to ``bits``), thresholds calibrated at 50% on
+    random tokens, and 12 teacher-forced tokens: the same every call."""
+    from chess_mlx import calibrate
+    from chess_mlx.bench import random_model
+
+    model = random_model("tiny", dtype=mx.float16, bits=bits)
+    th = calibrate(model, mx.random.randint(0, 512, (2, 64), key=mx.random.key(1)), [0.5])
+    return model, th, mx.random.randint(0, 512, (12,), key=mx.random.key(2))
+
+
 def repeat_check(reps: int = 3) -> None:
     """Run-to-run stability on the tiny float16 model: each path (op by op, compiled) decoded
     ``reps`` times against the reference path. A path whose runs disagree with each other is
     nondeterministic (a race); one that is stable but far from the reference flips decisions."""
-    from chess_mlx import calibrate, decode_paths, set_method
+    from chess_mlx import decode_paths, set_method
     from chess_mlx import sparse_gemv as G
-    from chess_mlx.bench import random_model
 
-    model = random_model("tiny", dtype=mx.float16)
-    th = calibrate(model, mx.random.randint(0, 512, (2, 64), key=mx.random.key(1)), [0.5])
-    tokens = mx.random.randint(0, 512, (12,), key=mx.random.key(2))
+    model, th, tokens = tiny_case()
     for method in ("chess-attn", "teal"):
         set_method(model, method, th, 0.5)
         G.force_reference(True)
@@ -52,14 +60,11 @@ def repeat_check(reps: int = 3) -> None:
 
 def decode_paths_check() -> None:
     """Logits of 4 teacher-forced decode steps, compiled paths vs op by op, per method."""
-    from chess_mlx import calibrate, decode_paths, linear_ops, set_method
-    from chess_mlx.bench import random_model
+    from chess_mlx import decode_paths, linear_ops, set_method
 
     for bits in (None, 4):
         linear_ops.QUANTIZED_KERNELS = bits is not None
-        model = random_model("tiny", dtype=mx.float16, bits=bits)
-        th = calibrate(model, mx.random.randint(0, 512, (2, 64), key=mx.random.key(1)), [0.5])
-        tokens = mx.random.randint(0, 512, (12,), key=mx.random.key(2))
+        model, th, tokens = tiny_case(bits)
         for method in ("chess", "chess-attn", "teal"):
             set_method(model, method, th, 0.5)
             decode_paths.enable(False)

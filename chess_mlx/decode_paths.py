@@ -90,14 +90,8 @@ def _call(fn, *args):
     c = _COMPILED.get(key)
     if c is None:
         def rebuilt(*flat):
-            objs = []
-            for a, m in zip(flat, meta):
-                if m == "ws":
-                    w = G.Workspace.__new__(G.Workspace)
-                    w.sem, w.last = a
-                    objs.append(w)
-                else:
-                    objs.append(a if m is None else G.QWeight(*a, *m))
+            objs = [a if m is None else G.Workspace(*a) if m == "ws" else G.QWeight(*a, *m)
+                    for a, m in zip(flat, meta)]
             out = fn(*objs)
             return (*out, *(o.last for o in objs if isinstance(o, G.Workspace)))
         c = _COMPILED[key] = mx.compile(rebuilt)

@@ -234,11 +234,13 @@ def kernel_supports(kind: str, x: mx.array, w, transposed: bool) -> bool:
 
 
 # ---------------------------------------------------------------- kernel calls ------------------
-def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = None) -> mx.array:
-    """spout_f (``wpr`` warps per row) / spout_q (``spout_rows_per_warp`` rows per warp)."""
+def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = None,
+                  rpw: Optional[int] = None) -> mx.array:
+    """spout_f (``wpr`` warps per row) / spout_q (``rpw`` rows per warp, default
+    ``spout_rows_per_warp``); the overrides are for launch-geometry probes."""
     m, k = x.shape
     if isinstance(w, QWeight):
-        n, rpw = w.rows, spout_rows_per_warp(m)
+        n, rpw = w.rows, rpw or spout_rows_per_warp(m)
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size), ("RPW", rpw)]
         return _kernel(kind, "spout_q")(
             inputs=[x, w.w, w.scales, w.biases, a], template=tmpl, grid=(-(-n // (8 * rpw)) * 256, 1, 1),
@@ -252,6 +254,7 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
                                     init_value=_POISON)[0]
 
 
+@dataclass
 class Workspace:
     """The int32 counters of one sparse-input call site (``sem``: tiles + 2 zeros) and the ordering
     token of its launches (``last``: the previous launch's density output).
@@ -264,15 +267,16 @@ class Workspace:
     input it never reads, which makes it wait for the launch before it at the same site; that costs
     no node and no bytes."""
 
-    def __init__(self, n_out: int):
-        self.sem = mx.zeros((-(-n_out // 256) + 2,), dtype=mx.int32)
-        self.last = mx.zeros((1,), dtype=mx.float32)  # the dtype/shape of a density output: one trace
-        mx.eval(self.sem, self.last)
+    sem: mx.array
+    last: mx.array
 
 
 def workspace(n_out: int) -> Workspace:
-    """A fresh workspace for one sparse-input call site (see ``Workspace``)."""
-    return Workspace(n_out)
+    """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters, and
+    a first token of a density output's dtype and shape, so compiled paths trace once."""
+    ws = Workspace(mx.zeros((-(-n_out // 256) + 2,), dtype=mx.int32), mx.zeros((1,), dtype=mx.float32))
+    mx.eval(ws.sem, ws.last)
+    return ws
 
 
 _ZERO: dict = {}
@@ -326,11 +330,13 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     return y, dens.reshape(())
 
 
-def _launch_gateup(kind: str, x: mx.array, wg, wu, t: mx.array, wpr: Optional[int] = None) -> mx.array:
-    """gateup_f (float weights, ``wpr`` warps per row) / gateup_q (two QWeights of one format)."""
+def _launch_gateup(kind: str, x: mx.array, wg, wu, t: mx.array, wpr: Optional[int] = None,
+                   rpw: Optional[int] = None) -> mx.array:
+    """gateup_f (float weights, ``wpr`` warps per row) / gateup_q (two QWeights of one format,
+    ``rpw`` rows per warp, default ``spout_rows_per_warp``)."""
     m, k = x.shape
     if isinstance(wg, QWeight):
-        n, rpw = wg.rows, spout_rows_per_warp(m)
+        n, rpw = wg.rows, rpw or spout_rows_per_warp(m)
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wg.bits), ("GS", wg.group_size),
                 ("RPW", rpw), ("TPC", _tpc(t, n))]
         return _kernel(kind, "gateup_q")(
