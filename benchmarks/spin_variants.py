@@ -10,8 +10,10 @@ and launches each on the same inputs, for Nsight Compute to time:
 Variants: ``base`` (as shipped), ``acqrel`` (fence.acq_rel.gpu instead of __threadfence),
 ``store`` (epilogue stops after the partial sums: no counters, no last-block reduction; wrong y),
 ``u4`` (4 rows in flight per warp instead of 8), ``base@KC`` (split-K chunk KC instead of the
-default), and ``warpc`` (each warp compacts its own KC/8 rows with a ballot and takes x from a
-shuffle: no block barrier or shared memory before the weight loads). Session 4 (RESULTS.md) used an earlier set of variants on the previous source to find
+default), ``warpc`` (each warp compacts its own KC/8 rows with a ballot and takes x from a
+shuffle: no block barrier or shared memory before the weight loads), and ``wVuU`` (wide tiles: each
+lane owns V outputs, V/8 16-byte loads per row, so a block reads 2*32*V contiguous bytes of a row
+instead of 512, with U rows in flight; the chunk follows split_k_chunk for the wider tile). Session 4 (RESULTS.md) used an earlier set of variants on the previous source to find
 that per-warp fences and global x loads in the inner loop cost up to 40% of the time.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (14336, 4096, 0.5), (4096, 4096, 0.5)]  # K, N, sparsity
-VARIANTS = ("base", "acqrel", "store", "u4", "warpc", "warpc@256", "base@64", "base@256", "base@512")
+VARIANTS = ("base", "warpc@256", "w16u4", "w16u8", "w16u4@512", "w32u2", "w32u4")
 
 # Per-warp compaction: warp w owns rows [k_begin + w*KC/8, +KC/8); 32 at a time, one per lane, the
 # active ones taken lowest bit first from the ballot, U weight rows in flight.
@@ -85,6 +87,73 @@ const float zero[M] = {};
 """
 
 
+# Wide tiles: lane owns VPL consecutive outputs (VPL/8 16-byte loads per row).
+_WIDE_MAIN = r"""
+constexpr int VPL = @VPL@;
+constexpr int TILE = 32 * VPL;
+constexpr int U = @U@;
+constexpr int C8 = VPL / 8;
+__shared__ int idx[KC];
+__shared__ float xsh[M * KC];
+__shared__ int wcount[8];
+__shared__ int wnnz[8];
+__shared__ int flag;
+__shared__ __align__(16) float red[8][TILE];
+const int lane = threadIdx.x & 31;
+const int warp = threadIdx.x >> 5;
+const int tile = blockIdx.x;
+const int chunk = blockIdx.y;
+const int n0 = tile * TILE + lane * VPL;
+int nnz = 0;
+const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
+float acc[M][VPL];
+#pragma unroll
+for (int m = 0; m < M; ++m)
+#pragma unroll
+  for (int e = 0; e < VPL; ++e) acc[m][e] = 0.0f;
+for (int i0 = warp; i0 < total; i0 += 8 * U) {
+  uint4 wv[U][C8];
+  int jv[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int e = i0 + 8 * u;
+    jv[u] = e < total ? idx[e] : -1;
+#pragma unroll
+    for (int c = 0; c < C8; ++c)
+      if (jv[u] >= 0 && n0 + 8 * c < N) wv[u][c] = *reinterpret_cast<const uint4*>(wt + (size_t)jv[u] * N + n0 + 8 * c);
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (jv[u] >= 0) {
+#pragma unroll
+      for (int c = 0; c < C8; ++c) {
+        if (n0 + 8 * c < N) {
+          float wf[8];
+          chess_unpack8<T>(wv[u][c], wf);
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            const float xj = xsh[m * KC + i0 + 8 * u];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[m][8 * c + e] += xj * wf[e];
+          }
+        }
+      }
+    }
+  }
+}
+const float zero[M] = {};
+chess_spin_finish<T, M, N, K, KC, VPL>(acc, zero, partial, y, dens, sem, nnz, red, &flag);
+"""
+
+
+def _wide(name: str) -> tuple[int, int]:
+    """(VPL, U) of a wide variant name such as 'w16u4', else (8, 8) (the shipped tile)."""
+    if name.startswith("w") and "u" in name and name[1].isdigit():
+        v, u = name[1:].split("@")[0].split("u")
+        return int(v), int(u)
+    return 8, 8
+
+
 def variant_source(name: str) -> tuple[str, str]:
     from chess_mlx import sparse_gemv as G
 
@@ -97,6 +166,9 @@ def variant_source(name: str) -> tuple[str, str]:
                                 "  return;\n  if (threadIdx.x == 0) {\n    __threadfence();  // release")
     elif name == "u4":
         body = body.replace("constexpr int U = 8;", "constexpr int U = 4;")
+    elif name[:1] == "w" and name[1:2].isdigit():
+        vpl, u = _wide(name)
+        body = _WIDE_MAIN.replace("@VPL@", str(vpl)).replace("@U@", str(u))
     elif name == "warpc":
         start = body.index("int nnz = 0;")
         end = body.index("chess_spin_finish<")
@@ -121,10 +193,10 @@ def run() -> None:
         x = mx.random.normal((1, k)).astype(mx.float16)
         x = mx.where(mx.random.uniform(shape=(1, k)) < s, 0, x).astype(mx.float16)
         t = G.zero_threshold(mx.float16)
-        tiles = -(-n // 256)
         mx.eval(wt, x)
         ref = x @ wt
         for v in VARIANTS:
+            tiles = -(-n // (32 * _wide(v)[0]))
             kc = int(v.split("@")[1]) if "@" in v else G.split_k_chunk(k, tiles, quantized=False)
             chunks = -(-k // kc)
             ws = G.workspace(n)
