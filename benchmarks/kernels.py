@@ -112,11 +112,21 @@ def act_abs(x, wg) -> mx.array:
     return mx.abs(g * mx.sigmoid(g))
 
 
+def decision_margin(a: mx.array, t: mx.array) -> mx.array:
+    """How far |SiLU(g)| may legitimately sit from its threshold and still be decided either way:
+    2% (the kernels round g, the sigmoid and a to the activation dtype) plus an absolute floor of
+    1e-4 of the mean |SiLU(g)|, for activations near zero, where float16's subnormal spacing
+    (6e-8) and float32 accumulation error of a 4096-term sum exceed 2% (session 6: one of 4096
+    4-bit channels flipped under the 2%-only margin; checks report flip_gap)."""
+    return 0.02 * mx.maximum(t, 0.0) + 1e-4 * mx.mean(a)
+
+
 def robust_channel_thresholds(x, wg, s: float) -> mx.array:
-    """Per-channel t dropping a random fraction s of channels, each 2% away from |SiLU(g)|."""
+    """Per-channel t dropping a random fraction s of channels, each outside decision_margin."""
     a = act_abs(x, wg)[0]
     drop = mx.random.uniform(shape=a.shape) < s
-    return mx.where(drop, a * 1.02 + 1e-30, a * 0.98)
+    floor = 1.5e-4 * mx.mean(a)
+    return mx.where(drop, a * 1.03 + floor, mx.maximum(a * 0.97 - floor, 0.0))
 
 
 def gateup_check(kind: str, x, wg, wu, t) -> dict:
@@ -132,12 +142,14 @@ def gateup_check(kind: str, x, wg, wu, t) -> dict:
     a = act_abs(x, wg)
     tt = t.astype(mx.float32)
     agree = (y == 0) == (ref == 0)
-    near = mx.abs(a - tt) <= 0.02 * mx.maximum(tt, 1e-30)
+    near = mx.abs(a - tt) <= decision_margin(a, tt)
     flips = 1.0 - mx.mean(agree.astype(mx.float32)).item()
     bad_flips = mx.sum((~agree) & (~near)).item()
     zero = mx.zeros((), dtype=y.dtype)
     err = rel_err(mx.where(agree, y, zero), mx.where(agree, ref, zero))
-    return dict(rel_err=err if bad_flips == 0 and flips < 0.01 else float("nan"), flips=flips,
+    # flip_gap: the largest |a - t| among flipped channels, in units of their decision margin
+    gap = mx.max(mx.where(agree, 0.0, mx.abs(a - tt) / decision_margin(a, tt))).item()
+    return dict(rel_err=err if bad_flips == 0 and flips < 0.01 else float("nan"), flips=flips, flip_gap=gap,
                 zero_pattern_match=flips == 0.0, density=mx.mean((ref != 0).astype(mx.float32)).item())
 
 

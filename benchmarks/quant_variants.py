@@ -10,7 +10,8 @@
 * fused gate/up on 4-bit weights (``gateup_q``) with R rows per warp, against MLX's two
   ``quantized_matmul`` calls (gate and up; the table doubles one).
 * sparse-input (``spin_q``, down 14336 -> 4096 and q/o 4096 -> 4096): WORDS per lane, rows in
-  flight per warp (U) and split-K chunk (KC), against ``quantized_matmul`` on the same matrix.
+  flight per warp (U) and split-K chunk (KC), against ``quantized_matmul`` on the same matrix
+  (``dense``) and on the sparse-input layout itself (``denseT``, ``transpose=False``).
 
 Each launch is checked against ``mx.quantized_matmul`` (CHECK lines on stderr) before its numbers
 mean anything. The spin_q U variants are source edits of the shipped kernel; nothing here is used
@@ -31,7 +32,7 @@ SPOUT_CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (4096, 4096, 0.5)]  # K (
 SPOUT_VARIANTS = ("rpw1", "rpw2", "rpw4", "dense")
 SPIN_CASES = [(14336, 4096, 0.5), (4096, 4096, 0.5)]  # K (in), N (out), sparsity
 SPIN_VARIANTS = ("w4u4k64", "w4u4k128", "w4u4k256", "w4u8k128", "w2u4k128", "w2u8k64", "w2u8k128", "w2u8k256",
-                 "w1u8k128", "dense")
+                 "w1u8k128", "dense", "denseT")
 GATEUP_CASES = [(4096, 14336, 0.5), (4096, 14336, 0.7)]  # K, N, share of channels dropped
 GATEUP_VARIANTS = ("rpw1", "rpw2", "rpw4", "dense")  # dense: MLX's two quantized_matmul (gate, up)
 
@@ -114,6 +115,9 @@ def run() -> None:
             if v == "dense":  # MLX's qmv on the same matrix in its own (out, in) layout
                 wd = q4(n, k)
                 timed(label, "qmv", lambda: qmm(x, wd), None)
+                continue
+            if v == "denseT":  # MLX's dense product on the sparse-input layout (what a fallback would run)
+                timed(label, "", lambda: qmm(x, wt, transpose=False), ref)
                 continue
             words, u, kc = _parse(v)
             tiles, chunks = -(-n // (32 * words * 8)), -(-k // kc)

@@ -273,3 +273,25 @@ def test_cuda_kernels_compile_for_hopper(tmp_path):
     ptx = (tmp_path / "k.ptx").read_text()
     assert ptx.count(".entry") == len(_INSTANCES)
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, "16-byte vector loads expected"
+
+
+@pytest.mark.parametrize("wtype", ["float16", "q4g64"])
+def test_gpu_check_thresholds_keep_every_channel_outside_its_margin(wtype):
+    """benchmarks/kernels.py's gate/up check fails on any flipped channel, so its thresholds must
+    drop the asked share and sit outside the rounding margin, near-zero activations included."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kernels as K
+
+    mx.random.seed(3)
+    x = mx.random.normal((1, 256)).astype(mx.float16)
+    wg = K.make_weight(1024, 256, wtype, transposed=False)
+    t = K.robust_channel_thresholds(x, wg, 0.5)
+    a = K.act_abs(x, wg)[0]
+    a64, t64 = np.array(a, dtype=np.float64), np.array(t, dtype=np.float64)
+    margin = 0.02 * t64 + 1e-4 * a64.mean()
+    assert np.all(np.abs(a64 - t64) > margin)
+    assert 0.4 < np.mean(a64 < t64) < 0.6
+    np.testing.assert_allclose(np.array(K.decision_margin(a, t)), margin, rtol=1e-5)
