@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (14336, 4096, 0.5), (4096, 4096, 0.5)]  # K, N, sparsity
-VARIANTS = ("base", "warpc@256", "w16u4", "w16u8", "w16u4@512", "w32u2", "w32u4")
+VARIANTS = ("base", "u4", "u4@256", "base@256", "warpc@256", "w16u4")
 
 # Per-warp compaction: warp w owns rows [k_begin + w*KC/8, +KC/8); 32 at a time, one per lane, the
 # active ones taken lowest bit first from the ballot, U weight rows in flight.
