@@ -9,7 +9,7 @@ and launches each on the same inputs, for Nsight Compute to time:
 
 Variants: ``base`` (as shipped), ``acqrel`` (fence.acq_rel.gpu instead of __threadfence),
 ``store`` (epilogue stops after the partial sums: no counters, no last-block reduction; wrong y),
-``u4`` (4 rows in flight per warp instead of 8), ``base@KC`` (split-K chunk KC instead of the
+``u8`` (8 rows in flight per warp instead of 4, as shipped before session 6), ``base@KC`` (split-K chunk KC instead of the
 default), ``warpc`` (each warp compacts its own KC/8 rows with a ballot and takes x from a
 shuffle: no block barrier or shared memory before the weight loads), and ``wVuU`` (wide tiles: each
 lane owns V outputs, V/8 16-byte loads per row, so a block reads 2*32*V contiguous bytes of a row
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (14336, 4096, 0.5), (4096, 4096, 0.5)]  # K, N, sparsity
-VARIANTS = ("base", "u4", "u4@256", "base@256", "warpc@256", "w16u4")
+VARIANTS = ("base", "u8", "base@256", "warpc@256")
 
 # Per-warp compaction: warp w owns rows [k_begin + w*KC/8, +KC/8); 32 at a time, one per lane, the
 # active ones taken lowest bit first from the ballot, U weight rows in flight.
@@ -147,11 +147,11 @@ chess_spin_finish<T, M, N, K, KC, VPL>(acc, zero, partial, y, dens, sem, nnz, re
 
 
 def _wide(name: str) -> tuple[int, int]:
-    """(VPL, U) of a wide variant name such as 'w16u4', else (8, 8) (the shipped tile)."""
+    """(VPL, U) of a wide variant name such as 'w16u4', else (8, 4) (the shipped tile)."""
     if name.startswith("w") and "u" in name and name[1].isdigit():
         v, u = name[1:].split("@")[0].split("u")
         return int(v), int(u)
-    return 8, 8
+    return 8, 4
 
 
 def variant_source(name: str) -> tuple[str, str]:
@@ -164,8 +164,8 @@ def variant_source(name: str) -> tuple[str, str]:
     elif name == "store":
         header = header.replace("  if (threadIdx.x == 0) {\n    __threadfence();  // release",
                                 "  return;\n  if (threadIdx.x == 0) {\n    __threadfence();  // release")
-    elif name == "u4":
-        body = body.replace("constexpr int U = 8;", "constexpr int U = 4;")
+    elif name == "u8":  # the geometry shipped before session 6
+        body = body.replace("constexpr int U = 4;", "constexpr int U = 8;")
     elif name[:1] == "w" and name[1:2].isdigit():
         vpl, u = _wide(name)
         body = _WIDE_MAIN.replace("@VPL@", str(vpl)).replace("@U@", str(u))
@@ -189,19 +189,28 @@ def run() -> None:
         kernels[v] = mx.fast.cuda_kernel(name=f"spinvar_{v.split('@')[0]}", input_names=["x", "t", "wt", "sem"],
                                          output_names=["y", "partial", "dens"], source=body, header=header)
     for k, n, s in cases:
-        wt = (mx.random.normal((k, n)) * 0.02).astype(mx.float16)
+        # --copies C: the same launches on C separately allocated copies of the weight (with a
+        # spacer allocation between them), to see whether a launch's time depends on where its
+        # weight lies in memory (session 6: the same configuration measured up to 2x apart)
+        copies = []
+        for _ in range(COPIES):
+            copies.append((mx.random.normal((k, n)) * 0.02).astype(mx.float16))
+            copies.append(mx.zeros((1 << 20,), dtype=mx.float32) + len(copies))
+        copies = copies[0::2]
         x = mx.random.normal((1, k)).astype(mx.float16)
         x = mx.where(mx.random.uniform(shape=(1, k)) < s, 0, x).astype(mx.float16)
         t = G.zero_threshold(mx.float16)
-        mx.eval(wt, x)
-        ref = x @ wt
-        for v in VARIANTS:
+        mx.eval(copies, x)
+        for ci, v in ((ci, v) for ci in range(COPIES) for v in VARIANTS):
+            wt = copies[ci]
+            ref = x @ wt
+            label = v if COPIES == 1 else f"{v}#{ci}"
             tiles = -(-n // (32 * _wide(v)[0]))
             kc = int(v.split("@")[1]) if "@" in v else G.split_k_chunk(k, tiles, quantized=False)
             chunks = -(-k // kc)
             ws = G.workspace(n)
             for rep in range(4):
-                print(f"CALL {k}x{n} s={s} {v} {rep}", file=sys.stderr)
+                print(f"CALL {k}x{n} s={s} {label} {rep}", file=sys.stderr)
                 y, _, _ = kernels[v](inputs=[x, t, wt, ws.sem], template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
                                                                         ("KC", kc), ("TPC", 0)],
                                      grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
@@ -212,7 +221,7 @@ def run() -> None:
                 if v != "store" and rep == 0:
                     err = float(mx.max(mx.abs(y.astype(mx.float32) - ref.astype(mx.float32))) /
                                 mx.max(mx.abs(ref.astype(mx.float32))))
-                    print(f"CHECK {k}x{n} s={s} {v} rel_err={err:.2e}", file=sys.stderr)
+                    print(f"CHECK {k}x{n} s={s} {label} rel_err={err:.2e}", file=sys.stderr)
 
 
 def table(csv_path: str, err_path: str) -> None:
@@ -223,13 +232,16 @@ def table(csv_path: str, err_path: str) -> None:
     for c, r in zip(calls, rows):
         case, v, _ = c.rsplit(" ", 2)
         times[(case, v)].append(float(r["Metric Value"].replace(",", "")) / 1e3)
-    print("| case (K x N) | " + " | ".join(VARIANTS) + " |")
-    print("| --- |" + " ---: |" * len(VARIANTS))
+    labels = list(dict.fromkeys(v for _, v in times))
+    print("| case (K x N) | " + " | ".join(labels) + " |")
+    print("| --- |" + " ---: |" * len(labels))
     for case in dict.fromkeys(c for c, _ in times):
-        print(f"| {case} | " + " | ".join(f"{min(times[(case, v)]):.1f}" for v in VARIANTS) + " |")
+        print(f"| {case} | " + " | ".join(f"{min(times[(case, v)]):.1f}" if times[(case, v)] else "-"
+                                          for v in labels) + " |")
 
 
 ONLY = [a.replace("_", " ") for a in sys.argv[1:] if "x" in a and not a.startswith("-")]  # e.g. 4096x4096_s=0.5
+COPIES = int(sys.argv[sys.argv.index("--copies") + 1]) if "--copies" in sys.argv else 1
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--table"]:
