@@ -12,7 +12,7 @@
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.
 // Needs N % 8 == 0, KC <= 512.
 constexpr int TILE = 256;
-constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); Nsight A/B, RESULTS.md session 6
+constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); speed equal within noise (RESULTS.md session 6)
 __shared__ int idx[KC];
 __shared__ float xsh[M * KC];
 __shared__ int wcount[8];

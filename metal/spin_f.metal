@@ -8,7 +8,7 @@
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
 constexpr int TILE = 256;
-constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); Nsight A/B, RESULTS.md session 6
+constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); speed equal within noise (RESULTS.md session 6)
 threadgroup int idx[KC];
 threadgroup float xsh[M * KC];
 threadgroup int wcount[8];
