@@ -6,15 +6,26 @@ launch__occupancy_limit_registers,launch__waves_per_multiprocessor,launch__grid_
     python benchmarks/ncu_launch.py x.csv
 """
 
-import csv, sys, collections
-rows = list(csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"')))
-ks = collections.OrderedDict()
-for r in rows:
-    k = ks.setdefault(r["ID"], {"name": r["Kernel Name"][:40]})
-    k[r["Metric Name"]] = r["Metric Value"]
-seen = collections.OrderedDict()
-for k in ks.values():
-    key = (k["name"], k.get("launch__registers_per_thread"), k.get("launch__occupancy_limit_registers"), k.get("launch__waves_per_multiprocessor"), k.get("launch__grid_size"))
-    seen.setdefault(key, []).append(float(k["gpu__time_duration.sum"].replace(",", "")) / 1e3)
-for key, v in seen.items():
-    print(key, "min us %.1f n=%d" % (min(v), len(v)))
+from __future__ import annotations
+
+import collections
+import sys
+
+from ncu_table import kernel_launches
+
+FACTS = ("launch__registers_per_thread", "launch__occupancy_limit_registers", "launch__waves_per_multiprocessor",
+         "launch__grid_size")
+
+
+def main(csv_path: str) -> None:
+    seen: dict = collections.OrderedDict()
+    for k in kernel_launches(csv_path):
+        key = (k["name"][:40], *(k.get(f) for f in FACTS))
+        seen.setdefault(key, []).append(k["gpu__time_duration.sum"] / 1e3)
+    for (name, regs, occ, waves, grid), us in seen.items():
+        print(f"{name}: {regs:.0f} registers, {occ:.0f} blocks/SM by registers, {waves:.2f} waves, "
+              f"grid {grid:.0f}: min {min(us):.1f} us over {len(us)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -11,13 +11,17 @@ import re
 import sys
 
 
-def main(csv_path: str, err_path: str, copy_bw: float = 2.82) -> None:
-    rows = list(csv.DictReader(l for l in open(csv_path) if l.startswith('"')))
+def kernel_launches(csv_path: str) -> list[dict]:
+    """One dict per profiled launch, in launch order: its kernel ``name`` and each metric as a float."""
     ks: dict = collections.OrderedDict()
-    for r in rows:
+    for r in csv.DictReader(l for l in open(csv_path) if l.startswith('"')):
         k = ks.setdefault(r["ID"], {"name": r["Kernel Name"]})
         k[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
-    sel = [k for k in ks.values() if re.search(r"custom_kernel|gemv|qmv|gemm", k["name"])]
+    return list(ks.values())
+
+
+def main(csv_path: str, err_path: str, copy_bw: float = 2.82) -> None:
+    sel = [k for k in kernel_launches(csv_path) if re.search(r"custom_kernel|gemv|qmv|gemm", k["name"])]
     calls = [l.split(" ", 1)[1].strip() for l in open(err_path) if l.startswith("CALL")]
     n_kernels = len(calls)  # one launch per call (spin's reduction is inside it since session 3)
     meas, i = sel[-n_kernels:], 0

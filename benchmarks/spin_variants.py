@@ -9,12 +9,14 @@ and launches each on the same inputs, for Nsight Compute to time:
 
 Variants: ``base`` (as shipped), ``acqrel`` (fence.acq_rel.gpu instead of __threadfence),
 ``store`` (epilogue stops after the partial sums: no counters, no last-block reduction; wrong y),
-``u8`` (8 rows in flight per warp instead of 4, as shipped before session 6), ``base@KC`` (split-K chunk KC instead of the
-default), ``warpc`` (each warp compacts its own KC/8 rows with a ballot and takes x from a
-shuffle: no block barrier or shared memory before the weight loads), and ``wVuU`` (wide tiles: each
-lane owns V outputs, V/8 16-byte loads per row, so a block reads 2*32*V contiguous bytes of a row
-instead of 512, with U rows in flight; the chunk follows split_k_chunk for the wider tile). Session 4 (RESULTS.md) used an earlier set of variants on the previous source to find
-that per-warp fences and global x loads in the inner loop cost up to 40% of the time.
+``u8`` (8 rows in flight per warp instead of 4, as shipped before session 6), ``base@KC``
+(split-K chunk KC instead of the default), ``warpc`` (each warp compacts its own KC/8 rows with a
+ballot and takes x from a shuffle: no block barrier or shared memory before the weight loads).
+``--variants a,b`` picks which to run (default: VARIANTS below); ``--copies C`` runs each on C
+separately allocated weight copies. Wide tiles (each lane owning 16 or 32 outputs) lost in every
+case in session 6 and were removed (their source: commit 9f31dee). Session 4 (RESULTS.md) used an
+earlier set of variants on the previous source to find that per-warp fences and global x loads in
+the inner loop cost up to 40% of the time.
 """
 
 from __future__ import annotations
@@ -87,73 +89,6 @@ const float zero[M] = {};
 """
 
 
-# Wide tiles: lane owns VPL consecutive outputs (VPL/8 16-byte loads per row).
-_WIDE_MAIN = r"""
-constexpr int VPL = @VPL@;
-constexpr int TILE = 32 * VPL;
-constexpr int U = @U@;
-constexpr int C8 = VPL / 8;
-__shared__ int idx[KC];
-__shared__ float xsh[M * KC];
-__shared__ int wcount[8];
-__shared__ int wnnz[8];
-__shared__ int flag;
-__shared__ __align__(16) float red[8][TILE];
-const int lane = threadIdx.x & 31;
-const int warp = threadIdx.x >> 5;
-const int tile = blockIdx.x;
-const int chunk = blockIdx.y;
-const int n0 = tile * TILE + lane * VPL;
-int nnz = 0;
-const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
-float acc[M][VPL];
-#pragma unroll
-for (int m = 0; m < M; ++m)
-#pragma unroll
-  for (int e = 0; e < VPL; ++e) acc[m][e] = 0.0f;
-for (int i0 = warp; i0 < total; i0 += 8 * U) {
-  uint4 wv[U][C8];
-  int jv[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int e = i0 + 8 * u;
-    jv[u] = e < total ? idx[e] : -1;
-#pragma unroll
-    for (int c = 0; c < C8; ++c)
-      if (jv[u] >= 0 && n0 + 8 * c < N) wv[u][c] = *reinterpret_cast<const uint4*>(wt + (size_t)jv[u] * N + n0 + 8 * c);
-  }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    if (jv[u] >= 0) {
-#pragma unroll
-      for (int c = 0; c < C8; ++c) {
-        if (n0 + 8 * c < N) {
-          float wf[8];
-          chess_unpack8<T>(wv[u][c], wf);
-#pragma unroll
-          for (int m = 0; m < M; ++m) {
-            const float xj = xsh[m * KC + i0 + 8 * u];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[m][8 * c + e] += xj * wf[e];
-          }
-        }
-      }
-    }
-  }
-}
-const float zero[M] = {};
-chess_spin_finish<T, M, N, K, KC, VPL>(acc, zero, partial, y, dens, sem, nnz, red, &flag);
-"""
-
-
-def _wide(name: str) -> tuple[int, int]:
-    """(VPL, U) of a wide variant name such as 'w16u4', else (8, 4) (the shipped tile)."""
-    if name.startswith("w") and "u" in name and name[1].isdigit():
-        v, u = name[1:].split("@")[0].split("u")
-        return int(v), int(u)
-    return 8, 4
-
-
 def variant_source(name: str) -> tuple[str, str]:
     from chess_mlx import sparse_gemv as G
 
@@ -166,9 +101,6 @@ def variant_source(name: str) -> tuple[str, str]:
                                 "  return;\n  if (threadIdx.x == 0) {\n    __threadfence();  // release")
     elif name == "u8":  # the geometry shipped before session 6
         body = body.replace("constexpr int U = 4;", "constexpr int U = 8;")
-    elif name[:1] == "w" and name[1:2].isdigit():
-        vpl, u = _wide(name)
-        body = _WIDE_MAIN.replace("@VPL@", str(vpl)).replace("@U@", str(u))
     elif name == "warpc":
         start = body.index("int nnz = 0;")
         end = body.index("chess_spin_finish<")
@@ -205,7 +137,7 @@ def run() -> None:
             wt = copies[ci]
             ref = x @ wt
             label = v if COPIES == 1 else f"{v}#{ci}"
-            tiles = -(-n // (32 * _wide(v)[0]))
+            tiles = -(-n // 256)
             kc = int(v.split("@")[1]) if "@" in v else G.split_k_chunk(k, tiles, quantized=False)
             chunks = -(-k // kc)
             ws = G.workspace(n)
@@ -242,6 +174,8 @@ def table(csv_path: str, err_path: str) -> None:
 
 ONLY = [a.replace("_", " ") for a in sys.argv[1:] if "x" in a and not a.startswith("-")]  # e.g. 4096x4096_s=0.5
 COPIES = int(sys.argv[sys.argv.index("--copies") + 1]) if "--copies" in sys.argv else 1
+if "--variants" in sys.argv:
+    VARIANTS = tuple(sys.argv[sys.argv.index("--variants") + 1].split(","))
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--table"]:
