@@ -2,8 +2,7 @@
 
 Weights are random (no checkpoint needed) and thresholds are calibrated on random tokens: speed
 depends on shapes and sparsity, not on what the weights mean. Decoding uses mlx-lm's own
-``generate_step`` (KV cache, asynchronous evaluation), greedy, with no EOS stop, through the
-compiled whole-step decoder (``decode_step``) for every method alike.
+``generate_step`` (KV cache, asynchronous evaluation), greedy, with no EOS stop.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .calibrate import calibrate
-from .decode_step import decoder
 from .methods import DENSE
 from .sparse_layers import set_method, sparsify
 
@@ -69,7 +67,7 @@ def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, ru
     prompt = mx.random.randint(0, vocab, (prompt_len,), key=mx.random.key(seed))
     out = []
     for _ in range(runs + int(warmup)):
-        gen = generate_step(prompt, decoder(model), max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
+        gen = generate_step(prompt, model, max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
         next(gen)
         t0 = time.perf_counter()
         n = 0

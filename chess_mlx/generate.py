@@ -14,7 +14,6 @@ from typing import Iterable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .decode_step import decoder
 from .sparse_layers import sparsify
 from .stats import CallStats, TokenStats, merge, summarize
 
@@ -48,7 +47,7 @@ def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs)
     start = time.perf_counter()
     ttft = None
     try:
-        for resp in stream_generate(decoder(model), tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        for resp in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
             if ttft is None:
                 ttft = time.perf_counter() - start
             decode.extend(c for c in rec.pop() if c.n_tokens == 1)

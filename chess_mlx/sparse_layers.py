@@ -8,7 +8,7 @@ CHESS, CHESS+attention or TEAL at any time, without reloading weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -180,17 +180,6 @@ class ChessState:
     weight_bytes: WeightBytes
     method: str = DENSE
     sparsity: float | None = None
-    # A token per distinct (method, level, thresholds) set by set_method: what a compiled decode
-    # step (decode_step) bakes in, so switching back to a configuration finds its trace again.
-    config: object = None
-    _configs: dict = field(default_factory=dict)
-
-    def use_config(self, method: str, sparsity: float | None, thresholds) -> None:
-        key = (method, sparsity, id(thresholds))
-        held = self._configs.get(key)
-        if held is None or held[0] is not thresholds:  # the thresholds ref keeps the id unique
-            held = self._configs[key] = (thresholds, object())
-        self.config = held[1]
 
 
 def sparsify(model: nn.Module) -> ChessState:
@@ -254,5 +243,4 @@ def set_method(model: nn.Module, method: str, thresholds=None, sparsity: float |
         elif method == TEAL:
             c.mode, c.inp, c.down = "teal", float(level["mlp_in"][i]), float(level["down_in"][i])
     state.method, state.sparsity = method, (None if method == DENSE else thresholds.match(sparsity))
-    state.use_config(method, state.sparsity, None if method == DENSE else thresholds)
     return state

@@ -7,9 +7,7 @@ are evaluated only when someone reads them, so recording costs the decode loop a
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -62,29 +60,6 @@ class SparsityRecorder:
         for k in keys:
             self._current[k] = density
         self._current_tokens = n_tokens
-
-    def record_call(self, densities: dict, n_tokens: int) -> None:
-        """Record one whole call at once: ``{(layer, proj index): density}`` as ``capturing``
-        collected it (a compiled decode step hands its densities out as outputs)."""
-        if self.enabled:
-            self._close()
-            self._pending.append((dict(densities), n_tokens))
-
-    @contextmanager
-    def capturing(self) -> Iterator[dict]:
-        """Record one call into the yielded dict instead of the queue (and whether or not recording
-        is on), leaving the queue as it was: inside a traced step the densities are tracers, which
-        must leave the trace as outputs, never sit in the queue."""
-        saved = (self.enabled, self._current, self._current_tokens, self._pending)
-        self.enabled, self._current, self._current_tokens, self._pending = True, {}, 0, []
-        out: dict = {}
-        try:
-            yield out
-            self._close()
-            for d, _ in self._pending:
-                out.update(d)
-        finally:
-            self.enabled, self._current, self._current_tokens, self._pending = saved
 
     def _close(self) -> None:
         if self._current:
