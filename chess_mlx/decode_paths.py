@@ -9,6 +9,7 @@ node. Each path is one ``mx.compile``d function of arrays only: the first call t
 shape and dtype), later calls replay the trace without rebuilding kernel sources in Python.
 
 Every function returns ``(y, densities...)``; the densities are lazy scalars for the recorder.
+The layers bind each path's constant arguments once per plan (``Bound``) and pass only ``x``.
 Quantized weights come here only with ``CHESS_MLX_QUANT_KERNELS=1`` (``linear_ops``). The
 reference path (CPU, prefill) does not come here, except in the CPU tests, where the same
 functions wrap the reference products.
@@ -69,48 +70,81 @@ def _spin(x, t, wt, ws):
 _COMPILED: dict[tuple, object] = {}
 
 
-def _flat(a):
+def _static(a):
+    """What an argument contributes to a Bound's constant inputs (a Workspace: its counters; its
+    ordering token changes with every launch and travels separately)."""
     if isinstance(a, G.QWeight):
         return a.w, a.scales, a.biases
     if isinstance(a, G.Workspace):
-        return a.sem, a.last
+        return a.sem
     return a
 
 
-def _call(fn, *args):
-    """``fn(*args)`` through its compiled twin. mx.compile takes arrays (and tuples of them), so a
-    QWeight travels as its three arrays, and its bits and group size, which the kernels need as
-    compile-time constants, become part of the cache key and are baked into the traced function.
-    A Workspace travels as its counters and ordering token; the launches' new tokens come back as
-    extra outputs and are stored on the caller's workspaces (a side effect inside the trace would
-    only ever see tracers)."""
-    meta = tuple((a.bits, a.group_size) if isinstance(a, G.QWeight) else "ws" if isinstance(a, G.Workspace) else None
-                 for a in args)
+def _compiled(fn, meta: tuple):
+    """The compiled twin of ``fn`` for arguments of kinds ``meta`` on the current stream. mx.compile
+    takes arrays (and tuples of them), so a QWeight travels as its three arrays, and its bits and
+    group size, which the kernels need as compile-time constants, are part of the key and baked
+    into the traced function. A Workspace travels as its counters plus its ordering token; the
+    launches' new tokens come back as extra outputs (a side effect inside the trace would only
+    ever see tracers)."""
     key = (fn.__name__, meta, repr(mx.default_stream(mx.default_device())))
     c = _COMPILED.get(key)
     if c is None:
-        def rebuilt(*flat):
-            objs = [a if m is None else G.Workspace(*a) if m == "ws" else G.QWeight(*a, *m)
-                    for a, m in zip(flat, meta)]
-            out = fn(*objs)
+        def rebuilt(x, static, lasts):
+            objs, tokens = [], iter(lasts)
+            for a, m in zip(static, meta):
+                objs.append(a if m is None else G.Workspace(a, next(tokens)) if m == "ws" else G.QWeight(*a, *m))
+            out = fn(x, *objs)
             return (*out, *(o.last for o in objs if isinstance(o, G.Workspace)))
         c = _COMPILED[key] = mx.compile(rebuilt)
-    out = c(*(_flat(a) for a in args))
-    spaces = [a for a in args if isinstance(a, G.Workspace)]
-    if not spaces:
-        return out
-    for w, token in zip(spaces, out[len(out) - len(spaces):]):
-        w.last = token
-    return tuple(out[:len(out) - len(spaces)])
+    return c
+
+
+class Bound:
+    """A compiled path with every argument but ``x`` bound once (a sparse module's one-token plan).
+
+    Decode is bound by host time per token (benchmarks/RESULTS.md), and sorting arguments into
+    compile inputs cost ~15 us of Python per call and 2-3 calls per layer; bound, a step passes
+    only ``x`` and the workspaces' tokens."""
+
+    __slots__ = ("c", "static", "spaces")
+
+    def __init__(self, fn, *args):
+        meta = tuple((a.bits, a.group_size) if isinstance(a, G.QWeight) else "ws" if isinstance(a, G.Workspace)
+                     else None for a in args)
+        self.c = _compiled(fn, meta)
+        self.static = tuple(_static(a) for a in args)
+        self.spaces = tuple(a for a in args if isinstance(a, G.Workspace))
+
+    def __call__(self, x: mx.array) -> tuple:
+        out = self.c(x, self.static, tuple(w.last for w in self.spaces))
+        n = len(self.spaces)
+        if not n:
+            return out
+        for w, token in zip(self.spaces, out[len(out) - n:]):
+            w.last = token
+        return tuple(out[:len(out) - n])
+
+
+def bind_act_mlp(wg, wu, t, wt_down, ws_down, dtype) -> Bound:
+    return Bound(_act_mlp, wg, wu, t, wt_down, ws_down, G.zero_threshold(dtype))
+
+
+def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down) -> Bound:
+    return Bound(_teal_mlp, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)
+
+
+def bind_spin(t, wt, ws) -> Bound:
+    return Bound(_spin, t, wt, ws)
 
 
 def act_mlp(x, wg, wu, t, wt_down, ws_down):
-    return _call(_act_mlp, x, wg, wu, t, wt_down, ws_down, G.zero_threshold(x.dtype))
+    return bind_act_mlp(wg, wu, t, wt_down, ws_down, x.dtype)(x)
 
 
 def teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down):
-    return _call(_teal_mlp, x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)
+    return bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)(x)
 
 
 def spin(x, t, wt, ws):
-    return _call(_spin, x, t, wt, ws)
+    return bind_spin(t, wt, ws)(x)

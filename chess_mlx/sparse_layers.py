@@ -41,8 +41,8 @@ class _Control:
         self.down = None  # TEAL: down input threshold
         self.collector: Optional[Collector] = None
         self._arrays: dict = {}
-        # One-token decode plans, per (dtype, kernel backend, compiled paths on): the compiled
-        # path's function and array arguments, or None where it does not apply. Decode is bound by
+        # One-token decode plans, per (dtype, kernel backend, compiled paths on, stream): the
+        # compiled path with its arguments bound, or None where it does not apply. Decode is bound by
         # host time per token, so the checks and lookups run once, not at every layer and token.
         # set_method clears them; weights are assumed fixed once a model is sparsified (as for the
         # transposed weights the kernels cache).
@@ -52,7 +52,7 @@ class _Control:
         """The cached plan for a one-token step on ``x`` (None for several tokens: prefill)."""
         if x.size != x.shape[-1]:
             return None
-        key = (x.dtype, G.backend(), D.enabled())
+        key = (x.dtype, G.backend(), D.enabled(), repr(mx.default_stream(mx.default_device())))
         p = self.plans.get(key, _MISSING)
         if p is _MISSING:
             p = self.plans[key] = make(x)
@@ -98,9 +98,9 @@ class SparseInputLinear(nn.Module):
             c.collector(self.proj, x)
         if c.threshold is None:
             return dense_linear(x, self)
-        args = c.plan(x, self._plan)
-        if args is not None:
-            y, dens = D.spin(x, *args)
+        bound = c.plan(x, self._plan)
+        if bound is not None:
+            y, dens = bound(x)
             c.recorder.record_density(c.layer, self.proj, dens, 1)
             return y
         xs, keep = _threshold(x, c.threshold)
@@ -110,7 +110,7 @@ class SparseInputLinear(nn.Module):
     def _plan(self, x: mx.array):
         if not compiled_path_ok(x, self):
             return None
-        return self.ctl.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self)
+        return D.bind_spin(self.ctl.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self))
 
 
 class SparseMLP(nn.Module):
@@ -132,8 +132,8 @@ class SparseMLP(nn.Module):
             return dense_linear(a * dense_linear(x, self.up_proj), self.down_proj)
         plan = c.plan(x, self._plan)
         if plan is not None:
-            fn, args, recorded = plan
-            y, *dens = fn(x, *args)
+            bound, recorded = plan
+            y, *dens = bound(x)
             for projs, d in zip(recorded, dens):
                 c.recorder.record_density(c.layer, projs, d, 1)
             return y
@@ -155,11 +155,11 @@ class SparseMLP(nn.Module):
         if not compiled_path_ok(x, g, u, d):
             return None
         if c.mode == "act":
-            return D.act_mlp, (row_weight(g), row_weight(u), c.arr("act", x.dtype), transposed_weight(d),
-                               kernel_workspace(d)), [("up", "down")]
-        return D.teal_mlp, (c.arr("inp", x.dtype), transposed_weight(g), transposed_weight(u), c.arr("down", x.dtype),
-                            transposed_weight(d), kernel_workspace(g), kernel_workspace(u),
-                            kernel_workspace(d)), [("gate", "up"), "down"]
+            return D.bind_act_mlp(row_weight(g), row_weight(u), c.arr("act", x.dtype), transposed_weight(d),
+                                  kernel_workspace(d), x.dtype), [("up", "down")]
+        return D.bind_teal_mlp(c.arr("inp", x.dtype), transposed_weight(g), transposed_weight(u), c.arr("down", x.dtype),
+                               transposed_weight(d), kernel_workspace(g), kernel_workspace(u),
+                               kernel_workspace(d)), [("gate", "up"), "down"]
 
     def _collect(self, x: mx.array, collect: Collector) -> mx.array:
         a = nn.silu(dense_linear(x, self.gate_proj))

@@ -94,12 +94,12 @@ def test_decode_plans_are_built_once_and_dropped_on_method_switch(monkeypatch):
     assert calls.count(3) == 2  # one MLP plan per layer, not one per token
     mlp = model.model.layers[0].mlp
     (plan,) = mlp.ctl.plans.values()
-    assert plan[1][2].size == cfg["intermediate_size"]  # per-channel CHESS thresholds
+    assert plan[0].static[2].size == cfg["intermediate_size"]  # per-channel CHESS thresholds
     set_method(model, "cats", th, 0.5)
     assert not mlp.ctl.plans
     mx.eval(model(tok))
     (plan,) = mlp.ctl.plans.values()
-    assert plan[1][2].size == 1 and calls.count(3) == 4  # rebuilt: one threshold for the layer
+    assert plan[0].static[2].size == 1 and calls.count(3) == 4  # rebuilt: one threshold for the layer
     decode_paths.enable(False)
     mx.eval(model(tok))
     assert len(mlp.ctl.plans) == 2  # the compile switch is part of the key
@@ -132,7 +132,7 @@ def test_quantized_compiled_paths_match_the_op_by_op_kernel_path(monkeypatch):
             assert a is not None and (a < 1).any()
     assert quantized and all(quantized)
     assert any(k[0] == "_act_mlp" and k[1][1] == (4, 32) for k in decode_paths._COMPILED)
-    assert any(k[0] == "_spin" and k[1][2] == (4, 32) for k in decode_paths._COMPILED)
+    assert any(k[0] == "_spin" and k[1][1] == (4, 32) for k in decode_paths._COMPILED)
     set_method(model, "dense")
 
 
