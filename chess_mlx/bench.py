@@ -105,3 +105,13 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
             progress(m, results[-1])
     set_method(model, DENSE)
     return results
+
+
+def paired_ratios(results: list[DecodeResult], base: str = DENSE) -> dict[str, float]:
+    """Each method's speed over ``base`` as the median of run-by-run ratios. Runs interleave the
+    methods, so run i of every method saw the same spell of the shared host CPU; pairing them
+    cancels what a slow spell does to all (single runs spread by 20-30% on the lent H100 host)."""
+    ref = next((r for r in results if r.method == base), None)
+    if ref is None:
+        return {}
+    return {r.method: statistics.median(a / b for a, b in zip(r.runs, ref.runs)) for r in results}

@@ -348,7 +348,7 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     import mlx.core as mx
 
-    from .bench import PRESETS, random_model, run_bench
+    from .bench import PRESETS, paired_ratios, random_model, run_bench
     from .sparse_gemv import backend
 
     methods = M.parse_methods(args.methods)
@@ -365,11 +365,16 @@ def cmd_bench(args) -> int:
                         progress=lambda m, r: print(f"  {m:<11} {r.tokens_per_s:8.1f} tok/s  (runs {min(r.runs):.1f}-{max(r.runs):.1f}; "
                                                      f"FFN sparsity {r.ffn_sparsity:.0%})", flush=True))
     base = next((r.tokens_per_s for r in results if r.method == M.DENSE), None)
+    paired = paired_ratios(results)
     if base:
-        print("speed vs dense: " + ", ".join(f"{r.method} {r.tokens_per_s / base:.2f}x" for r in results))
+        print("speed vs dense: " + ", ".join(f"{r.method} {r.tokens_per_s / base:.2f}x" for r in results)
+              + " (ratio of medians)")
+        print("speed vs dense: " + ", ".join(f"{m} {v:.2f}x" for m, v in paired.items())
+              + " (median of run-by-run ratios)")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": label, "sparsity": sparsity, "backend": backend(),
-                                               "results": [r.__dict__ for r in results]}, indent=2) + "\n")
+                                               "results": [r.__dict__ for r in results],
+                                               "paired_vs_dense": paired}, indent=2) + "\n")
     return 0
 
 

@@ -31,3 +31,14 @@ def test_run_bench_interleaves_methods_and_restores_dense(monkeypatch):
                      ("dense", False), ("chess", False)]
     assert sparsify(model).method == "dense"
     np.testing.assert_array_equal(np.array(model(prompt)), dense_before)
+
+
+def test_paired_ratios_are_the_median_of_run_by_run_ratios():
+    from chess_mlx.bench import DecodeResult, paired_ratios
+
+    dense = DecodeResult("dense", 0.0, [100.0, 50.0, 120.0], 0.0)
+    chess = DecodeResult("chess", 0.0, [130.0, 70.0, 100.0], 0.5)
+    got = paired_ratios([dense, chess])
+    assert got["dense"] == 1.0
+    assert got["chess"] == np.median(np.array(chess.runs) / np.array(dense.runs))  # 1.3 (pairs 1.3, 1.4, 0.83)
+    assert paired_ratios([chess]) == {}
