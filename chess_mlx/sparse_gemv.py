@@ -45,15 +45,21 @@ def force_reference(on: bool = True) -> None:
     _FORCE_REFERENCE = on
 
 
-def backend() -> str:
-    if _FORCE_REFERENCE:
-        return "reference"
-    if mx.default_device() == mx.gpu:
-        if mx.metal.is_available():
-            return "metal"
-        if mx.cuda.is_available():
-            return "cuda"
+@lru_cache(maxsize=None)
+def _gpu_kind() -> str:
+    """Which kernels this process's GPU takes, asked once: every sparse module asks ``backend``
+    at every decode token, and decode speed is bound by host time."""
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
     return "reference"
+
+
+def backend() -> str:
+    if _FORCE_REFERENCE or mx.default_device() != mx.gpu:
+        return "reference"
+    return _gpu_kind()
 
 
 @dataclass(frozen=True)
