@@ -142,9 +142,5 @@ def act_mlp(x, wg, wu, t, wt_down, ws_down):
     return bind_act_mlp(wg, wu, t, wt_down, ws_down, x.dtype)(x)
 
 
-def teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down):
-    return bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)(x)
-
-
 def spin(x, t, wt, ws):
     return bind_spin(t, wt, ws)(x)
