@@ -10,7 +10,8 @@ build = Python creating the graph, encode = ``mx.async_eval`` returning, wait = 
 
 Variants: MLX's GEMV; the sparse-input kernel op by op (``sparse_gemv.sparse_input``) and through
 its bound compiled path (``decode_paths.bind_spin``); a bare copy kernel (``mx.fast.cuda_kernel``,
-one input, one output), plain and inside ``mx.compile``. The kernel variants need the CUDA backend.
+one input, one output), plain and inside ``mx.compile``, and with spin's 5 inputs and 3 outputs.
+The kernel variants need the CUDA backend.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def _copy_kernel():
                        output_dtypes=[x.dtype])[0]
 
 
+def _copy_kernel_spin_shaped(extra: list):
+    """The copy kernel with sparse-input's argument list: 4 more inputs (never read) and 2 more
+    outputs, one a 28 x 4096 float32 scratch like spin's split-K partials (never written). Tells
+    whether argument and output count, not the kernel, cost host time."""
+    k = mx.fast.cuda_kernel(name="node_cost_copy5x3", input_names=["x", "a", "b", "c", "d"],
+                            output_names=["y", "partial", "dens"],
+                            source="int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 4096) y[i] = x[i];")
+    return lambda x: k(inputs=[x, *extra], grid=(N, 1, 1), threadgroup=(256, 1, 1),
+                       output_shapes=[x.shape, (28, 1, N), (1,)], output_dtypes=[x.dtype, mx.float32, mx.float32])[0]
+
+
 def variants() -> dict:
     w = (mx.random.normal((N, N)) * N ** -0.5).astype(mx.float16)
     wt = mx.contiguous(w.T)
@@ -54,6 +66,7 @@ def variants() -> dict:
     out["spin, bound compiled path"] = lambda x: bound(x)[0]
     out["bare copy kernel"] = copy
     out["bare copy kernel, compiled"] = mx.compile(copy)
+    out["copy kernel, spin's arguments"] = _copy_kernel_spin_shaped([t, wt, ws_a.sem, ws_a.last])
     return out
 
 
