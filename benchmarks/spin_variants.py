@@ -12,7 +12,8 @@ Variants: ``base`` (as shipped), ``acqrel`` (fence.acq_rel.gpu instead of __thre
 ``u8`` (8 rows in flight per warp instead of 4, as shipped before session 6), ``base@KC``
 (split-K chunk KC instead of the default), ``warpc`` (each warp compacts its own KC/8 rows with a
 ballot and takes x from a shuffle: no block barrier or shared memory before the weight loads).
-``--variants a,b`` picks which to run (default: VARIANTS below); ``--copies C`` runs each on C
+``pair`` (two warps share each row, 512 outputs per block: 1 KB of each active row read in one
+piece, same registers). ``--variants a,b`` picks which to run (default: VARIANTS below); ``--copies C`` runs each on C
 separately allocated weight copies. Wide tiles (each lane owning 16 or 32 outputs) lost in every
 case in session 6 and were removed (their source: commit 9f31dee). Session 4 (RESULTS.md) used an
 earlier set of variants on the previous source to find that per-warp fences and global x loads in
@@ -29,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (14336, 4096, 0.5), (4096, 4096, 0.5)]  # K, N, sparsity
-VARIANTS = ("base", "u8", "base@256", "warpc@256")
+VARIANTS = ("base", "pair", "u8", "base@256", "warpc@256")
 
 # Per-warp compaction: warp w owns rows [k_begin + w*KC/8, +KC/8); 32 at a time, one per lane, the
 # active ones taken lowest bit first from the ballot, U weight rows in flight.
@@ -89,6 +90,66 @@ const float zero[M] = {};
 """
 
 
+# Paired warps: the block's tile is 512 outputs; warps 2r and 2r+1 take the two 256-output halves
+# of the same rows (row group r of 4), so a block reads 1 KB of each active row in one piece instead
+# of 512 bytes, with the same 8 outputs per lane (and registers) as the shipped kernel. Session 6's
+# wide tiles also read 1-2 KB per row, but gave each lane 16-32 outputs (72-122 registers), so the
+# effect of the longer piece was never seen apart from register pressure.
+_PAIR_FINISH = r"""
+{
+  constexpr int CHUNKS = (K + KC - 1) / KC;
+  const int tiles = gridDim.x;
+  int* semw = const_cast<int*>(sem);
+  const int rg = warp >> 1, half = warp & 1;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float4* dst = reinterpret_cast<float4*>(&red[rg][half * 256 + lane * 8]);
+    dst[0] = make_float4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+    dst[1] = make_float4(acc[m][4], acc[m][5], acc[m][6], acc[m][7]);
+    __syncthreads();
+    for (int i = threadIdx.x; i < TILE; i += 256) {
+      const float v = (red[0][i] + red[1][i]) + (red[2][i] + red[3][i]);
+      const int n = tile * TILE + i;
+      if (n < N) partial[((size_t)chunk * M + m) * N + n] = v;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (tile == 0) {
+      atomicAdd(&semw[tiles + 1], nnz);
+      __threadfence();
+    }
+    const bool last = atomicAdd(&semw[tile], 1) == CHUNKS - 1;
+    if (last) __threadfence();
+    flag = last;
+  }
+  __syncthreads();
+  if (flag) {
+    for (int i = threadIdx.x; i < M * TILE; i += 256) {
+      const int m = i / TILE, n = tile * TILE + i % TILE;
+      if (n < N) {
+        float v = 0.0f;
+#pragma unroll 16
+        for (int c = 0; c < CHUNKS; ++c) v += __ldcg(&partial[((size_t)c * M + m) * N + n]);
+        y[(size_t)m * N + n] = static_cast<T>(v);
+      }
+    }
+    if (threadIdx.x == 0) {
+      atomicExch(&semw[tile], 0);
+      __threadfence();
+      if (atomicAdd(&semw[tiles], 1) == tiles - 1) {
+        const int total_nnz = atomicExch(&semw[tiles + 1], 0);
+        atomicExch(&semw[tiles], 0);
+        dens[0] = (float)total_nnz / (float)(M * K);
+      }
+    }
+  }
+}
+"""
+TILE_OF = {"pair": 512}  # outputs per block where a variant differs from the shipped 256
+
+
 def variant_source(name: str) -> tuple[str, str]:
     from chess_mlx import sparse_gemv as G
 
@@ -101,6 +162,16 @@ def variant_source(name: str) -> tuple[str, str]:
                                 "  return;\n  if (threadIdx.x == 0) {\n    __threadfence();  // release")
     elif name == "u8":  # the geometry shipped before session 6
         body = body.replace("constexpr int U = 4;", "constexpr int U = 8;")
+    elif name == "pair":
+        for a, b in [("constexpr int TILE = 256;", "constexpr int TILE = 512;"),
+                     ("const int n0 = tile * TILE + lane * 8;", "const int n0 = tile * TILE + (warp & 1) * 256 + lane * 8;"),
+                     ("__shared__ __align__(16) float red[8][TILE];", "__shared__ __align__(16) float red[4][TILE];"),
+                     ("for (int i0 = warp; i0 < total; i0 += 8 * U) {", "for (int i0 = warp >> 1; i0 < total; i0 += 4 * U) {"),
+                     ("const int e = i0 + 8 * u;", "const int e = i0 + 4 * u;"),
+                     ("xsh[m * KC + i0 + 8 * u]", "xsh[m * KC + i0 + 4 * u]")]:
+            assert a in body, a
+            body = body.replace(a, b)
+        body = body[:body.index("const float zero[M] = {};")] + _PAIR_FINISH
     elif name == "warpc":
         start = body.index("int nnz = 0;")
         end = body.index("chess_spin_finish<")
@@ -137,7 +208,7 @@ def run() -> None:
             wt = copies[ci]
             ref = x @ wt
             label = v if COPIES == 1 else f"{v}#{ci}"
-            tiles = -(-n // 256)
+            tiles = -(-n // TILE_OF.get(v.split("@")[0], 256))
             kc = int(v.split("@")[1]) if "@" in v else G.split_k_chunk(k, tiles, quantized=False)
             chunks = -(-k // kc)
             ws = G.workspace(n)
