@@ -295,3 +295,29 @@ def test_gpu_check_thresholds_keep_every_channel_outside_its_margin(wtype):
     assert np.all(np.abs(a64 - t64) > margin)
     assert 0.4 < np.mean(a64 < t64) < 0.6
     np.testing.assert_allclose(np.array(K.decision_margin(a, t)), margin, rtol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_spin_probe_variants_compile_for_hopper(tmp_path):
+    """benchmarks/spin_variants.py edits spin_f's source text into A/B variants: each edit must
+    still apply to the shipped source (it asserts so) and give a kernel that compiles, so a GPU
+    session's probe does not die on a stale edit."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import spin_variants as V
+
+    src = "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cooperative_groups.h>\n"
+    names = sorted({v.split("@")[0] for v in V.VARIANTS} | {"acqrel", "store"})
+    for i, v in enumerate(names):  # each variant with its (possibly edited) header in a namespace
+        head, body = V.variant_source(v)
+        src += (f"namespace v{i} {{\n{head}\n__global__ void k(const __half* x, const __half* t, const __half* wt, "
+                f"const int* sem, __half* y, float* partial, float* dens) {{\n  using T = __half;\n"
+                f"  constexpr int M = 1;\n  constexpr int K = 4096;\n  constexpr int N = 14336;\n"
+                f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n{body}\n}}\n}}\n")
+    (tmp_path / "v.cu").write_text(src)
+    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "v.ptx"),
+                        str(tmp_path / "v.cu")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "v.ptx").read_text().count(".entry") == len(names)
