@@ -1,6 +1,6 @@
 """Host cost per graph node: a custom-kernel node against the built-in GEMV it replaces.
 
-    python benchmarks/node_cost.py [--nodes 128] [--reps 7]
+    python benchmarks/node_cost.py [--nodes 128] [--reps 7] [--layers 32]
 
 Decode on the lent H100 is bound by host work, and a sparse-input node measured ~30 us more build
 and encode time than the dense GEMV it replaces (RESULTS.md, session 7). Each variant builds a
@@ -10,8 +10,10 @@ build = Python creating the graph, encode = ``mx.async_eval`` returning, wait = 
 
 Variants: MLX's GEMV; the sparse-input kernel op by op (``sparse_gemv.sparse_input``) and through
 its bound compiled path (``decode_paths.bind_spin``); a bare copy kernel (``mx.fast.cuda_kernel``,
-one input, one output), plain and inside ``mx.compile``, and with spin's 5 inputs and 3 outputs.
-The kernel variants need the CUDA backend.
+one input, one output), plain and inside ``mx.compile``, with spin's 5 inputs and 3 outputs, and
+with one of those additions at a time (inputs, outputs, a large output, template arguments).
+A second table chains ``--layers`` Llama-3-8B FFN layers: MLX's dense FFN against the bound CHESS
+path. The kernel variants need the CUDA backend.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ def _copy_kernel_spin_shaped(extra: list):
                        output_shapes=[x.shape, (28, 1, N), (1,)], output_dtypes=[x.dtype, mx.float32, mx.float32])[0]
 
 
+def _copy_kernel_with(name: str, n_in: int = 1, outputs: tuple = (), n_template: int = 0):
+    """The copy kernel with ``n_in - 1`` extra inputs (never read), extra outputs of the given
+    shapes (float32, never written) and ``n_template`` integer template arguments: one cost at a
+    time of what spin's launch adds to a bare kernel."""
+    ins = ["x", *(f"a{i}" for i in range(n_in - 1))]
+    outs = ["y", *(f"o{i}" for i in range(len(outputs)))]
+    k = mx.fast.cuda_kernel(name=f"node_cost_{name}", input_names=ins, output_names=outs,
+                            source="int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 4096) y[i] = x[i];")
+    extra = [mx.zeros((4,), dtype=mx.int32) for _ in range(n_in - 1)]
+    mx.eval(extra)
+    tmpl = [(f"P{i}", i + 1) for i in range(n_template)]
+    kw = {"template": tmpl} if tmpl else {}
+    return lambda x: k(inputs=[x, *extra], grid=(N, 1, 1), threadgroup=(256, 1, 1),
+                       output_shapes=[x.shape, *outputs], output_dtypes=[x.dtype] + [mx.float32] * len(outputs),
+                       **kw)[0]
+
+
 def variants() -> dict:
     w = (mx.random.normal((N, N)) * N ** -0.5).astype(mx.float16)
     wt = mx.contiguous(w.T)
@@ -67,11 +86,34 @@ def variants() -> dict:
     out["bare copy kernel"] = copy
     out["bare copy kernel, compiled"] = mx.compile(copy)
     out["copy kernel, spin's arguments"] = _copy_kernel_spin_shaped([t, wt, ws_a.sem, ws_a.last])
+    out["copy, 5 inputs"] = _copy_kernel_with("in5", n_in=5)
+    out["copy, +2 small outputs"] = _copy_kernel_with("out3", outputs=((1,), (1,)))
+    out["copy, +28x4096 f32 output"] = _copy_kernel_with("big", outputs=((28, 1, N),))
+    out["copy, 6 template ints"] = _copy_kernel_with("tmpl6", n_template=6)
+    out["copy, 6 template ints, compiled"] = mx.compile(_copy_kernel_with("tmpl6c", n_template=6))
     return out
 
 
-def chain(f, nodes: int) -> tuple[float, float, float]:
-    x = mx.random.normal((1, N)).astype(mx.float16)
+def mlp_variants() -> dict:
+    """One FFN layer of Llama-3-8B shape per node, with the residual add a model has: MLX's dense
+    FFN (gate, up, SiLU*mul, down) against the bound CHESS path (gate_up + sparse-input down) at
+    about 50% of channels kept. Host time per layer is what decode speed depends on."""
+    k, f = N, 14336
+    wg, wu, wd = ((mx.random.normal(s) * s[1] ** -0.5).astype(mx.float16) for s in ((f, k), (f, k), (k, f)))
+    wtd = mx.contiguous(wd.T)
+    x0 = mx.random.normal((1, 1, k)).astype(mx.float16)
+    t = mx.abs(G.silu(x0 @ wg.T)).reshape(-1)
+    t = mx.full((f,), mx.sort(t)[f // 2].item(), dtype=mx.float16)  # CHESS: per channel (here all alike)
+    mx.eval(wg, wu, wd, wtd, t)
+    out = {"FFN dense (MLX)": lambda x: x + (G.silu(x @ wg.T) * (x @ wu.T)) @ wd.T}
+    if G.backend() == "cuda":
+        bound = D.bind_act_mlp(wg, wu, t, wtd, G.workspace(k), mx.float16)
+        out["FFN CHESS (bound path)"] = lambda x: x + bound(x)[0]
+    return out
+
+
+def chain(f, nodes: int, shape=(1, N)) -> tuple[float, float, float]:
+    x = mx.random.normal(shape).astype(mx.float16)
     mx.eval(x)
     t0 = time.perf_counter()
     for _ in range(nodes):
@@ -88,19 +130,24 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=128)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--layers", type=int, default=32, help="FFN layers per chain in the FFN section")
     args = ap.parse_args()
-    vs = variants()
-    for f in vs.values():  # compile kernels, trace compiled paths
-        chain(f, 4)
-    res = {name: [] for name in vs}
-    for _ in range(args.reps):  # interleaved, so a slow spell of the host hits every variant
-        for name, f in vs.items():
-            res[name].append(chain(f, args.nodes))
-    print(f"{'variant':<28} {'build us/node':>14} {'encode us/node':>15} {'wait us/node':>13}")
-    for name, runs in res.items():
-        b, e, w = (1e6 * statistics.median(r[i] for r in runs) / args.nodes for i in range(3))
-        print(f"{name:<28} {b:14.1f} {e:15.1f} {w:13.1f}", flush=True)
+    _table(variants(), args.nodes, args.reps, (1, N), "node")
+    _table(mlp_variants(), args.layers, args.reps, (1, 1, N), "layer")
     return 0
+
+
+def _table(vs: dict, nodes: int, reps: int, shape: tuple, unit: str) -> None:
+    for f in vs.values():  # compile kernels, trace compiled paths
+        chain(f, 4, shape)
+    res = {name: [] for name in vs}
+    for _ in range(reps):  # interleaved, so a slow spell of the host hits every variant
+        for name, f in vs.items():
+            res[name].append(chain(f, nodes, shape))
+    print(f"{'variant':<34} {'build us/' + unit:>15} {'encode us/' + unit:>16} {'wait us/' + unit:>14}")
+    for name, runs in res.items():
+        b, e, w = (1e6 * statistics.median(r[i] for r in runs) / nodes for i in range(3))
+        print(f"{name:<34} {b:15.1f} {e:16.1f} {w:14.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,31 +36,24 @@ def enable(on: bool = True) -> None:
     _ENABLED = on
 
 
-def _rows(x: mx.array) -> mx.array:
-    return x.reshape(-1, x.shape[-1])
-
-
 def _act_mlp(x, wg, wu, t, wt_down, ws_down, zero):
     """CATS (scalar t) / CHESS (per-channel t): down(keep(SiLU(gate x), t) * up x). The density is
     that of down's input, i.e. of the kept channels (up rows and down rows read)."""
-    h = G.gate_up(_rows(x), wg, wu, t)
-    y, dens = G.sparse_input(h, wt_down, zero, ws_down)
-    return y.reshape(*x.shape[:-1], -1), dens
+    h = G.gate_up(x, wg, wu, t)
+    return G.sparse_input(h, wt_down, zero, ws_down)
 
 
 def _teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down):
     """TEAL: thresholded inputs of gate/up and of down, all three sparse-input products."""
-    xr = _rows(x)
-    g, d_in = G.sparse_input(xr, wt_gate, t_in, ws_gate)
-    u, _ = G.sparse_input(xr, wt_up, t_in, ws_up)
+    g, d_in = G.sparse_input(x, wt_gate, t_in, ws_gate)
+    u, _ = G.sparse_input(x, wt_up, t_in, ws_up)
     y, d_down = G.sparse_input(G.silu(g) * u, wt_down, t_down, ws_down)
-    return y.reshape(*x.shape[:-1], -1), d_in, d_down
+    return y, d_in, d_down
 
 
 def _spin(x, t, wt, ws):
     """A projection with a thresholded input (q/o under CHESS+attention, every one under TEAL)."""
-    y, dens = G.sparse_input(_rows(x), wt, t, ws)
-    return y.reshape(*x.shape[:-1], -1), dens
+    return G.sparse_input(x, wt, t, ws)
 
 
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes

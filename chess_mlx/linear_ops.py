@@ -114,9 +114,7 @@ def gated_sparse_output_linear(x: mx.array, proj: nn.Module, a: mx.array) -> mx.
     """``a * (x W^T + b)``; a kernel computes only the rows where ``a`` is non-zero (up_proj)."""
     if not _use_kernels(x, proj):
         return a * dense_linear(x, proj)
-    lead = x.shape[:-1]
-    y = G.gated_sparse_output(x.reshape(-1, x.shape[-1]), row_weight(proj), a.reshape(-1, a.shape[-1]))
-    y = y.reshape(*lead, -1)
+    y = G.gated_sparse_output(x, row_weight(proj), a)
     return y + a * proj["bias"] if "bias" in proj else y
 
 
@@ -128,9 +126,7 @@ def sparse_input_linear(x: mx.array, proj: nn.Module) -> mx.array:
     """
     if not _use_kernels(x, proj):
         return dense_linear(x, proj)
-    lead = x.shape[:-1]
-    y, _ = G.sparse_input(x.reshape(-1, x.shape[-1]), transposed_weight(proj), ws=kernel_workspace(proj))
-    y = y.reshape(*lead, -1)
+    y, _ = G.sparse_input(x, transposed_weight(proj), ws=kernel_workspace(proj))
     return y + proj["bias"] if "bias" in proj else y
 
 

@@ -222,21 +222,31 @@ def spin_words(m: int, bits: int = 4, kind: str = "cuda") -> int:
 
 
 def kernel_supports(kind: str, x: mx.array, w, transposed: bool) -> bool:
-    """Shapes/dtypes the kernels handle (anything else takes the reference path)."""
-    m = x.shape[0]
-    if x.ndim != 2 or m > MAX_TOKENS or x.dtype not in (mx.float16, mx.bfloat16):
+    """Shapes/dtypes the kernels handle (anything else takes the reference path). x may have any
+    leading shape: its rows are the decode tokens (see ``rows``)."""
+    if x.ndim < 2 or x.shape[-1] == 0 or x.dtype not in (mx.float16, mx.bfloat16):
+        return False
+    m, k_x = rows(x), x.shape[-1]
+    if m > MAX_TOKENS:
         return False
     if isinstance(w, QWeight):
         if w.bits not in (4, 8) or w.group_size not in (32, 64) or w.scales.dtype != x.dtype:
             return False
         if transposed:
-            return m <= 4 and w.cols % (128 // w.bits) == 0 and x.shape[1] == w.rows
-        return x.shape[1] == w.cols and w.cols % (128 // w.bits) == 0
+            return m <= 4 and w.cols % (128 // w.bits) == 0 and k_x == w.rows
+        return k_x == w.cols and w.cols % (128 // w.bits) == 0
     if w.dtype != x.dtype:
         return False
     k = w.shape[0] if transposed else w.shape[1]
     n = w.shape[1] if transposed else w.shape[0]
-    return x.shape[1] == k and k % 8 == 0 and n % 8 == 0
+    return k_x == k and k % 8 == 0 and n % 8 == 0
+
+
+def rows(x: mx.array) -> int:
+    """Tokens in x (..., K). The kernels index a row-contiguous x as (rows, K) and write y in x's
+    leading shape, so a decode step's (1, 1, K) activations need no reshape nodes: each graph node
+    costs host time at every token (benchmarks/RESULTS.md, session 8)."""
+    return x.size // x.shape[-1]
 
 
 # ---------------------------------------------------------------- kernel calls ------------------
@@ -244,19 +254,19 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
                   rpw: Optional[int] = None) -> mx.array:
     """spout_f (``wpr`` warps per row) / spout_q (``rpw`` rows per warp, default
     ``spout_rows_per_warp``); the overrides are for launch-geometry probes."""
-    m, k = x.shape
+    m, k = rows(x), x.shape[-1]
     if isinstance(w, QWeight):
         n, rpw = w.rows, rpw or spout_rows_per_warp(m)
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size), ("RPW", rpw)]
         return _kernel(kind, "spout_q")(
             inputs=[x, w.w, w.scales, w.biases, a], template=tmpl, grid=(-(-n // (8 * rpw)) * 256, 1, 1),
-            threadgroup=(256, 1, 1), output_shapes=[(m, n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
+            threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
     n = w.shape[0]
     wpr = wpr or spout_warps_per_row(k * 2)
     tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("WPR", wpr)]
     blocks = -(-n // (8 // wpr))
     return _kernel(kind, "spout_f")(inputs=[x, w, a], template=tmpl, grid=(blocks * 256, 1, 1),
-                                    threadgroup=(256, 1, 1), output_shapes=[(m, n)], output_dtypes=[x.dtype],
+                                    threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype],
                                     init_value=_POISON)[0]
 
 
@@ -280,7 +290,7 @@ class Workspace:
 def workspace(n_out: int) -> Workspace:
     """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters, and
     a first token of a density output's dtype and shape, so compiled paths trace once."""
-    ws = Workspace(mx.zeros((-(-n_out // 256) + 2,), dtype=mx.int32), mx.zeros((1,), dtype=mx.float32))
+    ws = Workspace(mx.zeros((-(-n_out // 256) + 2,), dtype=mx.int32), mx.zeros((), dtype=mx.float32))
     mx.eval(ws.sem, ws.last)
     return ws
 
@@ -308,8 +318,9 @@ def _tpc(t: mx.array, n: int) -> int:
 def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
                  kc: Optional[int] = None) -> tuple[mx.array, mx.array]:
     """spin_f / spin_q: thresholded sparse-input product and its input density, one launch,
-    ordered after the previous launch on ``ws`` (whose token it then becomes)."""
-    m, k = x.shape
+    ordered after the previous launch on ``ws`` (whose token it then becomes). The density is a
+    0-d array (no reshape node)."""
+    m, k = rows(x), x.shape[-1]
     if isinstance(wt, QWeight):
         n = wt.cols
         words = spin_words(m, wt.bits, kind)
@@ -330,38 +341,40 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     chunks = -(-k // kc)
     y, _partial, dens = _kernel(kind, name)(
         inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
-        output_shapes=[(m, n), (chunks, m, n), (1,)], output_dtypes=[x.dtype, mx.float32, mx.float32],
+        output_shapes=[(*x.shape[:-1], n), (chunks, m, n), ()], output_dtypes=[x.dtype, mx.float32, mx.float32],
         init_value=_POISON)
     ws.last = dens
-    return y, dens.reshape(())
+    return y, dens
 
 
 def _launch_gateup(kind: str, x: mx.array, wg, wu, t: mx.array, wpr: Optional[int] = None,
                    rpw: Optional[int] = None) -> mx.array:
     """gateup_f (float weights, ``wpr`` warps per row) / gateup_q (two QWeights of one format,
     ``rpw`` rows per warp, default ``spout_rows_per_warp``)."""
-    m, k = x.shape
+    m, k = rows(x), x.shape[-1]
     if isinstance(wg, QWeight):
         n, rpw = wg.rows, rpw or spout_rows_per_warp(m)
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wg.bits), ("GS", wg.group_size),
                 ("RPW", rpw), ("TPC", _tpc(t, n))]
         return _kernel(kind, "gateup_q")(
             inputs=[x, wg.w, wg.scales, wg.biases, wu.w, wu.scales, wu.biases, t], template=tmpl,
-            grid=(-(-n // (8 * rpw)) * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(m, n)],
+            grid=(-(-n // (8 * rpw)) * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)],
             output_dtypes=[x.dtype], init_value=_POISON)[0]
     n = wg.shape[0]
     wpr = wpr or spout_warps_per_row(k * 2)
     tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("WPR", wpr), ("TPC", _tpc(t, n))]
     blocks = -(-n // (8 // wpr))
     return _kernel(kind, "gateup_f")(inputs=[x, wg, wu, t], template=tmpl, grid=(blocks * 256, 1, 1),
-                                     threadgroup=(256, 1, 1), output_shapes=[(m, n)], output_dtypes=[x.dtype],
+                                     threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype],
                                      init_value=_POISON)[0]
 
 
 def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
     """``a * (x @ W^T)`` for x (M, K), W (N, K) or QWeight, a (M, N); rows with a == 0 are skipped."""
     kind = backend()
-    if kind != "reference" and kernel_supports(kind, x, w, transposed=False) and a.dtype == x.dtype:
+    n = w.rows if isinstance(w, QWeight) else w.shape[0]
+    if (kind != "reference" and kernel_supports(kind, x, w, transposed=False) and a.dtype == x.dtype
+            and a.shape == (*x.shape[:-1], n)):
         return _launch_spout(kind, x, w, a)
     return reference_gated_sparse_output(x, w, a)
 

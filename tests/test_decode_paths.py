@@ -167,13 +167,15 @@ class _FakeSpin:
     a log of the ordering token (``after``) each launch was given."""
 
     def __init__(self):
-        self.after = []
+        self.after, self.x, self.shapes = [], [], []
 
     def __call__(self, inputs, output_shapes, output_dtypes, **_):
         x, wt, after = inputs[0], inputs[2], inputs[-1]
         self.after.append(after)
-        y = (x @ wt).astype(output_dtypes[0])
-        dens = mx.mean((x != 0).astype(mx.float32)).reshape(1)
+        self.x.append(x)
+        self.shapes.append(output_shapes)
+        y = (x.reshape(-1, x.shape[-1]) @ wt).astype(output_dtypes[0]).reshape(output_shapes[0])
+        dens = mx.mean((x != 0).astype(mx.float32)).reshape(output_shapes[2])
         return [y, mx.zeros(output_shapes[1], dtype=mx.float32), dens]
 
 
@@ -196,7 +198,7 @@ def test_launches_on_one_workspace_are_chained(monkeypatch):
     assert fake.after[0] is first_token and fake.after[1] is not first_token
     assert fake.after[2] is not fake.after[1]  # another call site keeps its own chain
     assert float(fake.after[1].item()) == pytest.approx(d1.item())  # the first launch's density output
-    assert ws.last is not fake.after[1] and ws.last.shape == (1,)
+    assert ws.last is not fake.after[1] and ws.last.shape == ()
 
     # through the compiled path: the tokens come back as outputs and land on the caller's workspace
     monkeypatch.setattr(G, "backend", lambda: "cuda")
@@ -207,9 +209,32 @@ def test_launches_on_one_workspace_are_chained(monkeypatch):
     y, d = decode_paths.spin(xs, G.zero_threshold(x.dtype), wt, ws)
     mid = ws.last
     decode_paths.spin(xs, G.zero_threshold(x.dtype), wt, ws)
-    assert before is not mid and mid is not ws.last and ws.last.dtype == mx.float32 and ws.last.shape == (1,)
+    assert before is not mid and mid is not ws.last and ws.last.dtype == mx.float32 and ws.last.shape == ()
     assert ws.last.item() == pytest.approx(float(np.mean(np.array(xs) != 0)))
     np.testing.assert_allclose(np.array(y), np.array(xs) @ np.array(wt), rtol=1e-5, atol=1e-5)
     assert d.item() == pytest.approx(ws.last.item())
     assert sum(k[0] == "_spin" for k in decode_paths._COMPILED) == 1  # one trace for both calls
     decode_paths._COMPILED.clear()
+
+
+def test_sparse_input_takes_decode_activations_without_reshapes(monkeypatch):
+    """A decode step's (1, 1, K) activation goes to the kernel as it is and y comes back as
+    (1, 1, N), the density as a 0-d array: no reshape nodes around the launch, since every graph
+    node costs host time at every token (RESULTS.md, session 8)."""
+    from chess_mlx import sparse_gemv as G
+
+    fake = _FakeSpin()
+    monkeypatch.setattr(G, "_kernel", lambda kind, name: fake)
+    monkeypatch.setattr(G, "backend", lambda: "cuda")
+    rng = np.random.default_rng(1)
+    wt = mx.array(rng.standard_normal((64, 32)).astype(np.float16))
+    x = mx.array(rng.standard_normal((1, 1, 64)).astype(np.float16))
+    assert G.kernel_supports("cuda", x, wt, transposed=True)
+    y, d = decode_paths._spin(x, G.zero_threshold(x.dtype), wt, G.workspace(32))
+    assert fake.x[-1] is x
+    assert fake.shapes[-1][0] == (1, 1, 32) and fake.shapes[-1][2] == () and y.shape == (1, 1, 32) and d.shape == ()
+    ref = np.array(x, dtype=np.float64).reshape(1, 64) @ np.array(wt, dtype=np.float64)
+    np.testing.assert_allclose(np.array(y.astype(mx.float32)).reshape(1, 32), ref, rtol=1e-2, atol=1e-2)
+    # more tokens than the kernels take, or a lone vector: the reference path
+    assert not G.kernel_supports("cuda", mx.zeros((1, 9, 64), dtype=mx.float16), wt, transposed=True)
+    assert not G.kernel_supports("cuda", mx.zeros((64,), dtype=mx.float16), wt, transposed=True)
