@@ -1,28 +1,52 @@
-"""Sum `ncu --csv --metrics gpu__time_duration.sum` output of a decode run by kernel kind."""
+"""Sum `ncu --csv --metrics gpu__time_duration.sum` output of a decode run by kernel kind.
+
+    python benchmarks/ncu_decode_sum.py ncu.csv [TOKENS]
+
+TOKENS defaults to the number of greedy-sampling kernels (``arg_reduce``) in the file, one per
+token: ``nsys_decode.py --tokens 2`` leaves one decode step inside the profiled range, not two
+(generate_step computes one token ahead), so a count passed by hand is easily off.
+The sparse kernels are also listed per instance (weight shape and split-K chunk in the name).
+"""
 
 import csv
 import sys
 from collections import defaultdict
 
 
-def main(path: str, tokens: int) -> None:
+def rows(path: str) -> list[tuple[str, float]]:
+    """(kernel name, duration in us) per launch, in launch order."""
     lines = open(path).read().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
-    by, n = defaultdict(float), 0
+    out = []
     for r in csv.DictReader(lines[start:]):
         if r.get("Metric Name") != "gpu__time_duration.sum":
             continue
-        v = float(r["Metric Value"].replace(",", "")) * (1e3 if r["Metric Unit"] == "usecond" else
-                                                        1e6 if r["Metric Unit"] == "msecond" else 1)
-        name = r["Kernel Name"]
-        kind = ("chess_" + name.split("chess_")[1].split("_")[0]) if "chess_" in name else name.split("(")[0].split("<")[0][:50]
-        by[kind] += v
-        n += 1
+        scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
+        out.append((r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale))
+    return out
+
+
+def kind(name: str) -> str:
+    if "chess_" in name:
+        return "chess_" + name.split("chess_")[1].split("_")[0]
+    return name.split("(")[0].split("<")[0][:50]
+
+
+def main(path: str, tokens: int = 0) -> None:
+    launches = rows(path)
+    tokens = tokens or sum("arg_reduce" in n for n, _ in launches) or 1
+    by, inst = defaultdict(float), defaultdict(list)
+    for name, us in launches:
+        by[kind(name)] += us
+        if "chess_" in name:
+            inst[name.split("(")[0]].append(us)
     total = sum(by.values())
-    print(f"{n / tokens:.0f} kernels/token, GPU kernel time {total / 1e6 / tokens:.3f} ms/token")
+    print(f"{tokens} token(s), {len(launches) / tokens:.0f} kernels/token, GPU kernel time {total / 1e3 / tokens:.3f} ms/token")
     for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  {v / 1e6 / tokens:8.3f} ms/token  {k}")
+        print(f"  {v / 1e3 / tokens:8.3f} ms/token  {k}")
+    for name, us in sorted(inst.items()):
+        print(f"  {sum(us) / len(us):8.1f} us mean, {len(us) / tokens:.0f}/token  {name}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)

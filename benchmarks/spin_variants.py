@@ -13,7 +13,8 @@ Variants: ``base`` (as shipped), ``acqrel`` (fence.acq_rel.gpu instead of __thre
 (split-K chunk KC instead of the default), ``warpc`` (each warp compacts its own KC/8 rows with a
 ballot and takes x from a shuffle: no block barrier or shared memory before the weight loads).
 ``pair`` (two warps share each row, 512 outputs per block: 1 KB of each active row read in one
-piece, same registers). ``--variants a,b`` picks which to run (default: VARIANTS below); ``--copies C`` runs each on C
+piece, same registers), ``tiled``/``pairtiled`` (base/pair on a tile-major weight layout), ``wsp`` (split-K partials in one
+persistent buffer per shape, an input, instead of a fresh output per launch). ``--variants a,b`` picks which to run (default: VARIANTS below); ``--copies C`` runs each on C
 separately allocated weight copies. Wide tiles (each lane owning 16 or 32 outputs) lost in every
 case in session 6 and were removed (their source: commit 9f31dee). Session 4 (RESULTS.md) used an
 earlier set of variants on the previous source to find that per-warp fences and global x loads in
@@ -30,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = [(4096, 14336, 0.0), (4096, 14336, 0.5), (14336, 4096, 0.5), (4096, 4096, 0.5)]  # K, N, sparsity
-VARIANTS = ("base", "pair", "u8", "base@256", "warpc@256")
+VARIANTS = ("base", "tiled", "pair", "pairtiled", "u8", "warpc@256")
 
 # Per-warp compaction: warp w owns rows [k_begin + w*KC/8, +KC/8); 32 at a time, one per lane, the
 # active ones taken lowest bit first from the ballot, U weight rows in flight.
@@ -90,13 +91,19 @@ const float zero[M] = {};
 """
 
 
+# Tile-major weight layout (``tiled``, ``pairtiled``): W^T stored as (N / TILE, K, TILE), so the
+# TILE-output pieces of consecutive input rows that one block reads lie next to each other in
+# memory (row-major W^T puts them N * 2 bytes apart). Tells whether DRAM locality of the short
+# row pieces, not their count, limits the kernel. Needs N % TILE == 0.
+TILED = ("tiled", "pairtiled")
+
 # Paired warps: the block's tile is 512 outputs; warps 2r and 2r+1 take the two 256-output halves
 # of the same rows (row group r of 4), so a block reads 1 KB of each active row in one piece instead
 # of 512 bytes, with the same 8 outputs per lane (and registers) as the shipped kernel. Session 6's
 # wide tiles also read 1-2 KB per row, but gave each lane 16-32 outputs (72-122 registers), so the
 # effect of the longer piece was never seen apart from register pressure. The shared epilogue
 # (chess_spin_finish) is edited to match: 4 row groups summed per output, 512 outputs per tile.
-TILE_OF = {"pair": 512}  # outputs per block where a variant differs from the shipped 256
+TILE_OF = {"pair": 512, "pairtiled": 512}  # outputs per block where a variant differs from the shipped 256
 
 
 def variant_source(name: str) -> tuple[str, str]:
@@ -111,7 +118,7 @@ def variant_source(name: str) -> tuple[str, str]:
                                 "  return;\n  if (threadIdx.x == 0) {\n    __threadfence();  // release")
     elif name == "u8":  # the geometry shipped before session 6
         body = body.replace("constexpr int U = 4;", "constexpr int U = 8;")
-    elif name == "pair":
+    elif name in ("pair", "pairtiled"):
         for a, b in [("constexpr int TILE = 256;", "constexpr int TILE = 512;"),
                      ("const int n0 = tile * TILE + lane * 8;", "const int n0 = tile * TILE + (warp & 1) * 256 + lane * 8;"),
                      ("__shared__ __align__(16) float red[8][TILE];", "__shared__ __align__(16) float red[4][TILE];"),
@@ -126,11 +133,23 @@ def variant_source(name: str) -> tuple[str, str]:
                      ("for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];", "for (int w8 = 0; w8 < 4; ++w8) s += red[w8][i];")]:
             assert a in header, a
             header = header.replace(a, b)
-    elif name == "warpc":
+    if name in ("tiled", "pairtiled"):  # on top of base / pair: the tile-major weight layout
+        a = "wt + (size_t)jv[u] * N + n0"
+        assert a in body, a
+        body = body.replace(a, "wt + ((size_t)tile * K + jv[u]) * TILE + (n0 - tile * TILE)")
+    if name == "wsp":  # split-K partials in a persistent buffer (an input) instead of a fresh output
+        a = "(acc, zero, partial, y,"
+        assert a in body, a
+        body = body.replace(a, "(acc, zero, const_cast<float*>(pbuf), y,")
+    if name == "warpc":
         start = body.index("int nnz = 0;")
         end = body.index("chess_spin_finish<")
         body = body[:start] + _WARPC_MAIN + body[end:]
     return header, body
+
+
+SHARED_WS: dict = {}  # --shared-ws: one workspace per output width for every launch
+PBUF: dict = {}  # the persistent partials buffer of the ``wsp`` variant, per (chunks, n)
 
 
 def run() -> None:
@@ -143,7 +162,8 @@ def run() -> None:
     kernels = {}
     for v in VARIANTS:
         header, body = variant_source(v)
-        kernels[v] = mx.fast.cuda_kernel(name=f"spinvar_{v.split('@')[0]}", input_names=["x", "t", "wt", "sem"],
+        kernels[v] = mx.fast.cuda_kernel(name=f"spinvar_{v.split('@')[0]}",
+                                         input_names=["x", "t", "wt", "sem"] + (["pbuf"] if v == "wsp" else []),
                                          output_names=["y", "partial", "dens"], source=body, header=header)
     for k, n, s in cases:
         # --copies C: the same launches on C separately allocated copies of the weight (with a
@@ -161,17 +181,21 @@ def run() -> None:
         for ci, v in ((ci, v) for ci in range(COPIES) for v in VARIANTS):
             wt = copies[ci]
             ref = x @ wt
+            tile = TILE_OF.get(v.split("@")[0], 256)
+            if v.split("@")[0] in TILED:
+                wt = mx.contiguous(wt.reshape(k, n // tile, tile).transpose(1, 0, 2))
             label = v if COPIES == 1 else f"{v}#{ci}"
-            tiles = -(-n // TILE_OF.get(v.split("@")[0], 256))
+            tiles = -(-n // tile)
             kc = int(v.split("@")[1]) if "@" in v else G.split_k_chunk(k, tiles, quantized=False)
             chunks = -(-k // kc)
-            ws = G.workspace(n)
+            ws = SHARED_WS.setdefault(n, G.workspace(n)) if "--shared-ws" in sys.argv else G.workspace(n)
+            pbuf = PBUF.setdefault((chunks, n), mx.zeros((chunks, 1, n), dtype=mx.float32))
             for rep in range(4):
                 print(f"CALL {k}x{n} s={s} {label} {rep}", file=sys.stderr)
-                y, _, _ = kernels[v](inputs=[x, t, wt, ws.sem], template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
+                y, _, _ = kernels[v](inputs=[x, t, wt, ws.sem] + ([pbuf] if v == "wsp" else []), template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
                                                                         ("KC", kc), ("TPC", 0)],
                                      grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
-                                     output_shapes=[(1, n), (chunks, 1, n), (1,)],
+                                     output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)],
                                      output_dtypes=[mx.float16, mx.float32, mx.float32])
                 mx.eval(y)
                 mx.synchronize()
@@ -199,6 +223,9 @@ def table(csv_path: str, err_path: str) -> None:
 
 ONLY = [a.replace("_", " ") for a in sys.argv[1:] if "x" in a and not a.startswith("-")]  # e.g. 4096x4096_s=0.5
 COPIES = int(sys.argv[sys.argv.index("--copies") + 1]) if "--copies" in sys.argv else 1
+# --dens-elems E: the density output as E floats (the kernel writes the first). MLX's CUDA allocator
+# serves buffers of <= 8 bytes from a small pool advised read-mostly; E = 4 moves it out of that pool.
+DENS_ELEMS = int(sys.argv[sys.argv.index("--dens-elems") + 1]) if "--dens-elems" in sys.argv else 1
 if "--variants" in sys.argv:
     VARIANTS = tuple(sys.argv[sys.argv.index("--variants") + 1].split(","))
 

@@ -309,11 +309,11 @@ def test_spin_probe_variants_compile_for_hopper(tmp_path):
     import spin_variants as V
 
     src = "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cooperative_groups.h>\n"
-    names = sorted({v.split("@")[0] for v in V.VARIANTS} | {"acqrel", "store"})
+    names = sorted({v.split("@")[0] for v in V.VARIANTS} | {"acqrel", "store", "wsp", "warpc", "tiled", "pair"})
     for i, v in enumerate(names):  # each variant with its (possibly edited) header in a namespace
         head, body = V.variant_source(v)
         src += (f"namespace v{i} {{\n{head}\n__global__ void k(const __half* x, const __half* t, const __half* wt, "
-                f"const int* sem, __half* y, float* partial, float* dens) {{\n  using T = __half;\n"
+                f"const int* sem, const float* pbuf, __half* y, float* partial, float* dens) {{\n  using T = __half;\n"
                 f"  constexpr int M = 1;\n  constexpr int K = 4096;\n  constexpr int N = 14336;\n"
                 f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n{body}\n}}\n}}\n")
     (tmp_path / "v.cu").write_text(src)
