@@ -15,7 +15,9 @@ ballot and takes x from a shuffle: no block barrier or shared memory before the 
 ``pair`` (two warps share each row, 512 outputs per block: 1 KB of each active row read in one
 piece, same registers), ``tiled``/``pairtiled`` (base/pair on a tile-major weight layout), ``wsp`` (split-K partials in one
 persistent buffer per shape, an input, instead of a fresh output per launch). ``--variants a,b`` picks which to run (default: VARIANTS below); ``--copies C`` runs each on C
-separately allocated weight copies. Wide tiles (each lane owning 16 or 32 outputs) lost in every
+separately allocated weight copies. ``--wall R`` also times R launches per configuration on the
+host, without Nsight (``python benchmarks/spin_variants.py --wall 200 [--chain]``; lines starting
+``WALL`` on stderr); ``--chain`` orders them one after another, as a model's layers are. Wide tiles (each lane owning 16 or 32 outputs) lost in every
 case in session 6 and were removed (their source: commit 9f31dee). Session 4 (RESULTS.md) used an
 earlier set of variants on the previous source to find that per-warp fences and global x loads in
 the inner loop cost up to 40% of the time.
@@ -163,7 +165,8 @@ def run() -> None:
     for v in VARIANTS:
         header, body = variant_source(v)
         kernels[v] = mx.fast.cuda_kernel(name=f"spinvar_{v.split('@')[0]}",
-                                         input_names=["x", "t", "wt", "sem"] + (["pbuf"] if v == "wsp" else []),
+                                         input_names=["x", "t", "wt", "sem"] + (["pbuf"] if v == "wsp" else [])
+                                         + (["after"] if WALL else []),
                                          output_names=["y", "partial", "dens"], source=body, header=header)
     for k, n, s in cases:
         # --copies C: the same launches on C separately allocated copies of the weight (with a
@@ -192,7 +195,8 @@ def run() -> None:
             pbuf = PBUF.setdefault((chunks, n), mx.zeros((chunks, 1, n), dtype=mx.float32))
             for rep in range(4):
                 print(f"CALL {k}x{n} s={s} {label} {rep}", file=sys.stderr)
-                y, _, _ = kernels[v](inputs=[x, t, wt, ws.sem] + ([pbuf] if v == "wsp" else []), template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
+                y, _, _ = kernels[v](inputs=[x, t, wt, ws.sem] + ([pbuf] if v == "wsp" else [])
+                                     + ([ws.last] if WALL else []), template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
                                                                         ("KC", kc), ("TPC", 0)],
                                      grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
                                      output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)],
@@ -203,6 +207,49 @@ def run() -> None:
                     err = float(mx.max(mx.abs(y.astype(mx.float32) - ref.astype(mx.float32))) /
                                 mx.max(mx.abs(ref.astype(mx.float32))))
                     print(f"CHECK {k}x{n} s={s} {label} rel_err={err:.2e}", file=sys.stderr)
+            if WALL:
+                _wall(kernels[v], v, label, f"{k}x{n} s={s}", x, t, wt, kc, tiles, chunks, n, pbuf)
+
+
+def _wall(kernel, v, label, case, x, t, wt, kc, tiles, chunks, n, pbuf) -> None:
+    """--wall R: R launches (each its own workspace) in one evaluation, timed on the host: time per
+    launch in a stream of launches, without Nsight (which serializes kernels and idles the GPU
+    between them), to see whether the two speeds exist outside the profiler. Independent launches
+    may overlap on the GPU; with --chain each takes the previous one's density output as an unread
+    input, so they run one after another like a model's layers."""
+    import time
+
+    import mlx.core as mx
+
+    from chess_mlx import sparse_gemv as G
+
+    spaces = [G.workspace(n) for _ in range(1 if CHAIN else WALL)]
+
+    def launch(ws, after):
+        return kernel(inputs=[x, t, wt, ws.sem] + ([pbuf] if v == "wsp" else []) + [after],
+                      template=[("T", mx.float16), ("M", 1), ("K", x.shape[1]), ("N", n), ("KC", kc), ("TPC", 0)],
+                      grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
+                      output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)],
+                      output_dtypes=[mx.float16, mx.float32, mx.float32])
+
+    for _ in range(2):
+        ys, after = [], spaces[0].last
+        for i in range(WALL):  # --chain: each launch waits for the one before (as layers do)
+            y, _, after = launch(spaces[0 if CHAIN else i], after if CHAIN else spaces[i].last)
+            ys.append(y)
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(ys)
+        mx.synchronize()
+        dt = time.perf_counter() - t0
+    ds = [x @ wt for _ in range(WALL)]
+    mx.synchronize()
+    t1 = time.perf_counter()
+    mx.eval(ds)
+    mx.synchronize()
+    dd = time.perf_counter() - t1
+    print(f"WALL{' chained' if CHAIN else ''} {case} {label} {1e6 * dt / WALL:.1f} us/launch; dense x @ W^T on the same weight "
+          f"{1e6 * dd / WALL:.1f} us", file=sys.stderr, flush=True)
 
 
 def table(csv_path: str, err_path: str) -> None:
@@ -226,6 +273,8 @@ COPIES = int(sys.argv[sys.argv.index("--copies") + 1]) if "--copies" in sys.argv
 # --dens-elems E: the density output as E floats (the kernel writes the first). MLX's CUDA allocator
 # serves buffers of <= 8 bytes from a small pool advised read-mostly; E = 4 moves it out of that pool.
 DENS_ELEMS = int(sys.argv[sys.argv.index("--dens-elems") + 1]) if "--dens-elems" in sys.argv else 1
+WALL = int(sys.argv[sys.argv.index("--wall") + 1]) if "--wall" in sys.argv else 0
+CHAIN = "--chain" in sys.argv
 if "--variants" in sys.argv:
     VARIANTS = tuple(sys.argv[sys.argv.index("--variants") + 1].split(","))
 
