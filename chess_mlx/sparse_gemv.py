@@ -227,7 +227,7 @@ def kernel_supports(kind: str, x: mx.array, w, transposed: bool) -> bool:
     if x.ndim < 2 or x.shape[-1] == 0 or x.dtype not in (mx.float16, mx.bfloat16):
         return False
     m, k_x = rows(x), x.shape[-1]
-    if m > MAX_TOKENS:
+    if m == 0 or m > MAX_TOKENS:
         return False
     if isinstance(w, QWeight):
         if w.bits not in (4, 8) or w.group_size not in (32, 64) or w.scales.dtype != x.dtype:
@@ -370,7 +370,7 @@ def _launch_gateup(kind: str, x: mx.array, wg, wu, t: mx.array, wpr: Optional[in
 
 
 def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
-    """``a * (x @ W^T)`` for x (M, K), W (N, K) or QWeight, a (M, N); rows with a == 0 are skipped."""
+    """``a * (x @ W^T)`` for x (..., K), W (N, K) or QWeight, a (..., N); rows with a == 0 are skipped."""
     kind = backend()
     n = w.rows if isinstance(w, QWeight) else w.shape[0]
     if (kind != "reference" and kernel_supports(kind, x, w, transposed=False) and a.dtype == x.dtype
@@ -381,7 +381,7 @@ def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
 
 def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
                  ws: Optional[Workspace] = None) -> tuple[mx.array, mx.array]:
-    """``(threshold(x, t) @ wt, density)`` for x (M, K), wt = W^T (K, N) or its QWeight (quantized
+    """``(threshold(x, t) @ wt, density)`` for x (..., K), wt = W^T (K, N) or its QWeight (quantized
     along N); only the rows of wt that meet a surviving input are read. ``ws``: the call site's
     ``workspace`` (a fresh one is made if omitted, at the cost of a fill)."""
     kind = backend()

@@ -238,3 +238,4 @@ def test_sparse_input_takes_decode_activations_without_reshapes(monkeypatch):
     # more tokens than the kernels take, or a lone vector: the reference path
     assert not G.kernel_supports("cuda", mx.zeros((1, 9, 64), dtype=mx.float16), wt, transposed=True)
     assert not G.kernel_supports("cuda", mx.zeros((64,), dtype=mx.float16), wt, transposed=True)
+    assert not G.kernel_supports("cuda", mx.zeros((1, 0, 64), dtype=mx.float16), wt, transposed=True)
