@@ -26,7 +26,6 @@ the inner loop cost up to 40% of the time.
 from __future__ import annotations
 
 import collections
-import csv
 import sys
 from pathlib import Path
 
@@ -192,15 +191,12 @@ def run() -> None:
             kc = int(v.split("@")[1]) if "@" in v else G.split_k_chunk(k, tiles, quantized=False)
             chunks = -(-k // kc)
             ws = SHARED_WS.setdefault(n, G.workspace(n)) if "--shared-ws" in sys.argv else G.workspace(n)
-            pbuf = PBUF.setdefault((chunks, n), mx.zeros((chunks, 1, n), dtype=mx.float32))
+            if v == "wsp" and (chunks, n) not in PBUF:
+                PBUF[chunks, n] = mx.zeros((chunks, 1, n), dtype=mx.float32)
+            geo = (v, n, kc, tiles, chunks)
             for rep in range(4):
                 print(f"CALL {k}x{n} s={s} {label} {rep}", file=sys.stderr)
-                y, _, _ = kernels[v](inputs=[x, t, wt, ws.sem] + ([pbuf] if v == "wsp" else [])
-                                     + ([ws.last] if WALL else []), template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n),
-                                                                        ("KC", kc), ("TPC", 0)],
-                                     grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
-                                     output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)],
-                                     output_dtypes=[mx.float16, mx.float32, mx.float32])
+                y, _, _ = _launch(kernels[v], geo, x, t, wt, ws.sem, ws.last if WALL else None)
                 mx.eval(y)
                 mx.synchronize()
                 if v != "store" and rep == 0:
@@ -208,10 +204,24 @@ def run() -> None:
                                 mx.max(mx.abs(ref.astype(mx.float32))))
                     print(f"CHECK {k}x{n} s={s} {label} rel_err={err:.2e}", file=sys.stderr)
             if WALL:
-                _wall(kernels[v], v, label, f"{k}x{n} s={s}", x, t, wt, kc, tiles, chunks, n, pbuf)
+                _wall(kernels[v], geo, label, f"{k}x{n} s={s}", x, t, wt)
 
 
-def _wall(kernel, v, label, case, x, t, wt, kc, tiles, chunks, n, pbuf) -> None:
+def _launch(kernel, geo: tuple, x, t, wt, sem, after=None):
+    """One launch of a variant kernel; ``geo`` = (variant, N, KC, tiles, chunks). ``after``: the
+    unread ordering input the kernels take under --wall (None: the kernel has no such input)."""
+    import mlx.core as mx
+
+    v, n, kc, tiles, chunks = geo
+    extra = ([PBUF[chunks, n]] if v == "wsp" else []) + ([] if after is None else [after])
+    return kernel(inputs=[x, t, wt, sem] + extra,
+                  template=[("T", mx.float16), ("M", 1), ("K", x.shape[1]), ("N", n), ("KC", kc), ("TPC", 0)],
+                  grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
+                  output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)],
+                  output_dtypes=[mx.float16, mx.float32, mx.float32])
+
+
+def _wall(kernel, geo: tuple, label, case, x, t, wt) -> None:
     """--wall R: R launches (each its own workspace) in one evaluation, timed on the host: time per
     launch in a stream of launches, without Nsight (which serializes kernels and idles the GPU
     between them), to see whether the two speeds exist outside the profiler. Independent launches
@@ -223,19 +233,12 @@ def _wall(kernel, v, label, case, x, t, wt, kc, tiles, chunks, n, pbuf) -> None:
 
     from chess_mlx import sparse_gemv as G
 
-    spaces = [G.workspace(n) for _ in range(1 if CHAIN else WALL)]
-
-    def launch(ws, after):
-        return kernel(inputs=[x, t, wt, ws.sem] + ([pbuf] if v == "wsp" else []) + [after],
-                      template=[("T", mx.float16), ("M", 1), ("K", x.shape[1]), ("N", n), ("KC", kc), ("TPC", 0)],
-                      grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
-                      output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)],
-                      output_dtypes=[mx.float16, mx.float32, mx.float32])
-
+    spaces = [G.workspace(geo[1]) for _ in range(1 if CHAIN else WALL)]
     for _ in range(2):
         ys, after = [], spaces[0].last
         for i in range(WALL):  # --chain: each launch waits for the one before (as layers do)
-            y, _, after = launch(spaces[0 if CHAIN else i], after if CHAIN else spaces[i].last)
+            ws = spaces[0 if CHAIN else i]
+            y, _, after = _launch(kernel, geo, x, t, wt, ws.sem, after if CHAIN else ws.last)
             ys.append(y)
         mx.synchronize()
         t0 = time.perf_counter()
@@ -253,13 +256,14 @@ def _wall(kernel, v, label, case, x, t, wt, kc, tiles, chunks, n, pbuf) -> None:
 
 
 def table(csv_path: str, err_path: str) -> None:
-    rows = [r for r in csv.DictReader(l for l in open(csv_path) if l.startswith('"'))
-            if "spinvar" in r["Kernel Name"] and r["Metric Name"] == "gpu__time_duration.sum"]
+    from ncu_table import kernel_launches
+
+    rows = [k for k in kernel_launches(csv_path) if "spinvar" in k["name"] and "gpu__time_duration.sum" in k]
     calls = [l.split(" ", 1)[1].strip() for l in open(err_path) if l.startswith("CALL")]
     times = collections.defaultdict(list)
     for c, r in zip(calls, rows):
         case, v, _ = c.rsplit(" ", 2)
-        times[(case, v)].append(float(r["Metric Value"].replace(",", "")) / 1e3)
+        times[(case, v)].append(r["gpu__time_duration.sum"] / 1e3)
     labels = list(dict.fromkeys(v for _, v in times))
     print("| case (K x N) | " + " | ".join(labels) + " |")
     print("| --- |" + " ---: |" * len(labels))
