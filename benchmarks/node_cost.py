@@ -34,34 +34,14 @@ from chess_mlx import sparse_gemv as G  # noqa: E402
 N = 4096
 
 
-def _copy_kernel():
-    k = mx.fast.cuda_kernel(name="node_cost_copy", input_names=["x"], output_names=["y"],
-                            source="int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 4096) y[i] = x[i];")
-    return lambda x: k(inputs=[x], grid=(N, 1, 1), threadgroup=(256, 1, 1), output_shapes=[x.shape],
-                       output_dtypes=[x.dtype])[0]
-
-
-def _copy_kernel_spin_shaped(extra: list):
-    """The copy kernel with sparse-input's argument list: 4 more inputs (never read) and 2 more
-    outputs, one a 28 x 4096 float32 scratch like spin's split-K partials (never written). Tells
-    whether argument and output count, not the kernel, cost host time."""
-    k = mx.fast.cuda_kernel(name="node_cost_copy5x3", input_names=["x", "a", "b", "c", "d"],
-                            output_names=["y", "partial", "dens"],
-                            source="int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 4096) y[i] = x[i];")
-    return lambda x: k(inputs=[x, *extra], grid=(N, 1, 1), threadgroup=(256, 1, 1),
-                       output_shapes=[x.shape, (28, 1, N), (1,)], output_dtypes=[x.dtype, mx.float32, mx.float32])[0]
-
-
-def _copy_kernel_with(name: str, n_in: int = 1, outputs: tuple = (), n_template: int = 0):
-    """The copy kernel with ``n_in - 1`` extra inputs (never read), extra outputs of the given
-    shapes (float32, never written) and ``n_template`` integer template arguments: one cost at a
-    time of what spin's launch adds to a bare kernel."""
-    ins = ["x", *(f"a{i}" for i in range(n_in - 1))]
+def _copy_kernel(name: str, extra: list | tuple = (), outputs: tuple = (), n_template: int = 0):
+    """A copy kernel (y = x, 4096 elements) with ``extra`` inputs (never read), extra float32
+    outputs of the given shapes (never written) and ``n_template`` integer template arguments:
+    what spin's launch adds to a bare kernel, all together or one cost at a time."""
+    ins = ["x", *(f"a{i}" for i in range(len(extra)))]
     outs = ["y", *(f"o{i}" for i in range(len(outputs)))]
     k = mx.fast.cuda_kernel(name=f"node_cost_{name}", input_names=ins, output_names=outs,
                             source="int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 4096) y[i] = x[i];")
-    extra = [mx.zeros((4,), dtype=mx.int32) for _ in range(n_in - 1)]
-    mx.eval(extra)
     tmpl = [(f"P{i}", i + 1) for i in range(n_template)]
     kw = {"template": tmpl} if tmpl else {}
     return lambda x: k(inputs=[x, *extra], grid=(N, 1, 1), threadgroup=(256, 1, 1),
@@ -80,17 +60,21 @@ def variants() -> dict:
     t = G.zero_threshold(mx.float16)
     ws_a, ws_b = G.workspace(N), G.workspace(N)
     bound = D.bind_spin(t, wt, ws_b)
-    copy = _copy_kernel()
+    copy = _copy_kernel("copy")
+    small = [mx.zeros((4,), dtype=mx.int32) for _ in range(4)]
+    mx.eval(small)
     out["spin, op by op"] = lambda x: G.sparse_input(x, wt, t, ws_a)[0]
     out["spin, bound compiled path"] = lambda x: bound(x)[0]
     out["bare copy kernel"] = copy
     out["bare copy kernel, compiled"] = mx.compile(copy)
-    out["copy kernel, spin's arguments"] = _copy_kernel_spin_shaped([t, wt, ws_a.sem, ws_a.last])
-    out["copy, 5 inputs"] = _copy_kernel_with("in5", n_in=5)
-    out["copy, +2 small outputs"] = _copy_kernel_with("out3", outputs=((1,), (1,)))
-    out["copy, +28x4096 f32 output"] = _copy_kernel_with("big", outputs=((28, 1, N),))
-    out["copy, 6 template ints"] = _copy_kernel_with("tmpl6", n_template=6)
-    out["copy, 6 template ints, compiled"] = mx.compile(_copy_kernel_with("tmpl6c", n_template=6))
+    # spin's argument list: its 4 other inputs, and a 28 x 4096 float32 scratch like its split-K
+    # partials plus a density output
+    out["copy kernel, spin's arguments"] = _copy_kernel("copy5x3", [t, wt, ws_a.sem, ws_a.last], ((28, 1, N), (1,)))
+    out["copy, 5 inputs"] = _copy_kernel("in5", small)
+    out["copy, +2 small outputs"] = _copy_kernel("out3", outputs=((1,), (1,)))
+    out["copy, +28x4096 f32 output"] = _copy_kernel("big", outputs=((28, 1, N),))
+    out["copy, 6 template ints"] = _copy_kernel("tmpl6", n_template=6)
+    out["copy, 6 template ints, compiled"] = mx.compile(_copy_kernel("tmpl6c", n_template=6))
     return out
 
 
