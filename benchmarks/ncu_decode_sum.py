@@ -8,22 +8,10 @@ token: ``nsys_decode.py --tokens 2`` leaves one decode step inside the profiled 
 The sparse kernels are also listed per instance (weight shape and split-K chunk in the name).
 """
 
-import csv
 import sys
 from collections import defaultdict
 
-
-def rows(path: str) -> list[tuple[str, float]]:
-    """(kernel name, duration in us) per launch, in launch order."""
-    lines = open(path).read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
-    out = []
-    for r in csv.DictReader(lines[start:]):
-        if r.get("Metric Name") != "gpu__time_duration.sum":
-            continue
-        scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
-        out.append((r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale))
-    return out
+from ncu_table import kernel_launches
 
 
 def kind(name: str) -> str:
@@ -33,7 +21,8 @@ def kind(name: str) -> str:
 
 
 def main(path: str, tokens: int = 0) -> None:
-    launches = rows(path)
+    launches = [(k["name"], k["gpu__time_duration.sum"] / 1e3) for k in kernel_launches(path)
+                if "gpu__time_duration.sum" in k]
     tokens = tokens or sum("arg_reduce" in n for n, _ in launches) or 1
     by, inst = defaultdict(float), defaultdict(list)
     for name, us in launches:

@@ -11,12 +11,18 @@ import re
 import sys
 
 
+# ncu's CSV picks a unit per value; times are brought to nanoseconds and sizes to bytes.
+_UNIT = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6,
+         "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+
+
 def kernel_launches(csv_path: str) -> list[dict]:
-    """One dict per profiled launch, in launch order: its kernel ``name`` and each metric as a float."""
+    """One dict per profiled launch, in launch order: its kernel ``name`` and each metric as a
+    float (durations in ns, sizes in bytes)."""
     ks: dict = collections.OrderedDict()
     for r in csv.DictReader(l for l in open(csv_path) if l.startswith('"')):
         k = ks.setdefault(r["ID"], {"name": r["Kernel Name"]})
-        k[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
+        k[r["Metric Name"]] = float(r["Metric Value"].replace(",", "")) * _UNIT.get(r.get("Metric Unit", ""), 1.0)
     return list(ks.values())
 
 

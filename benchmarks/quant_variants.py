@@ -22,7 +22,6 @@ by the library until a winner is moved into ``cuda/`` (and its Metal twin) and p
 from __future__ import annotations
 
 import collections
-import csv
 import sys
 from pathlib import Path
 
@@ -132,19 +131,20 @@ def run() -> None:
 
 
 def table(csv_path: str, err_path: str) -> None:
-    rows = [r for r in csv.DictReader(l for l in open(csv_path) if l.startswith('"'))
-            if r["Metric Name"] == "gpu__time_duration.sum"]
+    from ncu_table import kernel_launches
+
+    rows = [k for k in kernel_launches(csv_path) if "gpu__time_duration.sum" in k]
     calls = [l.split(" ", 1)[1].strip() for l in open(err_path) if l.startswith("CALL")]
     times = collections.defaultdict(list)
     pos = 0
     for c in calls:  # each CALL is the next launch whose kernel name contains its @name
         label, expect = c.rsplit(" @", 1)
-        while pos < len(rows) and expect not in rows[pos]["Kernel Name"]:
+        while pos < len(rows) and expect not in rows[pos]["name"]:
             pos += 1
         if pos == len(rows):
             break
         case, v, _ = label.rsplit(" ", 2)
-        times[(case, v)].append(float(rows[pos]["Metric Value"].replace(",", "")) / 1e3)
+        times[(case, v)].append(rows[pos]["gpu__time_duration.sum"] / 1e3)
         pos += 1
     for kind, variants in (("spout", SPOUT_VARIANTS), ("gateup", GATEUP_VARIANTS), ("spin", SPIN_VARIANTS)):
         print(f"\n| {kind} case (K x N) | " + " | ".join(variants) + " |")
