@@ -146,7 +146,35 @@ def variant_source(name: str) -> tuple[str, str]:
         start = body.index("int nnz = 0;")
         end = body.index("chess_spin_finish<")
         body = body[:start] + _WARPC_MAIN + body[end:]
+    if STAMPS:  # every block's moments on the GPU clock (ns), for --wall --stamps
+        for a, i in (("const int total = chess_compact", 1), ("float acc[M][8];", 2), ("const float zero[M] = {};", 3)):
+            if a in body:  # where a variant has the phase (warpc has no block compaction)
+                body = body.replace(a, _STAMP_AT.format(i=i) + "\n" + a, 1)
+        body = _STAMP_START + body + _STAMP_END
     return header, body
+
+
+# --stamps: thread 0 of each block reads %globaltimer at its start (t0), before and after its
+# compaction (t1, t2), after its main loop (t3) and when the block is past the epilogue (t4), and
+# writes stamps[5b .. 5b + 4] (a phase a variant lacks keeps t0), so a chain of launches shows each
+# kernel's span, where a block spends its time, and the idle gap between consecutive kernels on
+# the GPU itself (no Nsight Systems on the lent machine; Nsight Compute serializes and flushes).
+_STAMP_START = r"""
+unsigned long long chess_ts[4];
+asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(chess_ts[0]));
+chess_ts[1] = chess_ts[2] = chess_ts[3] = chess_ts[0];
+"""
+_STAMP_AT = 'if (threadIdx.x == 0) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(chess_ts[{i}]));'
+_STAMP_END = r"""
+__syncthreads();
+if (threadIdx.x == 0) {
+  unsigned long long chess_t4;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(chess_t4));
+  const size_t b = (size_t)blockIdx.y * gridDim.x + blockIdx.x;
+  for (int i = 0; i < 4; ++i) stamps[5 * b + i] = chess_ts[i];
+  stamps[5 * b + 4] = chess_t4;
+}
+"""
 
 
 SHARED_WS: dict = {}  # --shared-ws: one workspace per output width for every launch
@@ -166,7 +194,8 @@ def run() -> None:
         kernels[v] = mx.fast.cuda_kernel(name=f"spinvar_{v.split('@')[0]}",
                                          input_names=["x", "t", "wt", "sem"] + (["pbuf"] if v == "wsp" else [])
                                          + (["after"] if WALL else []),
-                                         output_names=["y", "partial", "dens"], source=body, header=header)
+                                         output_names=["y", "partial", "dens"] + (["stamps"] if STAMPS else []),
+                                         source=body, header=header)
     for k, n, s in cases:
         # --copies C: the same launches on C separately allocated copies of the weight (with a
         # spacer allocation between them), to see whether a launch's time depends on where its
@@ -178,14 +207,15 @@ def run() -> None:
         copies = copies[0::2]
         x = mx.random.normal((1, k)).astype(mx.float16)
         x = mx.where(mx.random.uniform(shape=(1, k)) < s, 0, x).astype(mx.float16)
-        t = G.zero_threshold(mx.float16)
+        # --t-elems E: the zero threshold as E halves (the kernel reads t[0]); 1 (the library's
+        # scalar) lies in MLX's small-buffer pool, as the 1-float density output does
+        t = mx.zeros((T_ELEMS,), dtype=mx.float16) if T_ELEMS > 1 else G.zero_threshold(mx.float16)
         mx.eval(copies, x)
         for ci, v in ((ci, v) for ci in range(COPIES) for v in VARIANTS):
             wt = copies[ci]
             ref = x @ wt
             tile = TILE_OF.get(v.split("@")[0], 256)
-            if v.split("@")[0] in TILED:
-                wt = mx.contiguous(wt.reshape(k, n // tile, tile).transpose(1, 0, 2))
+            wt = prep(wt, v, k, n)
             label = v if COPIES == 1 else f"{v}#{ci}"
             tiles = -(-n // tile)
             kc = int(v.split("@")[1]) if "@" in v else G.split_k_chunk(k, tiles, quantized=False)
@@ -196,15 +226,27 @@ def run() -> None:
             geo = (v, n, kc, tiles, chunks)
             for rep in range(4):
                 print(f"CALL {k}x{n} s={s} {label} {rep}", file=sys.stderr)
-                y, _, _ = _launch(kernels[v], geo, x, t, wt, ws.sem, ws.last if WALL else None)
+                y = _launch(kernels[v], geo, x, t, wt, ws.sem, ws.last if WALL else None)[0]
                 mx.eval(y)
                 mx.synchronize()
                 if v != "store" and rep == 0:
                     err = float(mx.max(mx.abs(y.astype(mx.float32) - ref.astype(mx.float32))) /
                                 mx.max(mx.abs(ref.astype(mx.float32))))
                     print(f"CHECK {k}x{n} s={s} {label} rel_err={err:.2e}", file=sys.stderr)
-            if WALL:
-                _wall(kernels[v], geo, label, f"{k}x{n} s={s}", x, t, wt)
+            if WALL and (ci == 0 or not ROTATE):
+                _wall(kernels[v], geo, f"{v} over {COPIES} copies" if ROTATE else label, f"{k}x{n} s={s}", x, t,
+                      [prep(c, v, k, n) for c in copies] if ROTATE else [wt])
+
+
+def prep(wt, v: str, k: int, n: int):
+    """The weight in variant v's layout (tile-major for the TILED variants)."""
+    import mlx.core as mx
+
+    tile = TILE_OF.get(v.split("@")[0], 256)
+    if v.split("@")[0] in TILED:
+        wt = mx.contiguous(wt.reshape(k, n // tile, tile).transpose(1, 0, 2))
+        mx.eval(wt)
+    return wt
 
 
 def _launch(kernel, geo: tuple, x, t, wt, sem, after=None):
@@ -217,11 +259,12 @@ def _launch(kernel, geo: tuple, x, t, wt, sem, after=None):
     return kernel(inputs=[x, t, wt, sem] + extra,
                   template=[("T", mx.float16), ("M", 1), ("K", x.shape[1]), ("N", n), ("KC", kc), ("TPC", 0)],
                   grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
-                  output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)],
-                  output_dtypes=[mx.float16, mx.float32, mx.float32])
+                  output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)]
+                  + ([(5 * tiles * chunks,)] if STAMPS else []),
+                  output_dtypes=[mx.float16, mx.float32, mx.float32] + ([mx.uint64] if STAMPS else []))
 
 
-def _wall(kernel, geo: tuple, label, case, x, t, wt) -> None:
+def _wall(kernel, geo: tuple, label, case, x, t, wts: list) -> None:
     """--wall R: R launches (each its own workspace) in one evaluation, timed on the host: time per
     launch in a stream of launches, without Nsight (which serializes kernels and idles the GPU
     between them), to see whether the two speeds exist outside the profiler. Independent launches
@@ -235,17 +278,21 @@ def _wall(kernel, geo: tuple, label, case, x, t, wt) -> None:
 
     spaces = [G.workspace(geo[1]) for _ in range(1 if CHAIN else WALL)]
     for _ in range(2):
-        ys, after = [], spaces[0].last
+        ys, stamps, after = [], [], spaces[0].last
         for i in range(WALL):  # --chain: each launch waits for the one before (as layers do)
             ws = spaces[0 if CHAIN else i]
-            y, _, after = _launch(kernel, geo, x, t, wt, ws.sem, after if CHAIN else ws.last)
-            ys.append(y)
+            out = _launch(kernel, geo, x, t, wts[i % len(wts)], ws.sem, after if CHAIN else ws.last)
+            after = out[2]
+            ys.append(out[0])
+            stamps += out[3:]
         mx.synchronize()
         t0 = time.perf_counter()
-        mx.eval(ys)
+        mx.eval(ys, stamps)
         mx.synchronize()
         dt = time.perf_counter() - t0
-    ds = [x @ wt for _ in range(WALL)]
+    if STAMPS:
+        _print_stamps(case, label, stamps)
+    ds = [x @ wts[i % len(wts)] for i in range(WALL)]
     mx.synchronize()
     t1 = time.perf_counter()
     mx.eval(ds)
@@ -253,6 +300,26 @@ def _wall(kernel, geo: tuple, label, case, x, t, wt) -> None:
     dd = time.perf_counter() - t1
     print(f"WALL{' chained' if CHAIN else ''} {case} {label} {1e6 * dt / WALL:.1f} us/launch; dense x @ W^T on the same weight "
           f"{1e6 * dd / WALL:.1f} us", file=sys.stderr, flush=True)
+
+
+def _print_stamps(case: str, label: str, stamps: list) -> None:
+    """Medians over the launches of one --wall run, from the blocks' GPU clock stamps: span (first
+    block start to last block end), ramp (first to last block start), a block's mean phases
+    (start to compaction, compaction, main loop, epilogue), how far the last block ends after
+    the median one, and the idle gap from one launch's last block end to the next one's start."""
+    import numpy as np
+
+    se = [np.array(s, dtype=np.int64).reshape(-1, 5) for s in stamps]
+    span = [s[:, 4].max() - s[:, 0].min() for s in se]
+    ramp = [s[:, 0].max() - s[:, 0].min() for s in se]
+    phases = np.median([np.diff(s, axis=1).mean(axis=0) for s in se], axis=0) / 1e3
+    ends = [s[:, 4].max() - np.median(s[:, 4]) for s in se]
+    gap = [b[:, 0].min() - a[:, 4].max() for a, b in zip(se, se[1:])]
+    med = lambda v: float(np.median(v)) / 1e3  # noqa: E731
+    print(f"STAMPS {case} {label}: span {med(span):.1f} us, ramp {med(ramp):.1f}, block phases "
+          f"(pre {phases[0]:.1f}, compact {phases[1]:.1f}, loop {phases[2]:.1f}, epilogue {phases[3]:.1f}), "
+          f"last end - median end {med(ends):.1f}, gap to next {med(gap):.1f} us (min {min(gap) / 1e3:.1f}, "
+          f"max {max(gap) / 1e3:.1f})", file=sys.stderr, flush=True)
 
 
 def table(csv_path: str, err_path: str) -> None:
@@ -277,8 +344,11 @@ COPIES = int(sys.argv[sys.argv.index("--copies") + 1]) if "--copies" in sys.argv
 # --dens-elems E: the density output as E floats (the kernel writes the first). MLX's CUDA allocator
 # serves buffers of <= 8 bytes from a small pool advised read-mostly; E = 4 moves it out of that pool.
 DENS_ELEMS = int(sys.argv[sys.argv.index("--dens-elems") + 1]) if "--dens-elems" in sys.argv else 1
+T_ELEMS = int(sys.argv[sys.argv.index("--t-elems") + 1]) if "--t-elems" in sys.argv else 1
 WALL = int(sys.argv[sys.argv.index("--wall") + 1]) if "--wall" in sys.argv else 0
 CHAIN = "--chain" in sys.argv
+STAMPS = "--stamps" in sys.argv
+ROTATE = "--rotate" in sys.argv  # --wall over all --copies in turn (L2 keeps none), not one copy per run
 if "--variants" in sys.argv:
     VARIANTS = tuple(sys.argv[sys.argv.index("--variants") + 1].split(","))
 

@@ -107,9 +107,11 @@ def reference_gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
 
 
 def threshold(x: mx.array, t: Optional[mx.array]) -> mx.array:
-    """x with |x| < t set to 0 (t: scalar or one per channel; None keeps x)."""
+    """x with |x| < t set to 0 (t: scalar, a ``scalar_threshold``, or one per channel; None keeps x)."""
     if t is None:
         return x
+    if t.size not in (1, x.shape[-1]):  # a scalar padded to SCALAR_SLOTS equal values
+        t = t.reshape(-1)[:1]
     return x * (mx.abs(x) >= t).astype(x.dtype)
 
 
@@ -295,24 +297,38 @@ def workspace(n_out: int) -> Workspace:
     return ws
 
 
+SCALAR_SLOTS = 8
+
+
+def scalar_threshold(v: float, dtype) -> mx.array:
+    """A scalar threshold as the kernels should get it: SCALAR_SLOTS equal values (>= 16 bytes).
+    MLX's CUDA allocator serves buffers of <= 8 bytes from one managed pool advised read-mostly,
+    where every launch's density output is also written; a kernel reading its threshold from
+    there waited 3-4 us per block before its first weight load (H100 clock stamps,
+    benchmarks/RESULTS.md session 9). The kernels read t[0]; the reference path takes one value."""
+    return mx.full((SCALAR_SLOTS,), v, dtype=dtype)
+
+
 _ZERO: dict = {}
 
 
 def zero_threshold(dtype) -> mx.array:
-    """t = 0 (keep every input) as a cached array, so no launch allocates a constant."""
+    """t = 0 (keep every input) as a cached ``scalar_threshold``, so no launch allocates a constant."""
     z = _ZERO.get(dtype)
     if z is None:
-        z = _ZERO[dtype] = mx.zeros((1,), dtype=dtype)
+        z = _ZERO[dtype] = scalar_threshold(0.0, dtype)
         mx.eval(z)
     return z
 
 
 def _tpc(t: mx.array, n: int) -> int:
-    if t.size == 1:
+    """1 for one threshold per channel, 0 for a scalar (1 value or a padded ``scalar_threshold``,
+    whose equal values also make it right to read per channel when n == SCALAR_SLOTS)."""
+    if t.size == n:
+        return 1
+    if t.size in (1, SCALAR_SLOTS):
         return 0
-    if t.size != n:
-        raise ValueError(f"threshold has {t.size} entries, expected 1 or {n}")
-    return 1
+    raise ValueError(f"threshold has {t.size} entries, expected 1, {SCALAR_SLOTS} (a padded scalar) or {n}")
 
 
 def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,

@@ -60,7 +60,9 @@ class _Control:
 
     def arr(self, name: str, dtype) -> mx.array:
         """A threshold as an array for the compiled paths: a scalar in the activation dtype (as the
-        reference path compares a Python float), a per-channel vector as calibrated (float32)."""
+        reference path compares a Python float), padded as ``sparse_gemv.scalar_threshold`` so the
+        kernels never read it from MLX's small-buffer pool; a per-channel vector as calibrated
+        (float32)."""
         v = getattr(self, name)
         if isinstance(v, mx.array):
             return v
@@ -69,7 +71,7 @@ class _Control:
         if a is None:
             if len(self._arrays) > 8:
                 self._arrays.clear()
-            a = self._arrays[key] = mx.array(v, dtype=dtype)
+            a = self._arrays[key] = G.scalar_threshold(v, dtype)
         return a
 
 

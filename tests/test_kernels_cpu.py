@@ -316,8 +316,55 @@ def test_spin_probe_variants_compile_for_hopper(tmp_path):
                 f"const int* sem, const float* pbuf, __half* y, float* partial, float* dens) {{\n  using T = __half;\n"
                 f"  constexpr int M = 1;\n  constexpr int K = 4096;\n  constexpr int N = 14336;\n"
                 f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n{body}\n}}\n}}\n")
+    V.STAMPS = True  # --stamps: the base variant with its clock stamps output
+    try:
+        head, body = V.variant_source("base")
+    finally:
+        V.STAMPS = False
+    src += (f"namespace vs {{\n{head}\n__global__ void k(const __half* x, const __half* t, const __half* wt, "
+            f"const int* sem, __half* y, float* partial, float* dens, unsigned long long* stamps) {{\n"
+            f"  using T = __half;\n  constexpr int M = 1;\n  constexpr int K = 4096;\n  constexpr int N = 14336;\n"
+            f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n{body}\n}}\n}}\n")
     (tmp_path / "v.cu").write_text(src)
     r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "v.ptx"),
                         str(tmp_path / "v.cu")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "v.ptx").read_text().count(".entry") == len(names)
+    assert (tmp_path / "v.ptx").read_text().count(".entry") == len(names) + 1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_gpu_timer_stamp_kernel_compiles_for_hopper(tmp_path):
+    """benchmarks/gpu_timer.py's stamp kernel (the GPU clock of kernels.py's timings) compiles."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_timer
+
+    src = ("#include <cuda_fp16.h>\n__global__ void k(const __half* x, const float* after0, __half* y, "
+           f"unsigned long long* stamp) {{\n  constexpr int SIZE = 14336;\n{gpu_timer._SOURCE}\n}}\n")
+    (tmp_path / "s.cu").write_text(src)
+    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "s.ptx"),
+                        str(tmp_path / "s.cu")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "globaltimer" in (tmp_path / "s.ptx").read_text()
+
+
+def test_padded_scalar_threshold_acts_as_one_scalar():
+    """A scalar threshold reaches the kernels as SCALAR_SLOTS equal values (>= 16 bytes, out of
+    MLX's read-mostly small-buffer pool); the kernels read t[0] (TPC = 0) and the reference path
+    must threshold exactly as with the plain scalar (float64 numpy reference)."""
+    rng = np.random.default_rng(3)
+    for k in (4096, G.SCALAR_SLOTS):
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        tp = G.scalar_threshold(0.5, mx.float32)
+        assert tp.nbytes >= 16 and tp.size == G.SCALAR_SLOTS
+        want = np.where(np.abs(x.astype(np.float64)) >= 0.5, x, 0.0)
+        np.testing.assert_array_equal(np.array(G.threshold(mx.array(x), tp)), want)
+        np.testing.assert_array_equal(np.array(G.threshold(mx.array(x), mx.array([0.5]))), want)
+        # per channel only where the sizes say so; a padded scalar read per channel is the same
+        assert G._tpc(tp, k) == (1 if k == G.SCALAR_SLOTS else 0)
+    assert G._tpc(mx.array([0.5]), 4096) == 0
+    assert G.zero_threshold(mx.float16).nbytes >= 16
+    with pytest.raises(ValueError, match="threshold has 5 entries"):
+        G._tpc(mx.zeros((5,)), 4096)
