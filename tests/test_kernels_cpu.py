@@ -140,7 +140,8 @@ def test_launch_geometry():
     assert G.split_k_chunk(4096, 16, quantized=False) == 128  # 512 blocks >= 2 per SM
     assert [G.spout_warps_per_row(b) for b in (1152, 2048, 8192, 28672)] == [1, 2, 4, 8]
     assert [G.spin_words(m) for m in (1, 2, 4)] == [2, 2, 1]
-    assert [G.spout_rows_per_warp(m) for m in (1, 4, 8)] == [4, 4, 2]
+    assert [G.spout_rows_per_warp(m, 4096) for m in (1, 2, 4, 8)] == [8, 4, 4, 2]
+    assert [G.spout_rows_per_warp(m, 14336) for m in (1, 4, 8)] == [4, 4, 2]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
