@@ -294,10 +294,13 @@ class Workspace:
     last: mx.array
 
 
+SPIN_MIN_TILE = 128  # outputs per block of the narrowest spin launch: spin_q, 8 bits, one word per lane
+
+
 def workspace(n_out: int) -> Workspace:
     """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters, and
     a first token of a density output's dtype and shape, so compiled paths trace once."""
-    ws = Workspace(mx.zeros((-(-n_out // 256) + 2,), dtype=mx.int32), mx.zeros((), dtype=mx.float32))
+    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 2,), dtype=mx.int32), mx.zeros((), dtype=mx.float32))
     mx.eval(ws.sem, ws.last)
     return ws
 

@@ -103,7 +103,16 @@ def test_thresholded_sparse_input_and_gate_up_against_float64(per_channel):
 
 def test_workspace_and_threshold_shape_checks():
     ws = G.workspace(14336)
-    assert ws.sem.dtype == mx.int32 and ws.sem.size == 14336 // 256 + 2 and not np.array(ws.sem).any()
+    assert ws.sem.dtype == mx.int32 and ws.sem.size == 14336 // 128 + 2 and not np.array(ws.sem).any()
+    # one workspace serves every spin launch on n outputs: spin_f (256-output tiles) and spin_q at
+    # any token count and width (8 bits, one word per lane: 128 outputs; missed before session 9)
+    for n in (4096, 14336, 4100):
+        sem = G.workspace(n).sem.size
+        assert sem >= -(-n // 256) + 2
+        for kind in ("cuda", "metal"):
+            for m in (1, 2, 3, 4):
+                for bits in (4, 8):
+                    assert sem >= -(-n // (32 * G.spin_words(m, bits, kind) * (32 // bits))) + 2, (n, kind, m, bits)
     assert G._tpc(mx.zeros((1,)), 4096) == 0 and G._tpc(mx.zeros((4096,)), 4096) == 1
     with pytest.raises(ValueError):
         G._tpc(mx.zeros((100,)), 4096)
