@@ -17,7 +17,10 @@ piece, same registers), ``tiled``/``pairtiled`` (base/pair on a tile-major weigh
 persistent buffer per shape, an input, instead of a fresh output per launch). ``--variants a,b`` picks which to run (default: VARIANTS below); ``--copies C`` runs each on C
 separately allocated weight copies. ``--wall R`` also times R launches per configuration on the
 host, without Nsight (``python benchmarks/spin_variants.py --wall 200 [--chain]``; lines starting
-``WALL`` on stderr); ``--chain`` orders them one after another, as a model's layers are. Wide tiles (each lane owning 16 or 32 outputs) lost in every
+``WALL`` on stderr); ``--chain`` orders them one after another, as a model's layers are;
+``--rotate`` cycles the chain over the ``--copies`` (else L2 flatters it); ``--stamps`` adds
+per-block GPU clock stamps (lines ``STAMPS``: span, block phases, tail, launch gap); ``--t-elems
+E`` passes the zero threshold as E halves (1: MLX's small-buffer pool, as before session 9). Wide tiles (each lane owning 16 or 32 outputs) lost in every
 case in session 6 and were removed (their source: commit 9f31dee). Session 4 (RESULTS.md) used an
 earlier set of variants on the previous source to find that per-warp fences and global x loads in
 the inner loop cost up to 40% of the time.

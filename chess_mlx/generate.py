@@ -46,8 +46,9 @@ def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs)
     decode: deque[CallStats] = deque()
     start = time.perf_counter()
     ttft = None
+    gen = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
     try:
-        for resp in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        for resp in gen:
             if ttft is None:
                 ttft = time.perf_counter() - start
             decode.extend(c for c in rec.pop() if c.n_tokens == 1)
@@ -66,6 +67,12 @@ def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs)
                 active_memory_gb=mx.get_active_memory() / 1e9,
             )
     finally:
+        # A reply stopped early leaves mlx-lm's prefetched next token in flight on its generation
+        # stream; an interpreter exiting while that stream's thread still works aborts Python
+        # ("terminate called without an active exception", seen when quitting chat mid-reply).
+        gen.close()
+        from mlx_lm.generate import generation_stream
+        mx.synchronize(generation_stream)
         rec.enabled = False
         rec.clear()
 
