@@ -10,7 +10,6 @@ warp. Prints one line per configuration, the shipped choice marked with *.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -24,20 +23,12 @@ import kernels as K  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
 
 
-def copies_of(out_dim: int, in_dim: int, wtype: str, factor: int = 1) -> list:
-    probe = K.make_weight(out_dim, in_dim, wtype, transposed=False)
-    ws = [probe] + [K.make_weight(out_dim, in_dim, wtype, transposed=False)
-                    for _ in range(max(2, math.ceil(4 * K.L2_BYTES / (factor * probe.nbytes))) - 1)]
-    mx.eval([w.w if isinstance(w, G.QWeight) else w for w in ws])
-    return ws
-
-
 def main() -> None:
     mx.random.seed(0)
     for wtype in ("float16", "q4g64"):
         dtype = K.parse_wtype(wtype)[0]
         for out_dim, in_dim in K.SHAPES[:2]:
-            ws = copies_of(out_dim, in_dim, wtype)
+            ws = K.weight_copies(out_dim, in_dim, wtype)
             x = mx.random.normal((1, in_dim)).astype(dtype)
             dense = gpu_timer.chain_time(K.dense_op(ws), x)
             for s in (0.5, 0.7):
@@ -53,7 +44,8 @@ def main() -> None:
                           f"{t * 1e6:6.1f} us  dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x", flush=True)
     # the fused 4-bit FFN front, rows per warp
     out_dim, in_dim = K.SHAPES[1]
-    pairs = list(zip(copies_of(out_dim, in_dim, "q4g64", 2), copies_of(out_dim, in_dim, "q4g64", 2)))
+    pairs = list(zip(K.weight_copies(out_dim, in_dim, "q4g64", per_call=2),
+                     K.weight_copies(out_dim, in_dim, "q4g64", per_call=2)))
     x = mx.random.normal((1, in_dim)).astype(mx.float16)
     dense = gpu_timer.chain_time(lambda xi, i: tuple(K.dense(xi, w) for w in pairs[i % len(pairs)]), x)
     for s in (0.5, 0.7):

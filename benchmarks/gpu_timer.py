@@ -77,7 +77,3 @@ def _trimmed_mean(v: np.ndarray) -> float:
     lo, hi = np.percentile(v, [10, 90])
     return float(v[(v >= lo) & (v <= hi)].mean())
 
-
-def stamp_interval(x: mx.array, calls: int = 48) -> float:
-    """GPU seconds between two chained stamps: the fixed cost ``chain_time`` subtracts."""
-    return _trimmed_mean(_intervals(None, x, calls))

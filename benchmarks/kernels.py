@@ -61,6 +61,16 @@ def make_weight(out_dim: int, in_dim: int, wtype: str, transposed: bool):
     return m
 
 
+def weight_copies(out_dim: int, in_dim: int, wtype: str, transposed: bool = False, per_call: int = 1) -> list:
+    """Separately allocated random weights, evaluated: enough (>= 2) that rotating through them,
+    ``per_call`` matrices per call, touches over 4x the L2, so the cache flatters no timing."""
+    first = make_weight(out_dim, in_dim, wtype, transposed)
+    count = max(2, math.ceil(4 * L2_BYTES / (per_call * first.nbytes)))
+    ws = [first] + [make_weight(out_dim, in_dim, wtype, transposed) for _ in range(count - 1)]
+    mx.eval([w.w if isinstance(w, G.QWeight) else w for w in ws])
+    return ws
+
+
 def sparse_vec(m: int, n: int, s: float, dtype) -> mx.array:
     v = mx.random.normal((m, n)).astype(dtype)
     keep = mx.random.uniform(shape=(m, n)) >= s
@@ -284,11 +294,8 @@ def bench_gate_up(kind: str, bw: float) -> list[dict]:
     out_dim, in_dim = SHAPES[1]
     for wtype in ("float16", "bfloat16", "q4g64"):
         dtype = parse_wtype(wtype)[0]
-        probe = make_weight(out_dim, in_dim, wtype, transposed=False)
-        copies = max(2, math.ceil(4 * L2_BYTES / (2 * probe.nbytes)))
-        pairs = [(make_weight(out_dim, in_dim, wtype, False), make_weight(out_dim, in_dim, wtype, False))
-                 for _ in range(copies)]
-        mx.eval([w.w if isinstance(w, G.QWeight) else w for p in pairs for w in p])
+        pairs = list(zip(weight_copies(out_dim, in_dim, wtype, per_call=2), weight_copies(out_dim, in_dim, wtype, per_call=2)))
+        copies = len(pairs)
         x = mx.random.normal((1, in_dim)).astype(dtype)
         t_dense = time_op(kind, lambda xi, i: tuple(dense(xi, w) for w in pairs[i % copies]), x)
         for s in LEVELS_TIME:
@@ -296,7 +303,7 @@ def bench_gate_up(kind: str, bw: float) -> list[dict]:
             mx.eval(ts)
             t = time_op(kind, lambda xi, i: G._launch_gateup(kind, xi, *pairs[i % copies], ts[i % copies]), x)
             dens = mx.mean((G.reference_gate_up(x, *pairs[0], ts[0]) != 0).astype(mx.float32)).item()
-            read = probe.nbytes * (1 + dens)
+            read = pairs[0][0].nbytes * (1 + dens)
             rows.append(dict(kernel="gate_up", wtype=wtype, shape=f"2x{out_dim}x{in_dim}", sparsity=s, us=t * 1e6,
                              dense_us=t_dense * 1e6, speedup=t_dense / t, bytes_read=read, bw_fraction=(read / t) / bw))
     return rows
@@ -308,11 +315,9 @@ def bench(kind: str, bw: float, quick: bool) -> list[dict]:
     for wtype in wtypes:
         dtype = parse_wtype(wtype)[0]
         for out_dim, in_dim in SHAPES:
-            probe = make_weight(out_dim, in_dim, wtype, transposed=False)
-            copies = max(2, math.ceil(4 * L2_BYTES / probe.nbytes))
-            ws = [make_weight(out_dim, in_dim, wtype, transposed=False) for _ in range(copies)]
-            wts = [make_weight(out_dim, in_dim, wtype, transposed=True) for _ in range(copies)]
-            mx.eval([w.w if isinstance(w, G.QWeight) else w for w in ws + wts])
+            ws = weight_copies(out_dim, in_dim, wtype)
+            wts = weight_copies(out_dim, in_dim, wtype, transposed=True)
+            copies = len(ws)
             wbytes = ws[0].nbytes
             x = mx.random.normal((1, in_dim)).astype(dtype)
             t_dense = time_op(kind, dense_op(ws), x)

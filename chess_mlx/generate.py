@@ -37,7 +37,7 @@ class Step:
 
 def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> Iterator[Step]:
     """Yield a ``Step`` per token. ``kwargs`` go to ``mlx_lm.stream_generate`` (sampler, prompt_cache...)."""
-    from mlx_lm import stream_generate
+    from mlx_lm.generate import generation_stream, stream_generate
 
     state = sparsify(model)
     rec, wb = state.recorder, state.weight_bytes
@@ -71,7 +71,6 @@ def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs)
         # stream; an interpreter exiting while that stream's thread still works aborts Python
         # ("terminate called without an active exception", seen when quitting chat mid-reply).
         gen.close()
-        from mlx_lm.generate import generation_stream
         mx.synchronize(generation_stream)
         rec.enabled = False
         rec.clear()
