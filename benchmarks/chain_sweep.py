@@ -5,7 +5,8 @@
 Like ``ncu_sweep.py`` (Nsight: serialized, caches flushed, base clocks), but each configuration
 runs as a model's layers do (``gpu_timer.chain_time``: kernel plus one launch gap, free clocks),
 rotating weight copies so L2 keeps none. spout_f: warps per row; spout_q and gateup_q: rows per
-warp. Prints one line per configuration, the shipped choice marked with *.
+warp; spin_f and spin_q (``--spin``): split-K chunk. Prints one line per configuration, the
+shipped choice marked with *. ``--only spout,spin,gateup`` picks sections (default: all).
 """
 
 from __future__ import annotations
@@ -23,11 +24,43 @@ import kernels as K  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
 
 
-def main() -> None:
-    mx.random.seed(0)
+def sweep_spin() -> None:
+    """Split-K chunk of the sparse-input kernels on every shape: the chunk sets how many blocks
+    share the launch's fixed costs (compaction, epilogue, tail) and how many partials the last
+    block sums."""
     for wtype in ("float16", "q4g64"):
         dtype = K.parse_wtype(wtype)[0]
-        for out_dim, in_dim in K.SHAPES[:2]:
+        for out_dim, in_dim in K.SHAPES:
+            wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
+            ws = [G.workspace(out_dim) for _ in range(64)]
+            quant = wtype != "float16"
+            tile = 32 * G.spin_words(1, 4) * 8 if quant else 256
+            ship = G.split_k_chunk(in_dim, -(-out_dim // tile), quantized=quant)
+            for s in (0.5, 0.7):
+                xs = K.sparse_vec(1, in_dim, s, dtype)
+                mx.eval(xs)
+                for kc in ((32, 64, 128, 256) if quant else (128, 256, 512)):
+                    t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], G.zero_threshold(dtype),
+                                                                          ws[i % len(ws)], kc=kc)[0], xs)
+                    print(f"spin {wtype} {out_dim}x{in_dim} s={s} kc={kc}{'*' if kc == ship else ' '} {t * 1e6:6.1f} us",
+                          flush=True)
+
+
+def main() -> None:
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["spout", "spin", "gateup"]
+    mx.random.seed(0)
+    if "spout" in only:
+        sweep_spout()
+    if "spin" in only:
+        sweep_spin()
+    if "gateup" in only:
+        sweep_gateup()
+
+
+def sweep_spout() -> None:
+    for wtype in ("float16", "q4g64"):
+        dtype = K.parse_wtype(wtype)[0]
+        for out_dim, in_dim in K.SHAPES:
             ws = K.weight_copies(out_dim, in_dim, wtype)
             x = mx.random.normal((1, in_dim)).astype(dtype)
             dense = gpu_timer.chain_time(K.dense_op(ws), x)
@@ -42,7 +75,10 @@ def main() -> None:
                     t = gpu_timer.chain_time(lambda xi, i: G._launch_spout("cuda", xi, ws[i % len(ws)], a, **{key: v}), x)
                     print(f"spout {wtype} {out_dim}x{in_dim} s={s} {key}={v}{'*' if v == ship else ' '} "
                           f"{t * 1e6:6.1f} us  dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x", flush=True)
-    # the fused 4-bit FFN front, rows per warp
+
+
+def sweep_gateup() -> None:
+    """The fused 4-bit FFN front, rows per warp."""
     out_dim, in_dim = K.SHAPES[1]
     pairs = list(zip(K.weight_copies(out_dim, in_dim, "q4g64", per_call=2),
                      K.weight_copies(out_dim, in_dim, "q4g64", per_call=2)))

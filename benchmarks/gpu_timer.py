@@ -21,14 +21,19 @@ import mlx.core as mx
 import numpy as np
 
 _SOURCE = r"""
-if (blockIdx.x == 0 && threadIdx.x == 0) {
+const int i = blockIdx.x * blockDim.x + threadIdx.x;
+if (i == 0) {
   unsigned long long now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
   stamp[0] = now;
   stamp[1] = 0;
 }
-for (int i = threadIdx.x; i < SIZE; i += blockDim.x) y[i] = x[i];
+if (i < SIZE) y[i] = x[i];
 """
+# One element per thread. Until session 10 one block of 256 threads copied x in a loop: for a
+# 14336-wide activation 56 dependent load/store rounds, whose latency grew when the op between two
+# stamps had pushed x out of L2. That time did not cancel against the stamps-only chain and
+# inflated every op on 14336-wide inputs by 8-10 us (benchmarks/RESULTS.md, session 10).
 
 _KERNELS: dict = {}
 
@@ -40,7 +45,7 @@ def _stamp(x: mx.array, after: list) -> tuple[mx.array, mx.array]:
     if n not in _KERNELS:
         _KERNELS[n] = mx.fast.cuda_kernel(name=f"chess_gpu_stamp{n}", input_names=["x"] + [f"after{i}" for i in range(n)],
                                           output_names=["y", "stamp"], source=_SOURCE)
-    return tuple(_KERNELS[n](inputs=[x, *after], template=[("SIZE", x.size)], grid=(256, 1, 1), threadgroup=(256, 1, 1),
+    return tuple(_KERNELS[n](inputs=[x, *after], template=[("SIZE", x.size)], grid=(-(-x.size // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
                              output_shapes=[x.shape, (2,)], output_dtypes=[x.dtype, mx.uint64]))
 
 

@@ -213,9 +213,10 @@ METAL_THREADGROUP_BYTES = 32768  # what an Apple GPU threadgroup may declare
 
 def spin_threadgroup_bytes(m: int, kc: int, words: int = 0, bits: Optional[int] = None) -> int:
     """Static shared/threadgroup memory of spin_f (``bits`` None) or spin_q, as their sources
-    declare it: idx[KC], xsh[M * KC], red[8][TILE] and a few counters."""
+    declare it: idx[KC], xsh[M * KC], red[8][TILE], wcount and wnnz (8 per 256 rows of the chunk)
+    and a flag."""
     tile = 256 if bits is None else 32 * words * (32 // bits)
-    return 4 * (kc + m * kc + 8 * tile + 17)
+    return 4 * (kc + m * kc + 8 * tile + 16 * -(-kc // 256) + 1)
 
 
 def spin_words(m: int, bits: int = 4, kind: str = "cuda") -> int:
@@ -279,7 +280,7 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
 
 @dataclass
 class Workspace:
-    """The int32 counters of one sparse-input call site (``sem``: tiles + 2 zeros) and the ordering
+    """The int32 counters of one sparse-input call site (``sem``: tiles + 1 zeros) and the ordering
     token of its launches (``last``: the previous launch's density output).
 
     The kernel's blocks meet through ``sem`` and the last one resets it, so two launches on one
@@ -300,7 +301,7 @@ SPIN_MIN_TILE = 128  # outputs per block of the narrowest spin launch: spin_q, 8
 def workspace(n_out: int) -> Workspace:
     """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters, and
     a first token of a density output's dtype and shape, so compiled paths trace once."""
-    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 2,), dtype=mx.int32), mx.zeros((), dtype=mx.float32))
+    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 1,), dtype=mx.int32), mx.zeros((), dtype=mx.float32))
     mx.eval(ws.sem, ws.last)
     return ws
 
@@ -360,7 +361,7 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
         kc = kc or split_k_chunk(k, tiles, quantized=False)
         name, inputs = "spin_f", [x, t, wt, ws.sem, ws.last]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc), ("TPC", _tpc(t, k))]
-    if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 2:  # the kernel indexes sem[0 .. tiles + 1]
+    if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1:  # the kernel indexes sem[0 .. tiles]
         raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
     chunks = -(-k // kc)
     y, _partial, dens = _kernel(kind, name)(

@@ -72,46 +72,58 @@ __device__ __forceinline__ float chess_xval(const T* x, const TT* t, int m, int 
 // order, and xsh[m * KC + i] the thresholded x[m, idx[i]] as float. The inner loops then read x
 // from shared memory only: global x loads there wait on L1, which every gpu-scope fence of a
 // finishing block on the same SM invalidates (Nsight, benchmarks/RESULTS.md). *nnz gets the
-// number of non-zero (m, j) elements of the chunk (the density the stats report). All 256 threads
-// of the block must call it. Returns the count of active rows.
+// number of non-zero (m, j) elements of the chunk (the density the stats report). Each thread
+// loads all of its P = KC/256 inputs before the one barrier pair, so a block waits for one x load,
+// not P in a row (session 10). wcount and wnnz hold 8 * P ints. All 256 threads of the block must
+// call it. Returns the count of active rows.
 template <int M, int K, int KC, int TPC, typename T, typename TT>
 __device__ __forceinline__ int chess_compact(const T* x, const TT* t, int k_begin, int* idx, float* xsh,
                                              int* wcount, int* wnnz, int* nnz) {
+  constexpr int P = (KC + 255) / 256;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int total = 0, elems = 0;
-  for (int p = 0; p < KC; p += 256) {
-    const int i = p + (int)threadIdx.x;
+  float v[P][M];
+  bool act[P];
+  unsigned bal[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int i = 256 * p + (int)threadIdx.x;
     const int j = k_begin + i;
     const bool valid = i < KC && j < K;
-    float v[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) v[p][m] = valid ? chess_xval<K, TPC>(x, t, m, j) : 0.0f;
+  }
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
     int mine = 0;
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      v[m] = valid ? chess_xval<K, TPC>(x, t, m, j) : 0.0f;
-      mine += v[m] != 0.0f;
-    }
-    const bool act = mine > 0;
-    const unsigned bal = __ballot_sync(0xffffffffu, act);
+    for (int m = 0; m < M; ++m) mine += v[p][m] != 0.0f;
+    act[p] = mine > 0;
+    bal[p] = __ballot_sync(0xffffffffu, act[p]);
     const int wsum = __reduce_add_sync(0xffffffffu, mine);
     if (lane == 0) {
-      wcount[warp] = __popc(bal);
-      wnnz[warp] = wsum;
+      wcount[8 * p + warp] = __popc(bal[p]);
+      wnnz[8 * p + warp] = wsum;
     }
-    __syncthreads();
-    int off = total;
-    for (int w = 0; w < warp; ++w) off += wcount[w];
-    if (act) {
-      const int slot = off + __popc(bal & ((1u << lane) - 1u));
-      idx[slot] = j;
-#pragma unroll
-      for (int m = 0; m < M; ++m) xsh[m * KC + slot] = v[m];
-    }
-    for (int w = 0; w < 8; ++w) {
-      total += wcount[w];
-      elems += wnnz[w];
-    }
-    __syncthreads();
   }
+  __syncthreads();
+  int total = 0, elems = 0;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    int off = total;
+    for (int w = 0; w < warp; ++w) off += wcount[8 * p + w];
+    if (act[p]) {
+      const int slot = off + __popc(bal[p] & ((1u << lane) - 1u));
+      idx[slot] = k_begin + 256 * p + (int)threadIdx.x;
+#pragma unroll
+      for (int m = 0; m < M; ++m) xsh[m * KC + slot] = v[p][m];
+    }
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      total += wcount[8 * p + w];
+      elems += wnnz[8 * p + w];
+    }
+  }
+  __syncthreads();
   *nnz = elems;
   return total;
 }
@@ -227,13 +239,15 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
 // decode speed depends on, benchmarks/RESULTS.md): the 8 warps' accumulators of one output tile
 // (lane owns VPL consecutive outputs, plus a per-lane scalar) are summed through red[8][TILE] into
 // partial[chunk, m, :]; the last of the tile's CHUNKS chunk blocks to arrive (counted in
-// sem[tile]) sums the chunks in order 0..C-1 into y, and the last tile to finish (sem[tiles])
-// writes dens[0] = non-zero inputs / (M*K) (accumulated by the tile-0 blocks in sem[tiles + 1]).
-// sem is a per-call-site int32 workspace of tiles + 2 zeros; every counter is reset to 0 by the
-// block that consumed it, so the next launch finds zeros again. Only thread 0 fences, after the
-// block barrier (the pattern of cooperative groups' grid sync): a fence per warp cost up to 40% of
-// the kernel's time. The chunk count is a compile-time constant so the last block's in-order sum
-// issues its partial loads together. All 256 threads must call it.
+// sem[tile]) sums the chunks in order 0..C-1 into y. The tile-0 blocks add their non-zero input
+// counts into sem[tiles] before they count in, so tile 0's last block holds the whole count and
+// writes dens[0] = non-zero inputs / (M*K). sem is a per-call-site int32 workspace of tiles + 1
+// zeros; each counter is reset by the block that consumed it, so the next launch finds zeros
+// again. Only thread 0 fences, after the block barrier (the pattern of cooperative groups' grid
+// sync): a fence per warp cost up to 40% of the kernel's time. The last block's serial tail is two
+// round trips to L2 (count, partial loads) plus the y store: the cross-tile counter that used to
+// decide who writes dens added two more (session 10). The chunk count is a compile-time constant
+// so the in-order sum issues up to 32 partial loads together. All 256 threads must call it.
 template <typename T, int M, int N, int K, int KC, int VPL>
 __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const float* accb, float* partial,
                                                   T* y, float* dens, const int* sem_in, int nnz,
@@ -262,11 +276,8 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    __threadfence();  // release: the block's partials (ordered before by the barrier) are visible
-    if (tile == 0) {
-      atomicAdd(&sem[tiles + 1], nnz);
-      __threadfence();
-    }
+    if (tile == 0) atomicAdd(&sem[tiles], nnz);
+    __threadfence();  // release: the block's partials (ordered before by the barrier) and its count
     const bool last = atomicAdd(&sem[tile], 1) == CHUNKS - 1;
     if (last) __threadfence();  // acquire: the other chunks' partials
     *flag = last;
@@ -277,19 +288,14 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
     const int m = i / TILE, n = tile * TILE + i % TILE;
     if (n < N) {
       float s = 0.0f;
-#pragma unroll 16
+#pragma unroll 32
       for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
       y[(size_t)m * N + n] = static_cast<T>(s);
     }
   }
   if (threadIdx.x == 0) {
-    atomicExch(&sem[tile], 0);
-    __threadfence();
-    if (atomicAdd(&sem[tiles], 1) == tiles - 1) {
-      const int total = atomicExch(&sem[tiles + 1], 0);
-      atomicExch(&sem[tiles], 0);
-      dens[0] = (float)total / (float)(M * K);
-    }
+    sem[tile] = 0;  // every chunk has counted in; the next launch reads it after this kernel ends
+    if (tile == 0) dens[0] = (float)atomicExch(&sem[tiles], 0) / (float)(M * K);
   }
 }
 

@@ -6,7 +6,7 @@
 // into shared memory (chess_compact), then each warp takes every 8th active row, U rows at a time
 // with all U 16-byte loads issued before the FMAs; each lane owns 8 consecutive outputs. chess_spin_finish reduces
 // the 8 warps into partial[chunk, m, n], and the tile's last chunk block sums the chunks into y;
-// dens[0] = fraction of non-zero (m, j) inputs. sem: int32 workspace of >= tiles + 2 zeros.
+// dens[0] = fraction of non-zero (m, j) inputs. sem: int32 workspace of >= tiles + 1 zeros.
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.
@@ -15,8 +15,8 @@ constexpr int TILE = 256;
 constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); speed equal within noise (RESULTS.md session 6)
 __shared__ int idx[KC];
 __shared__ float xsh[M * KC];
-__shared__ int wcount[8];
-__shared__ int wnnz[8];
+__shared__ int wcount[8 * ((KC + 255) / 256)];
+__shared__ int wnnz[8 * ((KC + 255) / 256)];
 __shared__ int flag;
 __shared__ __align__(16) float red[8][TILE];
 const int lane = threadIdx.x & 31;

@@ -6,7 +6,7 @@
 // Same tiling and compaction as spin_f; each lane owns WORDS consecutive words (VPL = WORDS*32/BITS
 // outputs, all inside one group), so the bias term is one scalar per lane: acc_e += (x*s) * q_e and
 // accb += x*b. q is decoded without I2F (chess_qfloat). Same epilogue as spin_f (chess_spin_finish:
-// partials, last-chunk reduction into y, density into dens; sem >= tiles + 2 int32 zeros).
+// partials, last-chunk reduction into y, density into dens; sem >= tiles + 1 int32 zeros).
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, BITS, GS, KC (<= 512), WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)),
@@ -17,8 +17,8 @@ constexpr int TILE = 32 * VPL;
 constexpr int U = 4;
 __shared__ int idx[KC];
 __shared__ float xsh[M * KC];
-__shared__ int wcount[8];
-__shared__ int wnnz[8];
+__shared__ int wcount[8 * ((KC + 255) / 256)];
+__shared__ int wnnz[8 * ((KC + 255) / 256)];
 __shared__ int flag;
 __shared__ __align__(16) float red[8][TILE];
 const int lane = threadIdx.x & 31;

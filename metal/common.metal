@@ -64,45 +64,52 @@ inline float chess_xval(const device T* x, const device TT* t, int m, int j) {
 
 // Ordered compaction of the surviving inputs of one split-K chunk into threadgroup memory (rows in
 // idx, thresholded values as float in xsh[m * KC + i], so the inner loops never read x from device
-// memory), and the chunk's count of non-zero (m, j) elements in *nnz; all 256 threads of the
-// threadgroup must call it. Returns the count of active rows (same order as the CUDA twin).
+// memory), and the chunk's count of non-zero (m, j) elements in *nnz. Twin of the CUDA helper:
+// each thread loads all of its P = KC/256 inputs before the one barrier pair; wcount and wnnz hold
+// 8 * P ints. All 256 threads of the threadgroup must call it. Returns the count of active rows
+// (same order as the CUDA twin).
 template <int M, int K, int KC, int TPC, typename T, typename TT>
 inline int chess_compact(const device T* x, const device TT* t, int k_begin, threadgroup int* idx,
                          threadgroup float* xsh, threadgroup int* wcount, threadgroup int* wnnz, thread int* nnz,
                          uint tid, uint lane, uint warp) {
-  int total = 0, elems = 0;
-  for (int p = 0; p < KC; p += 256) {
-    const int i = p + int(tid);
+  constexpr int P = (KC + 255) / 256;
+  float v[P][M];
+  bool act[P];
+  uint before[P];
+  for (int p = 0; p < P; ++p) {
+    const int i = 256 * p + int(tid);
     const int j = k_begin + i;
     const bool valid = i < KC && j < K;
-    float v[M];
+    for (int m = 0; m < M; ++m) v[p][m] = valid ? chess_xval<K, TPC>(x, t, m, j) : 0.0f;
+  }
+  for (int p = 0; p < P; ++p) {
     int mine = 0;
-    for (int m = 0; m < M; ++m) {
-      v[m] = valid ? chess_xval<K, TPC>(x, t, m, j) : 0.0f;
-      mine += v[m] != 0.0f ? 1 : 0;
-    }
-    const bool act = mine > 0;
-    const uint before = simd_prefix_exclusive_sum(uint(act));
-    const uint count = simd_sum(uint(act));
+    for (int m = 0; m < M; ++m) mine += v[p][m] != 0.0f ? 1 : 0;
+    act[p] = mine > 0;
+    before[p] = simd_prefix_exclusive_sum(uint(act[p]));
+    const uint count = simd_sum(uint(act[p]));
     const int wsum = simd_sum(mine);
     if (lane == 0) {
-      wcount[warp] = int(count);
-      wnnz[warp] = wsum;
+      wcount[8 * p + int(warp)] = int(count);
+      wnnz[8 * p + int(warp)] = wsum;
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  int total = 0, elems = 0;
+  for (int p = 0; p < P; ++p) {
     int off = total;
-    for (uint w = 0; w < warp; ++w) off += wcount[w];
-    if (act) {
-      const int slot = off + int(before);
-      idx[slot] = j;
-      for (int m = 0; m < M; ++m) xsh[m * KC + slot] = v[m];
+    for (uint w = 0; w < warp; ++w) off += wcount[8 * p + int(w)];
+    if (act[p]) {
+      const int slot = off + int(before[p]);
+      idx[slot] = k_begin + 256 * p + int(tid);
+      for (int m = 0; m < M; ++m) xsh[m * KC + slot] = v[p][m];
     }
     for (int w = 0; w < 8; ++w) {
-      total += wcount[w];
-      elems += wnnz[w];
+      total += wcount[8 * p + w];
+      elems += wnnz[8 * p + w];
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
   *nnz = elems;
   return total;
 }
@@ -197,10 +204,11 @@ inline void chess_finish_rows(thread const float* acc, const device T* a, device
 
 // Sparse-input epilogue (twin of the CUDA one): the 8 simdgroups' accumulators of one output tile
 // through red[8][TILE] (16-byte stores) into partial[chunk, m, :]; the tile's last chunk
-// threadgroup (counted in sem[tile]) sums the chunks in order into y; the last tile (sem[tiles])
-// writes dens[0] from the count the tile-0 threadgroups left in sem[tiles + 1]; every counter is
-// reset by its consumer. Only thread 0 fences, after the threadgroup barrier. The chunk count is a
-// compile-time constant so the in-order sum's loads can be issued together.
+// threadgroup (counted in sem[tile]) sums the chunks in order into y; the tile-0 threadgroups add
+// their non-zero counts into sem[tiles] before counting in, so tile 0's last threadgroup writes
+// dens[0]; every counter is reset by its consumer (sem >= tiles + 1 int32 zeros). Only thread 0
+// fences, after the threadgroup barrier. The chunk count is a compile-time constant so the
+// in-order sum's loads can be issued together.
 // Needs Metal 3.2 device-scope fences (atomic_thread_fence with thread_scope_device).
 template <typename T, int M, int N, int K, int KC, int VPL>
 inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float* accb, device float* partial,
@@ -225,11 +233,8 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
   }
   threadgroup_barrier(mem_flags::mem_device);
   if (tid == 0) {
+    if (tile == 0) atomic_fetch_add_explicit(&sem[tiles], nnz, memory_order_relaxed);
     atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);  // release
-    if (tile == 0) {
-      atomic_fetch_add_explicit(&sem[tiles + 1], nnz, memory_order_relaxed);
-      atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
-    }
     const bool last = atomic_fetch_add_explicit(&sem[tile], 1, memory_order_relaxed) == CHUNKS - 1;
     if (last) atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);  // acquire
     *flag = last ? 1 : 0;
@@ -240,19 +245,14 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
     const int m = i / TILE, n = tile * TILE + i % TILE;
     if (n < N) {
       float s = 0.0f;
-#pragma unroll(16)
+#pragma unroll(32)
       for (int c = 0; c < CHUNKS; ++c) s += partial[(c * M + m) * N + n];
       y[m * N + n] = static_cast<T>(s);
     }
   }
   if (tid == 0) {
     atomic_store_explicit(&sem[tile], 0, memory_order_relaxed);
-    atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
-    if (atomic_fetch_add_explicit(&sem[tiles], 1, memory_order_relaxed) == tiles - 1) {
-      const int total = atomic_exchange_explicit(&sem[tiles + 1], 0, memory_order_relaxed);
-      atomic_store_explicit(&sem[tiles], 0, memory_order_relaxed);
-      dens[0] = float(total) / float(M * K);
-    }
+    if (tile == 0) dens[0] = float(atomic_exchange_explicit(&sem[tiles], 0, memory_order_relaxed)) / float(M * K);
   }
 }
 

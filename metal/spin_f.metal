@@ -3,7 +3,7 @@
 // chunk of KC inputs; ordered compaction of the chunk's surviving inputs (|x| >= t); each simdgroup
 // takes every 8th active row, U at a time; each lane owns 8 consecutive outputs; reduction through
 // threadgroup memory into partial[chunk, m, n], the tile's last chunk sums the chunks into y and
-// the last tile writes dens (chess_spin_finish; sem >= tiles + 2 int32 zeros).
+// tile 0 writes dens (chess_spin_finish; sem >= tiles + 1 int32 zeros).
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
@@ -11,8 +11,8 @@ constexpr int TILE = 256;
 constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); speed equal within noise (RESULTS.md session 6)
 threadgroup int idx[KC];
 threadgroup float xsh[M * KC];
-threadgroup int wcount[8];
-threadgroup int wnnz[8];
+threadgroup int wcount[8 * ((KC + 255) / 256)];
+threadgroup int wnnz[8 * ((KC + 255) / 256)];
 threadgroup int flag;
 threadgroup float4 red_v[8][TILE / 4];  // float4-aligned for 16-byte stores
 threadgroup float (*red)[TILE] = (threadgroup float (*)[TILE])red_v;

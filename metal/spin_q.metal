@@ -12,8 +12,8 @@ constexpr int TILE = 32 * VPL;
 constexpr int U = 4;
 threadgroup int idx[KC];
 threadgroup float xsh[M * KC];
-threadgroup int wcount[8];
-threadgroup int wnnz[8];
+threadgroup int wcount[8 * ((KC + 255) / 256)];
+threadgroup int wnnz[8 * ((KC + 255) / 256)];
 threadgroup int flag;
 threadgroup float4 red_v[8][TILE / 4];  // float4-aligned for 16-byte stores
 threadgroup float (*red)[TILE] = (threadgroup float (*)[TILE])red_v;
