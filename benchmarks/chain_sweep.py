@@ -6,7 +6,8 @@ Like ``ncu_sweep.py`` (Nsight: serialized, caches flushed, base clocks), but eac
 runs as a model's layers do (``gpu_timer.chain_time``: kernel plus one launch gap, free clocks),
 rotating weight copies so L2 keeps none. spout_f: warps per row; spout_q and gateup_q: rows per
 warp; spin_f and spin_q (``--spin``): split-K chunk. Prints one line per configuration, the
-shipped choice marked with *. ``--only spout,spin,gateup`` picks sections (default: all).
+shipped choice marked with *. ``spoutq``: spout_q rows per warp x warps per row group, each also checked against the
+reference. ``--only spout,spoutq,spin,gateup`` picks sections (default: all).
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ def sweep_spin() -> None:
 
 
 def main() -> None:
-    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["spout", "spin", "gateup"]
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["spout", "spoutq", "spin", "gateup"]
     mx.random.seed(0)
     if "spout" in only:
         sweep_spout()
+    if "spoutq" in only:
+        sweep_spout_q()
     if "spin" in only:
         sweep_spin()
     if "gateup" in only:
@@ -70,11 +73,34 @@ def sweep_spout() -> None:
                 if wtype == "float16":
                     ship, opts, key = G.spout_warps_per_row(in_dim * 2), (1, 2, 4, 8), "wpr"
                 else:
-                    ship, opts, key = G.spout_rows_per_warp(1, in_dim), (1, 2, 4, 8), "rpw"
+                    ship, opts, key = G.spout_rows_per_warp(1, in_dim, out_dim), (1, 2, 4, 8), "rpw"
                 for v in opts:
                     t = gpu_timer.chain_time(lambda xi, i: G._launch_spout("cuda", xi, ws[i % len(ws)], a, **{key: v}), x)
                     print(f"spout {wtype} {out_dim}x{in_dim} s={s} {key}={v}{'*' if v == ship else ' '} "
                           f"{t * 1e6:6.1f} us  dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x", flush=True)
+
+
+def sweep_spout_q() -> None:
+    """spout_q rows per warp x warps per row group (PARTS), 4-bit and 8-bit, every shape; each
+    configuration is also checked against the reference (relative error printed)."""
+    for wtype in ("q4g64", "q8g32"):
+        for out_dim, in_dim in K.SHAPES:
+            ws = K.weight_copies(out_dim, in_dim, wtype)
+            x = mx.random.normal((1, in_dim)).astype(mx.float16)
+            dense = gpu_timer.chain_time(K.dense_op(ws), x)
+            for s in (0.5, 0.7):
+                a = K.sparse_vec(1, out_dim, s, mx.float16)
+                ref = G.reference_gated_sparse_output(x, K.float32_weight(ws[0]), a)
+                mx.eval(a, ref)
+                ship = G.spout_q_geometry(1, in_dim, out_dim)
+                for rpw in (2, 4, 8):
+                    for parts in (1, 2, 4, 8):
+                        err = K.rel_err(G._launch_spout("cuda", x, ws[0], a, rpw=rpw, parts=parts), ref)
+                        t = gpu_timer.chain_time(lambda xi, i: G._launch_spout("cuda", xi, ws[i % len(ws)], a, rpw=rpw,
+                                                                               parts=parts), x)
+                        mark = "*" if (rpw, parts) == ship else " "
+                        print(f"spoutq {wtype} {out_dim}x{in_dim} s={s} rpw={rpw} parts={parts}{mark} {t * 1e6:6.1f} us  "
+                              f"dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x  rel_err {err:.1e}", flush=True)
 
 
 def sweep_gateup() -> None:
@@ -90,7 +116,7 @@ def sweep_gateup() -> None:
         for rpw in (1, 2, 4, 8):
             t = gpu_timer.chain_time(lambda xi, i: G._launch_gateup("cuda", xi, *pairs[i % len(pairs)], ts[i % len(ts)],
                                                                     rpw=rpw), x)
-            print(f"gate_up q4g64 2x{out_dim}x{in_dim} s={s} rpw={rpw}{'*' if rpw == G.spout_rows_per_warp(1, in_dim) else ' '} "
+            print(f"gate_up q4g64 2x{out_dim}x{in_dim} s={s} rpw={rpw}{'*' if rpw == G.spout_rows_per_warp(1, in_dim, out_dim) else ' '} "
                   f"{t * 1e6:6.1f} us  dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x", flush=True)
 
 

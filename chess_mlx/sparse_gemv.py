@@ -159,7 +159,7 @@ _INPUTS = {
 # against the "Template:" line of both the CUDA and the Metal source).
 TEMPLATES = {
     "spout_f": ("T", "M", "K", "N", "WPR"),
-    "spout_q": ("T", "M", "K", "N", "BITS", "GS", "RPW"),
+    "spout_q": ("T", "M", "K", "N", "BITS", "GS", "RPW", "PARTS"),
     "spin_f": ("T", "M", "K", "N", "KC", "TPC"),
     "spin_q": ("T", "M", "K", "N", "BITS", "GS", "KC", "WORDS", "TPC"),
     "gateup_f": ("T", "M", "K", "N", "WPR", "TPC"),
@@ -180,27 +180,37 @@ def _kernel(kind: str, name: str):
 
 
 # ---------------------------------------------------------------- launch geometry ---------------
+H100_SMS = 132  # the GPU the launch geometry was tuned on (benchmarks/RESULTS.md)
+
+
 def split_k_chunk(k: int, n_tiles: int, quantized: bool) -> int:
-    """Rows per split-K chunk of spin (Nsight sweeps on H100, benchmarks/RESULTS.md): long chunks
-    amortise each block's compaction and reduction (512 rows for half weights, halved while the
-    grid has fewer than 2 blocks per SM); 128 for quantized ones, whose rows are short (halved
-    only below one block per SM)."""
-    kc, min_blocks = (128, 132) if quantized else (512, 264)
-    while kc > 64 and n_tiles * -(-k // kc) < min_blocks:
+    """Rows per split-K chunk of spin: the longest chunk (512 rows for half weights, 256 for
+    quantized ones) halved until the grid has 3 blocks per SM (down to 64 rows). Long chunks
+    amortise each block's compaction and epilogue; 3 blocks per SM keep every SM streaming.
+    Chained sweep on the H100 (session 10): 4-bit 14336 -> 4096 at 50% took 19.5 us with 256 rows
+    against 22.8 us with the 128 shipped before, 4096 -> 4096 10.3 us with 64 against 11.4."""
+    kc = 256 if quantized else 512
+    while kc > 64 and n_tiles * -(-k // kc) < 3 * H100_SMS:
         kc //= 2
     return kc
 
 
-def spout_rows_per_warp(m: int, k: int) -> int:
+def spout_rows_per_warp(m: int, k: int, n: int) -> int:
     """Rows per warp of the quantized sparse-output kernels (spout_q, gateup_q): 4 shares each x
     load and latency chain among 4 rows (Nsight A/B on H100: 1.45x one row per warp at 50%
-    sparsity); 8 for one token on rows of <= 4096 inputs, whose 4 steps per lane leave room for
-    8 rows of loads in flight (chained on the GPU clock, session 9: 21.1 vs 24.3 us at 50% on
-    14336x4096; on 14336-input rows 8 spills and loses, 37.9 vs 25.9 us); 2 for larger decode
-    batches, whose accumulators (RPW x M) would spill."""
-    if m == 1 and k <= 4096:
+    sparsity); 8 for one token on rows of <= 4096 inputs when the n rows still give every SM a
+    block, as 4-step lanes leave room for 8 rows of loads in flight (chained on the GPU clock: 21.2
+    vs 24.3 us at 50% on 14336x4096; on 4096x4096, 64 blocks, 12.3 vs 9.6 us: 4 wins; on
+    14336-input rows 8 spills, 38.8 vs 25.9 us); 2 for larger decode batches, whose accumulators
+    (RPW x M) would spill."""
+    if m == 1 and k <= 4096 and n >= 8 * 8 * H100_SMS:
         return 8
     return 4 if m <= 4 else 2
+
+
+def spout_q_geometry(m: int, k: int, n: int) -> tuple[int, int]:
+    """(rows per warp, warps per row group) of spout_q; see ``spout_rows_per_warp``."""
+    return spout_rows_per_warp(m, k, n), 1
 
 
 def spout_warps_per_row(row_bytes: int) -> int:
@@ -259,15 +269,18 @@ def rows(x: mx.array) -> int:
 
 # ---------------------------------------------------------------- kernel calls ------------------
 def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = None,
-                  rpw: Optional[int] = None) -> mx.array:
-    """spout_f (``wpr`` warps per row) / spout_q (``rpw`` rows per warp, default
-    ``spout_rows_per_warp``); the overrides are for launch-geometry probes."""
+                  rpw: Optional[int] = None, parts: Optional[int] = None) -> mx.array:
+    """spout_f (``wpr`` warps per row) / spout_q (``rpw`` rows per warp and ``parts`` warps per
+    row group, default ``spout_q_geometry``); the overrides are for launch-geometry probes."""
     m, k = rows(x), x.shape[-1]
     if isinstance(w, QWeight):
-        n, rpw = w.rows, rpw or spout_rows_per_warp(m, k)
-        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size), ("RPW", rpw)]
+        n = w.rows
+        d_rpw, d_parts = spout_q_geometry(m, k, n)
+        rpw, parts = rpw or d_rpw, parts or d_parts
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size), ("RPW", rpw),
+                ("PARTS", parts)]
         return _kernel(kind, "spout_q")(
-            inputs=[x, w.w, w.scales, w.biases, a], template=tmpl, grid=(-(-n // (8 * rpw)) * 256, 1, 1),
+            inputs=[x, w.w, w.scales, w.biases, a], template=tmpl, grid=(-(-n // (8 // parts * rpw)) * 256, 1, 1),
             threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
     n = w.shape[0]
     wpr = wpr or spout_warps_per_row(k * 2)
@@ -378,7 +391,7 @@ def _launch_gateup(kind: str, x: mx.array, wg, wu, t: mx.array, wpr: Optional[in
     ``rpw`` rows per warp, default ``spout_rows_per_warp``)."""
     m, k = rows(x), x.shape[-1]
     if isinstance(wg, QWeight):
-        n, rpw = wg.rows, rpw or spout_rows_per_warp(m, k)
+        n, rpw = wg.rows, rpw or spout_rows_per_warp(m, k, wg.rows)
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wg.bits), ("GS", wg.group_size),
                 ("RPW", rpw), ("TPC", _tpc(t, n))]
         return _kernel(kind, "gateup_q")(

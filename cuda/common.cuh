@@ -159,21 +159,22 @@ __device__ __forceinline__ void chess_row_dot(const T* w_row, const T* x, int pa
 }
 
 // Quantized sparse-output row dot products, RPW rows per warp (spout_q, gateup_q):
-// acc[q][m] += w[r0 + q, :] . x[m, :] for the rows with act[q]. Each lane takes 16-byte steps
-// (32 values at 4 bits, 16 at 8, inside one quantization group: one scale and one bias per row);
-// x is loaded once per step and applied to all RPW rows, so the x traffic and the latency chain of
-// a step are shared by RPW rows (Nsight A/B, benchmarks/RESULTS.md: 1.45x the one-row-per-warp
-// design at 50% sparsity). No shared memory and no barrier: the warp sums its own rows.
-template <typename T, int M, int K, int BITS, int GS, int RPW>
+// acc[q][m] += w[r0 + q, :] . x[m, :] for the rows with act[q], over this warp's share of the row:
+// the PARTS warps of a row group step through it together (warp ``part`` takes steps part, part +
+// PARTS, ...). Each lane takes 16-byte steps (32 values at 4 bits, 16 at 8, inside one
+// quantization group: one scale and one bias per row); x is loaded once per step and applied to
+// all RPW rows, so the x traffic and the latency chain of a step are shared by RPW rows (Nsight
+// A/B, benchmarks/RESULTS.md: 1.45x the one-row-per-warp design at 50% sparsity).
+template <typename T, int M, int K, int BITS, int GS, int RPW, int PARTS>
 __device__ __forceinline__ void chess_qrows_dot(const uint32_t* w, const T* scales, const T* biases, const T* x,
-                                                int r0, const bool* act, float (*acc)[M]) {
+                                                int r0, const bool* act, float (*acc)[M], int part) {
   constexpr int VPW = 32 / BITS;
   constexpr int VPL = 4 * VPW;
   constexpr int WORDS_PER_ROW = K / VPW;
   constexpr int STEPS = WORDS_PER_ROW / 4;
   const int lane = threadIdx.x & 31;
 #pragma unroll 2
-  for (int v = lane; v < STEPS; v += 32) {
+  for (int v = part * 32 + lane; v < STEPS; v += 32 * PARTS) {
     const int k0 = v * VPL;
     uint32_t words[RPW][4];
     float sc[RPW], bi[RPW];

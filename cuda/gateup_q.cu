@@ -18,7 +18,7 @@ for (int q = 0; q < RPW; ++q) {
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[q][m] = 0.0f;
 }
-chess_qrows_dot<T, M, K, BITS, GS, RPW>(wg, sg, bg, x, r0, in_n, acc);
+chess_qrows_dot<T, M, K, BITS, GS, RPW, 1>(wg, sg, bg, x, r0, in_n, acc, 0);
 float am[RPW][M];
 bool act[RPW];
 bool any = false;
@@ -36,7 +36,7 @@ for (int q = 0; q < RPW; ++q) {
   }
   any |= act[q];
 }
-if (any) chess_qrows_dot<T, M, K, BITS, GS, RPW>(wu, su, bu, x, r0, act, acc);
+if (any) chess_qrows_dot<T, M, K, BITS, GS, RPW, 1>(wu, su, bu, x, r0, act, acc, 0);
 #pragma unroll
 for (int q = 0; q < RPW; ++q) {
 #pragma unroll

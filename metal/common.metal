@@ -140,16 +140,18 @@ inline void chess_row_dot(const device T* w_row, const device T* x, int part, th
 }
 
 // Quantized sparse-output row dot products, RPW rows per simdgroup (twin of the CUDA one, used by
-// spout_q and gateup_q): acc[q][m] += w[r0 + q, :] . x[m, :] for the rows with act[q]; 16-byte
-// steps inside one quantization group; x loaded once per step for all RPW rows; no threadgroup memory.
-template <typename T, int M, int K, int BITS, int GS, int RPW>
+// spout_q and gateup_q): acc[q][m] += w[r0 + q, :] . x[m, :] for the rows with act[q], over this
+// simdgroup's share (the PARTS simdgroups of a row group take every PARTS-th 16-byte step, starting
+// at ``part``); steps inside one quantization group; x loaded once per step for all RPW rows.
+template <typename T, int M, int K, int BITS, int GS, int RPW, int PARTS>
 inline void chess_qrows_dot(const device uint32_t* w, const device T* scales, const device T* biases,
-                            const device T* x, int r0, thread const bool* act, thread float (*acc)[M], uint lane) {
+                            const device T* x, int r0, thread const bool* act, thread float (*acc)[M], uint lane,
+                            int part) {
   constexpr int VPW = 32 / BITS;
   constexpr int VPL = 4 * VPW;
   constexpr int WORDS_PER_ROW = K / VPW;
   constexpr int STEPS = WORDS_PER_ROW / 4;
-  for (int v = int(lane); v < STEPS; v += 32) {
+  for (int v = part * 32 + int(lane); v < STEPS; v += 32 * PARTS) {
     const int k0 = v * VPL;
     uint32_t words[RPW][4];
     float sc[RPW], bi[RPW];

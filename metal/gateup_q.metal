@@ -13,7 +13,7 @@ for (int q = 0; q < RPW; ++q) {
   in_n[q] = r0 + q < N;
   for (int m = 0; m < M; ++m) acc[q][m] = 0.0f;
 }
-chess_qrows_dot<T, M, K, BITS, GS, RPW>(wg, sg, bg, x, r0, in_n, acc, lane);
+chess_qrows_dot<T, M, K, BITS, GS, RPW, 1>(wg, sg, bg, x, r0, in_n, acc, lane, 0);
 float am[RPW][M];
 bool act[RPW];
 bool any = false;
@@ -29,7 +29,7 @@ for (int q = 0; q < RPW; ++q) {
   }
   any = any || act[q];
 }
-if (any) chess_qrows_dot<T, M, K, BITS, GS, RPW>(wu, su, bu, x, r0, act, acc, lane);
+if (any) chess_qrows_dot<T, M, K, BITS, GS, RPW, 1>(wu, su, bu, x, r0, act, acc, lane, 0);
 for (int q = 0; q < RPW; ++q) {
   for (int m = 0; m < M; ++m) {
     const float u = simd_sum(acc[q][m]);

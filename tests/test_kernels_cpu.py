@@ -142,15 +142,21 @@ def test_dispatch_on_cpu_and_force_switch(monkeypatch):
 
 
 def test_launch_geometry():
-    assert G.split_k_chunk(14336, 16, quantized=False) == 512
-    assert G.split_k_chunk(14336, 8, quantized=True) == 128
-    assert G.split_k_chunk(4096, 8, quantized=True) == 128  # 256 blocks >= 1 per SM
-    assert G.split_k_chunk(4096, 2, quantized=True) == 64
-    assert G.split_k_chunk(4096, 16, quantized=False) == 128  # 512 blocks >= 2 per SM
+    # split-K: the longest chunk that still gives 3 blocks per H100 SM (session 10 sweep)
+    assert G.split_k_chunk(14336, 16, quantized=False) == 512  # 448 blocks
+    assert G.split_k_chunk(14336, 8, quantized=True) == 256  # 448 blocks (128 rows: 2.3 us slower)
+    assert G.split_k_chunk(4096, 28, quantized=True) == 256  # 14336 outputs, 448 blocks
+    assert G.split_k_chunk(4096, 8, quantized=True) == 64  # 4096 outputs: 512 blocks
+    assert G.split_k_chunk(4096, 2, quantized=True) == 64  # the floor
+    assert G.split_k_chunk(4096, 16, quantized=False) == 128  # 512 blocks
+    for k, tiles, q in ((14336, 16, False), (4096, 8, True), (4096, 28, True), (1536, 3, False)):
+        kc = G.split_k_chunk(k, tiles, q)
+        assert kc == 64 or tiles * -(-k // kc) >= 3 * G.H100_SMS
     assert [G.spout_warps_per_row(b) for b in (1152, 2048, 8192, 28672)] == [1, 2, 4, 8]
     assert [G.spin_words(m) for m in (1, 2, 4)] == [2, 2, 1]
-    assert [G.spout_rows_per_warp(m, 4096) for m in (1, 2, 4, 8)] == [8, 4, 4, 2]
-    assert [G.spout_rows_per_warp(m, 14336) for m in (1, 4, 8)] == [4, 4, 2]
+    assert [G.spout_rows_per_warp(m, 4096, 14336) for m in (1, 2, 4, 8)] == [8, 4, 4, 2]
+    assert G.spout_rows_per_warp(1, 4096, 4096) == 4  # 8 would leave 64 blocks for 132 SMs
+    assert [G.spout_rows_per_warp(m, 14336, 14336) for m in (1, 4, 8)] == [4, 4, 2]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -238,9 +244,11 @@ _INSTANCES = [
     ("spout_f", ["float16", "float16", "float16"], ["float16"], dict(T="float16", M=1, K=4096, N=14336, WPR=4)),
     ("spout_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"], dict(T="bfloat16", M=2, K=576, N=1536, WPR=1)),
     ("spout_q", ["float16", "uint32", "float16", "float16", "float16"], ["float16"],
-     dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, RPW=4)),
+     dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, RPW=4, PARTS=1)),
+    ("spout_q", ["float16", "uint32", "float16", "float16", "float16"], ["float16"],
+     dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, RPW=8, PARTS=4)),
     ("spout_q", ["bfloat16", "uint32", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
-     dict(T="bfloat16", M=8, K=4096, N=4100, BITS=8, GS=32, RPW=2)),
+     dict(T="bfloat16", M=8, K=4096, N=4100, BITS=8, GS=32, RPW=2, PARTS=2)),
     ("spin_f", ["float16", "float16", "float16", "int32"], ["float16", "float32", "float32"],
      dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
     ("spin_f", ["bfloat16", "float32", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
