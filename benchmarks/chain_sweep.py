@@ -73,7 +73,7 @@ def sweep_spout() -> None:
                 if wtype == "float16":
                     ship, opts, key = G.spout_warps_per_row(in_dim * 2), (1, 2, 4, 8), "wpr"
                 else:
-                    ship, opts, key = G.spout_rows_per_warp(1, in_dim, out_dim), (1, 2, 4, 8), "rpw"
+                    ship, opts, key = G.spout_q_geometry(1, in_dim, out_dim, 4)[0], (1, 2, 4, 8), "rpw"
                 for v in opts:
                     t = gpu_timer.chain_time(lambda xi, i: G._launch_spout("cuda", xi, ws[i % len(ws)], a, **{key: v}), x)
                     print(f"spout {wtype} {out_dim}x{in_dim} s={s} {key}={v}{'*' if v == ship else ' '} "
@@ -92,7 +92,7 @@ def sweep_spout_q() -> None:
                 a = K.sparse_vec(1, out_dim, s, mx.float16)
                 ref = G.reference_gated_sparse_output(x, K.float32_weight(ws[0]), a)
                 mx.eval(a, ref)
-                ship = G.spout_q_geometry(1, in_dim, out_dim)
+                ship = G.spout_q_geometry(1, in_dim, out_dim, K.parse_wtype(wtype)[1])
                 for rpw in (2, 4, 8):
                     for parts in (1, 2, 4, 8):
                         err = K.rel_err(G._launch_spout("cuda", x, ws[0], a, rpw=rpw, parts=parts), ref)

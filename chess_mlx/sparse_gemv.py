@@ -196,8 +196,8 @@ def split_k_chunk(k: int, n_tiles: int, quantized: bool) -> int:
 
 
 def spout_rows_per_warp(m: int, k: int, n: int) -> int:
-    """Rows per warp of the quantized sparse-output kernels (spout_q, gateup_q): 4 shares each x
-    load and latency chain among 4 rows (Nsight A/B on H100: 1.45x one row per warp at 50%
+    """Rows per warp of gateup_q (one warp per row group) and of spout_q beyond one token: 4 shares
+    each x load and latency chain among 4 rows (Nsight A/B on H100: 1.45x one row per warp at 50%
     sparsity); 8 for one token on rows of <= 4096 inputs when the n rows still give every SM a
     block, as 4-step lanes leave room for 8 rows of loads in flight (chained on the GPU clock: 21.2
     vs 24.3 us at 50% on 14336x4096; on 4096x4096, 64 blocks, 12.3 vs 9.6 us: 4 wins; on
@@ -208,9 +208,21 @@ def spout_rows_per_warp(m: int, k: int, n: int) -> int:
     return 4 if m <= 4 else 2
 
 
-def spout_q_geometry(m: int, k: int, n: int) -> tuple[int, int]:
-    """(rows per warp, warps per row group) of spout_q; see ``spout_rows_per_warp``."""
-    return spout_rows_per_warp(m, k, n), 1
+def spout_q_geometry(m: int, k: int, n: int, bits: int) -> tuple[int, int]:
+    """(rows per warp, warps per row group) of spout_q. One token: 8 rows x 4 warps at 4 bits, 4
+    rows x 4 warps at 8 bits (8 warps on rows longer than 4096), fewer warps where a row has too
+    few 16-byte steps to give each lane one. Chained sweep on the H100 (session 10, every
+    combination checked against the reference): 4-bit 50% 14336x4096 18.2 us against 21.4 with
+    one warp per group, 4096x14336 20.5 against 26.5, 4096x4096 6.8 against 9.4; 8-bit 17.1 /
+    19.6 / 6.3 us against 18.9 / 30.8 / 10.3. Larger batches keep ``spout_rows_per_warp`` and one
+    warp per group (not swept)."""
+    if m > 1:
+        return spout_rows_per_warp(m, k, n), 1
+    rpw, parts = (8, 4) if bits == 4 else (4, 4 if k <= 4096 else 8)
+    steps = k * bits // 128
+    while parts > 1 and 32 * parts > steps:
+        parts //= 2
+    return rpw, parts
 
 
 def spout_warps_per_row(row_bytes: int) -> int:
@@ -275,7 +287,7 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
     m, k = rows(x), x.shape[-1]
     if isinstance(w, QWeight):
         n = w.rows
-        d_rpw, d_parts = spout_q_geometry(m, k, n)
+        d_rpw, d_parts = spout_q_geometry(m, k, n, w.bits)
         rpw, parts = rpw or d_rpw, parts or d_parts
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size), ("RPW", rpw),
                 ("PARTS", parts)]

@@ -157,6 +157,17 @@ def test_launch_geometry():
     assert [G.spout_rows_per_warp(m, 4096, 14336) for m in (1, 2, 4, 8)] == [8, 4, 4, 2]
     assert G.spout_rows_per_warp(1, 4096, 4096) == 4  # 8 would leave 64 blocks for 132 SMs
     assert [G.spout_rows_per_warp(m, 14336, 14336) for m in (1, 4, 8)] == [4, 4, 2]
+    # spout_q, one token: rows per warp x warps per row group (session 10 sweep)
+    assert G.spout_q_geometry(1, 4096, 14336, 4) == (8, 4)
+    assert G.spout_q_geometry(1, 14336, 4096, 4) == (8, 4)
+    assert G.spout_q_geometry(1, 4096, 4096, 8) == (4, 4)
+    assert G.spout_q_geometry(1, 14336, 4096, 8) == (4, 8)
+    assert G.spout_q_geometry(1, 896, 4864, 4) == (8, 1)  # 28 steps per row: one warp's lanes
+    assert G.spout_q_geometry(1, 2048, 4864, 4) == (8, 2)
+    assert G.spout_q_geometry(4, 4096, 4096, 4) == (4, 1)
+    for k, bits in ((512, 4), (896, 8), (4096, 4), (14336, 8)):
+        rpw, parts = G.spout_q_geometry(1, k, 4096, bits)
+        assert 8 % parts == 0 and (parts == 1 or 32 * parts <= k * bits // 128)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
