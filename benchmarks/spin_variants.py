@@ -8,6 +8,7 @@ and launches each on the same inputs, for Nsight Compute to time:
     python benchmarks/spin_variants.py --table var.csv var.err
 
 Variants: ``base`` (as shipped), ``acqrel`` (fence.acq_rel.gpu instead of __threadfence),
+``relatom`` (one atom.add.acq_rel.gpu instead of fence, atomic and the last block's fence),
 ``store`` (epilogue stops after the partial sums: no counters, no last-block reduction; wrong y),
 ``u8`` (8 rows in flight per warp instead of 4, as shipped before session 6), ``base@KC``
 (split-K chunk KC instead of the default), ``warpc`` (each warp compacts its own KC/8 rows with a
@@ -118,8 +119,16 @@ def variant_source(name: str) -> tuple[str, str]:
     if name == "acqrel":
         header = header.replace("__threadfence();", 'asm volatile("fence.acq_rel.gpu;" ::: "memory");')
     elif name == "store":
-        header = header.replace("  if (threadIdx.x == 0) {\n    __threadfence();  // release",
-                                "  return;\n  if (threadIdx.x == 0) {\n    __threadfence();  // release")
+        a = "  if (threadIdx.x == 0) {\n    if (tile == 0) atomicAdd(&sem[tiles], nnz);"
+        assert a in header, a
+        header = header.replace(a, "  return;\n" + a)
+    elif name == "relatom":  # one acq_rel atomic instead of fence + atomic (+ fence on the last block)
+        a = ("    __threadfence();  // release: the block's partials (ordered before by the barrier) and its count\n"
+             "    const bool last = atomicAdd(&sem[tile], 1) == CHUNKS - 1;\n"
+             "    if (last) __threadfence();  // acquire: the other chunks' partials\n")
+        assert a in header, a
+        header = header.replace(a, "    int old;\n    asm volatile(\"atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;\" : \"=r\"(old) : "
+                                   "\"l\"(&sem[tile]) : \"memory\");\n    const bool last = old == CHUNKS - 1;\n")
     elif name == "u8":  # the geometry shipped before session 6
         body = body.replace("constexpr int U = 4;", "constexpr int U = 8;")
     elif name in ("pair", "pairtiled"):

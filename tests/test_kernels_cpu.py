@@ -338,7 +338,7 @@ def test_spin_probe_variants_compile_for_hopper(tmp_path):
     import spin_variants as V
 
     src = "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cooperative_groups.h>\n"
-    names = sorted({v.split("@")[0] for v in V.VARIANTS} | {"acqrel", "store", "wsp", "warpc", "tiled", "pair"})
+    names = sorted({v.split("@")[0] for v in V.VARIANTS} | {"acqrel", "relatom", "store", "wsp", "warpc", "tiled", "pair"})
     for i, v in enumerate(names):  # each variant with its (possibly edited) header in a namespace
         head, body = V.variant_source(v)
         src += (f"namespace v{i} {{\n{head}\n__global__ void k(const __half* x, const __half* t, const __half* wt, "
