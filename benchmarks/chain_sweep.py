@@ -29,13 +29,13 @@ def sweep_spin() -> None:
     """Split-K chunk of the sparse-input kernels on every shape: the chunk sets how many blocks
     share the launch's fixed costs (compaction, epilogue, tail) and how many partials the last
     block sums."""
-    for wtype in ("float16", "q4g64"):
-        dtype = K.parse_wtype(wtype)[0]
+    for wtype in ("float16", "q4g64", "q8g32"):
+        dtype, bits, _ = K.parse_wtype(wtype)
         for out_dim, in_dim in K.SHAPES:
             wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
             ws = [G.workspace(out_dim) for _ in range(64)]
             quant = wtype != "float16"
-            tile = 32 * G.spin_words(1, 4) * 8 if quant else 256
+            tile = 32 * G.spin_words(1, bits) * (32 // bits) if quant else 256
             ship = G.split_k_chunk(in_dim, -(-out_dim // tile), quantized=quant)
             for s in (0.5, 0.7):
                 xs = K.sparse_vec(1, in_dim, s, dtype)
