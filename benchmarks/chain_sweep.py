@@ -7,7 +7,8 @@ runs as a model's layers do (``gpu_timer.chain_time``: kernel plus one launch ga
 rotating weight copies so L2 keeps none. spout_f: warps per row; spout_q and gateup_q: rows per
 warp; spin_f and spin_q (``--spin``): split-K chunk. Prints one line per configuration, the
 shipped choice marked with *. ``spoutq``: spout_q rows per warp x warps per row group, each also checked against the
-reference. ``--only spout,spoutq,spin,gateup`` picks sections (default: all).
+reference. ``spinq``: spin_q words per lane x chunk, also checked. ``--only spout,spoutq,spin,spinq,gateup``
+picks sections (default: all).
 """
 
 from __future__ import annotations
@@ -47,8 +48,34 @@ def sweep_spin() -> None:
                           flush=True)
 
 
+def sweep_spin_q() -> None:
+    """spin_q words per lane (output tile width) x split-K chunk, 4-bit and 8-bit, on 4096x4096 and
+    down_proj's shape; each configuration is also checked against the reference."""
+    for wtype in ("q4g64", "q8g32"):
+        dtype, bits, _ = K.parse_wtype(wtype)
+        for out_dim, in_dim in (K.SHAPES[2], K.SHAPES[0]):
+            wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
+            ws = [G.workspace(out_dim) for _ in range(64)]
+            ship_w = G.spin_words(1, bits)
+            ship_kc = G.split_k_chunk(in_dim, -(-out_dim // (32 * ship_w * (32 // bits))), quantized=True)
+            for s in (0.5, 0.7):
+                xs = K.sparse_vec(1, in_dim, s, dtype)
+                ref = G.reference_sparse_input(xs, wts[0])[0]
+                mx.eval(xs, ref)
+                for words in (1, 2, 4):
+                    for kc in (64, 128, 256):
+                        err = K.rel_err(G._launch_spin("cuda", xs, wts[0], G.zero_threshold(dtype), ws[0], kc=kc,
+                                                       words=words)[0], ref)
+                        t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)],
+                                                                              G.zero_threshold(dtype), ws[i % len(ws)],
+                                                                              kc=kc, words=words)[0], xs)
+                        mark = "*" if (words, kc) == (ship_w, ship_kc) else " "
+                        print(f"spinq {wtype} {out_dim}x{in_dim} s={s} words={words} kc={kc}{mark} {t * 1e6:6.1f} us  "
+                              f"rel_err {err:.1e}", flush=True)
+
+
 def main() -> None:
-    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["spout", "spoutq", "spin", "gateup"]
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["spout", "spoutq", "spin", "spinq", "gateup"]
     mx.random.seed(0)
     if "spout" in only:
         sweep_spout()
@@ -56,6 +83,8 @@ def main() -> None:
         sweep_spout_q()
     if "spin" in only:
         sweep_spin()
+    if "spinq" in only:
+        sweep_spin_q()
     if "gateup" in only:
         sweep_gateup()
 

@@ -366,14 +366,15 @@ def _tpc(t: mx.array, n: int) -> int:
 
 
 def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
-                 kc: Optional[int] = None) -> tuple[mx.array, mx.array]:
+                 kc: Optional[int] = None, words: Optional[int] = None) -> tuple[mx.array, mx.array]:
     """spin_f / spin_q: thresholded sparse-input product and its input density, one launch,
     ordered after the previous launch on ``ws`` (whose token it then becomes). The density is a
-    0-d array (no reshape node)."""
+    0-d array (no reshape node). ``kc`` and ``words`` (spin_q) override the launch geometry for
+    probes."""
     m, k = rows(x), x.shape[-1]
     if isinstance(wt, QWeight):
         n = wt.cols
-        words = spin_words(m, wt.bits, kind)
+        words = words or spin_words(m, wt.bits, kind)
         tile = 32 * words * (32 // wt.bits)
         tiles = -(-n // tile)
         kc = kc or split_k_chunk(k, tiles, quantized=True)
