@@ -242,9 +242,14 @@ def spin_threadgroup_bytes(m: int, kc: int, words: int = 0, bits: Optional[int] 
 
 
 def spin_words(m: int, bits: int = 4, kind: str = "cuda") -> int:
-    """32-bit words per lane in spin_q: 8-byte loads for one or two tokens, 4-byte beyond. On Metal
-    also narrower where the reduction tile would not fit a threadgroup's 32 KB."""
+    """32-bit words per lane in spin_q: 8-byte loads for one or two tokens, 4-byte beyond; at 8 bits
+    and one token 16-byte loads, so the tile is 512 outputs as at 4 bits (chained sweep, session
+    10: 8-bit down_proj 14336 -> 4096 at 50% 21.8 us against 27.6 with 2 words; 4096 -> 4096 11.6
+    against 10.9). On Metal also narrower where the reduction tile would not fit a threadgroup's
+    32 KB."""
     words = 2 if m <= 2 else 1  # Nsight sweep (H100): 2 words beat 4 at one token, 1.4x at 4096x4096
+    if bits == 8 and m == 1:
+        words = 4
     if kind == "metal":
         while words > 1 and spin_threadgroup_bytes(m, 256, words, bits) > METAL_THREADGROUP_BYTES:
             words //= 2

@@ -154,6 +154,7 @@ def test_launch_geometry():
         assert kc == 64 or tiles * -(-k // kc) >= 3 * G.H100_SMS
     assert [G.spout_warps_per_row(b) for b in (1152, 2048, 8192, 28672)] == [1, 2, 4, 8]
     assert [G.spin_words(m) for m in (1, 2, 4)] == [2, 2, 1]
+    assert [G.spin_words(m, 8) for m in (1, 2, 4)] == [4, 2, 1]  # 8 bits, one token: 512-output tiles
     assert [G.spout_rows_per_warp(m, 4096, 14336) for m in (1, 2, 4, 8)] == [8, 4, 4, 2]
     assert G.spout_rows_per_warp(1, 4096, 4096) == 4  # 8 would leave 64 blocks for 132 SMs
     assert [G.spout_rows_per_warp(m, 14336, 14336) for m in (1, 4, 8)] == [4, 4, 2]
@@ -178,7 +179,7 @@ def test_metal_spin_geometry_fits_a_threadgroup(bits):
         w = G.spin_words(m, bits, "metal")
         assert G.spin_threadgroup_bytes(m, 256, w, bits) <= G.METAL_THREADGROUP_BYTES
         assert w <= G.spin_words(m, bits, "cuda")
-    assert G.spin_words(1, 4, "metal") == 2 and G.spin_words(1, 8, "metal") == 2
+    assert G.spin_words(1, 4, "metal") == 2 and G.spin_words(1, 8, "metal") == 4  # 512-output tiles on both
     assert G.spin_threadgroup_bytes(1, 256, 4, 4) > G.METAL_THREADGROUP_BYTES  # what it avoids
     assert G.spin_threadgroup_bytes(G.MAX_TOKENS, 512) <= G.METAL_THREADGROUP_BYTES
 
