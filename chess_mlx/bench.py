@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,6 +56,8 @@ class DecodeResult:
     tokens_per_s: float
     runs: list[float]
     ffn_sparsity: float
+    ahead_tokens_per_s: float = 0.0  # graph built ahead (``greedy_ahead``); 0 when not measured
+    ahead_runs: list[float] = field(default_factory=list)
 
 
 def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, runs: int = 3,
@@ -77,8 +79,43 @@ def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, ru
     return out[int(warmup):]
 
 
+def greedy_ahead(model: nn.Module, prompt: mx.array, n_tokens: int) -> tuple[mx.array, float]:
+    """Greedy decode of ``n_tokens`` after ``prompt`` (1-D token ids), with every step built as one
+    lazy graph and then evaluated at once: (the first token after the prompt followed by the
+    n_tokens decoded ones, seconds of that one evaluation). Each step's input is the argmax of the
+    step before, so the GPU still runs the steps one after another. What the time leaves out is the
+    Python graph building that ordinary decode does between tokens; MLX's own encoding still runs,
+    overlapped with the GPU. So n_tokens / seconds is the decode speed of a host that keeps ahead
+    of the GPU: on the lent H100 host ordinary decode is bound by host work (RESULTS.md), which
+    hides what the kernels save."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    tok = mx.argmax(model(prompt[None], cache=cache)[:, -1, :], axis=-1)
+    mx.eval(tok)
+    toks = [tok]
+    for _ in range(n_tokens):
+        tok = mx.argmax(model(tok[:, None], cache=cache)[:, -1, :], axis=-1)
+        toks.append(tok)
+    out = mx.concatenate(toks)
+    mx.synchronize()
+    t0 = time.perf_counter()
+    mx.eval(out)
+    mx.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def ahead_speed(model: nn.Module, n_tokens: int, prompt_len: int = 32, vocab: int = 512, seed: int = 1) -> float:
+    """Tokens/s of one ``greedy_ahead`` run on the bench's prompt."""
+    prompt = mx.random.randint(0, vocab, (prompt_len,), key=mx.random.key(seed))
+    _, dt = greedy_ahead(model, prompt, n_tokens)
+    return n_tokens / dt
+
+
 def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int, n_tokens: int = 128,
-              runs: int = 3, calib_tokens: int = 1024, progress=None) -> list[DecodeResult]:
+              runs: int = 3, calib_tokens: int = 1024, progress=None, ahead: int = 0) -> list[DecodeResult]:
+    """Median tokens/s of each method, runs interleaved method by method; with ``ahead`` > 0 also
+    the speed with the graph built ahead (``greedy_ahead`` of that many tokens) after each run."""
     state = sparsify(model)
     tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
                                key=mx.random.key(7))
@@ -92,26 +129,36 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
         state.recorder.enabled = False
         ffn[m] = 0.0 if not calls else float(1 - calls[-1].density[:, -1].mean())
         decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab)
+        if ahead:
+            ahead_speed(model, ahead, vocab=vocab)  # warm-up: a graph of this size once
     # Runs interleave the methods, so a slow spell of the (shared) host CPU hits all of them alike.
     speeds: dict[str, list[float]] = {m: [] for m in methods}
+    aheads: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(runs):
         for m in methods:
             set_method(model, m, th, sparsity)
             speeds[m] += decode_speed(model, n_tokens=n_tokens, runs=1, vocab=vocab, warmup=False)
+            if ahead:
+                aheads[m].append(ahead_speed(model, ahead, vocab=vocab))
     results = []
     for m in methods:
-        results.append(DecodeResult(m, statistics.median(speeds[m]), speeds[m], ffn[m]))
+        results.append(DecodeResult(m, statistics.median(speeds[m]), speeds[m], ffn[m],
+                                    statistics.median(aheads[m]) if aheads[m] else 0.0, aheads[m]))
         if progress:
             progress(m, results[-1])
     set_method(model, DENSE)
     return results
 
 
-def paired_ratios(results: list[DecodeResult], base: str = DENSE) -> dict[str, float]:
-    """Each method's speed over ``base`` as the median of run-by-run ratios. Runs interleave the
-    methods, so run i of every method saw the same spell of the shared host CPU; pairing them
-    cancels what a slow spell does to all (single runs spread by 20-30% on the lent H100 host)."""
+def paired_ratios(results: list[DecodeResult], base: str = DENSE, ahead: bool = False) -> dict[str, float]:
+    """Each method's speed over ``base`` as the median of run-by-run ratios (of the graph-ahead
+    speeds if ``ahead``). Runs interleave the methods, so run i of every method saw the same spell
+    of the shared host CPU; pairing them cancels what a slow spell does to all (single runs spread
+    by 20-30% on the lent H100 host)."""
     ref = next((r for r in results if r.method == base), None)
     if ref is None:
         return {}
-    return {r.method: statistics.median(a / b for a, b in zip(r.runs, ref.runs)) for r in results}
+    key = (lambda r: r.ahead_runs) if ahead else (lambda r: r.runs)
+    if not key(ref):
+        return {}
+    return {r.method: statistics.median(a / b for a, b in zip(key(r), key(ref))) for r in results}

@@ -42,3 +42,38 @@ def test_paired_ratios_are_the_median_of_run_by_run_ratios():
     assert got["dense"] == 1.0
     assert got["chess"] == np.median(np.array(chess.runs) / np.array(dense.runs))  # 1.3 (pairs 1.3, 1.4, 0.83)
     assert paired_ratios([chess]) == {}
+
+
+def test_greedy_ahead_decodes_the_same_tokens_as_mlx_lm():
+    """The graph-built-ahead decode (one lazy graph of n steps) must be the same greedy decode as
+    mlx-lm's generate_step, token for token, dense and sparse (its timing is the only difference)."""
+    from mlx_lm.generate import generate_step
+
+    from chess_mlx.calibrate import calibrate
+    from chess_mlx.sparse_layers import set_method
+
+    model = random_model("tiny", dtype=mx.float32)
+    sparsify(model)
+    th = calibrate(model, mx.random.randint(0, 512, (2, 64), key=mx.random.key(5)), [0.5])
+    prompt = mx.random.randint(0, 512, (12,), key=mx.random.key(9))
+    n = 10
+    for method in ("dense", "chess", "teal"):
+        set_method(model, method, th, 0.5)
+        got, secs = bench.greedy_ahead(model, prompt, n)
+        want = [int(t) for t, _ in generate_step(prompt, model, max_tokens=n + 1,
+                                                 sampler=lambda lp: mx.argmax(lp, axis=-1))]
+        assert np.array(got).tolist() == want, method
+        assert secs > 0
+    set_method(model, "dense")
+
+
+def test_run_bench_ahead_speeds_and_their_paired_ratios():
+    model = random_model("tiny", dtype=mx.float32)
+    res = run_bench(model, ["dense", "chess"], 0.5, vocab=512, n_tokens=3, runs=2, calib_tokens=256, ahead=4)
+    assert all(len(r.ahead_runs) == 2 and all(s > 0 for s in r.ahead_runs) for r in res)
+    assert all(r.ahead_tokens_per_s == float(np.median(r.ahead_runs)) for r in res)
+    got = bench.paired_ratios(res, ahead=True)
+    assert got["dense"] == 1.0
+    assert got["chess"] == np.median(np.array(res[1].ahead_runs) / np.array(res[0].ahead_runs))
+    assert bench.paired_ratios(run_bench(model, ["dense"], 0.5, vocab=512, n_tokens=2, runs=1,
+                                         calib_tokens=256), ahead=True) == {}

@@ -112,3 +112,7 @@ def test_console_entry_exit_code_and_single_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     r = subprocess.run([sys.executable, "-m", "chess_mlx", "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+
+
+def test_bench_rejects_a_negative_ahead_count(capsys):
+    assert "--ahead" in _fails(capsys, ["bench", "--preset", "tiny", "--ahead", "-1"])
