@@ -33,7 +33,8 @@ if (i < SIZE) y[i] = x[i];
 # One element per thread. Until session 10 one block of 256 threads copied x in a loop: for a
 # 14336-wide activation 56 dependent load/store rounds, whose latency grew when the op between two
 # stamps had pushed x out of L2. That time did not cancel against the stamps-only chain and
-# inflated every op on 14336-wide inputs by 8-10 us (benchmarks/RESULTS.md, session 10).
+# inflated ops on 14336-wide inputs by ~11 us, dense GEMVs too, and some on 4096-wide inputs by up
+# to 3.5 us (benchmarks/RESULTS.md, session 10, benchmarks/timer_ab.py).
 
 _KERNELS: dict = {}
 
