@@ -36,8 +36,7 @@ def sweep_spin() -> None:
             wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
             ws = [G.workspace(out_dim) for _ in range(64)]
             quant = wtype != "float16"
-            tile = 32 * G.spin_words(1, bits) * (32 // bits) if quant else 256
-            ship = G.split_k_chunk(in_dim, -(-out_dim // tile), quantized=quant)
+            ship = G.spin_geometry(1, in_dim, out_dim, bits)[2]
             for s in (0.5, 0.7):
                 xs = K.sparse_vec(1, in_dim, s, dtype)
                 mx.eval(xs)
@@ -56,8 +55,7 @@ def sweep_spin_q() -> None:
         for out_dim, in_dim in (K.SHAPES[2], K.SHAPES[0]):
             wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
             ws = [G.workspace(out_dim) for _ in range(64)]
-            ship_w = G.spin_words(1, bits)
-            ship_kc = G.split_k_chunk(in_dim, -(-out_dim // (32 * ship_w * (32 // bits))), quantized=True)
+            ship_w, _, ship_kc = G.spin_geometry(1, in_dim, out_dim, bits)
             for s in (0.5, 0.7):
                 xs = K.sparse_vec(1, in_dim, s, dtype)
                 ref = G.reference_sparse_input(xs, wts[0])[0]

@@ -60,13 +60,18 @@ class DecodeResult:
     ahead_runs: list[float] = field(default_factory=list)
 
 
+def bench_prompt(prompt_len: int, vocab: int, seed: int) -> mx.array:
+    """The random prompt both decode timings start from (the same tokens for every method)."""
+    return mx.random.randint(0, vocab, (prompt_len,), key=mx.random.key(seed))
+
+
 def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, runs: int = 3,
                  vocab: int = 512, seed: int = 1, warmup: bool = True) -> list[float]:
     """Tokens/s of greedy decode after a short prompt, one number per run (after one untimed
     run that warms up kernels and allocations, unless ``warmup`` is False)."""
     from mlx_lm.generate import generate_step
 
-    prompt = mx.random.randint(0, vocab, (prompt_len,), key=mx.random.key(seed))
+    prompt = bench_prompt(prompt_len, vocab, seed)
     out = []
     for _ in range(runs + int(warmup)):
         gen = generate_step(prompt, model, max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
@@ -107,8 +112,7 @@ def greedy_ahead(model: nn.Module, prompt: mx.array, n_tokens: int) -> tuple[mx.
 
 def ahead_speed(model: nn.Module, n_tokens: int, prompt_len: int = 32, vocab: int = 512, seed: int = 1) -> float:
     """Tokens/s of one ``greedy_ahead`` run on the bench's prompt."""
-    prompt = mx.random.randint(0, vocab, (prompt_len,), key=mx.random.key(seed))
-    _, dt = greedy_ahead(model, prompt, n_tokens)
+    _, dt = greedy_ahead(model, bench_prompt(prompt_len, vocab, seed), n_tokens)
     return n_tokens / dt
 
 

@@ -233,12 +233,26 @@ def spout_warps_per_row(row_bytes: int) -> int:
 METAL_THREADGROUP_BYTES = 32768  # what an Apple GPU threadgroup may declare
 
 
+def spin_tile(words: int = 0, bits: Optional[int] = None) -> int:
+    """Outputs per block of spin_f (``bits`` None: 8 per lane) or spin_q (``words`` per lane)."""
+    return 256 if bits is None else 32 * words * (32 // bits)
+
+
+def spin_geometry(m: int, k: int, n: int, bits: Optional[int] = None, kind: str = "cuda",
+                  words: Optional[int] = None, kc: Optional[int] = None) -> tuple[int, int, int]:
+    """(words per lane, tiles, split-K chunk) of a spin_f (``bits`` None, words 0) or spin_q
+    launch on (m, k) x (k, n); ``words`` and ``kc`` override the defaults (probes), and the default
+    chunk follows the tile count that the words give."""
+    words = 0 if bits is None else words or spin_words(m, bits, kind)
+    tiles = -(-n // spin_tile(words, bits))
+    return words, tiles, kc or split_k_chunk(k, tiles, quantized=bits is not None)
+
+
 def spin_threadgroup_bytes(m: int, kc: int, words: int = 0, bits: Optional[int] = None) -> int:
     """Static shared/threadgroup memory of spin_f (``bits`` None) or spin_q, as their sources
     declare it: idx[KC], xsh[M * KC], red[8][TILE], wcount and wnnz (8 per 256 rows of the chunk)
     and a flag."""
-    tile = 256 if bits is None else 32 * words * (32 // bits)
-    return 4 * (kc + m * kc + 8 * tile + 16 * -(-kc // 256) + 1)
+    return 4 * (kc + m * kc + 8 * spin_tile(words, bits) + 16 * -(-kc // 256) + 1)
 
 
 def spin_words(m: int, bits: int = 4, kind: str = "cuda") -> int:
@@ -379,17 +393,13 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     m, k = rows(x), x.shape[-1]
     if isinstance(wt, QWeight):
         n = wt.cols
-        words = words or spin_words(m, wt.bits, kind)
-        tile = 32 * words * (32 // wt.bits)
-        tiles = -(-n // tile)
-        kc = kc or split_k_chunk(k, tiles, quantized=True)
+        words, tiles, kc = spin_geometry(m, k, n, wt.bits, kind, words, kc)
         name, inputs = "spin_q", [x, t, wt.w, wt.scales, wt.biases, ws.sem, ws.last]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wt.bits), ("GS", wt.group_size),
                 ("KC", kc), ("WORDS", words), ("TPC", _tpc(t, k))]
     else:
         n = wt.shape[1]
-        tiles = -(-n // 256)
-        kc = kc or split_k_chunk(k, tiles, quantized=False)
+        _, tiles, kc = spin_geometry(m, k, n, kc=kc)
         name, inputs = "spin_f", [x, t, wt, ws.sem, ws.last]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc), ("TPC", _tpc(t, k))]
     if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1:  # the kernel indexes sem[0 .. tiles]

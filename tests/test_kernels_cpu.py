@@ -155,6 +155,12 @@ def test_launch_geometry():
     assert [G.spout_warps_per_row(b) for b in (1152, 2048, 8192, 28672)] == [1, 2, 4, 8]
     assert [G.spin_words(m) for m in (1, 2, 4)] == [2, 2, 1]
     assert [G.spin_words(m, 8) for m in (1, 2, 4)] == [4, 2, 1]  # 8 bits, one token: 512-output tiles
+    # what a launch uses: (words per lane, tiles, split-K chunk); overrides move the default chunk
+    assert G.spin_geometry(1, 14336, 4096) == (0, 16, 512)
+    assert G.spin_geometry(1, 14336, 4096, 4) == (2, 8, 256)
+    assert G.spin_geometry(1, 4096, 4096, 8) == (4, 8, 64)
+    assert G.spin_geometry(1, 4096, 4096, 4, words=1) == (1, 16, 128)
+    assert G.spin_geometry(1, 4096, 4096, 4, kc=128) == (2, 8, 128)
     assert [G.spout_rows_per_warp(m, 4096, 14336) for m in (1, 2, 4, 8)] == [8, 4, 4, 2]
     assert G.spout_rows_per_warp(1, 4096, 4096) == 4  # 8 would leave 64 blocks for 132 SMs
     assert [G.spout_rows_per_warp(m, 14336, 14336) for m in (1, 4, 8)] == [4, 4, 2]
