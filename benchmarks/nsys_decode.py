@@ -3,6 +3,7 @@
     nsys profile --capture-range=cudaProfilerApi -o OUT python benchmarks/nsys_decode.py --method chess
     nsys stats --report cuda_gpu_kern_sum,cuda_gpu_trace --format csv OUT.nsys-rep
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv python benchmarks/nsys_decode.py --tokens 2
+    benchmarks/gpu_busy.sh  (ncu at free clocks, caches kept: GPU busy time per token of every method)
 
 Only the timed decode loop (after warm-up) lies inside cudaProfilerStart/Stop.
 """
@@ -43,10 +44,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--method", default="chess")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=0, help="quantize (4 or 8; with CHESS_MLX_QUANT_KERNELS=1 for the kernels)")
     args = ap.parse_args()
     from mlx_lm.generate import generate_step
 
-    model = random_model("llama3-8b", args.layers, mx.float16)
+    model = random_model("llama3-8b", args.layers, mx.float16, bits=args.bits or None)
     vocab = PRESETS["llama3-8b"]["vocab_size"]
     sparsify(model)
     th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
