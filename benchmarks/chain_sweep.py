@@ -131,20 +131,22 @@ def sweep_spout_q() -> None:
 
 
 def sweep_gateup() -> None:
-    """The fused 4-bit FFN front, rows per warp."""
+    """The fused quantized FFN front (4-bit g64 and 8-bit g32), rows per warp."""
     out_dim, in_dim = K.SHAPES[1]
-    pairs = list(zip(K.weight_copies(out_dim, in_dim, "q4g64", per_call=2),
-                     K.weight_copies(out_dim, in_dim, "q4g64", per_call=2)))
-    x = mx.random.normal((1, in_dim)).astype(mx.float16)
-    dense = gpu_timer.chain_time(lambda xi, i: tuple(K.dense(xi, w) for w in pairs[i % len(pairs)]), x)
-    for s in (0.5, 0.7):
-        ts = [K.robust_channel_thresholds(x, g, s) for g, _ in pairs]
-        mx.eval(ts)
-        for rpw in (1, 2, 4, 8):
-            t = gpu_timer.chain_time(lambda xi, i: G._launch_gateup("cuda", xi, *pairs[i % len(pairs)], ts[i % len(ts)],
-                                                                    rpw=rpw), x)
-            print(f"gate_up q4g64 2x{out_dim}x{in_dim} s={s} rpw={rpw}{'*' if rpw == G.spout_rows_per_warp(1, in_dim, out_dim) else ' '} "
-                  f"{t * 1e6:6.1f} us  dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x", flush=True)
+    for wtype in ("q4g64", "q8g32"):
+        pairs = list(zip(K.weight_copies(out_dim, in_dim, wtype, per_call=2),
+                         K.weight_copies(out_dim, in_dim, wtype, per_call=2)))
+        x = mx.random.normal((1, in_dim)).astype(mx.float16)
+        dense = gpu_timer.chain_time(lambda xi, i: tuple(K.dense(xi, w) for w in pairs[i % len(pairs)]), x)
+        for s in (0.5, 0.7):
+            ts = [K.robust_channel_thresholds(x, g, s) for g, _ in pairs]
+            mx.eval(ts)
+            for rpw in (1, 2, 4, 8):
+                t = gpu_timer.chain_time(lambda xi, i: G._launch_gateup("cuda", xi, *pairs[i % len(pairs)], ts[i % len(ts)],
+                                                                        rpw=rpw), x)
+                ship = G.gateup_rows_per_warp(1, in_dim, out_dim)
+                print(f"gate_up {wtype} 2x{out_dim}x{in_dim} s={s} rpw={rpw}{'*' if rpw == ship else ' '} "
+                      f"{t * 1e6:6.1f} us  dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -138,21 +138,25 @@ def act_abs(x, wg) -> mx.array:
 def decision_margin(a: mx.array, t: mx.array) -> mx.array:
     """How far |SiLU(g)| may legitimately sit from its threshold and still be decided either way:
     2% (the kernels round g, the sigmoid and a to the activation dtype) plus an absolute floor of
-    1e-4 of the mean |SiLU(g)|, for activations near zero, where float16's subnormal spacing
-    (6e-8) and float32 accumulation error of a 4096-term sum exceed 2% (session 6: one of 4096
-    4-bit channels flipped under the 2%-only margin; checks report flip_gap)."""
-    return 0.02 * mx.maximum(t, 0.0) + 1e-4 * mx.mean(a)
+    2e-3 of the mean |SiLU(g)|. Since session 11 the float16 quantized kernels sum their products
+    in half2 chains (ChessQX), as MLX's own quantized_matmul accumulates in float16: g then carries
+    an absolute error of float16's precision (2^-10 ~ 1e-3) of a typical |g|, so a channel whose
+    |SiLU(g)| far below the mean may flip at more than 2% of its own value. The floor was 1e-4
+    (float32 sums) before; the first half2 check flipped 0.2-0.5% of channels at a 3% + 1.5e-4
+    distance (results/kernel_check_q_half2_run1_session11.txt), a floor of 1e-3 still one channel
+    of 14336 (run 2), so the check allows twice that."""
+    return 0.02 * mx.maximum(t, 0.0) + 2e-3 * mx.mean(a)
 
 
 def robust_channel_thresholds(x, wg, s: float) -> mx.array:
     """Per-channel t dropping a random fraction s of channels, each outside decision_margin."""
     a = act_abs(x, wg)[0]
     drop = mx.random.uniform(shape=a.shape) < s
-    floor = 1.5e-4 * mx.mean(a)
+    floor = 3e-3 * mx.mean(a)
     return mx.where(drop, a * 1.03 + floor, mx.maximum(a * 0.97 - floor, 0.0))
 
 
-def gateup_check(kind: str, x, wg, wu, t) -> dict:
+def gateup_check(kind: str, x, wg, wu, t, max_flips: float = 0.01) -> dict:
     """Fused gate/up vs the reference. A channel whose |SiLU(g)| lies within rounding distance of
     its threshold (2%) may legitimately be decided the other way (the two paths round g and the
     SiLU at different points); such flips are counted, any other disagreement fails, and the error
@@ -172,7 +176,7 @@ def gateup_check(kind: str, x, wg, wu, t) -> dict:
     err = rel_err(mx.where(agree, y, zero), mx.where(agree, ref, zero))
     # flip_gap: the largest |a - t| among flipped channels, in units of their decision margin
     gap = mx.max(mx.where(agree, 0.0, mx.abs(a - tt) / decision_margin(a, tt))).item()
-    return dict(rel_err=err if bad_flips == 0 and flips < 0.01 else float("nan"), flips=flips, flip_gap=gap,
+    return dict(rel_err=err if bad_flips == 0 and flips < max_flips else float("nan"), flips=flips, flip_gap=gap,
                 zero_pattern_match=flips == 0.0, density=mx.mean((ref != 0).astype(mx.float32)).item())
 
 

@@ -20,8 +20,9 @@ from . import sparse_gemv as G
 # Crossover measured on the H100 (benchmarks/RESULTS.md): with independent 50% masks the union of
 # several tokens' active rows quickly approaches dense, and at 2+ tokens dense matmul wins.
 KERNEL_MAX_TOKENS = 1
-# The quantized kernels lose to MLX's own quantized matmul end to end on the H100 (RESULTS.md), so
-# quantized models take the reference path unless this is set (then also the compiled paths).
+# Off by default: the quantized kernels beat MLX's quantized matmul in GPU time per token (4-bit
+# CHESS 1.49x dense, RESULTS.md session 11), but the last wall-clock decode on the lent host, before
+# their half2 arithmetic, was host-bound at 0.93x dense. Set it for the kernels (and compiled paths).
 QUANTIZED_KERNELS = os.environ.get("CHESS_MLX_QUANT_KERNELS", "") == "1"
 
 

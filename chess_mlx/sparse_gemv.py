@@ -196,7 +196,7 @@ def split_k_chunk(k: int, n_tiles: int, quantized: bool) -> int:
 
 
 def spout_rows_per_warp(m: int, k: int, n: int) -> int:
-    """Rows per warp of gateup_q (one warp per row group) and of spout_q beyond one token: 4 shares
+    """Rows per warp of spout_q beyond one token (and of gateup_q but for one float16 token): 4 shares
     each x load and latency chain among 4 rows (Nsight A/B on H100: 1.45x one row per warp at 50%
     sparsity); 8 for one token on rows of <= 4096 inputs when the n rows still give every SM a
     block, as 4-step lanes leave room for 8 rows of loads in flight (chained on the GPU clock: 21.2
@@ -208,17 +208,33 @@ def spout_rows_per_warp(m: int, k: int, n: int) -> int:
     return 4 if m <= 4 else 2
 
 
-def spout_q_geometry(m: int, k: int, n: int, bits: int) -> tuple[int, int]:
-    """(rows per warp, warps per row group) of spout_q. One token: 8 rows x 4 warps at 4 bits, 4
-    rows x 4 warps at 8 bits (8 warps on rows longer than 4096), fewer warps where a row has too
-    few 16-byte steps to give each lane one. Chained sweep on the H100 (session 10, every
-    combination checked against the reference): 4-bit 50% 14336x4096 18.2 us against 21.4 with
-    one warp per group, 4096x14336 20.5 against 26.5, 4096x4096 6.8 against 9.4; 8-bit 17.1 /
-    19.6 / 6.3 us against 18.9 / 30.8 / 10.3. Larger batches keep ``spout_rows_per_warp`` and one
-    warp per group (not swept)."""
+def gateup_rows_per_warp(m: int, k: int, n: int, dtype=mx.float16) -> int:
+    """Rows per warp of gateup_q (one warp per row group). Until session 11 ``spout_rows_per_warp``
+    (8 for one token on the FFN shape); with float16 activations the dot products now run on half2
+    (ChessQX in the kernel sources), and the chained sweep on the H100 put 2 rows ahead: 4-bit
+    2x14336x4096 at 50% 28.6 us against 35.8 with 8, 37.2 with 4 and 35.7 with 1 (two ``qmv``:
+    68.2 us). bfloat16 keeps the float32 dot product and its rule."""
+    return 2 if m == 1 and dtype == mx.float16 else spout_rows_per_warp(m, k, n)
+
+
+def spout_q_geometry(m: int, k: int, n: int, bits: int, dtype=mx.float16) -> tuple[int, int]:
+    """(rows per warp, warps per row group) of spout_q. One float16 token (half2 dot products,
+    session 11): 4-bit 4 rows x 4 warps on rows of <= 4096 inputs, x 2 beyond; 8-bit 4 rows x 4
+    warps (8 beyond 4096 inputs). Fewer warps where a row has too few 16-byte steps to give each
+    lane one. Chained sweep on the H100 (session 11, every combination checked against the
+    reference, benchmarks/results/chain_sweep_half2_session11.txt): 4-bit at 50% 14336x4096 11.6
+    us (8 x 4: 13.0), 4096x14336 13.0 (14.7), 4096x4096 4.9 (5.4); the 8-bit choice was within
+    0.6 us of the best on every shape. bfloat16 keeps the float32 dot product and session 10's
+    choice (4-bit 8 x 4). Larger batches keep ``spout_rows_per_warp`` and one warp per group (not
+    swept)."""
     if m > 1:
         return spout_rows_per_warp(m, k, n), 1
-    rpw, parts = (8, 4) if bits == 4 else (4, 4 if k <= 4096 else 8)
+    if bits == 8:
+        rpw, parts = 4, 4 if k <= 4096 else 8
+    elif dtype == mx.float16:
+        rpw, parts = 4, 4 if k <= 4096 else 2
+    else:
+        rpw, parts = 8, 4
     steps = k * bits // 128
     while parts > 1 and 32 * parts > steps:
         parts //= 2
@@ -306,7 +322,7 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
     m, k = rows(x), x.shape[-1]
     if isinstance(w, QWeight):
         n = w.rows
-        d_rpw, d_parts = spout_q_geometry(m, k, n, w.bits)
+        d_rpw, d_parts = spout_q_geometry(m, k, n, w.bits, x.dtype)
         rpw, parts = rpw or d_rpw, parts or d_parts
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size), ("RPW", rpw),
                 ("PARTS", parts)]
@@ -416,10 +432,10 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
 def _launch_gateup(kind: str, x: mx.array, wg, wu, t: mx.array, wpr: Optional[int] = None,
                    rpw: Optional[int] = None) -> mx.array:
     """gateup_f (float weights, ``wpr`` warps per row) / gateup_q (two QWeights of one format,
-    ``rpw`` rows per warp, default ``spout_rows_per_warp``)."""
+    ``rpw`` rows per warp, default ``gateup_rows_per_warp``)."""
     m, k = rows(x), x.shape[-1]
     if isinstance(wg, QWeight):
-        n, rpw = wg.rows, rpw or spout_rows_per_warp(m, k, wg.rows)
+        n, rpw = wg.rows, rpw or gateup_rows_per_warp(m, k, wg.rows, x.dtype)
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wg.bits), ("GS", wg.group_size),
                 ("RPW", rpw), ("TPC", _tpc(t, n))]
         return _kernel(kind, "gateup_q")(

@@ -158,13 +158,127 @@ __device__ __forceinline__ void chess_row_dot(const T* w_row, const T* x, int pa
   }
 }
 
+// x of one quantized step (VPL = 128/BITS values from x + k0) as the dot products below want it,
+// and its float32 sum (the bias term). Generic (bfloat16): floats, and each dot decodes q without
+// I2F (chess_qfloat) and takes one FFMA per weight. float16 (specialization below): half2 pairs.
+template <typename T, int BITS>
+struct ChessQX {
+  static constexpr int VPL = 128 / BITS;
+  static constexpr int VPW = 32 / BITS;
+  float f[VPL];
+  float sum;
+  __device__ __forceinline__ void load(const T* xp) {
+    const uint4* xv = reinterpret_cast<const uint4*>(xp);
+#pragma unroll
+    for (int c = 0; c < VPL / 8; ++c) chess_unpack8<T>(xv[c], f + 8 * c);
+    float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) xs4[i & 3] += f[i];
+    sum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
+  }
+  // sum_i (q_i - 2^(BITS-1)) * x_i over the step's 4 words
+  __device__ __forceinline__ float dot(const uint32_t* words) const {
+    constexpr float OFF = (float)(1 << (BITS - 1));
+    float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // 4 chains for ILP
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) qx[i & 3] += (chess_qfloat<BITS>(words[i / VPW], BITS * (i % VPW)) - OFF) * f[i];
+    return (qx[0] + qx[1]) + (qx[2] + qx[3]);
+  }
+};
+
+// float16: q decoded two at a time into half2 by the exponent trick ((q | 0x6400) is the half
+// 1024 + q; one LOP3 per pair, no I2F) and centred exactly (minus 1024 + 2^(BITS-1)), then one
+// HFMA2 per two weights, in four half2 chains of at most 4 products each (short chains keep
+// float16's rounding of the partial sums small), summed in float32. About
+// half the instructions per weight of the generic path, which bounds the 4-bit kernels (they
+// stream 4-bit weights at a quarter of the fp16 bytes). Pairs: 4 bits, word w holds elements
+// 8w..8w+7 as nibbles, and (w >> 4s) & 0x000f000f holds elements 8w+s and 8w+s+4, so x is paired
+// likewise (__byte_perm); 8 bits, bytes (0, 1) and (2, 3) of a word are elements 4w+b, and x's
+// own 32-bit words are already those pairs. Centred products (|q - OFF| <= 2^(BITS-1)) keep the
+// sums small; a lane whose x step has |x| >= XMAX takes the float path instead (``half_ok``), so
+// no sum can overflow.
+template <int BITS>
+struct ChessQX<__half, BITS> {
+  static constexpr int VPL = 128 / BITS;
+  static constexpr int VPW = 32 / BITS;
+  // |x| bound of the half path: a chain sums VPL/8 products of |q - OFF| <= 2^(BITS-1), so
+  // 4 * 8 * 512 (4 bits) and 2 * 128 * 64 (8 bits) stay at a quarter of half's 65504.
+  static constexpr float XMAX = BITS == 4 ? 512.0f : 64.0f;
+  uint32_t p[VPL / 2];
+  float sum;
+  bool half_ok;
+  __device__ __forceinline__ void load(const __half* xp) {
+    const uint4* xv = reinterpret_cast<const uint4*>(xp);
+    float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    __half2 mx2 = __float2half2_rn(0.0f);
+#pragma unroll
+    for (int c = 0; c < VPL / 8; ++c) {
+      const uint4 u = xv[c];
+      const uint32_t uw[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const __half2 h = *reinterpret_cast<const __half2*>(&uw[i]);
+        const float2 f = __half22float2(h);
+        xs4[i] += f.x + f.y;
+        mx2 = __hmax2(mx2, __habs2(h));
+      }
+      if (BITS == 4) {
+        p[4 * c + 0] = __byte_perm(u.x, u.z, 0x5410);
+        p[4 * c + 1] = __byte_perm(u.x, u.z, 0x7632);
+        p[4 * c + 2] = __byte_perm(u.y, u.w, 0x5410);
+        p[4 * c + 3] = __byte_perm(u.y, u.w, 0x7632);
+      } else {
+        p[4 * c + 0] = u.x;
+        p[4 * c + 1] = u.y;
+        p[4 * c + 2] = u.z;
+        p[4 * c + 3] = u.w;
+      }
+    }
+    sum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
+    const float2 mf = __half22float2(mx2);
+    half_ok = fmaxf(mf.x, mf.y) < XMAX;  // inf x: false; a NaN x (skipped by __hmax2) propagates on either path
+  }
+  __device__ __forceinline__ float dot(const uint32_t* words) const {
+    if (!half_ok) return dot_float(words);
+    const __half2 off = __float2half2_rn(1024.0f + (float)(1 << (BITS - 1)));
+    __half2 a[4] = {__float2half2_rn(0.0f), __float2half2_rn(0.0f), __float2half2_rn(0.0f), __float2half2_rn(0.0f)};
+#pragma unroll
+    for (int j = 0; j < VPL / 2; ++j) {
+      uint32_t b;
+      if (BITS == 4) b = ((words[j / 4] >> (4 * (j % 4))) & 0x000f000fu) | 0x64006400u;
+      else b = __byte_perm(words[j / 2], 0x64646464u, (j % 2) ? 0x4342 : 0x4140);
+      const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&b), off);
+      a[j & 3] = __hfma2(q, *reinterpret_cast<const __half2*>(&p[j]), a[j & 3]);
+    }
+    const float2 f0 = __half22float2(a[0]), f1 = __half22float2(a[1]), f2 = __half22float2(a[2]),
+                 f3 = __half22float2(a[3]);
+    return ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+  }
+  // the generic path's arithmetic on the paired x (for steps with large x)
+  __device__ __forceinline__ float dot_float(const uint32_t* words) const {
+    constexpr float OFF = (float)(1 << (BITS - 1));
+    float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < VPL / 2; ++j) {
+      const float2 xf = __half22float2(*reinterpret_cast<const __half2*>(&p[j]));
+      int e0, e1;  // the elements of pair j
+      if (BITS == 4) { e0 = 8 * (j / 4) + j % 4; e1 = e0 + 4; }
+      else { e0 = 2 * j; e1 = e0 + 1; }
+      qx[j & 3] += (chess_qfloat<BITS>(words[e0 / VPW], BITS * (e0 % VPW)) - OFF) * xf.x;
+      qx[(j + 2) & 3] += (chess_qfloat<BITS>(words[e1 / VPW], BITS * (e1 % VPW)) - OFF) * xf.y;
+    }
+    return (qx[0] + qx[1]) + (qx[2] + qx[3]);
+  }
+};
+
 // Quantized sparse-output row dot products, RPW rows per warp (spout_q, gateup_q):
 // acc[q][m] += w[r0 + q, :] . x[m, :] for the rows with act[q], over this warp's share of the row:
 // the PARTS warps of a row group step through it together (warp ``part`` takes steps part, part +
 // PARTS, ...). Each lane takes 16-byte steps (32 values at 4 bits, 16 at 8, inside one
 // quantization group: one scale and one bias per row); x is loaded once per step and applied to
 // all RPW rows, so the x traffic and the latency chain of a step are shared by RPW rows (Nsight
-// A/B, benchmarks/RESULTS.md: 1.45x the one-row-per-warp design at 50% sparsity).
+// A/B, benchmarks/RESULTS.md: 1.45x the one-row-per-warp design at 50% sparsity). With q centred
+// (ChessQX::dot), w . x = scale * sum (q - OFF) x + (bias + OFF * scale) * sum x.
 template <typename T, int M, int K, int BITS, int GS, int RPW, int PARTS>
 __device__ __forceinline__ void chess_qrows_dot(const uint32_t* w, const T* scales, const T* biases, const T* x,
                                                 int r0, const bool* act, float (*acc)[M], int part) {
@@ -172,6 +286,7 @@ __device__ __forceinline__ void chess_qrows_dot(const uint32_t* w, const T* scal
   constexpr int VPL = 4 * VPW;
   constexpr int WORDS_PER_ROW = K / VPW;
   constexpr int STEPS = WORDS_PER_ROW / 4;
+  constexpr float OFF = (float)(1 << (BITS - 1));
   const int lane = threadIdx.x & 31;
 #pragma unroll 2
   for (int v = part * 32 + lane; v < STEPS; v += 32 * PARTS) {
@@ -188,22 +303,11 @@ __device__ __forceinline__ void chess_qrows_dot(const uint32_t* w, const T* scal
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      float xf[VPL];
-      const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)m * K + k0);
-#pragma unroll
-      for (int c = 0; c < VPL / 8; ++c) chess_unpack8<T>(xv[c], xf + 8 * c);
-      float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int i = 0; i < VPL; ++i) xs4[i & 3] += xf[i];
-      const float xsum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
+      ChessQX<T, BITS> xs;
+      xs.load(x + (size_t)m * K + k0);
 #pragma unroll
       for (int q = 0; q < RPW; ++q) {
-        if (act[q]) {
-          float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // 4 chains for ILP
-#pragma unroll
-          for (int i = 0; i < VPL; ++i) qx[i & 3] += chess_qfloat<BITS>(words[q][i / VPW], BITS * (i % VPW)) * xf[i];
-          acc[q][m] += sc[q] * ((qx[0] + qx[1]) + (qx[2] + qx[3])) + bi[q] * xsum;
-        }
+        if (act[q]) acc[q][m] += sc[q] * xs.dot(words[q]) + fmaf(OFF, sc[q], bi[q]) * xs.sum;
       }
     }
   }

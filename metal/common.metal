@@ -139,10 +139,108 @@ inline void chess_row_dot(const device T* w_row, const device T* x, int part, th
   }
 }
 
-// Quantized sparse-output row dot products, RPW rows per simdgroup (twin of the CUDA one, used by
-// spout_q and gateup_q): acc[q][m] += w[r0 + q, :] . x[m, :] for the rows with act[q], over this
-// simdgroup's share (the PARTS simdgroups of a row group take every PARTS-th 16-byte step, starting
-// at ``part``); steps inside one quantization group; x loaded once per step for all RPW rows.
+// x of one quantized step (twin of the CUDA ChessQX): VPL = 128/BITS values from x + k0 and their
+// float32 sum. Generic (bfloat16): floats, one FMA per weight on q decoded by chess_qfloat.
+template <typename T, int BITS>
+struct ChessQX {
+  float f[128 / BITS];
+  float sum;
+  inline void load(const device T* xp) {
+    constexpr int VPL = 128 / BITS;
+    const device uint4* xv = (const device uint4*)xp;
+    for (int c = 0; c < VPL / 8; ++c) chess_unpack8<T>(xv[c], f + 8 * c);
+    float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < VPL; ++i) xs4[i & 3] += f[i];
+    sum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
+  }
+  // sum_i (q_i - 2^(BITS-1)) * x_i over the step's 4 words
+  inline float dot(thread const uint32_t* words) const {
+    constexpr int VPL = 128 / BITS, VPW = 32 / BITS;
+    const float OFF = float(1 << (BITS - 1));
+    float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < VPL; ++i) qx[i & 3] += (chess_qfloat<BITS>(words[i / VPW], BITS * (i % VPW)) - OFF) * f[i];
+    return (qx[0] + qx[1]) + (qx[2] + qx[3]);
+  }
+};
+
+// float16 (twin of the CUDA specialization): q two at a time as half2 by the exponent trick
+// ((q | 0x6400) is the half 1024 + q), centred exactly, one half2 fma per two weights in four
+// chains, summed in float32. Pairs: 4 bits, (w >> 4s) & 0x000f000f holds elements 8w+s and
+// 8w+s+4, and x is paired likewise; 8 bits, bytes (0, 1) and (2, 3) of a word, x's own words.
+// A lane whose x step has |x| >= XMAX takes the float path (no half sum can overflow).
+template <int BITS>
+struct ChessQX<half, BITS> {
+  uint32_t p[64 / BITS];
+  float sum;
+  bool half_ok;
+  inline void load(const device half* xp) {
+    constexpr int VPL = 128 / BITS;
+    const float XMAX = BITS == 4 ? 512.0f : 64.0f;
+    const device uint4* xv = (const device uint4*)xp;
+    float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float mx = 0.0f;
+    for (int c = 0; c < VPL / 8; ++c) {
+      const uint4 u = xv[c];
+      const uint32_t uw[4] = {u.x, u.y, u.z, u.w};
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = float2(as_type<half2>(uw[i]));
+        xs4[i] += f.x + f.y;
+        mx = fmax(mx, fmax(fabs(f.x), fabs(f.y)));
+        if (isnan(f.x) || isnan(f.y)) mx = INFINITY;
+      }
+      if (BITS == 4) {
+        p[4 * c + 0] = (u.x & 0xffffu) | (u.z << 16);
+        p[4 * c + 1] = (u.x >> 16) | (u.z & 0xffff0000u);
+        p[4 * c + 2] = (u.y & 0xffffu) | (u.w << 16);
+        p[4 * c + 3] = (u.y >> 16) | (u.w & 0xffff0000u);
+      } else {
+        p[4 * c + 0] = u.x;
+        p[4 * c + 1] = u.y;
+        p[4 * c + 2] = u.z;
+        p[4 * c + 3] = u.w;
+      }
+    }
+    sum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
+    half_ok = mx < XMAX;
+  }
+  inline float dot(thread const uint32_t* words) const {
+    constexpr int VPL = 128 / BITS;
+    if (!half_ok) return dot_float(words);
+    const half2 off = half2(half(1024.0f + float(1 << (BITS - 1))));
+    half2 a[4] = {half2(0.0h), half2(0.0h), half2(0.0h), half2(0.0h)};
+    for (int j = 0; j < VPL / 2; ++j) {
+      uint32_t b;
+      if (BITS == 4) {
+        b = ((words[j / 4] >> (4 * (j % 4))) & 0x000f000fu) | 0x64006400u;
+      } else {
+        const uint32_t w = words[j / 2] >> (16 * (j % 2));  // bytes 2*(j%2) and 2*(j%2)+1
+        b = (w & 0xffu) | ((w & 0xff00u) << 8) | 0x64006400u;
+      }
+      const half2 q = as_type<half2>(b) - off;
+      a[j & 3] = fma(q, as_type<half2>(p[j]), a[j & 3]);
+    }
+    const float2 f0 = float2(a[0]), f1 = float2(a[1]), f2 = float2(a[2]), f3 = float2(a[3]);
+    return ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+  }
+  inline float dot_float(thread const uint32_t* words) const {
+    constexpr int VPL = 128 / BITS, VPW = 32 / BITS;
+    const float OFF = float(1 << (BITS - 1));
+    float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < VPL / 2; ++j) {
+      const float2 xf = float2(as_type<half2>(p[j]));
+      const int e0 = BITS == 4 ? 8 * (j / 4) + j % 4 : 2 * j;
+      const int e1 = BITS == 4 ? e0 + 4 : e0 + 1;
+      qx[j & 3] += (chess_qfloat<BITS>(words[e0 / VPW], BITS * (e0 % VPW)) - OFF) * xf.x;
+      qx[(j + 2) & 3] += (chess_qfloat<BITS>(words[e1 / VPW], BITS * (e1 % VPW)) - OFF) * xf.y;
+    }
+    return (qx[0] + qx[1]) + (qx[2] + qx[3]);
+  }
+};
+
+// Quantized sparse-output row dot products (twin of the CUDA helper): RPW rows per simdgroup, the
+// PARTS simdgroups of a row group splitting each row along K; 16-byte steps inside one
+// quantization group; x loaded once per step for all RPW rows. With q centred (ChessQX::dot),
+// w . x = scale * sum (q - OFF) x + (bias + OFF * scale) * sum x.
 template <typename T, int M, int K, int BITS, int GS, int RPW, int PARTS>
 inline void chess_qrows_dot(const device uint32_t* w, const device T* scales, const device T* biases,
                             const device T* x, int r0, thread const bool* act, thread float (*acc)[M], uint lane,
@@ -151,6 +249,7 @@ inline void chess_qrows_dot(const device uint32_t* w, const device T* scales, co
   constexpr int VPL = 4 * VPW;
   constexpr int WORDS_PER_ROW = K / VPW;
   constexpr int STEPS = WORDS_PER_ROW / 4;
+  const float OFF = float(1 << (BITS - 1));
   for (int v = part * 32 + int(lane); v < STEPS; v += 32 * PARTS) {
     const int k0 = v * VPL;
     uint32_t words[RPW][4];
@@ -163,18 +262,10 @@ inline void chess_qrows_dot(const device uint32_t* w, const device T* scales, co
       }
     }
     for (int m = 0; m < M; ++m) {
-      float xf[VPL];
-      const device uint4* xv = (const device uint4*)(x + m * K + k0);
-      for (int c = 0; c < VPL / 8; ++c) chess_unpack8<T>(xv[c], xf + 8 * c);
-      float xs4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int i = 0; i < VPL; ++i) xs4[i & 3] += xf[i];
-      const float xsum = (xs4[0] + xs4[1]) + (xs4[2] + xs4[3]);
+      ChessQX<T, BITS> xs;
+      xs.load(x + m * K + k0);
       for (int q = 0; q < RPW; ++q) {
-        if (act[q]) {
-          float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          for (int i = 0; i < VPL; ++i) qx[i & 3] += chess_qfloat<BITS>(words[q][i / VPW], BITS * (i % VPW)) * xf[i];
-          acc[q][m] += sc[q] * ((qx[0] + qx[1]) + (qx[2] + qx[3])) + bi[q] * xsum;
-        }
+        if (act[q]) acc[q][m] += sc[q] * xs.dot(words[q]) + fma(OFF, sc[q], bi[q]) * xs.sum;
       }
     }
   }

@@ -164,13 +164,16 @@ def test_launch_geometry():
     assert [G.spout_rows_per_warp(m, 4096, 14336) for m in (1, 2, 4, 8)] == [8, 4, 4, 2]
     assert G.spout_rows_per_warp(1, 4096, 4096) == 4  # 8 would leave 64 blocks for 132 SMs
     assert [G.spout_rows_per_warp(m, 14336, 14336) for m in (1, 4, 8)] == [4, 4, 2]
-    # spout_q, one token: rows per warp x warps per row group (session 10 sweep)
-    assert G.spout_q_geometry(1, 4096, 14336, 4) == (8, 4)
-    assert G.spout_q_geometry(1, 14336, 4096, 4) == (8, 4)
+    # spout_q and gateup_q, one token: rows per warp x warps per row group (session 11 sweep)
+    assert G.spout_q_geometry(1, 4096, 14336, 4) == (4, 4)
+    assert G.spout_q_geometry(1, 14336, 4096, 4) == (4, 2)
+    assert G.spout_q_geometry(1, 4096, 14336, 4, mx.bfloat16) == (8, 4)  # float32 dot product: session 10's choice
+    assert G.gateup_rows_per_warp(1, 4096, 14336) == 2
+    assert G.gateup_rows_per_warp(1, 4096, 14336, mx.bfloat16) == G.spout_rows_per_warp(1, 4096, 14336) == 8
     assert G.spout_q_geometry(1, 4096, 4096, 8) == (4, 4)
     assert G.spout_q_geometry(1, 14336, 4096, 8) == (4, 8)
-    assert G.spout_q_geometry(1, 896, 4864, 4) == (8, 1)  # 28 steps per row: one warp's lanes
-    assert G.spout_q_geometry(1, 2048, 4864, 4) == (8, 2)
+    assert G.spout_q_geometry(1, 896, 4864, 4) == (4, 1)  # 28 steps per row: one warp's lanes
+    assert G.spout_q_geometry(1, 2048, 4864, 4) == (4, 2)
     assert G.spout_q_geometry(4, 4096, 4096, 4) == (4, 1)
     for k, bits in ((512, 4), (896, 8), (4096, 4), (14336, 8)):
         rpw, parts = G.spout_q_geometry(1, k, 4096, bits)
@@ -267,6 +270,8 @@ _INSTANCES = [
      dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, RPW=8, PARTS=4)),
     ("spout_q", ["bfloat16", "uint32", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
      dict(T="bfloat16", M=8, K=4096, N=4100, BITS=8, GS=32, RPW=2, PARTS=2)),
+    ("spout_q", ["float16", "uint32", "float16", "float16", "float16"], ["float16"],
+     dict(T="float16", M=2, K=14336, N=4096, BITS=8, GS=32, RPW=4, PARTS=8)),
     ("spin_f", ["float16", "float16", "float16", "int32"], ["float16", "float32", "float32"],
      dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
     ("spin_f", ["bfloat16", "float32", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
@@ -281,6 +286,8 @@ _INSTANCES = [
      dict(T="bfloat16", M=2, K=576, N=1536, WPR=1, TPC=0)),
     ("gateup_q", ["float16"] + ["uint32", "float16", "float16"] * 2 + ["float32"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, RPW=4, TPC=1)),
+    ("gateup_q", ["float16"] + ["uint32", "float16", "float16"] * 2 + ["float16"], ["float16"],
+     dict(T="float16", M=1, K=4096, N=14336, BITS=8, GS=32, RPW=8, TPC=0)),
     ("gateup_q", ["bfloat16"] + ["uint32", "bfloat16", "bfloat16"] * 2 + ["bfloat16"], ["bfloat16"],
      dict(T="bfloat16", M=8, K=1536, N=580, BITS=8, GS=32, RPW=2, TPC=0)),
 ]
@@ -327,7 +334,7 @@ def test_gpu_check_thresholds_keep_every_channel_outside_its_margin(wtype):
     t = K.robust_channel_thresholds(x, wg, 0.5)
     a = K.act_abs(x, wg)[0]
     a64, t64 = np.array(a, dtype=np.float64), np.array(t, dtype=np.float64)
-    margin = 0.02 * t64 + 1e-4 * a64.mean()
+    margin = 0.02 * t64 + 2e-3 * a64.mean()
     assert np.all(np.abs(a64 - t64) > margin)
     assert 0.4 < np.mean(a64 < t64) < 0.6
     np.testing.assert_allclose(np.array(K.decision_margin(a, t)), margin, rtol=1e-5)
