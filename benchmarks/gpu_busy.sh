@@ -4,6 +4,8 @@
 # weights, thresholds for 50%) at free-running clocks with the caches left as the previous kernel
 # left them (no flush), and ncu_decode_sum.py adds them up by kernel kind.
 #   bash benchmarks/gpu_busy.sh OUTDIR [BITS]     (BITS 4 or 8: quantized, sparse kernels on)
+#   METHODS="dense chess" bash benchmarks/gpu_busy.sh OUTDIR   (a subset; default: dense chess chess-attn teal)
+# About 80 s per method on an H100 (most of it building the random 8B model and warming up).
 # Kernels run one at a time under Nsight, so launch gaps and overlap are not counted.
 set -euo pipefail
 out=${1:?usage: gpu_busy.sh OUTDIR [BITS]}

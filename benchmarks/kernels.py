@@ -156,7 +156,7 @@ def robust_channel_thresholds(x, wg, s: float) -> mx.array:
     return mx.where(drop, a * 1.03 + floor, mx.maximum(a * 0.97 - floor, 0.0))
 
 
-def gateup_check(kind: str, x, wg, wu, t, max_flips: float = 0.01) -> dict:
+def gateup_check(kind: str, x, wg, wu, t) -> dict:
     """Fused gate/up vs the reference. A channel whose |SiLU(g)| lies within rounding distance of
     its threshold (2%) may legitimately be decided the other way (the two paths round g and the
     SiLU at different points); such flips are counted, any other disagreement fails, and the error
@@ -176,7 +176,7 @@ def gateup_check(kind: str, x, wg, wu, t, max_flips: float = 0.01) -> dict:
     err = rel_err(mx.where(agree, y, zero), mx.where(agree, ref, zero))
     # flip_gap: the largest |a - t| among flipped channels, in units of their decision margin
     gap = mx.max(mx.where(agree, 0.0, mx.abs(a - tt) / decision_margin(a, tt))).item()
-    return dict(rel_err=err if bad_flips == 0 and flips < max_flips else float("nan"), flips=flips, flip_gap=gap,
+    return dict(rel_err=err if bad_flips == 0 and flips < 0.01 else float("nan"), flips=flips, flip_gap=gap,
                 zero_pattern_match=flips == 0.0, density=mx.mean((ref != 0).astype(mx.float32)).item())
 
 

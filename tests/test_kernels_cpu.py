@@ -411,3 +411,27 @@ def test_padded_scalar_threshold_acts_as_one_scalar():
     assert G.zero_threshold(mx.float16).nbytes >= 16
     with pytest.raises(ValueError, match="threshold has 5 entries"):
         G._tpc(mx.zeros((5,)), 4096)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_column_tile_probe_compiles_for_hopper(tmp_path):
+    """benchmarks/spin_coltile.py (session 11's sparse-input kernel without split-K) builds on the
+    shipped header: it must still compile, row-major and tile-major, per-channel threshold."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import spin_coltile as S
+
+    head, _ = G.read_source("cuda", "spin_f")
+    src = "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n" + head
+    for i, (k, n, nw, tiled) in enumerate([(14336, 4096, 16, 1), (4096, 14336, 8, 0)]):
+        src += (f"__global__ void k{i}(const __half* x, const __half* t, const __half* wt, __half* y, float* dens) {{\n"
+                f"  using T = __half;\n  constexpr int M = 1;\n  constexpr int K = {k};\n  constexpr int N = {n};\n"
+                f"  constexpr int NW = {nw};\n  constexpr int U = 8;\n  constexpr int TPC = 1;\n"
+                f"  constexpr int TILED = {tiled};\n{S.SOURCE}\n}}\n")
+    (tmp_path / "c.cu").write_text(src)
+    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "c.ptx"),
+                        str(tmp_path / "c.cu")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "c.ptx").read_text().count(".entry") == 2
