@@ -133,6 +133,7 @@ def sweep_spout_q() -> None:
 def sweep_gateup() -> None:
     """The fused quantized FFN front (4-bit g64 and 8-bit g32), rows per warp."""
     out_dim, in_dim = K.SHAPES[1]
+    ship = G.gateup_rows_per_warp(1, in_dim, out_dim)
     for wtype in ("q4g64", "q8g32"):
         pairs = list(zip(K.weight_copies(out_dim, in_dim, wtype, per_call=2),
                          K.weight_copies(out_dim, in_dim, wtype, per_call=2)))
@@ -144,7 +145,6 @@ def sweep_gateup() -> None:
             for rpw in (1, 2, 4, 8):
                 t = gpu_timer.chain_time(lambda xi, i: G._launch_gateup("cuda", xi, *pairs[i % len(pairs)], ts[i % len(ts)],
                                                                         rpw=rpw), x)
-                ship = G.gateup_rows_per_warp(1, in_dim, out_dim)
                 print(f"gate_up {wtype} 2x{out_dim}x{in_dim} s={s} rpw={rpw}{'*' if rpw == ship else ' '} "
                       f"{t * 1e6:6.1f} us  dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x", flush=True)
 

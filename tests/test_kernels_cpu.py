@@ -7,9 +7,12 @@ checked against the CUDA sources for the same interface.
 
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -29,6 +32,24 @@ def unpack_np(q: G.QWeight) -> np.ndarray:
     s = np.array(q.scales.astype(mx.float32), dtype=np.float64)[:, k // q.group_size]
     b = np.array(q.biases.astype(mx.float32), dtype=np.float64)[:, k // q.group_size]
     return s * vals + b
+
+
+def bench_module(name: str):
+    """A script module of benchmarks/ (a folder, not a package), imported by name."""
+    d = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if d not in sys.path:
+        sys.path.insert(0, d)
+    return importlib.import_module(name)
+
+
+def nvcc_ptx(tmp_path, src: str) -> str:
+    """PTX of the CUDA source ``src`` compiled by nvcc for sm_90 (the H100); a compile error fails
+    the test with nvcc's message."""
+    (tmp_path / "k.cu").write_text(src)
+    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "k.ptx"),
+                        str(tmp_path / "k.cu")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return (tmp_path / "k.ptx").read_text()
 
 
 def sparse(shape, s, rng):
@@ -309,11 +330,7 @@ def test_cuda_kernels_compile_for_hopper(tmp_path):
     src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
            "#include <cooperative_groups.h>\n" + header + "\nnamespace chess_check {\n"
            + "".join(_mlx_style_kernel(i, *inst) for i, inst in enumerate(_INSTANCES)) + "}\n")
-    (tmp_path / "k.cu").write_text(src)
-    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-Xptxas", "-v", "-o",
-                        str(tmp_path / "k.ptx"), str(tmp_path / "k.cu")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ptx = (tmp_path / "k.ptx").read_text()
+    ptx = nvcc_ptx(tmp_path, src)
     assert ptx.count(".entry") == len(_INSTANCES)
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, "16-byte vector loads expected"
 
@@ -322,11 +339,7 @@ def test_cuda_kernels_compile_for_hopper(tmp_path):
 def test_gpu_check_thresholds_keep_every_channel_outside_its_margin(wtype):
     """benchmarks/kernels.py's gate/up check fails on any flipped channel, so its thresholds must
     drop the asked share and sit outside the rounding margin, near-zero activations included."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import kernels as K
+    K = bench_module("kernels")
 
     mx.random.seed(3)
     x = mx.random.normal((1, 256)).astype(mx.float16)
@@ -345,11 +358,7 @@ def test_spin_probe_variants_compile_for_hopper(tmp_path):
     """benchmarks/spin_variants.py edits spin_f's source text into A/B variants: each edit must
     still apply to the shipped source (it asserts so) and give a kernel that compiles, so a GPU
     session's probe does not die on a stale edit."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import spin_variants as V
+    V = bench_module("spin_variants")
 
     src = "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cooperative_groups.h>\n"
     names = sorted({v.split("@")[0] for v in V.VARIANTS} | {"acqrel", "relatom", "store", "wsp", "warpc", "tiled", "pair"})
@@ -368,29 +377,17 @@ def test_spin_probe_variants_compile_for_hopper(tmp_path):
             f"const int* sem, __half* y, float* partial, float* dens, unsigned long long* stamps) {{\n"
             f"  using T = __half;\n  constexpr int M = 1;\n  constexpr int K = 4096;\n  constexpr int N = 14336;\n"
             f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n{body}\n}}\n}}\n")
-    (tmp_path / "v.cu").write_text(src)
-    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "v.ptx"),
-                        str(tmp_path / "v.cu")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "v.ptx").read_text().count(".entry") == len(names) + 1
+    assert nvcc_ptx(tmp_path, src).count(".entry") == len(names) + 1
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_gpu_timer_stamp_kernel_compiles_for_hopper(tmp_path):
     """benchmarks/gpu_timer.py's stamp kernel (the GPU clock of kernels.py's timings) compiles."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gpu_timer
+    gpu_timer = bench_module("gpu_timer")
 
     src = ("#include <cuda_fp16.h>\n__global__ void k(const __half* x, const float* after0, __half* y, "
            f"unsigned long long* stamp) {{\n  constexpr int SIZE = 14336;\n{gpu_timer._SOURCE}\n}}\n")
-    (tmp_path / "s.cu").write_text(src)
-    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "s.ptx"),
-                        str(tmp_path / "s.cu")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "globaltimer" in (tmp_path / "s.ptx").read_text()
+    assert "globaltimer" in nvcc_ptx(tmp_path, src)
 
 
 def test_padded_scalar_threshold_acts_as_one_scalar():
@@ -417,11 +414,7 @@ def test_padded_scalar_threshold_acts_as_one_scalar():
 def test_column_tile_probe_compiles_for_hopper(tmp_path):
     """benchmarks/spin_coltile.py (session 11's sparse-input kernel without split-K) builds on the
     shipped header: it must still compile, row-major and tile-major, per-channel threshold."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import spin_coltile as S
+    S = bench_module("spin_coltile")
 
     head, _ = G.read_source("cuda", "spin_f")
     src = "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n" + head
@@ -430,8 +423,4 @@ def test_column_tile_probe_compiles_for_hopper(tmp_path):
                 f"  using T = __half;\n  constexpr int M = 1;\n  constexpr int K = {k};\n  constexpr int N = {n};\n"
                 f"  constexpr int NW = {nw};\n  constexpr int U = 8;\n  constexpr int TPC = 1;\n"
                 f"  constexpr int TILED = {tiled};\n{S.SOURCE}\n}}\n")
-    (tmp_path / "c.cu").write_text(src)
-    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "c.ptx"),
-                        str(tmp_path / "c.cu")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "c.ptx").read_text().count(".entry") == 2
+    assert nvcc_ptx(tmp_path, src).count(".entry") == 2
