@@ -7,8 +7,9 @@ runs as a model's layers do (``gpu_timer.chain_time``: kernel plus one launch ga
 rotating weight copies so L2 keeps none. spout_f: warps per row; spout_q and gateup_q: rows per
 warp; spin_f and spin_q (``--spin``): split-K chunk. Prints one line per configuration, the
 shipped choice marked with *. ``spoutq``: spout_q rows per warp x warps per row group, each also checked against the
-reference. ``spinq``: spin_q words per lane x chunk, also checked. ``--only spout,spoutq,spin,spinq,gateup``
-picks sections (default: all).
+reference. ``spinq``: spin_q words per lane x chunk, also checked. ``spinqu`` (not in the default
+set): spin_q with 8 (``--rows U``: U) rows in flight per warp instead of 4. ``--only spout,spoutq,spin,spinq,gateup,spinqu``
+picks sections (default: all but spinqu).
 """
 
 from __future__ import annotations
@@ -72,6 +73,44 @@ def sweep_spin_q() -> None:
                               f"rel_err {err:.1e}", flush=True)
 
 
+def sweep_spin_q_rows(u: int = 8) -> None:
+    """spin_q with U rows in flight per warp instead of the shipped 4 (a source edit, as in
+    quant_variants.py; checked against the reference), words per lane x chunk, against the shipped
+    launch: half2 products changed a row's instruction and register cost, and with it the best
+    number of rows in flight (session 12: U = 2 and 8 both lost or tied)."""
+    header, body = G.read_source("cuda", "spin_q")
+    assert "constexpr int U = 4;" in body
+    variant = mx.fast.cuda_kernel(name=f"chess_spin_q_u{u}", input_names=G._INPUTS["spin_q"],
+                                  output_names=G._OUTPUTS["spin_q"], header=header,
+                                  source=body.replace("constexpr int U = 4;", f"constexpr int U = {u};"))
+    shipped = G._kernel
+    for wtype in ("q4g64", "q8g32"):
+        dtype, bits, _ = K.parse_wtype(wtype)
+        for out_dim, in_dim in (K.SHAPES[2], K.SHAPES[0]):
+            wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
+            ws = [G.workspace(out_dim) for _ in range(64)]
+            for s in (0.5, 0.7):
+                xs = K.sparse_vec(1, in_dim, s, dtype)
+                ref = G.reference_sparse_input(xs, wts[0])[0]
+                mx.eval(xs, ref)
+                ship = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)],
+                                                                         G.zero_threshold(dtype), ws[i % len(ws)])[0], xs)
+                G._kernel = lambda kind, name: variant if name == "spin_q" else shipped(kind, name)
+                try:
+                    for words in (1, 2, 4):
+                        for kc in (128, 256):
+                            err = K.rel_err(G._launch_spin("cuda", xs, wts[0], G.zero_threshold(dtype), ws[0], kc=kc,
+                                                           words=words)[0], ref)
+                            t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)],
+                                                                                  G.zero_threshold(dtype),
+                                                                                  ws[i % len(ws)], kc=kc,
+                                                                                  words=words)[0], xs)
+                            print(f"spinq-u{u} {wtype} {out_dim}x{in_dim} s={s} words={words} kc={kc} {t * 1e6:6.1f} us  "
+                                  f"shipped(U=4) {ship * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
+                finally:
+                    G._kernel = shipped
+
+
 def main() -> None:
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else ["spout", "spoutq", "spin", "spinq", "gateup"]
     mx.random.seed(0)
@@ -85,6 +124,8 @@ def main() -> None:
         sweep_spin_q()
     if "gateup" in only:
         sweep_gateup()
+    if "spinqu" in only:
+        sweep_spin_q_rows(int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 8)
 
 
 def sweep_spout() -> None:

@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--method", default="chess")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--bits", type=int, default=0, help="quantize (4 or 8; with CHESS_MLX_QUANT_KERNELS=1 for the kernels)")
+    ap.add_argument("--bits", type=int, default=0, help="quantize (4 or 8; the quantized kernels run unless CHESS_MLX_QUANT_KERNELS=0)")
     args = ap.parse_args()
     from mlx_lm.generate import generate_step
 

@@ -1,6 +1,8 @@
 """GPU check of the quantized dot-product paths that kernels.py does not reach: bfloat16 activations
 (float32 dot product) and float16 activations of |x| >= XMAX (the half2 path falls back to float32),
-spout_q and gateup_q, 4-bit g64 and 8-bit g32, on the three Llama-3-8B shapes.
+spout_q and gateup_q, 4-bit g64 and 8-bit g32, on the three Llama-3-8B shapes; and spin_q (the
+sparse-input kernel, half2 products per four rows for float16, float32 for bfloat16) on a 50%-sparse
+x, plain and spread over seven orders of magnitude (its per-chain power-of-two scale).
 
     python benchmarks/qdot_paths_check.py
 """
@@ -42,6 +44,15 @@ def main() -> int:
                         line += f", gateup_q {r['rel_err']:.1e} flips {r['flips']:.4f} gap {r['flip_gap']:.2f}"
                     bad += not ok
                     print(f"{'ok  ' if ok else 'FAIL'} {line}", flush=True)
+                wt = G.QWeight.quantize((mx.random.normal((in_dim, out_dim)) * in_dim ** -0.5).astype(dt), bits, gs)
+                xs = K.sparse_vec(1, in_dim, 0.5, dt)
+                spread = mx.power(10.0, mx.random.uniform(-5.0, 2.0, (1, in_dim))).astype(dt)
+                for xx, tag in ((xs, "x"), (xs * spread, "x spread 1e-5..1e2")):
+                    r = K.spin_check("cuda", xx, wt)
+                    ok = r["rel_err"] < 1e-2
+                    bad += not ok
+                    print(f"{'ok  ' if ok else 'FAIL'} q{bits}g{gs} {dt} {out_dim}x{in_dim} {tag}: spin_q {r['rel_err']:.1e}",
+                          flush=True)
     print("quantized dot-product paths:", "ALL OK" if bad == 0 else f"{bad} FAILED")
     return 1 if bad else 0
 

@@ -10,7 +10,7 @@ shape and dtype), later calls replay the trace without rebuilding kernel sources
 
 Every function returns ``(y, densities...)``; the densities are lazy scalars for the recorder.
 The layers bind each path's constant arguments once per plan (``Bound``) and pass only ``x``.
-Quantized weights come here only with ``CHESS_MLX_QUANT_KERNELS=1`` (``linear_ops``). The
+Quantized weights come here unless ``CHESS_MLX_QUANT_KERNELS=0`` (``linear_ops``). The
 reference path (CPU, prefill) does not come here, except in the CPU tests, where the same
 functions wrap the reference products.
 """

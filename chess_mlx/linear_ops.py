@@ -20,10 +20,12 @@ from . import sparse_gemv as G
 # Crossover measured on the H100 (benchmarks/RESULTS.md): with independent 50% masks the union of
 # several tokens' active rows quickly approaches dense, and at 2+ tokens dense matmul wins.
 KERNEL_MAX_TOKENS = 1
-# Off by default: the quantized kernels beat MLX's quantized matmul in GPU time per token (4-bit
-# CHESS 1.49x dense, RESULTS.md session 11), but the last wall-clock decode on the lent host, before
-# their half2 arithmetic, was host-bound at 0.93x dense. Set it for the kernels (and compiled paths).
-QUANTIZED_KERNELS = os.environ.get("CHESS_MLX_QUANT_KERNELS", "") == "1"
+# On by default (``CHESS_MLX_QUANT_KERNELS=0`` switches them off: quantized sparse products then take
+# the reference path, dense quantized matmul + masks). The quantized kernels beat MLX's quantized
+# matmul in GPU time per token (4-bit CHESS 1.49x dense, RESULTS.md session 11) and, with their
+# half2 arithmetic, no longer lose wall-clock time on the lent host (0.99x, host-bound; 1.45x with
+# the graph built ahead, session 12).
+QUANTIZED_KERNELS = os.environ.get("CHESS_MLX_QUANT_KERNELS", "1") != "0"
 
 
 def dense_linear(x: mx.array, proj: nn.Module) -> mx.array:

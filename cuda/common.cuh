@@ -313,6 +313,96 @@ __device__ __forceinline__ void chess_qrows_dot(const uint32_t* w, const T* scal
   }
 }
 
+// Quantized sparse-input rows (spin_q): U rows j_u of the transposed weight, each lane owning
+// VPL = WORDS*32/BITS consecutive outputs inside one quantization group (one scale and bias per
+// row): acc[m][e] += x[u][m] * sc[u] * (q_u[e] - OFF) and accb[m] += x[u][m] * (bi[u] + OFF * sc[u])
+// (q centred, as in ChessQX). A row of the U that does not exist passes x = sc = bi = 0 and zero
+// words. Generic (bfloat16): q decoded to float (chess_qfloat), one FFMA per weight.
+template <typename T, int M, int BITS, int WORDS, int U>
+struct ChessSpinQ {
+  static constexpr int VPW = 32 / BITS;
+  static constexpr int VPL = WORDS * VPW;
+  __device__ __forceinline__ static void rows(const uint32_t (*words)[WORDS], const float* sc, const float* bi,
+                                              const float (*xv)[M], float (*acc)[VPL], float* accb) {
+    constexpr float OFF = (float)(1 << (BITS - 1));
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float xs = xv[u][m] * sc[u];
+        accb[m] = fmaf(xv[u][m], fmaf(OFF, sc[u], bi[u]), accb[m]);
+#pragma unroll
+        for (int e = 0; e < VPL; ++e)
+          acc[m][e] = fmaf(xs, chess_qfloat<BITS>(words[u][e / VPW], BITS * (e % VPW)) - OFF, acc[m][e]);
+      }
+    }
+  }
+};
+
+// float16: the U rows' products in half2, as ChessQX does for rows: q two at a time by the
+// exponent trick ((q | 0x6400) is the half 1024 + q, one LOP3) centred exactly (one HSUB2, shared
+// by the M tokens), then one HFMA2 per two weights and row, a chain of U products per output pair,
+// converted to float32 and added once per U rows. The sum over thousands of rows stays in float32;
+// only U = 4 products meet in half. x * sc is scaled per token by a power of two, 2^s, so that the
+// largest of the U lies in [2^TGT, 2^(TGT+1)): a chain is then at most U * 2^(BITS-1) * 2^(TGT+1)
+// = 2^14 (no overflow), small values keep half's 11 bits (no subnormals above 2^-14 of the
+// largest), and 2^-s is folded into the float32 add exactly. About 2 instructions per weight
+// against 4. Pairs: 4 bits, (w >> 4s) & 0x000f000f holds outputs 8w+s and 8w+s+4; 8 bits, bytes
+// (0, 1) and (2, 3) of a word are outputs 4w+2h and 4w+2h+1.
+template <int M, int BITS, int WORDS, int U>
+struct ChessSpinQ<__half, M, BITS, WORDS, U> {
+  static constexpr int VPW = 32 / BITS;
+  static constexpr int VPL = WORDS * VPW;
+  static constexpr int TGT = BITS == 4 ? 8 : 4;
+  __device__ __forceinline__ static void rows(const uint32_t (*words)[WORDS], const float* sc, const float* bi,
+                                              const float (*xv)[M], float (*acc)[VPL], float* accb) {
+    constexpr float OFF = (float)(1 << (BITS - 1));
+    const __half2 off = __float2half2_rn(1024.0f + OFF);
+    __half2 xh[M][U];
+    float down[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xs[U];
+      float amax = 0.0f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        xs[u] = xv[u][m] * sc[u];
+        accb[m] = fmaf(xv[u][m], fmaf(OFF, sc[u], bi[u]), accb[m]);
+        amax = fmaxf(amax, fabsf(xs[u]));  // a NaN is skipped here and propagates through its product
+      }
+      // exponent field of amax, clamped so that 2^s and 2^-s are normal floats (inf: 254)
+      const int e = min(max(__float_as_int(amax) >> 23, TGT + 1), 254);
+      const float up = __int_as_float((254 + TGT - e) << 23);
+      down[m] = __int_as_float((e - TGT) << 23);
+#pragma unroll
+      for (int u = 0; u < U; ++u) xh[m][u] = __float2half2_rn(xs[u] * up);
+    }
+#pragma unroll
+    for (int p = 0; p < VPL / 2; ++p) {
+      int e0, e1;
+      if (BITS == 4) { e0 = 8 * (p / 4) + p % 4; e1 = e0 + 4; }
+      else { e0 = 4 * (p / 2) + 2 * (p % 2); e1 = e0 + 1; }
+      __half2 q[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        uint32_t b;
+        if (BITS == 4) b = ((words[u][p / 4] >> (4 * (p % 4))) & 0x000f000fu) | 0x64006400u;
+        else b = __byte_perm(words[u][p / 2], 0x64646464u, (p % 2) ? 0x4342 : 0x4140);
+        q[u] = __hsub2(*reinterpret_cast<const __half2*>(&b), off);
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        __half2 a = __hmul2(q[0], xh[m][0]);
+#pragma unroll
+        for (int u = 1; u < U; ++u) a = __hfma2(q[u], xh[m][u], a);
+        const float2 f = __half22float2(a);
+        acc[m][e0] = fmaf(f.x, down[m], acc[m][e0]);
+        acc[m][e1] = fmaf(f.y, down[m], acc[m][e1]);
+      }
+    }
+  }
+};
+
 // First step of a sparse-output epilogue: each warp's sum of acc[m] into red[warp][m], then a
 // barrier. All 256 threads must call it.
 template <int M>

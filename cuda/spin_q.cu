@@ -4,8 +4,9 @@
 // (K, N/GS). An input channel j is one contiguous row of packed words + N/GS scales and biases, so a
 // zero x[:, j] costs no bytes.   y[m, n] = sum_j x[m, j] * (scale[j, n/GS] * q[j, n] + bias[j, n/GS]).
 // Same tiling and compaction as spin_f; each lane owns WORDS consecutive words (VPL = WORDS*32/BITS
-// outputs, all inside one group), so the bias term is one scalar per lane: acc_e += (x*s) * q_e and
-// accb += x*b. q is decoded without I2F (chess_qfloat). Same epilogue as spin_f (chess_spin_finish:
+// outputs, all inside one group), so the bias term is one scalar per lane: acc_e += (x*s) * (q_e - OFF)
+// and accb += x*(b + OFF*s), U rows at a time by ChessSpinQ (half2 products for float16, float32
+// for bfloat16). Same epilogue as spin_f (chess_spin_finish:
 // partials, last-chunk reduction into y, density into dens; sem >= tiles + 1 int32 zeros).
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
@@ -39,31 +40,25 @@ for (int m = 0; m < M; ++m) {
 }
 for (int i0 = warp; i0 < total; i0 += 8 * U) {
   uint32_t words[U][WORDS];
-  float sc[U], bi[U];
-  int jv[U];
+  float sc[U], bi[U], xv[U][M];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int e = i0 + 8 * u;
-    jv[u] = e < total ? idx[e] : -1;
-    if (jv[u] >= 0 && in_range) {
-      chess_load_words<WORDS>(wt + (size_t)jv[u] * (N / VPW) + n0 / VPW, words[u]);
-      sc[u] = static_cast<float>(scales[(size_t)jv[u] * (N / GS) + n0 / GS]);
-      bi[u] = static_cast<float>(biases[(size_t)jv[u] * (N / GS) + n0 / GS]);
+    const int j = e < total ? idx[e] : -1;
+    const bool ok = j >= 0 && in_range;
+    if (ok) {
+      chess_load_words<WORDS>(wt + (size_t)j * (N / VPW) + n0 / VPW, words[u]);
+      sc[u] = static_cast<float>(scales[(size_t)j * (N / GS) + n0 / GS]);
+      bi[u] = static_cast<float>(biases[(size_t)j * (N / GS) + n0 / GS]);
+    } else {
+#pragma unroll
+      for (int w = 0; w < WORDS; ++w) words[u][w] = 0u;
+      sc[u] = 0.0f;
+      bi[u] = 0.0f;
     }
+#pragma unroll
+    for (int m = 0; m < M; ++m) xv[u][m] = ok ? xsh[m * KC + (ok ? e : 0)] : 0.0f;  // no read past the chunk
   }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    if (jv[u] >= 0 && in_range) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const float xj = xsh[m * KC + i0 + 8 * u];
-        const float xs = xj * sc[u];
-        accb[m] += xj * bi[u];
-#pragma unroll
-        for (int e = 0; e < VPL; ++e)
-          acc[m][e] += xs * chess_qfloat<BITS>(words[u][e / VPW], BITS * (e % VPW));
-      }
-    }
-  }
+  if (in_range) ChessSpinQ<T, M, BITS, WORDS, U>::rows(words, sc, bi, xv, acc, accb);
 }
 chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag);

@@ -271,6 +271,80 @@ inline void chess_qrows_dot(const device uint32_t* w, const device T* scales, co
   }
 }
 
+// Quantized sparse-input rows (twin of the CUDA ChessSpinQ): U rows of the transposed weight, each
+// lane owning VPL outputs inside one group: acc[m][e] += x[u][m] * sc[u] * (q_u[e] - OFF),
+// accb[m] += x[u][m] * (bi[u] + OFF * sc[u]). Absent rows pass x = sc = bi = 0 and zero words.
+// Generic (bfloat16): q decoded to float, one FMA per weight.
+template <typename T, int M, int BITS, int WORDS, int U>
+struct ChessSpinQ {
+  static inline void rows(thread const uint32_t (*words)[WORDS], thread const float* sc, thread const float* bi,
+                          thread const float (*xv)[M], thread float (*acc)[WORDS * (32 / BITS)], thread float* accb) {
+    constexpr int VPW = 32 / BITS, VPL = WORDS * VPW;
+    const float OFF = float(1 << (BITS - 1));
+    for (int u = 0; u < U; ++u) {
+      for (int m = 0; m < M; ++m) {
+        const float xs = xv[u][m] * sc[u];
+        accb[m] = fma(xv[u][m], fma(OFF, sc[u], bi[u]), accb[m]);
+        for (int e = 0; e < VPL; ++e)
+          acc[m][e] = fma(xs, chess_qfloat<BITS>(words[u][e / VPW], BITS * (e % VPW)) - OFF, acc[m][e]);
+      }
+    }
+  }
+};
+
+// half (twin of the CUDA specialization): q two at a time as half2 ((q | 0x6400) is 1024 + q),
+// centred exactly, one half2 fma per two weights and row in a chain of U products per output pair,
+// added to the float32 accumulators once per U rows. x * sc is scaled per token by 2^s so that the
+// largest of the U lies in [2^TGT, 2^(TGT+1)) (no overflow, no subnormals), and 2^-s is folded
+// into the float32 add. Pairs: 4 bits, outputs 8w+s and 8w+s+4; 8 bits, 4w+2h and 4w+2h+1.
+template <int M, int BITS, int WORDS, int U>
+struct ChessSpinQ<half, M, BITS, WORDS, U> {
+  static inline void rows(thread const uint32_t (*words)[WORDS], thread const float* sc, thread const float* bi,
+                          thread const float (*xv)[M], thread float (*acc)[WORDS * (32 / BITS)], thread float* accb) {
+    constexpr int VPL = WORDS * (32 / BITS);
+    constexpr int TGT = BITS == 4 ? 8 : 4;
+    const float OFF = float(1 << (BITS - 1));
+    const half2 off = half2(half(1024.0f + OFF));
+    half2 xh[M][U];
+    float down[M];
+    for (int m = 0; m < M; ++m) {
+      float xs[U];
+      float amax = 0.0f;
+      for (int u = 0; u < U; ++u) {
+        xs[u] = xv[u][m] * sc[u];
+        accb[m] = fma(xv[u][m], fma(OFF, sc[u], bi[u]), accb[m]);
+        amax = fmax(amax, fabs(xs[u]));
+      }
+      const int e = min(max(as_type<int>(amax) >> 23, TGT + 1), 254);
+      const float up = as_type<float>((254 + TGT - e) << 23);
+      down[m] = as_type<float>((e - TGT) << 23);
+      for (int u = 0; u < U; ++u) xh[m][u] = half2(half(xs[u] * up));
+    }
+    for (int p = 0; p < VPL / 2; ++p) {
+      const int e0 = BITS == 4 ? 8 * (p / 4) + p % 4 : 4 * (p / 2) + 2 * (p % 2);
+      const int e1 = BITS == 4 ? e0 + 4 : e0 + 1;
+      half2 q[U];
+      for (int u = 0; u < U; ++u) {
+        uint32_t b;
+        if (BITS == 4) {
+          b = ((words[u][p / 4] >> (4 * (p % 4))) & 0x000f000fu) | 0x64006400u;
+        } else {
+          const uint32_t w = words[u][p / 2] >> (16 * (p % 2));
+          b = (w & 0xffu) | ((w & 0xff00u) << 8) | 0x64006400u;
+        }
+        q[u] = as_type<half2>(b) - off;
+      }
+      for (int m = 0; m < M; ++m) {
+        half2 a = q[0] * xh[m][0];
+        for (int u = 1; u < U; ++u) a = fma(q[u], xh[m][u], a);
+        const float2 f = float2(a);
+        acc[m][e0] = fma(f.x, down[m], acc[m][e0]);
+        acc[m][e1] = fma(f.y, down[m], acc[m][e1]);
+      }
+    }
+  }
+};
+
 // First step of a sparse-output epilogue: each simdgroup's sum of acc[m] into red[warp][m], then
 // a barrier. All 256 threads must call it.
 template <int M>

@@ -2,7 +2,8 @@
 // transposed ("input-major") layout.
 // Twin of cuda/spin_q.cu: wt (K, N*BITS/32) = quantize(W^T) grouped along outputs, scales/biases
 // (K, N/GS); same tiling and compaction as spin_f; each lane owns WORDS words (VPL outputs inside
-// one group): acc_e += (x*s) * q_e, accb += x*b; same epilogue as spin_f (chess_spin_finish).
+// one group): acc_e += (x*s) * (q_e - OFF), accb += x*(b + OFF*s), U rows at a time by
+// ChessSpinQ (half2 products for half, float32 for bfloat16); same epilogue as spin_f (chess_spin_finish).
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // Template: T, M, K, N, BITS, GS, KC, WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)), threadgroup 256.
@@ -34,28 +35,23 @@ for (int m = 0; m < M; ++m) {
 }
 for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
   uint32_t words[U][WORDS];
-  float sc[U], bi[U];
-  int jv[U];
+  float sc[U], bi[U], xv[U][M];
   for (int u = 0; u < U; ++u) {
     const int e = i0 + 8 * u;
-    jv[u] = e < total ? idx[e] : -1;
-    if (jv[u] >= 0 && in_range) {
-      chess_load_words<WORDS>(wt + jv[u] * (N / VPW) + n0 / VPW, words[u]);
-      sc[u] = float(scales[jv[u] * (N / GS) + n0 / GS]);
-      bi[u] = float(biases[jv[u] * (N / GS) + n0 / GS]);
+    const int j = e < total ? idx[e] : -1;
+    const bool ok = j >= 0 && in_range;
+    if (ok) {
+      chess_load_words<WORDS>(wt + j * (N / VPW) + n0 / VPW, words[u]);
+      sc[u] = float(scales[j * (N / GS) + n0 / GS]);
+      bi[u] = float(biases[j * (N / GS) + n0 / GS]);
+    } else {
+      for (int w = 0; w < WORDS; ++w) words[u][w] = 0u;
+      sc[u] = 0.0f;
+      bi[u] = 0.0f;
     }
+    for (int m = 0; m < M; ++m) xv[u][m] = ok ? xsh[m * KC + (ok ? e : 0)] : 0.0f;  // no read past the chunk
   }
-  for (int u = 0; u < U; ++u) {
-    if (jv[u] >= 0 && in_range) {
-      for (int m = 0; m < M; ++m) {
-        const float xj = xsh[m * KC + i0 + 8 * u];
-        const float xs = xj * sc[u];
-        accb[m] += xj * bi[u];
-        for (int e = 0; e < VPL; ++e)
-          acc[m][e] += xs * chess_qfloat<BITS>(words[u][e / VPW], BITS * (e % VPW));
-      }
-    }
-  }
+  if (in_range) ChessSpinQ<T, M, BITS, WORDS, U>::rows(words, sc, bi, xv, acc, accb);
 }
 chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
                                   int(threadgroups_per_grid.x));

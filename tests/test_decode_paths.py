@@ -110,7 +110,7 @@ def test_decode_plans_are_built_once_and_dropped_on_method_switch(monkeypatch):
 
 
 def test_quantized_compiled_paths_match_the_op_by_op_kernel_path(monkeypatch):
-    """4-bit weights (CHESS_MLX_QUANT_KERNELS=1): the compiled paths pass each QWeight as arrays and
+    """4-bit weights (quantized kernels on, the default): the compiled paths pass each QWeight as arrays and
     rebuild it with its bits/group size; against the op-by-op path on the same kernel layouts
     (row-major W for up, W^T re-quantized along the outputs for sparse inputs)."""
     import mlx.nn as nn
