@@ -158,6 +158,24 @@ __device__ __forceinline__ void chess_row_dot(const T* w_row, const T* x, int pa
   }
 }
 
+// Pair p of a quantized step's words as the half2 (q_a - OFF, q_b - OFF), OFF = 2^(BITS-1), exactly:
+// (q | 0x6400) is the half 1024 + q (one LOP3 per pair, no I2F), minus 1024 + OFF (one HSUB2).
+// 4 bits: (w >> 4s) & 0x000f000f holds elements 8w+s and 8w+s+4 (p = 4w+s); 8 bits: bytes (0, 1)
+// and (2, 3) of word w are elements 2p and 2p+1. chess_qpair_elem gives a and b.
+template <int BITS>
+__device__ __forceinline__ __half2 chess_qpair_centred(const uint32_t* words, int p) {
+  uint32_t b;
+  if (BITS == 4) b = ((words[p / 4] >> (4 * (p % 4))) & 0x000f000fu) | 0x64006400u;
+  else b = __byte_perm(words[p / 2], 0x64646464u, (p % 2) ? 0x4342 : 0x4140);
+  return __hsub2(*reinterpret_cast<const __half2*>(&b), __float2half2_rn(1024.0f + (float)(1 << (BITS - 1))));
+}
+
+// Element a (half 0) or b (half 1) of pair p, as chess_qpair_centred pairs them.
+template <int BITS>
+__device__ __forceinline__ int chess_qpair_elem(int p, int half) {
+  return BITS == 4 ? 8 * (p / 4) + p % 4 + 4 * half : 2 * p + half;
+}
+
 // x of one quantized step (VPL = 128/BITS values from x + k0) as the dot products below want it,
 // and its float32 sum (the bias term). Generic (bfloat16): floats, and each dot decodes q without
 // I2F (chess_qfloat) and takes one FFMA per weight. float16 (specialization below): half2 pairs.
@@ -186,15 +204,13 @@ struct ChessQX {
   }
 };
 
-// float16: q decoded two at a time into half2 by the exponent trick ((q | 0x6400) is the half
-// 1024 + q; one LOP3 per pair, no I2F) and centred exactly (minus 1024 + 2^(BITS-1)), then one
+// float16: q decoded two at a time into half2 and centred exactly (chess_qpair_centred), then one
 // HFMA2 per two weights, in four half2 chains of at most 4 products each (short chains keep
 // float16's rounding of the partial sums small), summed in float32. About
 // half the instructions per weight of the generic path, which bounds the 4-bit kernels (they
-// stream 4-bit weights at a quarter of the fp16 bytes). Pairs: 4 bits, word w holds elements
-// 8w..8w+7 as nibbles, and (w >> 4s) & 0x000f000f holds elements 8w+s and 8w+s+4, so x is paired
-// likewise (__byte_perm); 8 bits, bytes (0, 1) and (2, 3) of a word are elements 4w+b, and x's
-// own 32-bit words are already those pairs. Centred products (|q - OFF| <= 2^(BITS-1)) keep the
+// stream 4-bit weights at a quarter of the fp16 bytes). x is paired as the weights are
+// (chess_qpair_elem): 4 bits, elements 8w+s and 8w+s+4 (__byte_perm); 8 bits, x's own 32-bit
+// words are already those pairs. Centred products (|q - OFF| <= 2^(BITS-1)) keep the
 // sums small; a lane whose x step has |x| >= XMAX takes the float path instead (``half_ok``), so
 // no sum can overflow.
 template <int BITS>
@@ -240,16 +256,10 @@ struct ChessQX<__half, BITS> {
   }
   __device__ __forceinline__ float dot(const uint32_t* words) const {
     if (!half_ok) return dot_float(words);
-    const __half2 off = __float2half2_rn(1024.0f + (float)(1 << (BITS - 1)));
     __half2 a[4] = {__float2half2_rn(0.0f), __float2half2_rn(0.0f), __float2half2_rn(0.0f), __float2half2_rn(0.0f)};
 #pragma unroll
-    for (int j = 0; j < VPL / 2; ++j) {
-      uint32_t b;
-      if (BITS == 4) b = ((words[j / 4] >> (4 * (j % 4))) & 0x000f000fu) | 0x64006400u;
-      else b = __byte_perm(words[j / 2], 0x64646464u, (j % 2) ? 0x4342 : 0x4140);
-      const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&b), off);
-      a[j & 3] = __hfma2(q, *reinterpret_cast<const __half2*>(&p[j]), a[j & 3]);
-    }
+    for (int j = 0; j < VPL / 2; ++j)
+      a[j & 3] = __hfma2(chess_qpair_centred<BITS>(words, j), *reinterpret_cast<const __half2*>(&p[j]), a[j & 3]);
     const float2 f0 = __half22float2(a[0]), f1 = __half22float2(a[1]), f2 = __half22float2(a[2]),
                  f3 = __half22float2(a[3]);
     return ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
@@ -261,9 +271,7 @@ struct ChessQX<__half, BITS> {
 #pragma unroll
     for (int j = 0; j < VPL / 2; ++j) {
       const float2 xf = __half22float2(*reinterpret_cast<const __half2*>(&p[j]));
-      int e0, e1;  // the elements of pair j
-      if (BITS == 4) { e0 = 8 * (j / 4) + j % 4; e1 = e0 + 4; }
-      else { e0 = 2 * j; e1 = e0 + 1; }
+      const int e0 = chess_qpair_elem<BITS>(j, 0), e1 = chess_qpair_elem<BITS>(j, 1);
       qx[j & 3] += (chess_qfloat<BITS>(words[e0 / VPW], BITS * (e0 % VPW)) - OFF) * xf.x;
       qx[(j + 2) & 3] += (chess_qfloat<BITS>(words[e1 / VPW], BITS * (e1 % VPW)) - OFF) * xf.y;
     }
@@ -339,16 +347,14 @@ struct ChessSpinQ {
   }
 };
 
-// float16: the U rows' products in half2, as ChessQX does for rows: q two at a time by the
-// exponent trick ((q | 0x6400) is the half 1024 + q, one LOP3) centred exactly (one HSUB2, shared
-// by the M tokens), then one HFMA2 per two weights and row, a chain of U products per output pair,
+// float16: the U rows' products in half2, as ChessQX does for rows: q two at a time, centred
+// exactly (chess_qpair_centred, shared by the M tokens), then one HFMA2 per two weights and row, a chain of U products per output pair,
 // converted to float32 and added once per U rows. The sum over thousands of rows stays in float32;
 // only U = 4 products meet in half. x * sc is scaled per token by a power of two, 2^s, so that the
 // largest of the U lies in [2^TGT, 2^(TGT+1)): a chain is then at most U * 2^(BITS-1) * 2^(TGT+1)
 // = 2^14 (no overflow), small values keep half's 11 bits (no subnormals above 2^-14 of the
 // largest), and 2^-s is folded into the float32 add exactly. About 2 instructions per weight
-// against 4. Pairs: 4 bits, (w >> 4s) & 0x000f000f holds outputs 8w+s and 8w+s+4; 8 bits, bytes
-// (0, 1) and (2, 3) of a word are outputs 4w+2h and 4w+2h+1.
+// against 4. Pair p holds outputs chess_qpair_elem(p, 0) and (p, 1).
 template <int M, int BITS, int WORDS, int U>
 struct ChessSpinQ<__half, M, BITS, WORDS, U> {
   static constexpr int VPW = 32 / BITS;
@@ -357,7 +363,6 @@ struct ChessSpinQ<__half, M, BITS, WORDS, U> {
   __device__ __forceinline__ static void rows(const uint32_t (*words)[WORDS], const float* sc, const float* bi,
                                               const float (*xv)[M], float (*acc)[VPL], float* accb) {
     constexpr float OFF = (float)(1 << (BITS - 1));
-    const __half2 off = __float2half2_rn(1024.0f + OFF);
     __half2 xh[M][U];
     float down[M];
 #pragma unroll
@@ -379,17 +384,10 @@ struct ChessSpinQ<__half, M, BITS, WORDS, U> {
     }
 #pragma unroll
     for (int p = 0; p < VPL / 2; ++p) {
-      int e0, e1;
-      if (BITS == 4) { e0 = 8 * (p / 4) + p % 4; e1 = e0 + 4; }
-      else { e0 = 4 * (p / 2) + 2 * (p % 2); e1 = e0 + 1; }
+      const int e0 = chess_qpair_elem<BITS>(p, 0), e1 = chess_qpair_elem<BITS>(p, 1);
       __half2 q[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        uint32_t b;
-        if (BITS == 4) b = ((words[u][p / 4] >> (4 * (p % 4))) & 0x000f000fu) | 0x64006400u;
-        else b = __byte_perm(words[u][p / 2], 0x64646464u, (p % 2) ? 0x4342 : 0x4140);
-        q[u] = __hsub2(*reinterpret_cast<const __half2*>(&b), off);
-      }
+      for (int u = 0; u < U; ++u) q[u] = chess_qpair_centred<BITS>(words[u], p);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         __half2 a = __hmul2(q[0], xh[m][0]);

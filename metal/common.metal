@@ -139,6 +139,28 @@ inline void chess_row_dot(const device T* w_row, const device T* x, int part, th
   }
 }
 
+// Pair p of a quantized step's words as the half2 (q_a - OFF, q_b - OFF), exactly (twin of the CUDA
+// helper): (q | 0x6400) is the half 1024 + q, minus 1024 + OFF. 4 bits: (w >> 4s) & 0x000f000f
+// holds elements 8w+s and 8w+s+4 (p = 4w+s); 8 bits: bytes (0, 1) and (2, 3) of word w are
+// elements 2p and 2p+1. chess_qpair_elem gives a and b.
+template <int BITS>
+inline half2 chess_qpair_centred(thread const uint32_t* words, int p) {
+  uint32_t b;
+  if (BITS == 4) {
+    b = ((words[p / 4] >> (4 * (p % 4))) & 0x000f000fu) | 0x64006400u;
+  } else {
+    const uint32_t w = words[p / 2] >> (16 * (p % 2));  // bytes 2*(p%2) and 2*(p%2)+1
+    b = (w & 0xffu) | ((w & 0xff00u) << 8) | 0x64006400u;
+  }
+  return as_type<half2>(b) - half2(half(1024.0f + float(1 << (BITS - 1))));
+}
+
+// Element a (half 0) or b (half 1) of pair p, as chess_qpair_centred pairs them.
+template <int BITS>
+inline int chess_qpair_elem(int p, int half_index) {
+  return BITS == 4 ? 8 * (p / 4) + p % 4 + 4 * half_index : 2 * p + half_index;
+}
+
 // x of one quantized step (twin of the CUDA ChessQX): VPL = 128/BITS values from x + k0 and their
 // float32 sum. Generic (bfloat16): floats, one FMA per weight on q decoded by chess_qfloat.
 template <typename T, int BITS>
@@ -163,10 +185,9 @@ struct ChessQX {
   }
 };
 
-// float16 (twin of the CUDA specialization): q two at a time as half2 by the exponent trick
-// ((q | 0x6400) is the half 1024 + q), centred exactly, one half2 fma per two weights in four
-// chains, summed in float32. Pairs: 4 bits, (w >> 4s) & 0x000f000f holds elements 8w+s and
-// 8w+s+4, and x is paired likewise; 8 bits, bytes (0, 1) and (2, 3) of a word, x's own words.
+// float16 (twin of the CUDA specialization): q two at a time as half2, centred exactly
+// (chess_qpair_centred), one half2 fma per two weights in four chains, summed in float32. x is
+// paired as the weights are (chess_qpair_elem); at 8 bits x's own words are those pairs.
 // A lane whose x step has |x| >= XMAX takes the float path (no half sum can overflow).
 template <int BITS>
 struct ChessQX<half, BITS> {
@@ -206,19 +227,8 @@ struct ChessQX<half, BITS> {
   inline float dot(thread const uint32_t* words) const {
     constexpr int VPL = 128 / BITS;
     if (!half_ok) return dot_float(words);
-    const half2 off = half2(half(1024.0f + float(1 << (BITS - 1))));
     half2 a[4] = {half2(0.0h), half2(0.0h), half2(0.0h), half2(0.0h)};
-    for (int j = 0; j < VPL / 2; ++j) {
-      uint32_t b;
-      if (BITS == 4) {
-        b = ((words[j / 4] >> (4 * (j % 4))) & 0x000f000fu) | 0x64006400u;
-      } else {
-        const uint32_t w = words[j / 2] >> (16 * (j % 2));  // bytes 2*(j%2) and 2*(j%2)+1
-        b = (w & 0xffu) | ((w & 0xff00u) << 8) | 0x64006400u;
-      }
-      const half2 q = as_type<half2>(b) - off;
-      a[j & 3] = fma(q, as_type<half2>(p[j]), a[j & 3]);
-    }
+    for (int j = 0; j < VPL / 2; ++j) a[j & 3] = fma(chess_qpair_centred<BITS>(words, j), as_type<half2>(p[j]), a[j & 3]);
     const float2 f0 = float2(a[0]), f1 = float2(a[1]), f2 = float2(a[2]), f3 = float2(a[3]);
     return ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
   }
@@ -228,8 +238,7 @@ struct ChessQX<half, BITS> {
     float qx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int j = 0; j < VPL / 2; ++j) {
       const float2 xf = float2(as_type<half2>(p[j]));
-      const int e0 = BITS == 4 ? 8 * (j / 4) + j % 4 : 2 * j;
-      const int e1 = BITS == 4 ? e0 + 4 : e0 + 1;
+      const int e0 = chess_qpair_elem<BITS>(j, 0), e1 = chess_qpair_elem<BITS>(j, 1);
       qx[j & 3] += (chess_qfloat<BITS>(words[e0 / VPW], BITS * (e0 % VPW)) - OFF) * xf.x;
       qx[(j + 2) & 3] += (chess_qfloat<BITS>(words[e1 / VPW], BITS * (e1 % VPW)) - OFF) * xf.y;
     }
@@ -292,11 +301,11 @@ struct ChessSpinQ {
   }
 };
 
-// half (twin of the CUDA specialization): q two at a time as half2 ((q | 0x6400) is 1024 + q),
-// centred exactly, one half2 fma per two weights and row in a chain of U products per output pair,
+// half (twin of the CUDA specialization): q two at a time as half2, centred exactly
+// (chess_qpair_centred), one half2 fma per two weights and row in a chain of U products per output pair,
 // added to the float32 accumulators once per U rows. x * sc is scaled per token by 2^s so that the
 // largest of the U lies in [2^TGT, 2^(TGT+1)) (no overflow, no subnormals), and 2^-s is folded
-// into the float32 add. Pairs: 4 bits, outputs 8w+s and 8w+s+4; 8 bits, 4w+2h and 4w+2h+1.
+// into the float32 add. Pair p holds outputs chess_qpair_elem(p, 0) and (p, 1).
 template <int M, int BITS, int WORDS, int U>
 struct ChessSpinQ<half, M, BITS, WORDS, U> {
   static inline void rows(thread const uint32_t (*words)[WORDS], thread const float* sc, thread const float* bi,
@@ -304,7 +313,6 @@ struct ChessSpinQ<half, M, BITS, WORDS, U> {
     constexpr int VPL = WORDS * (32 / BITS);
     constexpr int TGT = BITS == 4 ? 8 : 4;
     const float OFF = float(1 << (BITS - 1));
-    const half2 off = half2(half(1024.0f + OFF));
     half2 xh[M][U];
     float down[M];
     for (int m = 0; m < M; ++m) {
@@ -321,19 +329,9 @@ struct ChessSpinQ<half, M, BITS, WORDS, U> {
       for (int u = 0; u < U; ++u) xh[m][u] = half2(half(xs[u] * up));
     }
     for (int p = 0; p < VPL / 2; ++p) {
-      const int e0 = BITS == 4 ? 8 * (p / 4) + p % 4 : 4 * (p / 2) + 2 * (p % 2);
-      const int e1 = BITS == 4 ? e0 + 4 : e0 + 1;
+      const int e0 = chess_qpair_elem<BITS>(p, 0), e1 = chess_qpair_elem<BITS>(p, 1);
       half2 q[U];
-      for (int u = 0; u < U; ++u) {
-        uint32_t b;
-        if (BITS == 4) {
-          b = ((words[u][p / 4] >> (4 * (p % 4))) & 0x000f000fu) | 0x64006400u;
-        } else {
-          const uint32_t w = words[u][p / 2] >> (16 * (p % 2));
-          b = (w & 0xffu) | ((w & 0xff00u) << 8) | 0x64006400u;
-        }
-        q[u] = as_type<half2>(b) - off;
-      }
+      for (int u = 0; u < U; ++u) q[u] = chess_qpair_centred<BITS>(words[u], p);
       for (int m = 0; m < M; ++m) {
         half2 a = q[0] * xh[m][0];
         for (int u = 1; u < U; ++u) a = fma(q[u], xh[m][u], a);
