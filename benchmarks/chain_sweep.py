@@ -48,29 +48,41 @@ def sweep_spin() -> None:
                           flush=True)
 
 
-def sweep_spin_q() -> None:
-    """spin_q words per lane (output tile width) x split-K chunk, 4-bit and 8-bit, on 4096x4096 and
-    down_proj's shape; each configuration is also checked against the reference."""
+def spin_q_cases():
+    """(wtype, bits, shape, s, run) for spin_q at 4 and 8 bits on 4096x4096 and down_proj's shape,
+    50% and 70%: ``run(kc, words)`` checks one launch geometry against the reference and times it
+    in a chain (None: the shipped choice), returning (relative error, seconds)."""
     for wtype in ("q4g64", "q8g32"):
         dtype, bits, _ = K.parse_wtype(wtype)
         for out_dim, in_dim in (K.SHAPES[2], K.SHAPES[0]):
             wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
             ws = [G.workspace(out_dim) for _ in range(64)]
-            ship_w, _, ship_kc = G.spin_geometry(1, in_dim, out_dim, bits)
             for s in (0.5, 0.7):
                 xs = K.sparse_vec(1, in_dim, s, dtype)
                 ref = G.reference_sparse_input(xs, wts[0])[0]
                 mx.eval(xs, ref)
-                for words in (1, 2, 4):
-                    for kc in (64, 128, 256):
-                        err = K.rel_err(G._launch_spin("cuda", xs, wts[0], G.zero_threshold(dtype), ws[0], kc=kc,
-                                                       words=words)[0], ref)
-                        t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)],
-                                                                              G.zero_threshold(dtype), ws[i % len(ws)],
-                                                                              kc=kc, words=words)[0], xs)
-                        mark = "*" if (words, kc) == (ship_w, ship_kc) else " "
-                        print(f"spinq {wtype} {out_dim}x{in_dim} s={s} words={words} kc={kc}{mark} {t * 1e6:6.1f} us  "
-                              f"rel_err {err:.1e}", flush=True)
+
+                def run(kc=None, words=None, xs=xs, ref=ref, wts=wts, ws=ws, dtype=dtype):
+                    z = G.zero_threshold(dtype)
+                    err = K.rel_err(G._launch_spin("cuda", xs, wts[0], z, ws[0], kc=kc, words=words)[0], ref)
+                    t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], z, ws[i % len(ws)],
+                                                                          kc=kc, words=words)[0], xs)
+                    return err, t
+
+                yield wtype, bits, (out_dim, in_dim), s, run
+
+
+def sweep_spin_q() -> None:
+    """spin_q words per lane (output tile width) x split-K chunk, 4-bit and 8-bit, on 4096x4096 and
+    down_proj's shape; each configuration is also checked against the reference."""
+    for wtype, bits, (out_dim, in_dim), s, run in spin_q_cases():
+        ship_w, _, ship_kc = G.spin_geometry(1, in_dim, out_dim, bits)
+        for words in (1, 2, 4):
+            for kc in (64, 128, 256):
+                err, t = run(kc, words)
+                mark = "*" if (words, kc) == (ship_w, ship_kc) else " "
+                print(f"spinq {wtype} {out_dim}x{in_dim} s={s} words={words} kc={kc}{mark} {t * 1e6:6.1f} us  "
+                      f"rel_err {err:.1e}", flush=True)
 
 
 def sweep_spin_q_rows(u: int = 8) -> None:
@@ -84,31 +96,17 @@ def sweep_spin_q_rows(u: int = 8) -> None:
                                   output_names=G._OUTPUTS["spin_q"], header=header,
                                   source=body.replace("constexpr int U = 4;", f"constexpr int U = {u};"))
     shipped = G._kernel
-    for wtype in ("q4g64", "q8g32"):
-        dtype, bits, _ = K.parse_wtype(wtype)
-        for out_dim, in_dim in (K.SHAPES[2], K.SHAPES[0]):
-            wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
-            ws = [G.workspace(out_dim) for _ in range(64)]
-            for s in (0.5, 0.7):
-                xs = K.sparse_vec(1, in_dim, s, dtype)
-                ref = G.reference_sparse_input(xs, wts[0])[0]
-                mx.eval(xs, ref)
-                ship = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)],
-                                                                         G.zero_threshold(dtype), ws[i % len(ws)])[0], xs)
-                G._kernel = lambda kind, name: variant if name == "spin_q" else shipped(kind, name)
-                try:
-                    for words in (1, 2, 4):
-                        for kc in (128, 256):
-                            err = K.rel_err(G._launch_spin("cuda", xs, wts[0], G.zero_threshold(dtype), ws[0], kc=kc,
-                                                           words=words)[0], ref)
-                            t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)],
-                                                                                  G.zero_threshold(dtype),
-                                                                                  ws[i % len(ws)], kc=kc,
-                                                                                  words=words)[0], xs)
-                            print(f"spinq-u{u} {wtype} {out_dim}x{in_dim} s={s} words={words} kc={kc} {t * 1e6:6.1f} us  "
-                                  f"shipped(U=4) {ship * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
-                finally:
-                    G._kernel = shipped
+    for wtype, _, (out_dim, in_dim), s, run in spin_q_cases():
+        ship = run()[1]
+        G._kernel = lambda kind, name: variant if name == "spin_q" else shipped(kind, name)
+        try:
+            for words in (1, 2, 4):
+                for kc in (128, 256):
+                    err, t = run(kc, words)
+                    print(f"spinq-u{u} {wtype} {out_dim}x{in_dim} s={s} words={words} kc={kc} {t * 1e6:6.1f} us  "
+                          f"shipped(U=4) {ship * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
+        finally:
+            G._kernel = shipped
 
 
 def main() -> None:
