@@ -1,6 +1,7 @@
 """Where a decode token's host time goes: graph building, encoding, waiting for the GPU.
 
-    python benchmarks/host_probe.py [--layers 32] [--methods dense,chess,chess-attn,teal]
+    python benchmarks/host_probe.py [--layers 32] [--methods dense,chess,chess-attn,teal] [--quantize 4]
+                                    [--profile N]
 
 Per token (median over --tokens steps, synchronous, no pipelining):
   build  = Python forward pass (graph construction),
@@ -8,6 +9,8 @@ Per token (median over --tokens steps, synchronous, no pipelining):
            node creation, graph launches), the GPU running behind it,
   wait   = ``mx.eval`` of the already-scheduled token (GPU time not hidden behind encoding).
 Run it under different MLX_MAX_OPS_PER_BUFFER / MLX_USE_CUDA_GRAPHS settings to see which part moves.
+``--profile N`` also prints, per method, the N functions with the most own time (cProfile) in the
+build step of 16 tokens: which Python the build spends its time in.
 """
 
 from __future__ import annotations
@@ -51,6 +54,29 @@ def split_times(model, n: int, vocab: int) -> dict:
     return {"build_ms": med(b), "encode_ms": med(e), "wait_ms": med(w), "total_ms": med(t)}
 
 
+def profile_build(model, vocab: int, top: int, tokens: int = 16) -> str:
+    """cProfile of ``tokens`` synchronous decode steps, graph building only (each token is
+    evaluated outside the profiled span): the ``top`` functions by own time, summed over the tokens."""
+    import cProfile
+    import io
+    import pstats
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    tok = mx.argmax(model(mx.random.randint(0, vocab, (1, 32), key=mx.random.key(1)), cache=cache)[:, -1], axis=-1)
+    mx.eval(tok)
+    prof = cProfile.Profile()
+    for _ in range(tokens):
+        prof.enable()
+        tok = mx.argmax(model(tok[None], cache=cache)[:, -1], axis=-1)
+        prof.disable()
+        mx.eval(tok)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
@@ -58,9 +84,12 @@ def main() -> None:
     ap.add_argument("--methods", default="dense,chess,chess-attn,teal")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--json")
+    ap.add_argument("--quantize", type=int, choices=(4, 8), help="MLX affine quantization of the random model")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest build functions")
     args = ap.parse_args()
     env = {k: os.environ.get(k) for k in ("MLX_MAX_OPS_PER_BUFFER", "MLX_USE_CUDA_GRAPHS", "CHESS_MLX_COMPILE")}
-    model = random_model(args.preset, args.layers, mx.float16 if mx.default_device() == mx.gpu else mx.float32)
+    model = random_model(args.preset, args.layers, mx.float16 if mx.default_device() == mx.gpu else mx.float32,
+                         bits=args.quantize)
     vocab = PRESETS[args.preset]["vocab_size"]
     sparsify(model)
     th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
@@ -71,7 +100,9 @@ def main() -> None:
         r = {"method": m, **split_times(model, args.tokens, vocab),
              "generate_step_tok_s": round(statistics.median(decode_speed(model, 64, runs=2, vocab=vocab)), 1)}
         rows.append(r)
-        print(json.dumps({**r, "env": env}), flush=True)
+        print(json.dumps({**r, "env": env, "bits": args.quantize}), flush=True)
+        if args.profile:
+            print(profile_build(model, vocab, args.profile), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "layers": args.layers, "rows": rows}, indent=2) + "\n")
 

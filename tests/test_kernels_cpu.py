@@ -385,6 +385,23 @@ def test_spin_probe_variants_compile_for_hopper(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_spout_probe_variants_compile_for_hopper(tmp_path):
+    """benchmarks/spout_compact.py's three sparse-output layouts (compaction, narrow blocks, full
+    unroll) compile against the shipped header, at the template values its sweep uses."""
+    S = bench_module("spout_compact")
+
+    header, _ = G.read_source("cuda", "spout_f")
+    src = "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n" + header
+    cases = [(S._BODY, dict(RB=32, WPR=4, U=2)), (S._BODY, dict(RB=256, WPR=1, U=1)),
+             (S._NARROW, dict(NW=4, WPR=4)), (S._NARROW, dict(NW=1, WPR=1)), (S._UNROLL, dict(WPR=8))]
+    for i, (body, tmpl) in enumerate(cases):
+        consts = "".join(f"  constexpr int {k} = {v};\n" for k, v in dict(M=2, K=14336, N=4096, **tmpl).items())
+        src += (f"__global__ void k{i}(const __half* x, const __half* w, const __half* a, __half* y) {{\n"
+                f"  using T = __half;\n{consts}{body}\n}}\n")
+    assert nvcc_ptx(tmp_path, src).count(".entry") == len(cases)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_gpu_timer_stamp_kernel_compiles_for_hopper(tmp_path):
     """benchmarks/gpu_timer.py's stamp kernel (the GPU clock of kernels.py's timings) compiles."""
     gpu_timer = bench_module("gpu_timer")
