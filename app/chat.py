@@ -1,8 +1,8 @@
 """The chess-mlx chat app (Textual): streaming replies and the library's live statistics.
 
-Generation runs in a worker thread (``ChatSession.reply`` / ``CompareSession.reply``); the UI only
-formats what each ``Step`` reports. Quitting during a reply stops the worker and waits for it
-before the interpreter exits (a live MLX generation thread at exit can abort Python).
+Generation (``ChatSession.reply`` / ``CompareSession.reply``) runs on the process's one MLX thread
+(``mlx_thread``), awaited by a Textual worker; the UI only formats what each ``Step`` reports.
+Quitting during a reply stops it and waits for it before the interpreter exits.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from chess_mlx.errors import ChessError
 from chess_mlx.generate import Step
 from chess_mlx.sampling import Sampling
 
+from . import mlx_thread
 from .screens import CompareScreen, HelpScreen, SettingsScreen, SystemPromptScreen
 from .stats_view import stats_text
 
@@ -145,7 +146,7 @@ class ChatApp(App):
         self._md = Markdown("")
         self._main().query_one("#log").mount(self._md)
         self.generating, self._stop = True, self.session.stop
-        self.run_worker(partial(self._generate, text), thread=True, exclusive=True, group="gen")
+        self.run_worker(mlx_thread.shared().run(partial(self._generate, text)), exclusive=True, group="gen")
 
     def _throttled(self, final: bool) -> bool:
         now = time.monotonic()
@@ -192,7 +193,7 @@ class ChatApp(App):
             return False
         self._compare_screen.begin(text)
         self.generating, self._stop = True, self.compare.stop
-        self.run_worker(partial(self._generate_compare, text), thread=True, exclusive=True, group="gen")
+        self.run_worker(mlx_thread.shared().run(partial(self._generate_compare, text)), exclusive=True, group="gen")
         return True
 
     def _generate_compare(self, text: str) -> None:

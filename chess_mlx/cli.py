@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from . import methods as M
 from .errors import ChessError
@@ -298,9 +300,21 @@ def cmd_chat(args) -> int:
         return 0
     from app.chat import ChatApp
 
-    ChatApp(session, sampling, startup_notice=notice, compare=args.compare, save_dir=save_dir,
-            model_name=folder.name).run()
-    return 0
+    app = ChatApp(session, sampling, startup_notice=notice, compare=args.compare, save_dir=save_dir,
+                  model_name=folder.name)
+    app.run()
+    _exit_without_teardown(app.return_code or 0)
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """End the process now, skipping the interpreter's shutdown. The app's MLX thread
+    (``app.mlx_thread``) is parked, but a thread that runs any Python while the interpreter shuts
+    down is ended there, and MLX then destroys that thread's ``mx.compile`` cache in a handler that
+    needs the GIL: Python aborts ("terminate called without an active exception"). Nothing is left
+    to tear down once the app has returned: the terminal is restored and transcripts are saved."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_convert(args) -> int:
