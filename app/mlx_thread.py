@@ -43,10 +43,6 @@ class MLXThread:
         """``submit`` and await the result from an asyncio loop (a Textual worker)."""
         return await asyncio.wrap_future(self.submit(fn))
 
-    @property
-    def ident(self) -> Optional[int]:
-        return self._thread.ident
-
     def _loop(self) -> None:
         while True:
             fut, fn = self._jobs.get()

@@ -32,13 +32,19 @@ from chess_mlx.calibrate import calibrate  # noqa: E402
 from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
 
 
-def split_times(model, n: int, vocab: int) -> dict:
+def prefilled(model, vocab: int) -> tuple[list, mx.array]:
+    """(KV cache, first greedy token) after a fixed random 32-token prompt: where each probe's
+    decode steps start."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    y = model(mx.random.randint(0, vocab, (1, 32), key=mx.random.key(1)), cache=cache)[:, -1]
-    tok = mx.argmax(y, axis=-1)
+    tok = mx.argmax(model(mx.random.randint(0, vocab, (1, 32), key=mx.random.key(1)), cache=cache)[:, -1], axis=-1)
     mx.eval(tok)
+    return cache, tok
+
+
+def split_times(model, n: int, vocab: int) -> dict:
+    cache, tok = prefilled(model, vocab)
     b, e, w, t = [], [], [], []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -61,11 +67,7 @@ def profile_build(model, vocab: int, top: int, tokens: int = 16) -> str:
     import io
     import pstats
 
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    tok = mx.argmax(model(mx.random.randint(0, vocab, (1, 32), key=mx.random.key(1)), cache=cache)[:, -1], axis=-1)
-    mx.eval(tok)
+    cache, tok = prefilled(model, vocab)
     prof = cProfile.Profile()
     for _ in range(tokens):
         prof.enable()
@@ -104,7 +106,7 @@ def main() -> None:
         if args.profile:
             print(profile_build(model, vocab, args.profile), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "layers": args.layers, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"env": env, "layers": args.layers, "bits": args.quantize, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
