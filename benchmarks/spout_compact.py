@@ -21,6 +21,7 @@ load round trips per lane), at the shipped and the other warps-per-row choices.
 from __future__ import annotations
 
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -165,49 +166,36 @@ __shared__ float red[8][M];
 chess_finish_rows<T, M, N, WPR>(acc, a, y, r, red);
 """
 
-_KERNEL = None
-_NARROW_KERNEL = None
-_UNROLL_KERNEL = None
+@lru_cache(maxsize=None)
+def _probe_kernel(name: str, source: str):
+    header, _ = G.read_source("cuda", "spout_f")
+    return mx.fast.cuda_kernel(name=f"chess_spout_{name}", input_names=["x", "w", "a"], output_names=["y"],
+                               source=source, header=header)
+
+
+def _launch(name: str, source: str, x: mx.array, w: mx.array, a: mx.array, extra: list, rows_per_block: int,
+            warps: int = 8) -> mx.array:
+    """One probe kernel on (x, w, a): template T, M, K, N plus ``extra``, blocks of ``warps`` warps
+    each covering ``rows_per_block`` rows, output poisoned with NaN."""
+    m, k, n = G.rows(x), x.shape[-1], w.shape[0]
+    tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), *extra]
+    return _probe_kernel(name, source)(inputs=[x, w, a], template=tmpl, grid=(-(-n // rows_per_block) * 32 * warps, 1, 1),
+                                       threadgroup=(32 * warps, 1, 1), output_shapes=[(*x.shape[:-1], n)],
+                                       output_dtypes=[x.dtype], init_value=float("nan"))[0]
 
 
 def launch_unroll(x: mx.array, w: mx.array, a: mx.array, wpr: int) -> mx.array:
-    global _UNROLL_KERNEL
-    if _UNROLL_KERNEL is None:
-        header, _ = G.read_source("cuda", "spout_f")
-        _UNROLL_KERNEL = mx.fast.cuda_kernel(name="chess_spout_unroll", input_names=["x", "w", "a"],
-                                             output_names=["y"], source=_UNROLL, header=header)
-    m, k, n = G.rows(x), x.shape[-1], w.shape[0]
-    tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("WPR", wpr)]
-    return _UNROLL_KERNEL(inputs=[x, w, a], template=tmpl, grid=(-(-n // (8 // wpr)) * 256, 1, 1),
-                          threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype],
-                          init_value=float("nan"))[0]
+    return _launch("unroll", _UNROLL, x, w, a, [("WPR", wpr)], 8 // wpr)
 
 
 def launch_narrow(x: mx.array, w: mx.array, a: mx.array, nw: int, wpr: int) -> mx.array:
-    global _NARROW_KERNEL
-    if _NARROW_KERNEL is None:
-        header, _ = G.read_source("cuda", "spout_f")
-        _NARROW_KERNEL = mx.fast.cuda_kernel(name="chess_spout_narrow", input_names=["x", "w", "a"],
-                                             output_names=["y"], source=_NARROW, header=header)
-    m, k, n = G.rows(x), x.shape[-1], w.shape[0]
-    assert k % 8 == 0 and nw % wpr == 0
-    tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("NW", nw), ("WPR", wpr)]
-    return _NARROW_KERNEL(inputs=[x, w, a], template=tmpl, grid=(-(-n // (nw // wpr)) * 32 * nw, 1, 1),
-                          threadgroup=(32 * nw, 1, 1), output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype],
-                          init_value=float("nan"))[0]
+    assert x.shape[-1] % 8 == 0 and nw % wpr == 0
+    return _launch("narrow", _NARROW, x, w, a, [("NW", nw), ("WPR", wpr)], nw // wpr, warps=nw)
 
 
 def launch(x: mx.array, w: mx.array, a: mx.array, rb: int, wpr: int, u: int) -> mx.array:
-    global _KERNEL
-    if _KERNEL is None:
-        header, _ = G.read_source("cuda", "spout_f")
-        _KERNEL = mx.fast.cuda_kernel(name="chess_spout_compact", input_names=["x", "w", "a"], output_names=["y"],
-                                      source=_BODY, header=header)
-    m, k, n = G.rows(x), x.shape[-1], w.shape[0]
-    assert k % 8 == 0 and rb % 32 == 0 and rb <= 256 and 8 % wpr == 0
-    tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("RB", rb), ("WPR", wpr), ("U", u)]
-    return _KERNEL(inputs=[x, w, a], template=tmpl, grid=(-(-n // rb) * 256, 1, 1), threadgroup=(256, 1, 1),
-                   output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype], init_value=float("nan"))[0]
+    assert x.shape[-1] % 8 == 0 and rb % 32 == 0 and rb <= 256 and 8 % wpr == 0
+    return _launch("compact", _BODY, x, w, a, [("RB", rb), ("WPR", wpr), ("U", u)], rb)
 
 
 def main() -> None:
