@@ -8,8 +8,7 @@ Per token (median over --tokens steps, synchronous, no pipelining):
   encode = ``mx.async_eval`` returning (MLX evaluates the graph on the host: allocation, CUDA-graph
            node creation, graph launches), the GPU running behind it,
   wait   = ``mx.eval`` of the already-scheduled token (GPU time not hidden behind encoding).
-Run it under different MLX_MAX_OPS_PER_BUFFER / MLX_USE_CUDA_GRAPHS settings to see which part moves;
-each step goes through ``compiled_step.wrap`` (the whole model compiled under CHESS_MLX_STEP_COMPILE=1).
+Run it under different MLX_MAX_OPS_PER_BUFFER / MLX_USE_CUDA_GRAPHS settings to see which part moves.
 ``--profile N`` also prints, per method, the N functions with the most own time (cProfile) in the
 build step of 16 tokens: which Python the build spends its time in.
 """
@@ -28,7 +27,6 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chess_mlx import compiled_step  # noqa: E402
 from chess_mlx.bench import PRESETS, decode_speed, random_model  # noqa: E402
 from chess_mlx.calibrate import calibrate  # noqa: E402
 from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
@@ -47,11 +45,10 @@ def prefilled(model, vocab: int) -> tuple[list, mx.array]:
 
 def split_times(model, n: int, vocab: int) -> dict:
     cache, tok = prefilled(model, vocab)
-    step = compiled_step.wrap(model)  # the model itself unless CHESS_MLX_STEP_COMPILE=1
     b, e, w, t = [], [], [], []
     for _ in range(n):
         t0 = time.perf_counter()
-        y = step(tok[None], cache=cache)[:, -1]
+        y = model(tok[None], cache=cache)[:, -1]
         tok = mx.argmax(y, axis=-1)
         t1 = time.perf_counter()
         mx.async_eval(tok)
@@ -71,11 +68,10 @@ def profile_build(model, vocab: int, top: int, tokens: int = 16) -> str:
     import pstats
 
     cache, tok = prefilled(model, vocab)
-    step = compiled_step.wrap(model)
     prof = cProfile.Profile()
     for _ in range(tokens):
         prof.enable()
-        tok = mx.argmax(step(tok[None], cache=cache)[:, -1], axis=-1)
+        tok = mx.argmax(model(tok[None], cache=cache)[:, -1], axis=-1)
         prof.disable()
         mx.eval(tok)
     out = io.StringIO()
@@ -93,8 +89,7 @@ def main() -> None:
     ap.add_argument("--quantize", type=int, choices=(4, 8), help="MLX affine quantization of the random model")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest build functions")
     args = ap.parse_args()
-    env = {k: os.environ.get(k) for k in ("MLX_MAX_OPS_PER_BUFFER", "MLX_USE_CUDA_GRAPHS", "CHESS_MLX_COMPILE",
-                                  "CHESS_MLX_STEP_COMPILE")}
+    env = {k: os.environ.get(k) for k in ("MLX_MAX_OPS_PER_BUFFER", "MLX_USE_CUDA_GRAPHS", "CHESS_MLX_COMPILE")}
     model = random_model(args.preset, args.layers, mx.float16 if mx.default_device() == mx.gpu else mx.float32,
                          bits=args.quantize)
     vocab = PRESETS[args.preset]["vocab_size"]

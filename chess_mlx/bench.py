@@ -2,8 +2,7 @@
 
 Weights are random (no checkpoint needed) and thresholds are calibrated on random tokens: speed
 depends on shapes and sparsity, not on what the weights mean. Decoding uses mlx-lm's own
-``generate_step`` (KV cache, asynchronous evaluation), greedy, with no EOS stop, each one-token
-step through ``compiled_step.wrap`` (the model itself unless ``CHESS_MLX_STEP_COMPILE=1``).
+``generate_step`` (KV cache, asynchronous evaluation), greedy, with no EOS stop.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import compiled_step
 from .calibrate import calibrate
 from .methods import DENSE
 from .sparse_layers import set_method, sparsify
@@ -72,13 +70,11 @@ def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, ru
     """Tokens/s of greedy decode after a short prompt, one number per run (after one untimed
     run that warms up kernels and allocations, unless ``warmup`` is False)."""
     from mlx_lm.generate import generate_step
-    from mlx_lm.models.cache import make_prompt_cache
 
     prompt = bench_prompt(prompt_len, vocab, seed)
     out = []
     for _ in range(runs + int(warmup)):
-        gen = generate_step(prompt, compiled_step.wrap(model), max_tokens=n_tokens,
-                            prompt_cache=make_prompt_cache(model), sampler=lambda lp: mx.argmax(lp, axis=-1))
+        gen = generate_step(prompt, model, max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
         next(gen)
         t0 = time.perf_counter()
         n = 0

@@ -1,8 +1,5 @@
 """Generation through mlx-lm's ``stream_generate``, with the sparsity of every step attached.
 
-With ``CHESS_MLX_STEP_COMPILE=1`` one-token steps run as one compiled function of the whole model
-(``compiled_step``; off by default, slower on MLX 0.32's CUDA backend).
-
 mlx-lm builds step n+1 before it hands out token n, so the recorder may hold a call ahead; the
 steps that produce tokens are the one-token calls, in order, which is how they are matched.
 """
@@ -17,7 +14,6 @@ from typing import Iterable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import compiled_step
 from .sparse_layers import sparsify
 from .stats import CallStats, TokenStats, merge, summarize
 
@@ -42,18 +38,15 @@ class Step:
 def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> Iterator[Step]:
     """Yield a ``Step`` per token. ``kwargs`` go to ``mlx_lm.stream_generate`` (sampler, prompt_cache...)."""
     from mlx_lm.generate import generation_stream, stream_generate
-    from mlx_lm.models.cache import make_prompt_cache
 
     state = sparsify(model)
-    if kwargs.get("prompt_cache") is None:
-        kwargs["prompt_cache"] = make_prompt_cache(model)
     rec, wb = state.recorder, state.weight_bytes
     rec.clear()
     rec.enabled = True
     decode: deque[CallStats] = deque()
     start = time.perf_counter()
     ttft = None
-    gen = stream_generate(compiled_step.wrap(model), tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+    gen = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
     try:
         for resp in gen:
             if ttft is None:

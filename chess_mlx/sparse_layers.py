@@ -182,7 +182,6 @@ class ChessState:
     weight_bytes: WeightBytes
     method: str = DENSE
     sparsity: float | None = None
-    version: int = 0  # bumped by every set_method: compiled decode steps trace the method anew
 
 
 def sparsify(model: nn.Module) -> ChessState:
@@ -245,6 +244,5 @@ def set_method(model: nn.Module, method: str, thresholds=None, sparsity: float |
             c.mode, c.act = "act", mx.array(level["chess"][i].astype(np.float32))
         elif method == TEAL:
             c.mode, c.inp, c.down = "teal", float(level["mlp_in"][i]), float(level["down_in"][i])
-    state.version += 1
     state.method, state.sparsity = method, (None if method == DENSE else thresholds.match(sparsity))
     return state

@@ -7,9 +7,7 @@ are evaluated only when someone reads them, so recording costs the decode loop a
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -46,29 +44,14 @@ class SparsityRecorder:
         self._current: dict[tuple[int, int], mx.array] = {}
         self._current_tokens = 0
         self._pending: list[tuple[dict, int]] = []
-        self._capture: list | None = None
-
-    @contextmanager
-    def capturing(self) -> Iterator[list]:
-        """Collect (layer, projs, density, n_tokens) of every record made inside the block, whether
-        recording is on or not, instead of recording them: a compiled decode step
-        (``compiled_step``) traces the layers once and records their densities at every replay."""
-        self._capture = captured = []
-        try:
-            yield captured
-        finally:
-            self._capture = None
 
     def record(self, layer: int, projs: str | tuple[str, ...], keep: mx.array) -> None:
         """Record the density of ``keep`` for one projection or several that read the same input."""
-        if self.enabled or self._capture is not None:
+        if self.enabled:
             self.record_density(layer, projs, kept_fraction(keep), keep.size // keep.shape[-1])
 
     def record_density(self, layer: int, projs: str | tuple[str, ...], density: mx.array, n_tokens: int) -> None:
         """Record an already computed kept fraction (a lazy scalar), e.g. from a compiled path."""
-        if self._capture is not None:
-            self._capture.append((layer, projs, density, n_tokens))
-            return
         if not self.enabled:
             return
         keys = [(layer, _P[p]) for p in ((projs,) if isinstance(projs, str) else projs)]
