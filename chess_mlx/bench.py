@@ -1,8 +1,10 @@
 """Decode speed, dense vs sparse methods, on a model of a real architecture's shape.
 
 Weights are random (no checkpoint needed) and thresholds are calibrated on random tokens: speed
-depends on shapes and sparsity, not on what the weights mean. Decoding uses mlx-lm's own
-``generate_step`` (KV cache, asynchronous evaluation), greedy, with no EOS stop.
+depends on shapes and sparsity, not on what the weights mean. Decoding is what ``chess-mlx
+generate`` and ``chat`` run: ``pipelined.generate_step`` (mlx-lm's KV cache and steps, graph
+building and encoding on two threads; ``CHESS_MLX_PIPELINE=0``: mlx-lm's ``generate_step``),
+greedy, with no EOS stop.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import pipelined
 from .calibrate import calibrate
 from .methods import DENSE
 from .sparse_layers import set_method, sparsify
@@ -69,12 +72,10 @@ def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, ru
                  vocab: int = 512, seed: int = 1, warmup: bool = True) -> list[float]:
     """Tokens/s of greedy decode after a short prompt, one number per run (after one untimed
     run that warms up kernels and allocations, unless ``warmup`` is False)."""
-    from mlx_lm.generate import generate_step
-
     prompt = bench_prompt(prompt_len, vocab, seed)
     out = []
     for _ in range(runs + int(warmup)):
-        gen = generate_step(prompt, model, max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
+        gen = pipelined.generate_step(prompt, model, max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
         next(gen)
         t0 = time.perf_counter()
         n = 0

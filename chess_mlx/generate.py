@@ -1,7 +1,8 @@
-"""Generation through mlx-lm's ``stream_generate``, with the sparsity of every step attached.
+"""Generation with the sparsity of every step attached: mlx-lm's ``stream_generate`` loop (its
+tokenizer wrapper, detokenizer and EOS handling), over ``pipelined.generate_step``.
 
-mlx-lm builds step n+1 before it hands out token n, so the recorder may hold a call ahead; the
-steps that produce tokens are the one-token calls, in order, which is how they are matched.
+The decode builds step n+1 before it hands out token n, so the recorder may hold a call ahead;
+the steps that produce tokens are the one-token calls, in order, which is how they are matched.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Iterable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import pipelined
 from .sparse_layers import sparsify
 from .stats import CallStats, TokenStats, merge, summarize
 
@@ -35,43 +37,69 @@ class Step:
     active_memory_gb: float = 0.0
 
 
-def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> Iterator[Step]:
-    """Yield a ``Step`` per token. ``kwargs`` go to ``mlx_lm.stream_generate`` (sampler, prompt_cache...)."""
-    from mlx_lm.generate import generation_stream, stream_generate
+def _token_ids(tokenizer, prompt) -> mx.array:
+    """A prompt as token ids: text is encoded (with the BOS token unless it already starts with it)."""
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    return mx.array(prompt)
 
+
+def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, sampler=None,
+           prompt_cache: Optional[list] = None) -> Iterator[Step]:
+    """Yield a ``Step`` per token, as mlx-lm's ``stream_generate`` yields its responses (the last
+    one carries the finish reason, and the EOS token when it stopped there), with the decode
+    steps on two threads (``pipelined``)."""
+    from mlx_lm.generate import wired_limit
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt = _token_ids(tokenizer, prompt)
+    eos = tokenizer.eos_token_ids
+    detok = tokenizer.detokenizer
+    detok.reset()
     state = sparsify(model)
     rec, wb = state.recorder, state.weight_bytes
     rec.clear()
     rec.enabled = True
     decode: deque[CallStats] = deque()
     start = time.perf_counter()
-    ttft = None
-    gen = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+    ttft = prompt_tps = 0.0
+    gen = pipelined.generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
+                                  also=rec.current)
+
+    def step(token: int, n: int, finish: Optional[str]) -> Step:
+        decode.extend(c for c in rec.pop(closed_only=True) if c.n_tokens == 1)
+        call = decode.popleft() if decode else CallStats.dense(wb.per_proj.shape[0])
+        return Step(text=detok.last_segment, token=token, stats=summarize(call, wb), prompt_tokens=prompt.size,
+                    prompt_tps=prompt_tps, generation_tokens=n + 1,
+                    generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9), ttft=ttft,
+                    peak_memory_gb=mx.get_peak_memory() / 1e9, finish_reason=finish,
+                    active_memory_gb=mx.get_active_memory() / 1e9)
+
     try:
-        for resp in gen:
-            if ttft is None:
-                ttft = time.perf_counter() - start
-            decode.extend(c for c in rec.pop() if c.n_tokens == 1)
-            call = decode.popleft() if decode else CallStats.dense(wb.per_proj.shape[0])
-            yield Step(
-                text=resp.text,
-                token=int(resp.token),
-                stats=summarize(call, wb),
-                prompt_tokens=resp.prompt_tokens,
-                prompt_tps=resp.prompt_tps,
-                generation_tokens=resp.generation_tokens,
-                generation_tps=resp.generation_tps,
-                ttft=ttft,
-                peak_memory_gb=resp.peak_memory,
-                finish_reason=resp.finish_reason,
-                active_memory_gb=mx.get_active_memory() / 1e9,
-            )
+        with wired_limit(model, [pipelined.decode_stream()]):
+            token = None
+            for n, (token, _lp) in enumerate(gen):
+                if n == 0:
+                    ttft = time.perf_counter() - start
+                    prompt_tps = prompt.size / ttft
+                    tic = time.perf_counter()
+                if token in eos:
+                    break
+                detok.add_token(token)
+                if n + 1 == max_tokens:
+                    break
+                yield step(token, n, None)
+            detok.finalize()
+            yield step(token, n, "stop" if token in eos else "length")
     finally:
-        # A reply stopped early leaves mlx-lm's prefetched next token in flight on its generation
-        # stream; an interpreter exiting while that stream's thread still works aborts Python
-        # ("terminate called without an active exception", seen when quitting chat mid-reply).
-        gen.close()
-        mx.synchronize(generation_stream)
+        gen.close()  # waits for a step still in flight (a reply stopped early)
         rec.enabled = False
         rec.clear()
 

@@ -72,6 +72,7 @@ class _Control:
             if len(self._arrays) > 8:
                 self._arrays.clear()
             a = self._arrays[key] = G.scalar_threshold(v, dtype)
+            mx.eval(a)  # lazy, it would belong to this thread's stream; a decode may run on another
         return a
 
 
@@ -209,6 +210,15 @@ def sparsify(model: nn.Module) -> ChessState:
     state = ChessState(recorder, WeightBytes(per_proj, weight_nbytes(head)))
     model._chess = state
     return state
+
+
+def settle(model: nn.Module) -> None:
+    """Evaluate the lazy state the sparse modules carry from one call to the next (each sparse-input
+    call site's ordering token), so that a decode evaluated on another thread
+    (``pipelined``) never meets an array of this thread's stream."""
+    tokens = [ws.last for m in model.modules() if (ws := getattr(m, "_kernel_ws", None)) is not None]
+    if tokens:
+        mx.eval(tokens)
 
 
 def sparse_modules(layer: nn.Module) -> tuple[dict[str, SparseInputLinear], SparseMLP]:

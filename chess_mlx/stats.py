@@ -66,9 +66,15 @@ class SparsityRecorder:
             self._pending.append((self._current, self._current_tokens))
         self._current, self._current_tokens = {}, 0
 
-    def pop(self) -> list[CallStats]:
-        """Finish the call in progress and return every call not yet read, oldest first."""
-        self._close()
+    def current(self) -> list[mx.array]:
+        """The lazy densities of the call in progress (for a decode loop to schedule with its step)."""
+        return list(self._current.values())
+
+    def pop(self, closed_only: bool = False) -> list[CallStats]:
+        """Finish the call in progress (unless ``closed_only``: a decode loop one step ahead leaves
+        the step it has just built open) and return every call not yet read, oldest first."""
+        if not closed_only:
+            self._close()
         pending, self._pending = self._pending, []
         if not pending:
             return []

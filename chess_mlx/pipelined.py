@@ -1,0 +1,174 @@
+"""Decode with graph building and MLX's encoding on two threads.
+
+Why: on a fast GPU a decode token is bound by host work. ``mlx_lm.generate_step`` builds token
+n+1's graph in Python and then lets MLX encode it, one after the other on one thread. Together
+they take longer than CHESS's GPU time for the token (benchmarks/RESULTS.md, sessions 13-14).
+``mx.async_eval`` releases the GIL while MLX encodes, so here the calling thread builds token n+1
+while one lasting encoder thread encodes token n. A token then costs the longer of the two, not
+their sum.
+
+The graphs live on a stream from ``mx.new_thread_unsafe_stream``: one that may be evaluated on
+another thread. Only the encoder evaluates the decode steps, in the order they were built, and the
+calling thread reads a token only after the encoder has scheduled it, so nothing is evaluated
+twice or out of order. The tokens are exactly those of the same steps on one thread (the probe
+and the CPU tests check this). ``CHESS_MLX_PIPELINE=0`` falls back to mlx-lm's ``generate_step``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from concurrent.futures import Future
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_ENABLED = os.environ.get("CHESS_MLX_PIPELINE", "1") != "0"
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def enable(on: bool = True) -> None:
+    """Switch the two-thread decode on or off (off: mlx-lm's one-thread ``generate_step``)."""
+    global _ENABLED
+    _ENABLED = on
+
+
+class Encoder:
+    """One lasting daemon thread that runs ``mx.async_eval`` on what it is given, in order.
+
+    Lasting, because a thread that ends runs MLX's thread-exit handlers, which can abort an
+    interpreter that is shutting down (``app/mlx_thread.py``)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="chess-mlx-encoder", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            arrays, done = self._jobs.get()
+            try:
+                mx.async_eval(*arrays)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+    def submit(self, *arrays: mx.array) -> Future:
+        """Schedule ``arrays`` on the encoder thread; the future completes once they are encoded
+        (their values may still be on their way from the GPU)."""
+        done: Future = Future()
+        self._jobs.put((arrays, done))
+        return done
+
+
+_ENCODER: Optional[Encoder] = None
+_STREAMS: dict = {}
+_LOCK = threading.Lock()
+
+
+# Python hands the GIL to a waiting thread only every switch interval (5 ms by default): the
+# encoder, back from MLX, would wait that long for the builder to let go, longer than a token.
+SWITCH_INTERVAL_S = 2e-4
+
+
+def encoder() -> Encoder:
+    """The process's encoder thread, started on first use; from then on the interpreter switches
+    threads every ``SWITCH_INTERVAL_S`` at most."""
+    global _ENCODER
+    with _LOCK:
+        if _ENCODER is None:
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+            _ENCODER = Encoder()
+        return _ENCODER
+
+
+def decode_stream() -> mx.Stream:
+    """The stream decode steps are built on, one per device: any thread may evaluate it."""
+    dev = mx.default_device()
+    key = repr(dev)
+    with _LOCK:
+        s = _STREAMS.get(key)
+        if s is None:
+            s = _STREAMS[key] = mx.new_thread_unsafe_stream(dev)
+        return s
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
+                  sampler: Optional[Callable[[mx.array], mx.array]] = None, prompt_cache: Optional[list] = None,
+                  prefill_step_size: int = 2048,
+                  also: Optional[Callable[[], list]] = None) -> Iterator[tuple[int, mx.array]]:
+    """``mlx_lm.generate.generate_step`` with the same arguments, steps and tokens, (token,
+    log-probabilities) per step, the first one from the prompt, but with each step's encoding on
+    the encoder thread while the next step is built here.
+
+    ``also()`` is called after each step is built and returns lazy arrays of that step to schedule
+    with it (the recorder's densities): evaluating them later on this thread could otherwise
+    encode on the decode stream while the encoder does."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if not _ENABLED:
+        from mlx_lm.generate import generate_step as one_thread
+
+        yield from one_thread(prompt, model, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
+                              prefill_step_size=prefill_step_size)
+        return
+    from .sparse_layers import settle
+
+    settle(model)
+    sampler = sampler or _greedy
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    stream, enc = decode_stream(), encoder()
+
+    def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
+        logits = model(tokens[None], cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    with mx.stream(stream):  # the prompt, on this thread (the encoder is idle)
+        while prompt.size > 1:
+            n = min(prefill_step_size, prompt.size - 1)
+            model(prompt[:n][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            prompt = prompt[n:]
+            mx.clear_cache()
+        y, logprobs = step(prompt)
+    mx.async_eval(y, logprobs, *(also() if also else ()))
+    scheduled: Optional[Future] = None  # y's encoding, once the encoder has it
+    ahead: Optional[Future] = None  # the next step's encoding
+    n = 0
+    try:
+        while True:
+            ahead = None
+            if n != max_tokens:
+                with mx.stream(stream):
+                    next_y, next_logprobs = step(y)
+                ahead = enc.submit(next_y, next_logprobs, *(also() if also else ()))
+            if scheduled is not None:
+                scheduled.result()  # read y only once the encoder has scheduled it
+            if n == max_tokens:
+                break
+            yield y.item(), logprobs
+            if n % 256 == 0 and ahead is not None:
+                ahead.result()  # the encoder idle: the allocator's cache may be cleared
+                mx.clear_cache()
+            y, logprobs, scheduled = next_y, next_logprobs, ahead
+            n += 1
+    finally:
+        for f in (scheduled, ahead):  # a stopped reply leaves a step in flight: let it land
+            if f is not None:
+                try:
+                    f.result()
+                except BaseException:  # noqa: BLE001 - the reply is over; its error is moot
+                    pass
+        mx.synchronize(stream)
