@@ -113,6 +113,31 @@ def library(model, prompt: mx.array, n: int) -> tuple[list[int], float]:
     return toks, n / (time.perf_counter() - t0)
 
 
+def densities(model, prompt: mx.array, n: int, two_threads: bool) -> list:
+    """Per-token recorded densities as ``chess_mlx.generate.stream`` collects them (one step
+    ahead, densities scheduled with their step), on two threads or through mlx-lm's loop."""
+    import numpy as np
+
+    from chess_mlx import pipelined as P
+
+    rec = sparsify(model).recorder
+    rec.clear()
+    rec.enabled = True
+    was = P.enabled()
+    P.enable(two_threads)
+    out = []
+    try:
+        gen = P.generate_step(prompt, model, max_tokens=n, also=rec.current) if two_threads else \
+            P.generate_step(prompt, model, max_tokens=n)
+        for _ in gen:
+            out += [c.density for c in rec.pop(closed_only=True) if c.n_tokens == 1]
+    finally:
+        P.enable(was)
+        rec.enabled = False
+        rec.clear()
+    return [np.asarray(d) for d in out]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
@@ -122,6 +147,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--depth", type=int, default=2, help="graphs built ahead of the encoder")
+    ap.add_argument("--check-stats", action="store_true",
+                    help="only compare per-token recorded densities, two threads against mlx-lm's loop")
     ap.add_argument("--switch", type=float, default=0.0,
                     help="sys.setswitchinterval (s): how soon the encoder thread gets the GIL back")
     args = ap.parse_args()
@@ -133,6 +160,17 @@ def main() -> None:
     sparsify(model)
     th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
     prompt = bench_prompt(32, vocab, 1)
+    if args.check_stats:
+        import numpy as np
+
+        for m in args.methods.split(","):
+            set_method(model, m, th, 0.5)
+            a = densities(model, prompt, args.tokens, False)
+            b = densities(model, prompt, args.tokens, True)
+            same = len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+            print(json.dumps({"method": m, "tokens_with_stats": [len(a), len(b)], "densities_identical": same,
+                              "mean_density": round(float(np.mean(b)), 4) if b else None}), flush=True)
+        return
     speeds: dict = {}
     for run in range(args.runs + 1):  # run 0 warms up
         for m in args.methods.split(","):

@@ -112,9 +112,11 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
     log-probabilities) per step, the first one from the prompt, but with each step's encoding on
     the encoder thread while the next step is built here.
 
-    ``also()`` is called after each step is built and returns lazy arrays of that step to schedule
-    with it (the recorder's densities): evaluating them later on this thread could otherwise
-    encode on the decode stream while the encoder does."""
+    ``also()`` is called after each prompt chunk and each step is built, and returns lazy arrays
+    of it to evaluate or schedule with it (the recorder's densities). Anything of the decode
+    stream left lazy and evaluated later on this thread would be encoded here while the encoder
+    encodes on the same stream, which corrupts MLX's CUDA graph (seen on the H100:
+    ``cudaGraphAddDependencies ... invalid argument``)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     if not _ENABLED:
@@ -139,7 +141,9 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
         while prompt.size > 1:
             n = min(prefill_step_size, prompt.size - 1)
             model(prompt[:n][None], cache=cache)
-            mx.eval([c.state for c in cache])
+            # ``also()`` here is the chunk's own densities: evaluated now, while the encoder is idle,
+            # a later read on this thread cannot encode beside it.
+            mx.eval([c.state for c in cache], *(also() if also else ()))
             prompt = prompt[n:]
             mx.clear_cache()
         y, logprobs = step(prompt)
