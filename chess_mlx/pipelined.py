@@ -121,9 +121,16 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
 
     if not _ENABLED:
         from mlx_lm.generate import generate_step as one_thread
+        from mlx_lm.generate import generation_stream
 
-        yield from one_thread(prompt, model, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
-                              prefill_step_size=prefill_step_size)
+        try:
+            yield from one_thread(prompt, model, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
+                                  prefill_step_size=prefill_step_size)
+        finally:
+            # A stopped reply leaves mlx-lm's prefetched step in flight on its stream; an interpreter
+            # exiting while that stream still works can abort ("terminate called without an active
+            # exception", seen when quitting chat mid-reply).
+            mx.synchronize(generation_stream)
         return
     from .sparse_layers import settle
 
