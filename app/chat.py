@@ -23,10 +23,10 @@ from chess_mlx import transcript
 from chess_mlx.chat_session import ChatSession, Reply
 from chess_mlx.compare import CompareSession
 from chess_mlx.errors import ChessError
+from chess_mlx import mlx_thread
 from chess_mlx.generate import Step
 from chess_mlx.sampling import Sampling
 
-from . import mlx_thread
 from .screens import CompareScreen, HelpScreen, SettingsScreen, SystemPromptScreen
 from .stats_view import stats_text
 

@@ -30,14 +30,18 @@ from chess_mlx.calibrate import calibrate  # noqa: E402
 from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
 
 
-def sequential(model, prompt: mx.array, n: int) -> tuple[list[int], float]:
-    from mlx_lm.generate import generate_step
-
-    gen = generate_step(prompt, model, max_tokens=n + 1, sampler=lambda lp: mx.argmax(lp, axis=-1))
+def _timed(gen, n: int) -> tuple[list[int], float]:
+    """All tokens of a ``generate_step``-style generator of n + 1 steps, and tokens/s after the first."""
     toks = [int(next(gen)[0])]
     t0 = time.perf_counter()
     toks += [int(t) for t, _ in gen]
     return toks, n / (time.perf_counter() - t0)
+
+
+def sequential(model, prompt: mx.array, n: int) -> tuple[list[int], float]:
+    from mlx_lm.generate import generate_step
+
+    return _timed(generate_step(prompt, model, max_tokens=n + 1, sampler=lambda lp: mx.argmax(lp, axis=-1)), n)
 
 
 def _start(model, prompt: mx.array, stream):
@@ -106,11 +110,7 @@ def library(model, prompt: mx.array, n: int) -> tuple[list[int], float]:
     """``chess_mlx.pipelined.generate_step`` as ``chess-mlx bench`` runs it (a token read per step)."""
     from chess_mlx import pipelined as P
 
-    gen = P.generate_step(prompt, model, max_tokens=n + 1)
-    toks = [int(next(gen)[0])]
-    t0 = time.perf_counter()
-    toks += [int(t) for t, _ in gen]
-    return toks, n / (time.perf_counter() - t0)
+    return _timed(P.generate_step(prompt, model, max_tokens=n + 1), n)
 
 
 def densities(model, prompt: mx.array, n: int, two_threads: bool) -> list:

@@ -308,7 +308,7 @@ def cmd_chat(args) -> int:
 
 def _exit_without_teardown(code: int) -> NoReturn:
     """End the process now, skipping the interpreter's shutdown. The app's MLX thread
-    (``app.mlx_thread``) is parked, but a thread that runs any Python while the interpreter shuts
+    (``chess_mlx.mlx_thread``) is parked, but a thread that runs any Python while the interpreter shuts
     down is ended there, and MLX then destroys that thread's ``mx.compile`` cache in a handler that
     needs the GIL: Python aborts ("terminate called without an active exception"). Nothing is left
     to tear down once the app has returned: the terminal is restored and transcripts are saved."""

@@ -17,14 +17,16 @@ and the CPU tests check this). ``CHESS_MLX_PIPELINE=0`` falls back to mlx-lm's `
 from __future__ import annotations
 
 import os
-import queue
 import sys
 import threading
 from concurrent.futures import Future
+from functools import partial
 from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .mlx_thread import MLXThread
 
 _ENABLED = os.environ.get("CHESS_MLX_PIPELINE", "1") != "0"
 
@@ -39,36 +41,7 @@ def enable(on: bool = True) -> None:
     _ENABLED = on
 
 
-class Encoder:
-    """One lasting daemon thread that runs ``mx.async_eval`` on what it is given, in order.
-
-    Lasting, because a thread that ends runs MLX's thread-exit handlers, which can abort an
-    interpreter that is shutting down (``app/mlx_thread.py``)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name="chess-mlx-encoder", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            arrays, done = self._jobs.get()
-            try:
-                mx.async_eval(*arrays)
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                done.set_exception(e)
-            else:
-                done.set_result(None)
-
-    def submit(self, *arrays: mx.array) -> Future:
-        """Schedule ``arrays`` on the encoder thread; the future completes once they are encoded
-        (their values may still be on their way from the GPU)."""
-        done: Future = Future()
-        self._jobs.put((arrays, done))
-        return done
-
-
-_ENCODER: Optional[Encoder] = None
+_ENCODER: Optional[MLXThread] = None
 _STREAMS: dict = {}
 _LOCK = threading.Lock()
 
@@ -78,15 +51,21 @@ _LOCK = threading.Lock()
 SWITCH_INTERVAL_S = 2e-4
 
 
-def encoder() -> Encoder:
-    """The process's encoder thread, started on first use; from then on the interpreter switches
-    threads every ``SWITCH_INTERVAL_S`` at most."""
+def encoder() -> MLXThread:
+    """The process's encoder thread (lasting: see ``mlx_thread``), made on first use; from then on
+    the interpreter switches threads every ``SWITCH_INTERVAL_S`` at most."""
     global _ENCODER
     with _LOCK:
         if _ENCODER is None:
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
-            _ENCODER = Encoder()
+            _ENCODER = MLXThread("chess-mlx-encoder")
         return _ENCODER
+
+
+def schedule(*arrays: mx.array) -> Future:
+    """``mx.async_eval(*arrays)`` on the encoder thread; the future completes once they are
+    encoded (their values may still be on their way from the GPU), or carries its error."""
+    return encoder().submit(partial(mx.async_eval, *arrays))
 
 
 def decode_stream() -> mx.Stream:
@@ -136,8 +115,9 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
 
     settle(model)
     sampler = sampler or _greedy
+    also = also or tuple
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
-    stream, enc = decode_stream(), encoder()
+    stream = decode_stream()
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
         logits = model(tokens[None], cache=cache)[:, -1, :]
@@ -150,11 +130,11 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
             model(prompt[:n][None], cache=cache)
             # ``also()`` here is the chunk's own densities: evaluated now, while the encoder is idle,
             # a later read on this thread cannot encode beside it.
-            mx.eval([c.state for c in cache], *(also() if also else ()))
+            mx.eval([c.state for c in cache], *also())
             prompt = prompt[n:]
             mx.clear_cache()
         y, logprobs = step(prompt)
-    mx.async_eval(y, logprobs, *(also() if also else ()))
+    mx.async_eval(y, logprobs, *also())
     scheduled: Optional[Future] = None  # y's encoding, once the encoder has it
     ahead: Optional[Future] = None  # the next step's encoding
     n = 0
@@ -164,7 +144,7 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
             if n != max_tokens:
                 with mx.stream(stream):
                     next_y, next_logprobs = step(y)
-                ahead = enc.submit(next_y, next_logprobs, *(also() if also else ()))
+                ahead = schedule(next_y, next_logprobs, *also())
             if scheduled is not None:
                 scheduled.result()  # read y only once the encoder has scheduled it
             if n == max_tokens:

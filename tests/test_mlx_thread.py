@@ -1,6 +1,6 @@
-"""The chat app's one MLX thread (app/mlx_thread.py): jobs run in order on a thread that lasts, so
+"""The chat app's one MLX thread (chess_mlx/mlx_thread.py): jobs run in order on a thread that lasts, so
 mx.compile's per-thread cache is built once, and no MLX thread ends while the interpreter shuts
-down (which aborts Python: the docstring of app/mlx_thread.py)."""
+down (which aborts Python: the docstring of chess_mlx/mlx_thread.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from app.mlx_thread import MLXThread, shared
+from chess_mlx.mlx_thread import MLXThread, shared
 
 
 def test_jobs_run_in_order_on_one_lasting_daemon_thread():

@@ -1,6 +1,8 @@
-"""One thread, for the life of the process, that runs the app's MLX work off the UI thread.
+"""Threads that last for the life of the process and run MLX work in order: the chat app's
+generation thread (``shared``, off the UI thread) and the two-thread decode's encoder
+(``pipelined``).
 
-Why not a thread per reply (Textual's thread workers): MLX 0.32 keeps ``mx.compile``'s cache per
+Why not a thread per job (e.g. Textual's thread workers per reply): MLX 0.32 keeps ``mx.compile``'s cache per
 thread, and a thread that ends destroys that cache in a C++ thread-exit handler that needs the
 GIL. When the handler runs while the interpreter is shutting down, Python aborts with "terminate
 called without an active exception" (seen about once in 40 quits in the middle of a reply under
@@ -21,11 +23,11 @@ _Job = tuple[Future, Callable[[], Any]]
 
 
 class MLXThread:
-    """A daemon thread running submitted jobs one at a time, in order."""
+    """A daemon thread running submitted jobs one at a time, in order (started by the first job)."""
 
     def __init__(self, name: str = "chess-mlx-worker") -> None:
         self._jobs: "queue.SimpleQueue[_Job]" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._lock = threading.Lock()
         self._started = False
 
@@ -33,7 +35,7 @@ class MLXThread:
         """Run ``fn()`` on the thread; its result or exception lands in the returned future."""
         with self._lock:
             if not self._started:
-                self._thread.start()
+                self.thread.start()
                 self._started = True
         fut: Future = Future()
         self._jobs.put((fut, fn))
@@ -59,8 +61,8 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared() -> MLXThread:
-    """The process's one MLX thread (every app instance shares it: a second thread would be a
-    second cache to tear down)."""
+    """The process's one generation thread for the app (every app instance shares it: a second
+    thread would be a second cache to tear down)."""
     global _SHARED
     with _SHARED_LOCK:
         if _SHARED is None:
