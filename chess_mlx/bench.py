@@ -17,7 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import pipelined
+from contextlib import contextmanager
+
+from . import block_step, fused_attention, pipelined
 from .calibrate import calibrate
 from .methods import DENSE
 from .sparse_layers import set_method, sparsify
@@ -117,6 +119,28 @@ def ahead_speed(model: nn.Module, n_tokens: int, prompt_len: int = 32, vocab: in
     return n_tokens / dt
 
 
+# The baseline as mlx-lm itself decodes: dense, with mlx-lm's attention, block and one-thread
+# generate_step (chess-mlx's decode paths switched off). "dense" is the same model through
+# chess-mlx's own decode path, the fair baseline for what sparsity adds.
+MLX_LM = "mlx-lm"
+_SWITCHES = (pipelined, fused_attention, block_step)
+
+
+@contextmanager
+def _as_method(model: nn.Module, method: str, th, sparsity: float):
+    """Set ``method`` on the model for a timing; ``MLX_LM`` is dense with chess-mlx's decode paths off."""
+    plain = method == MLX_LM
+    was = [m.enabled() for m in _SWITCHES]
+    for m in _SWITCHES:
+        m.enable(not plain and m.enabled())
+    set_method(model, DENSE if plain else method, th, sparsity)
+    try:
+        yield
+    finally:
+        for m, on in zip(_SWITCHES, was):
+            m.enable(on)
+
+
 def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int, n_tokens: int = 128,
               runs: int = 3, calib_tokens: int = 1024, progress=None, ahead: int = 0) -> list[DecodeResult]:
     """Median tokens/s of each method, runs interleaved method by method; with ``ahead`` > 0 also
@@ -124,27 +148,27 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
     state = sparsify(model)
     tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
                                key=mx.random.key(7))
-    th = calibrate(model, tokens, [sparsity]) if any(m != DENSE for m in methods) else None
+    th = calibrate(model, tokens, [sparsity]) if any(m not in (DENSE, MLX_LM) for m in methods) else None
     ffn: dict[str, float] = {}
     for m in methods:  # measured sparsity of one decode token, and a warm-up run, per method
-        set_method(model, m, th, sparsity)
-        state.recorder.enabled = True
-        model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)))
-        calls = state.recorder.pop()
-        state.recorder.enabled = False
-        ffn[m] = 0.0 if not calls else float(1 - calls[-1].density[:, -1].mean())
-        decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab)
-        if ahead:
-            ahead_speed(model, ahead, vocab=vocab)  # warm-up: a graph of this size once
+        with _as_method(model, m, th, sparsity):
+            state.recorder.enabled = True
+            model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)))
+            calls = state.recorder.pop()
+            state.recorder.enabled = False
+            ffn[m] = 0.0 if not calls else float(1 - calls[-1].density[:, -1].mean())
+            decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab)
+            if ahead:
+                ahead_speed(model, ahead, vocab=vocab)  # warm-up: a graph of this size once
     # Runs interleave the methods, so a slow spell of the (shared) host CPU hits all of them alike.
     speeds: dict[str, list[float]] = {m: [] for m in methods}
     aheads: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(runs):
         for m in methods:
-            set_method(model, m, th, sparsity)
-            speeds[m] += decode_speed(model, n_tokens=n_tokens, runs=1, vocab=vocab, warmup=False)
-            if ahead:
-                aheads[m].append(ahead_speed(model, ahead, vocab=vocab))
+            with _as_method(model, m, th, sparsity):
+                speeds[m] += decode_speed(model, n_tokens=n_tokens, runs=1, vocab=vocab, warmup=False)
+                if ahead:
+                    aheads[m].append(ahead_speed(model, ahead, vocab=vocab))
     results = []
     for m in methods:
         results.append(DecodeResult(m, statistics.median(speeds[m]), speeds[m], ffn[m],

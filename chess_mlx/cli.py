@@ -362,10 +362,11 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     import mlx.core as mx
 
-    from .bench import PRESETS, paired_ratios, random_model, run_bench
+    from .bench import MLX_LM, PRESETS, paired_ratios, random_model, run_bench
     from .sparse_gemv import backend
 
-    methods = M.parse_methods(args.methods)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m if m == MLX_LM else M.check_method(m) for m in names]
     sparsity = M.parse_sparsity(args.sparsity)
     if args.quantize not in (None, 4, 8):
         raise ChessError("--quantize takes 4 or 8")
@@ -392,13 +393,18 @@ def cmd_bench(args) -> int:
               + " (ratio of medians)")
         print("speed vs dense: " + ", ".join(f"{m} {v:.2f}x" for m, v in paired.items())
               + " (median of run-by-run ratios)")
+    vs_mlx_lm = paired_ratios(results, base=MLX_LM)
+    if vs_mlx_lm:
+        print("speed vs mlx-lm's own dense decode: " + ", ".join(f"{m} {v:.2f}x" for m, v in vs_mlx_lm.items())
+              + " (median of run-by-run ratios)")
     if paired_ahead:
         print(f"speed vs dense with the graph built ahead ({args.ahead} tokens per graph, the host's Python work "
               "left out): " + ", ".join(f"{m} {v:.2f}x" for m, v in paired_ahead.items()) + " (median of run-by-run ratios)")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": label, "sparsity": sparsity, "backend": backend(),
                                                "results": [r.__dict__ for r in results],
-                                               "paired_vs_dense": paired, "paired_vs_dense_ahead": paired_ahead},
+                                               "paired_vs_dense": paired, "paired_vs_dense_ahead": paired_ahead,
+                                               "paired_vs_mlx_lm": vs_mlx_lm},
                                               indent=2) + "\n")
     return 0
 
@@ -502,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantize", type=int, help="4 or 8 bits")
     b.add_argument("--group-size", type=int, default=64)
     b.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
-    b.add_argument("--methods", default="dense,chess,chess-attn,teal")
+    b.add_argument("--methods", default="mlx-lm,dense,chess,chess-attn,teal",
+                   help="methods, and 'mlx-lm': dense as mlx-lm itself decodes (chess-mlx's decode paths off)")
     b.add_argument("--sparsity", default="0.5")
     b.add_argument("--tokens", type=int, default=128)
     b.add_argument("--runs", type=int, default=3)

@@ -17,23 +17,13 @@ functions wrap the reference products.
 
 from __future__ import annotations
 
-import os
 
 import mlx.core as mx
 
 from . import sparse_gemv as G
+from .switches import env_switch
 
-_ENABLED = os.environ.get("CHESS_MLX_COMPILE", "1") != "0"
-
-
-def enabled() -> bool:
-    return _ENABLED
-
-
-def enable(on: bool = True) -> None:
-    """Switch the compiled paths on or off (off: the layers build the same ops one by one)."""
-    global _ENABLED
-    _ENABLED = on
+enabled, enable = env_switch("CHESS_MLX_COMPILE", "the compiled one-token paths (off: the layers build the same ops one by one)")
 
 
 def _act_mlp(x, wg, wu, t, wt_down, ws_down, zero):

@@ -16,7 +16,6 @@ and the CPU tests check this). ``CHESS_MLX_PIPELINE=0`` falls back to mlx-lm's `
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from concurrent.futures import Future
@@ -27,18 +26,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .mlx_thread import MLXThread
+from .switches import env_switch
 
-_ENABLED = os.environ.get("CHESS_MLX_PIPELINE", "1") != "0"
-
-
-def enabled() -> bool:
-    return _ENABLED
-
-
-def enable(on: bool = True) -> None:
-    """Switch the two-thread decode on or off (off: mlx-lm's one-thread ``generate_step``)."""
-    global _ENABLED
-    _ENABLED = on
+enabled, enable = env_switch("CHESS_MLX_PIPELINE", "the two-thread decode (off: mlx-lm's one-thread generate_step)")
 
 
 _ENCODER: Optional[MLXThread] = None
@@ -98,7 +88,7 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
     ``cudaGraphAddDependencies ... invalid argument``)."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    if not _ENABLED:
+    if not enabled():
         from mlx_lm.generate import generate_step as one_thread
         from mlx_lm.generate import generation_stream
 

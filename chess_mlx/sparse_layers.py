@@ -1,8 +1,9 @@
 """Sparse drop-in modules for mlx-lm Llama-style blocks, and the switch between methods.
 
 ``sparsify(model)`` swaps each block's MLP for a ``SparseMLP`` and each attention projection for a
-``SparseInputLinear``. Parameter names stay exactly as they were, so checkpoints, fingerprints and
-mlx-lm's KV cache and ``stream_generate`` are untouched. ``set_method`` then picks dense, CATS,
+``SparseInputLinear``, and gives attention and block their one-token decode paths
+(``fused_attention``, ``block_step``). Parameter names stay exactly as they were, so checkpoints,
+fingerprints and mlx-lm's KV cache and ``stream_generate`` are untouched. ``set_method`` then picks dense, CATS,
 CHESS, CHESS+attention or TEAL at any time, without reloading weights.
 """
 
@@ -16,7 +17,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import ChessError
+from . import block_step
 from . import decode_paths as D
+from . import fused_attention
 from . import sparse_gemv as G
 from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, kernel_workspace,
                          row_weight, sparse_input_linear, transposed_weight, weight_nbytes)
@@ -203,6 +206,8 @@ def sparsify(model: nn.Module) -> ChessState:
             base = getattr(attn, f"{p}_proj")
             setattr(attn, f"{p}_proj", SparseInputLinear(base, i, p, recorder))
         layer.mlp = SparseMLP(mlp, i, recorder)
+        fused_attention.install(attn)
+        block_step.install(layer)
         for j, p in enumerate(PROJS):
             holder = attn if p in ATTN_PROJS else layer.mlp
             per_proj[i, j] = weight_nbytes(getattr(holder, f"{p}_proj"))
@@ -245,6 +250,8 @@ def set_method(model: nn.Module, method: str, thresholds=None, sparsity: float |
                 t = level["attn_out" if p == "o" else "attn_in"][i]
             mod.ctl.threshold = None if t is None else float(t)
             mod.ctl.plans.clear()
+        fused_attention.reset(layer.self_attn)
+        block_step.reset(layer)
         c = mlp.ctl
         c.mode, c.act, c.inp, c.down = DENSE, None, None, None
         c.plans.clear()

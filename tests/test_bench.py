@@ -77,3 +77,23 @@ def test_run_bench_ahead_speeds_and_their_paired_ratios():
     assert got["chess"] == np.median(np.array(res[1].ahead_runs) / np.array(res[0].ahead_runs))
     assert bench.paired_ratios(run_bench(model, ["dense"], 0.5, vocab=512, n_tokens=2, runs=1,
                                          calib_tokens=256), ahead=True) == {}
+
+
+def test_mlx_lm_baseline_runs_with_chess_mlx_decode_paths_off(monkeypatch):
+    """'mlx-lm' times dense through mlx-lm's own attention, block and generate_step; every other
+    method through chess-mlx's paths; the switches are as before afterwards."""
+    from chess_mlx import block_step, fused_attention, pipelined
+
+    model = random_model("tiny", dtype=mx.float32)
+    seen: list[tuple] = []
+    real = bench.decode_speed
+
+    def spy(m, *a, **k):
+        seen.append((sparsify(m).method, pipelined.enabled(), fused_attention.enabled(), block_step.enabled()))
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(bench, "decode_speed", spy)
+    res = run_bench(model, ["mlx-lm", "dense"], 0.5, vocab=512, n_tokens=3, runs=1, calib_tokens=256)
+    assert seen == [("dense", False, False, False), ("dense", True, True, True)] * 2
+    assert pipelined.enabled() and fused_attention.enabled() and block_step.enabled()
+    assert set(bench.paired_ratios(res, base="mlx-lm")) == {"mlx-lm", "dense"}

@@ -116,3 +116,4 @@ def test_console_entry_exit_code_and_single_line(tmp_path):
 
 def test_bench_rejects_a_negative_ahead_count(capsys):
     assert "--ahead" in _fails(capsys, ["bench", "--preset", "tiny", "--ahead", "-1"])
+    assert "unknown method 'mlxlm'" in _fails(capsys, ["bench", "--preset", "tiny", "--methods", "mlxlm,dense"])

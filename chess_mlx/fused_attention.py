@@ -1,0 +1,200 @@
+"""One-token attention with fewer graph nodes: q, k and v as one product, RoPE once.
+
+Why: on a fast GPU a decode token is bound by MLX's host-side encoding, which grows with the
+number of graph nodes (benchmarks/RESULTS.md, sessions 3, 13 and 14). mlx-lm's attention costs a
+token, per layer, three products, three reshapes, four transposes and two RoPEs. Here, for one
+token, it is:
+
+- one product over the rows ``[Wq; Wk; Wv]`` (only the dense ones: under CHESS+attention q takes
+  its sparse-input kernel and ``[Wk; Wv]`` stays one product);
+- one reshape straight to heads: a single token's ``(1, H*D)`` row already is ``(H, 1, D)`` in
+  memory, so no transpose is needed, on the way in or out;
+- one RoPE over the q and k heads together (they are adjacent rows), unless the model normalises
+  q and k per head first (Qwen3).
+
+The three projections keep their parameter names: their weights become row views of one stored
+block, so the fused product costs no extra memory and checkpoints, calibration and the prefill
+path (mlx-lm's own ``__call__``) see the same parameters as before. Prefill, calibration
+collectors and models outside the families listed in ``FAMILIES`` take mlx-lm's code unchanged.
+``CHESS_MLX_FUSED_ATTN=0`` switches this off (mlx-lm's attention everywhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from .linear_ops import dense_linear
+from .switches import env_switch
+
+enabled, enable = env_switch("CHESS_MLX_FUSED_ATTN", "the fused one-token attention (off: mlx-lm's attention)")
+
+# mlx-lm attention modules whose one-token call this module reproduces (Mistral is mlx-lm's llama).
+FAMILIES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
+_KEYS = ("weight", "scales", "biases", "bias")
+
+
+class _Rows(nn.Module):
+    """Consecutive output rows of several projections as one projection for ``dense_linear``."""
+
+    def __init__(self, mods: list[nn.Module], rows: dict[str, mx.array], start: int, stop: int):
+        super().__init__()
+        for key, a in rows.items():
+            self[key] = a[start:stop]
+        if "scales" in rows:
+            self.group_size, self.bits = mods[0].group_size, mods[0].bits
+            self.mode = getattr(mods[0], "mode", "affine")
+        mx.eval(self.parameters())  # views now, or each step would slice anew
+
+
+def _fusable(mods: list[nn.Module]) -> bool:
+    """Same keys, dtypes, input size and quantization: rows that one product may read together."""
+    first = mods[0]
+    sig = lambda m: (tuple(k for k in _KEYS if k in m), tuple(m[k].dtype for k in _KEYS if k in m),  # noqa: E731
+                     m["weight"].shape[1], getattr(m, "bits", None), getattr(m, "group_size", None),
+                     getattr(m, "mode", None))
+    return all(sig(m) == sig(first) for m in mods)
+
+
+def _store_rows(mods: list[nn.Module]) -> dict[str, mx.array]:
+    """Concatenate the projections' rows once and give each projection its rows back as views, so
+    the block is the only copy in memory."""
+    rows = {k: mx.concatenate([m[k] for m in mods], axis=0) for k in _KEYS if k in mods[0]}
+    mx.eval(rows)
+    start = 0
+    for m in mods:
+        n = m["weight"].shape[0]
+        for k, a in rows.items():
+            m[k] = a[start:start + n]
+        start += n
+    mx.eval([m[k] for m in mods for k in rows])
+    return rows
+
+
+@dataclass
+class _Plan:
+    """The one-token attention of the current method: which projections share one product."""
+
+    qkv: Optional[_Rows]  # q, k and v dense: one product
+    kv: Optional[_Rows]  # q thresholded, k and v dense: q alone, then k and v as one product
+
+
+class _State:
+    """Plain (non-parameter) state of one attention module: its stored rows, current plan, and
+    what a step reads of the module, looked up once (Module attribute lookups cost host time at
+    every layer and token)."""
+
+    def __init__(self, attn: nn.Module):
+        self.rows: Optional[dict] = None
+        self.plan: Optional[_Plan] = None
+        self.hq, self.hkv = attn.n_heads, attn.n_kv_heads
+        self.norms = "q_norm" in attn
+        # the projections' controls (sparse modules), to see a calibration collector cheaply
+        self.ctls = [c for p in (attn.q_proj, attn.k_proj, attn.v_proj) if (c := getattr(p, "ctl", None))]
+
+    def collecting(self) -> bool:
+        for c in self.ctls:
+            if c.collector is not None:
+                return True
+        return False
+
+
+def _dense(p: nn.Module) -> bool:
+    ctl = getattr(p, "ctl", None)
+    return ctl is None or ctl.threshold is None
+
+
+def _make_plan(attn: nn.Module, st: _State) -> _Plan:
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    if not (_dense(k) and _dense(v) and _fusable([q, k, v])):
+        return _Plan(None, None)
+    if st.rows is None:
+        st.rows = _store_rows([q, k, v])
+    nq, nkv = q["weight"].shape[0], k["weight"].shape[0]
+    if _dense(q):
+        return _Plan(_Rows([q, k, v], st.rows, 0, nq + 2 * nkv), None)
+    return _Plan(None, _Rows([k, v], st.rows, nq, nq + 2 * nkv))
+
+
+def plan_of(attn: nn.Module) -> _Plan:
+    """The attention's one-token plan for the current method (made on first use)."""
+    st: _State = attn._fused
+    if st.plan is None:
+        st.plan = _make_plan(attn, st)
+    return st.plan
+
+
+def heads(st: _State, h: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v heads of one token from the fused product ``h`` (B, 1, (hq + 2 hkv) * D), with
+    RoPE at ``offset``: one reshape, one RoPE over q and k together unless q/k are normalised."""
+    hq, hkv = st.hq, st.hkv
+    B = h.shape[0]
+    h = h.reshape(B, hq + 2 * hkv, 1, h.shape[-1] // (hq + 2 * hkv))
+    v = h[:, hq + hkv:]
+    if q_norm is not None:
+        return rope(q_norm(h[:, :hq]), offset=offset), rope(k_norm(h[:, hq:hq + hkv]), offset=offset), v
+    r = rope(h[:, :hq + hkv], offset=offset)
+    return r[:, :hq], r[:, hq:], v
+
+
+def _one_token(self, x: mx.array, mask, cache) -> mx.array:
+    """mlx-lm's attention for a single token ``x`` of shape (B, 1, dim), in fewer nodes."""
+    st: _State = self._fused
+    plan, hq, hkv, norms = plan_of(self), st.hq, st.hkv, st.norms
+    B = x.shape[0]
+    if plan.qkv is not None:
+        q, k, v = heads(st, dense_linear(x, plan.qkv), self.rope, self.q_norm if norms else None,
+                        self.k_norm if norms else None, cache.offset)
+    else:
+        q = self.q_proj(x)
+        q = q.reshape(B, hq, 1, q.shape[-1] // hq)
+        if plan.kv is not None:
+            kv = dense_linear(x, plan.kv).reshape(B, 2 * hkv, 1, q.shape[-1])
+            k, v = kv[:, :hkv], kv[:, hkv:]
+        else:
+            k = self.k_proj(x).reshape(B, hkv, 1, q.shape[-1])
+            v = self.v_proj(x).reshape(B, hkv, 1, q.shape[-1])
+        if norms:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
+    k, v = cache.update_and_fetch(k, v)
+    o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+    return self.o_proj(o.reshape(B, 1, -1))
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(base: type) -> type:
+    """A subclass of an mlx-lm attention class whose one-token call takes ``_one_token``."""
+    cls = _CLASSES.get(base)
+    if cls is None:
+        def __call__(self, x, mask=None, cache=None):
+            if x.shape[1] != 1 or cache is None or not enabled() or self._fused.collecting():
+                return base.__call__(self, x, mask=mask, cache=cache)
+            return _one_token(self, x, mask, cache)
+
+        cls = _CLASSES[base] = type(f"Fused{base.__name__}", (base,), {"__call__": __call__})
+    return cls
+
+
+def install(attn: nn.Module) -> bool:
+    """Give one attention module the fused one-token call (in place: its class, not its
+    parameters, changes). Returns False for a family this module does not know."""
+    if type(attn).__module__ not in FAMILIES and type(attn) not in _CLASSES.values():
+        return False
+    if type(attn) not in _CLASSES.values():
+        attn.__class__ = _fused_class(type(attn))
+        attn._fused = _State(attn)
+    return True
+
+
+def reset(attn: nn.Module) -> None:
+    """Forget the plan (the method changed); the stored rows stay."""
+    st = getattr(attn, "_fused", None)
+    if st is not None:
+        st.plan = None

@@ -1,0 +1,162 @@
+"""The fused one-token attention (chess_mlx/fused_attention.py) and the compiled one-token block
+(chess_mlx/block_step.py) against mlx-lm's attention and block: the same logits for every method
+and family, parameters that stay views of one block (no extra memory), and prefill and
+calibration left on mlx-lm's code."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from chess_mlx import block_step, calibrate, fused_attention, set_method, sparsify
+from tiny import tiny_model
+
+FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("llama", {"attention_bias": True})]
+
+
+def _decode_logits(model, prompt, n):
+    """Teacher-forced one-token steps after a prefill: logits of every step, in float64."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(prompt[None, :-1], cache=cache)
+    out, tok = [], prompt[-1:]
+    for i in range(n):
+        logits = model(tok[None], cache=cache)[0, -1]
+        out.append(np.array(logits, dtype=np.float64))
+        tok = mx.array([(7 * i + 3) % 256])
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f[0] + ("-bias" if f[1] else ""))
+def model_th(request):
+    family, over = request.param
+    model, _ = tiny_model(family, seed=5, **over)
+    sparsify(model)
+    th = calibrate(model, mx.random.randint(0, 256, (2, 48), key=mx.random.key(1)), [0.5])
+    return model, th
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["attention", "block"])
+@pytest.mark.parametrize("method", ["dense", "cats", "chess", "chess-attn", "teal"])
+def test_same_logits_as_mlx_lm_attention(model_th, method, block):
+    model, th = model_th
+    set_method(model, method, None if method == "dense" else th, 0.5)
+    prompt = mx.random.randint(0, 256, (9,), key=mx.random.key(2))
+    fused_attention.enable(False)
+    try:
+        ref = _decode_logits(model, prompt, 6)
+    finally:
+        fused_attention.enable(True)
+    block_step.enable(block)
+    try:
+        got = _decode_logits(model, prompt, 6)
+    finally:
+        block_step.enable(True)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    layer = model.model.layers[0]
+    assert type(layer.self_attn).__name__.startswith("Fused") and type(layer).__name__.startswith("Stepped")
+    # the compiled block runs exactly where q, k, v and o are dense
+    steps = layer._step.steps
+    assert (steps is not None and any(s is not None for s in steps.values())) == (
+        block and method in ("dense", "cats", "chess"))
+
+
+def test_plan_follows_the_method(model_th):
+    """Dense q/k/v share one product; a thresholded q leaves k and v as one; TEAL none."""
+    model, th = model_th
+    attn = model.model.layers[1].self_attn
+    x = mx.random.normal((1, 1, attn.q_proj["weight"].shape[1]))
+    from mlx_lm.models.cache import KVCache
+
+    expect = {"dense": (True, False), "chess": (True, False), "chess-attn": (False, True), "teal": (False, False)}
+    for method, (qkv, kv) in expect.items():
+        set_method(model, method, None if method == "dense" else th, 0.5)
+        attn(x, cache=KVCache())
+        plan = attn._fused.plan
+        assert (plan.qkv is not None, plan.kv is not None) == (qkv, kv), method
+
+
+def test_projections_are_views_of_one_block():
+    """After the first one-token step q/k/v hold no memory of their own."""
+    model, _ = tiny_model("llama", seed=3, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                          num_key_value_heads=2, head_dim=32)
+    sparsify(model)
+    attn = model.model.layers[0].self_attn
+    before = {p: np.array(getattr(attn, f"{p}_proj")["weight"]) for p in "qkv"}
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
+    mx.synchronize()
+    gc_and_clear = lambda: (mx.synchronize(), mx.clear_cache())  # noqa: E731
+    gc_and_clear()
+    used = mx.get_active_memory()
+    mx.eval(model(mx.array([[4]]), cache=cache))  # first one-token step: stores the rows
+    gc_and_clear()
+    grown = mx.get_active_memory() - used
+    qkv_bytes = sum(getattr(l.self_attn, f"{p}_proj")["weight"].nbytes for l in model.model.layers for p in "qkv")
+    assert grown < qkv_bytes / 4, (grown, qkv_bytes)
+    for p in "qkv":
+        np.testing.assert_array_equal(np.array(getattr(attn, f"{p}_proj")["weight"]), before[p])
+
+
+def test_quantized_rows_fuse(tmp_path):
+    """MLX 4-bit projections fuse too (scales and biases with them) and give the same logits."""
+    model, _ = tiny_model("llama", seed=4)
+    nn.quantize(model, group_size=32, bits=4)
+    sparsify(model)
+    prompt = mx.random.randint(0, 256, (5,), key=mx.random.key(4))
+    fused_attention.enable(False)
+    try:
+        ref = _decode_logits(model, prompt, 4)
+    finally:
+        fused_attention.enable(True)
+    got = _decode_logits(model, prompt, 4)
+    assert model.model.layers[0].self_attn._fused.plan.qkv is not None
+    assert any(s is not None for s in model.model.layers[0]._step.steps.values())
+    assert "scales" in model.model.layers[0].self_attn._fused.plan.qkv
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_sees_attention_inputs_of_one_token_steps(model_th):
+    """A collector on q_proj sends the call to mlx-lm's code, which calls q_proj itself."""
+    model, _ = model_th
+    set_method(model, "dense")
+    attn = model.model.layers[0].self_attn
+    seen = []
+    attn.q_proj.ctl.collector = lambda _p, x: seen.append(x.shape)
+    try:
+        from mlx_lm.models.cache import KVCache
+
+        attn(mx.zeros((1, 1, attn.q_proj["weight"].shape[1])), cache=KVCache())
+    finally:
+        attn.q_proj.ctl.collector = None
+    assert seen == [(1, 1, attn.q_proj["weight"].shape[1])]
+
+
+def test_block_step_follows_weights_of_the_method_switch(model_th):
+    """A method switch drops the compiled steps; CHESS after dense decodes as CHESS does."""
+    model, th = model_th
+    prompt = mx.random.randint(0, 256, (7,), key=mx.random.key(8))
+    set_method(model, "chess", th, 0.5)
+    fresh = _decode_logits(model, prompt, 3)
+    set_method(model, "dense")
+    _decode_logits(model, prompt, 3)
+    set_method(model, "chess", th, 0.5)
+    np.testing.assert_array_equal(_decode_logits(model, prompt, 3), fresh)
+
+
+def test_block_step_across_a_cache_growth(model_th):
+    """Past mlx-lm's 256-position cache step the position stays right (RoPE takes it as an array)."""
+    model, th = model_th
+    set_method(model, "chess", th, 0.5)
+    prompt = mx.random.randint(0, 256, (250,), key=mx.random.key(9))
+    fused_attention.enable(False)
+    try:
+        ref = _decode_logits(model, prompt, 10)
+    finally:
+        fused_attention.enable(True)
+    np.testing.assert_allclose(_decode_logits(model, prompt, 10), ref, rtol=1e-5, atol=1e-5)
