@@ -105,7 +105,8 @@ def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
     if s is None:
         return None
     attn = self.self_attn
-    q, k, v = s.head(x, _offset(cache.offset))
+    off = cache.offset  # an int, or one position per sequence (mlx-lm's BatchKVCache)
+    q, k, v = s.head(x, _offset(off) if type(off) is int else off)
     k, v = cache.update_and_fetch(k, v)
     o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     h, hn = s.mid(x, o)

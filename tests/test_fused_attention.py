@@ -160,3 +160,30 @@ def test_block_step_across_a_cache_growth(model_th):
     finally:
         fused_attention.enable(True)
     np.testing.assert_allclose(_decode_logits(model, prompt, 10), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dense", "chess"])
+def test_batched_decode_with_left_padding(model_th, method):
+    """mlx-lm's BatchKVCache (positions as an array, an array mask): the same logits as mlx-lm."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    model, th = model_th
+    set_method(model, method, None if method == "dense" else th, 0.5)
+    prompts = mx.random.randint(0, 256, (2, 8), key=mx.random.key(12))
+
+    def run():
+        cache = [BatchKVCache([0, 3]) for _ in model.layers]
+        model(prompts, cache=cache)
+        out, tok = [], mx.array([[5], [9]])
+        for _ in range(4):
+            logits = model(tok, cache=cache)[:, -1]
+            out.append(np.array(logits, dtype=np.float64))
+            tok = mx.argmax(logits, axis=-1)[:, None]
+        return np.stack(out)
+
+    fused_attention.enable(False)
+    try:
+        ref = run()
+    finally:
+        fused_attention.enable(True)
+    np.testing.assert_allclose(run(), ref, rtol=1e-5, atol=1e-5)
