@@ -17,7 +17,6 @@ functions wrap the reference products.
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 
 from . import sparse_gemv as G

@@ -1,8 +1,9 @@
 """Generation with the sparsity of every step attached: mlx-lm's ``stream_generate`` loop (its
 tokenizer wrapper, detokenizer and EOS handling), over ``pipelined.generate_step``.
 
-The decode builds step n+1 before it hands out token n, so the recorder may hold a call ahead;
-the steps that produce tokens are the one-token calls, in order, which is how they are matched.
+The decode builds step n+1 before it hands out token n, so the recorder may hold a call ahead.
+The recorded calls are, in order, the prompt's chunks (all of the prompt but its last token, in
+chunks of ``PREFILL_STEP``) and then one call per token, which is how they are matched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import mlx.nn as nn
 from . import pipelined
 from .sparse_layers import sparsify
 from .stats import CallStats, TokenStats, merge, summarize
+
+PREFILL_STEP = 2048  # prompt tokens per prefill call (mlx-lm's default)
 
 
 @dataclass
@@ -71,10 +74,16 @@ def stream(model: nn.Module, tokenizer, prompt, max_tokens: int = 256, sampler=N
     start = time.perf_counter()
     ttft = prompt_tps = 0.0
     gen = pipelined.generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
-                                  also=rec.current)
+                                  prefill_step_size=PREFILL_STEP, also=rec.current)
+    # the prompt's chunks come first; by count, not by size (a 2-token prompt's chunk is 1 token)
+    chunks = [-(-(prompt.size - 1) // PREFILL_STEP)]
 
     def step(token: int, n: int, finish: Optional[str]) -> Step:
-        decode.extend(c for c in rec.pop(closed_only=True) if c.n_tokens == 1)
+        for c in rec.pop(closed_only=True):
+            if chunks[0]:
+                chunks[0] -= 1
+            else:
+                decode.append(c)
         call = decode.popleft() if decode else CallStats.dense(wb.per_proj.shape[0])
         return Step(text=detok.last_segment, token=token, stats=summarize(call, wb), prompt_tokens=prompt.size,
                     prompt_tps=prompt_tps, generation_tokens=n + 1,

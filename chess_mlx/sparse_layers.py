@@ -3,8 +3,8 @@
 ``sparsify(model)`` swaps each block's MLP for a ``SparseMLP`` and each attention projection for a
 ``SparseInputLinear``, and gives attention and block their one-token decode paths
 (``fused_attention``, ``block_step``). Parameter names stay exactly as they were, so checkpoints,
-fingerprints and mlx-lm's KV cache and ``stream_generate`` are untouched. ``set_method`` then picks dense, CATS,
-CHESS, CHESS+attention or TEAL at any time, without reloading weights.
+fingerprints and mlx-lm's KV cache and ``stream_generate`` are untouched. ``set_method`` then
+picks dense, CATS, CHESS, CHESS+attention or TEAL at any time, without reloading weights.
 """
 
 from __future__ import annotations

@@ -133,3 +133,49 @@ def test_switched_off_it_is_mlx_lm(model_th, monkeypatch):
     finally:
         pipelined.enable(True)
     assert calls and len(got) == 5
+
+
+@pytest.mark.parametrize("plen", [1, 2, 5])
+@pytest.mark.parametrize("two_threads", [True, False])
+def test_each_token_carries_the_stats_of_its_own_step(model_th, monkeypatch, plen, two_threads):
+    """Token n's stats are those of the one-token step that produced it, also after a 2-token
+    prompt, whose single prefill chunk is one token long too; prompt chunks count by number."""
+    import tempfile
+    from pathlib import Path
+
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from mlx_lm.utils import load_tokenizer
+
+    from chess_mlx import generate as GEN
+    from chess_mlx.stats import summarize
+    from tiny import byte_tokenizer_files
+
+    model, th = model_th
+    state = set_method(model, "chess", th, 0.5)
+    prompt = mx.random.randint(0, 256, (plen,), key=mx.random.key(20 + plen))
+    # the reference: the same steps by hand, the densities of each one-token step
+    rec = state.recorder
+    rec.clear()
+    rec.enabled = True
+    cache = make_prompt_cache(model)
+    if plen > 1:
+        model(prompt[None, :-1], cache=cache)
+        rec.pop()
+    want, tok = [], prompt[-1:]
+    for _ in range(4):
+        logits = model(tok[None], cache=cache)[:, -1]
+        want.append(summarize(rec.pop()[-1], state.weight_bytes).ffn_sparsity)
+        tok = mx.argmax(logits, axis=-1)
+    rec.enabled = False
+    rec.clear()
+
+    with tempfile.TemporaryDirectory() as d:
+        byte_tokenizer_files(Path(d))
+        tokenizer = load_tokenizer(Path(d))
+    assert isinstance(tokenizer, TokenizerWrapper)
+    monkeypatch.setattr(pipelined, "enabled", lambda: two_threads)
+    got = [s.stats.ffn_sparsity for s in GEN.stream(model, tokenizer, prompt, max_tokens=4)]
+    assert len(got) == 4
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert len(set(np.round(want, 6))) > 1  # the steps' densities differ, so a shift would show
