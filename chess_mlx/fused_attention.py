@@ -141,25 +141,36 @@ def heads(st: _State, h: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.arr
     return r[:, :hq], r[:, hq:], v
 
 
+def heads_kv(st: _State, q: mx.array, kv: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.array, ...]:
+    """q, k, v heads of one token from q (B, 1, hq * D) and the fused ``[Wk; Wv]`` product ``kv``,
+    with RoPE at ``offset``."""
+    hq, hkv = st.hq, st.hkv
+    B = q.shape[0]
+    q = q.reshape(B, hq, 1, q.shape[-1] // hq)
+    kv = kv.reshape(B, 2 * hkv, 1, q.shape[-1])
+    k, v = kv[:, :hkv], kv[:, hkv:]
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    return rope(q, offset=offset), rope(k, offset=offset), v
+
+
 def _one_token(self, x: mx.array, mask, cache) -> mx.array:
     """mlx-lm's attention for a single token ``x`` of shape (B, 1, dim), in fewer nodes."""
     st: _State = self._fused
-    plan, hq, hkv, norms = plan_of(self), st.hq, st.hkv, st.norms
+    plan, hq, hkv = plan_of(self), st.hq, st.hkv
+    qn, kn = (self.q_norm, self.k_norm) if st.norms else (None, None)
     B = x.shape[0]
     if plan.qkv is not None:
-        q, k, v = heads(st, dense_linear(x, plan.qkv), self.rope, self.q_norm if norms else None,
-                        self.k_norm if norms else None, cache.offset)
+        q, k, v = heads(st, dense_linear(x, plan.qkv), self.rope, qn, kn, cache.offset)
+    elif plan.kv is not None:
+        q, k, v = heads_kv(st, self.q_proj(x), dense_linear(x, plan.kv), self.rope, qn, kn, cache.offset)
     else:
         q = self.q_proj(x)
         q = q.reshape(B, hq, 1, q.shape[-1] // hq)
-        if plan.kv is not None:
-            kv = dense_linear(x, plan.kv).reshape(B, 2 * hkv, 1, q.shape[-1])
-            k, v = kv[:, :hkv], kv[:, hkv:]
-        else:
-            k = self.k_proj(x).reshape(B, hkv, 1, q.shape[-1])
-            v = self.v_proj(x).reshape(B, hkv, 1, q.shape[-1])
-        if norms:
-            q, k = self.q_norm(q), self.k_norm(k)
+        k = self.k_proj(x).reshape(B, hkv, 1, q.shape[-1])
+        v = self.v_proj(x).reshape(B, hkv, 1, q.shape[-1])
+        if qn is not None:
+            q, k = qn(q), kn(k)
         q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
     k, v = cache.update_and_fetch(k, v)
     o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)

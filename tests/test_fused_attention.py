@@ -187,3 +187,48 @@ def test_batched_decode_with_left_padding(model_th, method):
     finally:
         fused_attention.enable(True)
     np.testing.assert_allclose(run(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_block_step_with_thresholded_q_and_o(family, monkeypatch):
+    """CHESS+attention through the compiled block: q's and o's sparse-input paths inside the
+    traces (on the CPU they wrap the reference products, as in test_decode_paths). Logits and
+    recorded densities equal mlx-lm's attention with the same paths op by op."""
+    from chess_mlx import decode_paths
+    from chess_mlx import sparse_layers as SL
+
+    monkeypatch.setattr(SL, "compiled_path_ok", lambda x, *p: x.size == x.shape[-1] and decode_paths.enabled()
+                        and all("bias" not in q and "scales" not in q for q in p))
+    model, _ = tiny_model(family, seed=6)
+    sparsify(model)
+    th = calibrate(model, mx.random.randint(0, 256, (2, 48), key=mx.random.key(1)), [0.5])
+    state = set_method(model, "chess-attn", th, 0.5)
+    prompt = mx.random.randint(0, 256, (6,), key=mx.random.key(2))
+
+    def run():
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(model)
+        model(prompt[None, :-1], cache=cache)
+        out, dens, tok = [], [], prompt[-1:]
+        for i in range(5):
+            state.recorder.enabled = True
+            logits = model(tok[None], cache=cache)[0, -1]
+            calls = state.recorder.pop()
+            state.recorder.enabled = False
+            out.append(np.array(logits, dtype=np.float64))
+            dens.append(calls[-1].density)
+            tok = mx.array([(11 * i + 5) % 256])
+        return np.stack(out), np.stack(dens)
+
+    fused_attention.enable(False)
+    try:
+        ref, ref_d = run()
+    finally:
+        fused_attention.enable(True)
+    got, got_d = run()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_d, ref_d, atol=1e-7)
+    assert (got_d[:, :, 0] < 1).any() and (got_d[:, :, 3] < 1).any()  # q and o really thresholded
+    step = next(iter(model.model.layers[1]._step.steps.values()))
+    assert step is not None and step.q is not None and step.o is not None
