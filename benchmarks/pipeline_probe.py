@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=2, help="graphs built ahead of the encoder")
     ap.add_argument("--check-stats", action="store_true",
                     help="only compare per-token recorded densities, two threads against mlx-lm's loop")
+    ap.add_argument("--repeat", type=int, default=1, help="--check-stats: repeat each method's check (races are rare)")
     ap.add_argument("--switch", type=float, default=0.0,
                     help="sys.setswitchinterval (s): how soon the encoder thread gets the GIL back")
     args = ap.parse_args()
@@ -165,11 +166,13 @@ def main() -> None:
 
         for m in args.methods.split(","):
             set_method(model, m, th, 0.5)
-            a = densities(model, prompt, args.tokens, False)
-            b = densities(model, prompt, args.tokens, True)
-            same = len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-            print(json.dumps({"method": m, "tokens_with_stats": [len(a), len(b)], "densities_identical": same,
-                              "mean_density": round(float(np.mean(b)), 4) if b else None}), flush=True)
+            for rep in range(args.repeat):
+                a = densities(model, prompt, args.tokens, False)
+                b = densities(model, prompt, args.tokens, True)
+                same = len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+                print(json.dumps({"method": m, "repeat": rep, "tokens_with_stats": [len(a), len(b)],
+                                  "densities_identical": same,
+                                  "mean_density": round(float(np.mean(b)), 4) if b else None}), flush=True)
         return
     speeds: dict = {}
     for run in range(args.runs + 1):  # run 0 warms up

@@ -2,23 +2,19 @@
 
 Why: once the fused attention cut MLX's encoding (``fused_attention``), the Python that builds a
 token's graph, ~25 op calls and a dozen module calls per layer, became what keeps CHESS at
-dense's speed on some lent hosts (benchmarks/RESULTS.md, session 15). For dense, CATS, CHESS and
-CHESS+attention, a block's one-token step is here:
+dense's speed on some lent hosts (benchmarks/RESULTS.md, session 15). Where q, k, v and o are
+dense (dense, CATS and CHESS), a block's one-token step is here:
 
-- ``head``, compiled: input norm, the ``[Wq; Wk; Wv]`` product (or q's sparse-input path and the
-  ``[Wk; Wv]`` product), heads, RoPE -> q, k, v;
+- ``head``, compiled: input norm, the ``[Wq; Wk; Wv]`` product, heads, RoPE -> q, k, v;
 - the KV cache update and attention, outside (the cache grows with every token, and attention
   keeps MLX's one-token kernel; traced whole steps lost both, RESULTS.md sessions 7 and 14);
-- ``mid``, compiled: the o product (or o's sparse-input path), the residual, the post-attention
-  norm;
+- ``mid``, compiled: the o product, the residual, the post-attention norm;
 - the MLP module (its own compiled path under CATS/CHESS), and the last residual.
 
 The graph nodes are those of the fused attention path, so MLX's encoding is unchanged. RoPE takes
 the position as an array, so one trace serves every token. A trace keeps the stream it was made
-on, so each block keeps one pair per stream. A thresholded projection's workspace token (the
-order of its launches) enters and leaves the traces as an array. Prefill, calibration
-collectors, TEAL, and thresholded projections without a compiled path (the CPU, several
-sequences) take the fused attention path (``fused_attention``).
+on, so each block keeps one pair per stream. Prefill, calibration collectors, CHESS+attention,
+TEAL and batches of several sequences take the fused attention path (``fused_attention``).
 ``CHESS_MLX_BLOCK_STEP=0`` switches this off.
 """
 
@@ -50,54 +46,22 @@ def _offset(n: int) -> mx.array:
     return a
 
 
-class _Site:
-    """A thresholded projection's bound sparse-input path (``decode_paths``) called inside a
-    block's trace. Its workspace's ordering token enters and leaves the trace as an array, and its
-    density is recorded after the call, as ``SparseInputLinear`` does outside a trace."""
-
-    __slots__ = ("c", "static", "ws", "ctl", "proj")
-
-    def __init__(self, mod: nn.Module, bound):
-        self.c, self.static, (self.ws,) = bound.c, bound.static, bound.spaces
-        self.ctl, self.proj = mod.ctl, mod.proj
-
-    def __call__(self, x: mx.array, last: mx.array) -> tuple:
-        """Inside the trace: (y, density, the workspace's new ordering token)."""
-        return self.c(x, self.static, (last,))
-
-    def done(self, density: mx.array, last: mx.array) -> None:
-        self.ws.last = last
-        self.ctl.recorder.record_density(self.ctl.layer, self.proj, density, 1)
-
-
 class _Step:
-    """A block's compiled ``head`` and ``mid`` for one stream and method. Each returns its
-    arrays, then (density, ordering token) of its thresholded projection, if any (q in ``head``,
-    o in ``mid``, under CHESS+attention)."""
+    """A block's compiled ``head`` and ``mid`` for one stream."""
 
-    __slots__ = ("head", "mid", "q", "o")
+    __slots__ = ("head", "mid")
 
-    def __init__(self, block: nn.Module, plan, q: Optional[_Site], o: Optional[_Site]):
+    def __init__(self, block: nn.Module, rows: nn.Module):
         attn, st = block.self_attn, block.self_attn._fused
-        ln1, ln2, o_proj, rope = block.input_layernorm, block.post_attention_layernorm, attn.o_proj, attn.rope
+        ln1, ln2, o, rope = block.input_layernorm, block.post_attention_layernorm, attn.o_proj, attn.rope
         qn, kn = (attn.q_norm, attn.k_norm) if st.norms else (None, None)
-        self.q, self.o = q, o
 
-        def head(x, offset, lasts):
-            xn = ln1(x)
-            if q is None:
-                return FA.heads(st, dense_linear(xn, plan.qkv), rope, qn, kn, offset)
-            y, dens, last = q(xn, lasts[0])
-            return (*FA.heads_kv(st, y, dense_linear(xn, plan.kv), rope, qn, kn, offset), dens, last)
+        def head(x, offset):
+            return FA.heads(st, dense_linear(ln1(x), rows), rope, qn, kn, offset)
 
-        def mid(x, o_heads, lasts):
-            flat = o_heads.reshape(x.shape[0], 1, -1)
-            if o is None:
-                h = x + dense_linear(flat, o_proj)
-                return h, ln2(h)
-            y, dens, last = o(flat, lasts[0])
-            h = x + y
-            return h, ln2(h), dens, last
+        def mid(x, o_heads):
+            h = x + dense_linear(o_heads.reshape(x.shape[0], 1, -1), o)
+            return h, ln2(h)
 
         # The weights are captured as constants of the traces: weights are fixed once a model is
         # sparsified, as for every other cached plan.
@@ -113,33 +77,21 @@ class _BlockState:
         self.ctls = [c for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
                      if (c := getattr(p, "ctl", None))]
 
-    def step(self, block: nn.Module, x: mx.array) -> Optional[_Step]:
+    def step(self, block: nn.Module) -> Optional[_Step]:
         if self.steps is None:
             self.steps = {}
         key = repr(mx.default_stream(mx.default_device()))
         s = self.steps.get(key, _MISSING)
         if s is _MISSING:
-            s = self.steps[key] = self._make(block, x)
+            s = self.steps[key] = self._make(block)
         return s
 
-    def _make(self, block: nn.Module, x: mx.array) -> Optional[_Step]:
-        """The step of the current method: q, k, v as one product, or q thresholded and k, v one
-        product; o dense or thresholded. Thresholded projections need their bound compiled path
-        (a GPU, one token); otherwise, and for TEAL, None."""
+    def _make(self, block: nn.Module) -> Optional[_Step]:
         attn = block.self_attn
         plan = FA.plan_of(attn)
-        if plan.qkv is None and plan.kv is None:
+        if plan.qkv is None or not FA._dense(attn.o_proj):
             return None
-        sites = []
-        for p, dense in ((attn.q_proj, plan.qkv is not None), (attn.o_proj, FA._dense(attn.o_proj))):
-            if dense:
-                sites.append(None)
-                continue
-            bound = p.ctl.plan(x, p._plan) if hasattr(p, "_plan") else None
-            if bound is None or len(bound.spaces) != 1:
-                return None
-            sites.append(_Site(p, bound))
-        return _Step(block, plan, *sites)
+        return _Step(block, plan.qkv)
 
     def collecting(self) -> bool:
         for c in self.ctls:
@@ -149,21 +101,15 @@ class _BlockState:
 
 
 def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
-    s = self._step.step(self, x)
+    s = self._step.step(self)
     if s is None:
         return None
     attn = self.self_attn
     off = cache.offset  # an int, or one position per sequence (mlx-lm's BatchKVCache)
-    out = s.head(x, _offset(off) if type(off) is int else off, (s.q.ws.last,) if s.q else ())
-    q, k, v = out[:3]
-    if s.q:
-        s.q.done(*out[3:])
+    q, k, v = s.head(x, _offset(off) if type(off) is int else off)
     k, v = cache.update_and_fetch(k, v)
     o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
-    out = s.mid(x, o, (s.o.ws.last,) if s.o else ())
-    h, hn = out[:2]
-    if s.o:
-        s.o.done(*out[2:])
+    h, hn = s.mid(x, o)
     return h + self.mlp(hn)
 
 
