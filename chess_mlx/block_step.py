@@ -13,8 +13,9 @@ dense (dense, CATS and CHESS), a block's one-token step is here:
 
 The graph nodes are those of the fused attention path, so MLX's encoding is unchanged. RoPE takes
 the position as an array, so one trace serves every token. A trace keeps the stream it was made
-on, so each block keeps one pair per stream. Prefill, calibration collectors, CHESS+attention,
-TEAL and batches of several sequences take the fused attention path (``fused_attention``).
+on, so each block keeps one pair per stream. Prefill, calibration collectors, CHESS+attention and
+TEAL take the fused attention path (``fused_attention``): with their sparse-input kernels inside
+these traces the two-thread decode hung on the H100 (RESULTS.md session 15, section 7).
 ``CHESS_MLX_BLOCK_STEP=0`` switches this off.
 """
 
