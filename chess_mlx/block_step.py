@@ -90,7 +90,7 @@ class _BlockState:
     def _make(self, block: nn.Module) -> Optional[_Step]:
         attn = block.self_attn
         plan = FA.plan_of(attn)
-        if plan.qkv is None or not FA._dense(attn.o_proj):
+        if plan.qkv is None or not FA.is_dense(attn.o_proj):
             return None
         return _Step(block, plan.qkv)
 

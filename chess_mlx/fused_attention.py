@@ -103,19 +103,20 @@ class _State:
         return False
 
 
-def _dense(p: nn.Module) -> bool:
+def is_dense(p: nn.Module) -> bool:
+    """Whether a projection takes its input as it is (no threshold: one dense product)."""
     ctl = getattr(p, "ctl", None)
     return ctl is None or ctl.threshold is None
 
 
 def _make_plan(attn: nn.Module, st: _State) -> _Plan:
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    if not (_dense(k) and _dense(v) and _fusable([q, k, v])):
+    if not (is_dense(k) and is_dense(v) and _fusable([q, k, v])):
         return _Plan(None, None)
     if st.rows is None:
         st.rows = _store_rows([q, k, v])
     nq, nkv = q["weight"].shape[0], k["weight"].shape[0]
-    if _dense(q):
+    if is_dense(q):
         return _Plan(_Rows([q, k, v], st.rows, 0, nq + 2 * nkv), None)
     return _Plan(None, _Rows([k, v], st.rows, nq, nq + 2 * nkv))
 
