@@ -90,6 +90,7 @@ class _State:
 
     def __init__(self, attn: nn.Module):
         self.rows: Optional[dict] = None
+        self.views: list = []  # the q/k/v weights as given back by _store_rows
         self.plan: Optional[_Plan] = None
         self.hq, self.hkv = attn.n_heads, attn.n_kv_heads
         self.norms = "q_norm" in attn
@@ -113,8 +114,10 @@ def _make_plan(attn: nn.Module, st: _State) -> _Plan:
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     if not (is_dense(k) and is_dense(v) and _fusable([q, k, v])):
         return _Plan(None, None)
-    if st.rows is None:
+    if st.rows is None or any(m["weight"] is not w for m, w in zip((q, k, v), st.views)):
+        # first use, or weights loaded since (the next set_method brings them in)
         st.rows = _store_rows([q, k, v])
+        st.views = [q["weight"], k["weight"], v["weight"]]
     nq, nkv = q["weight"].shape[0], k["weight"].shape[0]
     if is_dense(q):
         return _Plan(_Rows([q, k, v], st.rows, 0, nq + 2 * nkv), None)

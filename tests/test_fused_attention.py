@@ -232,3 +232,22 @@ def test_thresholded_q_and_o_take_the_fused_attention_path(family, monkeypatch):
     np.testing.assert_allclose(got_d, ref_d, atol=1e-7)
     assert (got_d[:, :, 0] < 1).any() and (got_d[:, :, 3] < 1).any()  # q and o really thresholded
     assert list(model.model.layers[1]._step.steps.values()) == [None]
+
+
+def test_weights_loaded_later_reach_the_fused_product():
+    """New weights loaded into a sparsified model are used after the next set_method."""
+    from mlx.utils import tree_flatten
+
+    model, _ = tiny_model("llama", seed=21)
+    sparsify(model)
+    prompt = mx.random.randint(0, 256, (5,), key=mx.random.key(3))
+    _decode_logits(model, prompt, 2)  # stores the rows of the first weights
+    other, _ = tiny_model("llama", seed=22)
+    model.load_weights(tree_flatten(other.parameters()))
+    set_method(model, "dense")
+    fused_attention.enable(False)
+    try:
+        ref = _decode_logits(model, prompt, 3)
+    finally:
+        fused_attention.enable(True)
+    np.testing.assert_allclose(_decode_logits(model, prompt, 3), ref, rtol=1e-5, atol=1e-5)
