@@ -56,14 +56,14 @@ def row_weight(proj: nn.Module):
 
 
 def transposed_weight(proj: nn.Module):
-    """W^T (in, out) for sparse-input kernels, built once per projection on first use.
+    """W^T (in, out) for sparse-input kernels, built once per projection and weight array.
 
     Float weights: a contiguous copy of W^T. Quantized weights: W^T re-quantized along the output
     dimension with the same bits and group size (the layout ``chess-mlx convert`` writes), so its
     numbers differ from the source quantization by one rounding.
     """
     wt = getattr(proj, "_kernel_wt", None)
-    if wt is None:
+    if wt is None or getattr(proj, "_kernel_wt_of", None) is not proj["weight"]:  # first use, or new weights
         if "scales" in proj:
             w = mx.dequantize(proj["weight"], proj["scales"], proj["biases"],
                               group_size=proj.group_size, bits=proj.bits)
@@ -72,7 +72,7 @@ def transposed_weight(proj: nn.Module):
         else:
             wt = mx.contiguous(proj["weight"].T)
             mx.eval(wt)
-        proj._kernel_wt = wt
+        proj._kernel_wt, proj._kernel_wt_of = wt, proj["weight"]
     return wt
 
 

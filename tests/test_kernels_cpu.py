@@ -445,3 +445,32 @@ def test_column_tile_probe_compiles_for_hopper(tmp_path):
                 f"  constexpr int NW = {nw};\n  constexpr int U = 8;\n  constexpr int TPC = 1;\n"
                 f"  constexpr int TILED = {tiled};\n{S.SOURCE}\n}}\n")
     assert nvcc_ptx(tmp_path, src).count(".entry") == 2
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_transposed_weight_follows_new_weights(bits):
+    """The sparse-input kernels' W^T is cached per projection, and rebuilt when the projection
+    holds a new weight array (weights loaded into a sparsified model)."""
+    import mlx.nn as nn
+
+    from chess_mlx.linear_ops import transposed_weight
+
+    def dense_of(wt):
+        if bits is None:
+            return np.array(wt)
+        return np.array(mx.dequantize(wt.w, wt.scales, wt.biases, group_size=wt.group_size, bits=wt.bits))
+
+    lin = nn.Linear(64, 32, bias=False)
+    if bits:
+        lin = nn.QuantizedLinear.from_linear(lin, group_size=32, bits=bits)
+    first = dense_of(transposed_weight(lin))
+    assert transposed_weight(lin) is transposed_weight(lin)  # cached
+    other = nn.Linear(64, 32, bias=False)
+    if bits:
+        other = nn.QuantizedLinear.from_linear(other, group_size=32, bits=bits)
+    lin.update(other.parameters())
+    second = dense_of(transposed_weight(lin))
+    ref = np.array(other.weight if bits is None else mx.dequantize(other.weight, other.scales, other.biases,
+                                                                     group_size=32, bits=bits)).T
+    assert not np.allclose(first, second)
+    np.testing.assert_allclose(second, ref, atol=0.2 if bits else 0)
