@@ -1,6 +1,6 @@
 """A/B/C of the one-token decode variants of a block, in one process.
 
-    python benchmarks/fused_attn_ab.py [--quantize 4] [--methods dense,chess,chess-attn] [--tokens 128] [--runs 3]
+    python benchmarks/decode_variants_ab.py [--quantize 4] [--methods dense,chess,chess-attn] [--tokens 128] [--runs 3]
                                        [--variants mlx_lm,fused,block]
 
 Variants: ``mlx_lm`` (mlx-lm's attention and block), ``fused`` (chess_mlx/fused_attention.py),
