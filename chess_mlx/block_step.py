@@ -64,8 +64,8 @@ class _Step:
             h = x + dense_linear(o_heads.reshape(x.shape[0], 1, -1), o)
             return h, ln2(h)
 
-        # The weights are captured as constants of the traces: weights are fixed once a model is
-        # sparsified, as for every other cached plan.
+        # The weights are captured as constants of the traces; set_method drops the traces, so
+        # weights loaded later take effect then, as for every other cached plan.
         self.head, self.mid = mx.compile(head), mx.compile(mid)
 
 

@@ -47,8 +47,8 @@ class _Control:
         # One-token decode plans, per (dtype, kernel backend, compiled paths on, stream): the
         # compiled path with its arguments bound, or None where it does not apply. Decode is bound by
         # host time per token, so the checks and lookups run once, not at every layer and token.
-        # set_method clears them; weights are assumed fixed once a model is sparsified (as for the
-        # transposed weights the kernels cache).
+        # set_method clears them, so weights loaded into a sparsified model take effect at the next
+        # set_method (the kernels' transposed weights and the fused attention rows follow then too).
         self.plans: dict = {}
 
     def plan(self, x: mx.array, make: Callable[[mx.array], object]):
