@@ -69,14 +69,13 @@ class _Step:
         self.head, self.mid = mx.compile(head), mx.compile(mid)
 
 
-class _BlockState:
+class _BlockState(FA.Collectors):
     """Plain state of one block: its steps per stream, for the current method (None: fall back)."""
 
     def __init__(self, block: nn.Module):
-        self.steps: Optional[dict] = None
         attn = block.self_attn
-        self.ctls = [c for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-                     if (c := getattr(p, "ctl", None))]
+        super().__init__(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        self.steps: Optional[dict] = None
 
     def step(self, block: nn.Module) -> Optional[_Step]:
         if self.steps is None:
@@ -94,14 +93,10 @@ class _BlockState:
             return None
         return _Step(block, plan.qkv)
 
-    def collecting(self) -> bool:
-        for c in self.ctls:
-            if c.collector is not None:
-                return True
-        return False
-
 
 def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
+    if x.shape[1] != 1 or cache is None or not enabled() or not FA.enabled() or self._step.collecting():
+        return None
     s = self._step.step(self)
     if s is None:
         return None
@@ -114,32 +109,14 @@ def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
     return h + self.mlp(hn)
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def _step_class(base: type) -> type:
-    cls = _CLASSES.get(base)
-    if cls is None:
-        def __call__(self, x, mask=None, cache=None):
-            if (x.shape[1] == 1 and cache is not None and enabled() and FA.enabled()
-                    and not self._step.collecting()):
-                out = _one_token(self, x, mask, cache)
-                if out is not None:
-                    return out
-            return base.__call__(self, x, mask=mask, cache=cache)
-
-        cls = _CLASSES[base] = type(f"Stepped{base.__name__}", (base,), {"__call__": __call__})
-    return cls
-
-
 def install(block: nn.Module) -> bool:
     """Give one transformer block the compiled one-token step (in place: its class changes, not
     its parameters). Needs the fused attention installed on its ``self_attn``."""
-    if type(block) in _CLASSES.values():
+    if isinstance(getattr(block, "_step", None), _BlockState):
         return True
     if type(block).__module__ not in FA.FAMILIES or not hasattr(block.self_attn, "_fused"):
         return False
-    block.__class__ = _step_class(type(block))
+    block.__class__ = FA.one_token_subclass(type(block), "Stepped", _one_token)
     block._step = _BlockState(block)
     return True
 

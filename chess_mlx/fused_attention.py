@@ -22,7 +22,7 @@ collectors and models outside the families listed in ``FAMILIES`` take mlx-lm's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -83,25 +83,32 @@ class _Plan:
     kv: Optional[_Rows]  # q thresholded, k and v dense: q alone, then k and v as one product
 
 
-class _State:
-    """Plain (non-parameter) state of one attention module: its stored rows, current plan, and
-    what a step reads of the module, looked up once (Module attribute lookups cost host time at
-    every layer and token)."""
+class Collectors:
+    """The controls of some sparse projections, looked up once, to see a calibration collector
+    cheaply at every layer and token (a collector needs mlx-lm's own call, which calls them)."""
 
-    def __init__(self, attn: nn.Module):
-        self.rows: Optional[dict] = None
-        self.views: list = []  # the q/k/v weights as given back by _store_rows
-        self.plan: Optional[_Plan] = None
-        self.hq, self.hkv = attn.n_heads, attn.n_kv_heads
-        self.norms = "q_norm" in attn
-        # the projections' controls (sparse modules), to see a calibration collector cheaply
-        self.ctls = [c for p in (attn.q_proj, attn.k_proj, attn.v_proj) if (c := getattr(p, "ctl", None))]
+    def __init__(self, *projs: nn.Module):
+        self.ctls = [c for p in projs if (c := getattr(p, "ctl", None))]
 
     def collecting(self) -> bool:
         for c in self.ctls:
             if c.collector is not None:
                 return True
         return False
+
+
+class _State(Collectors):
+    """Plain (non-parameter) state of one attention module: its stored rows, current plan, and
+    what a step reads of the module, looked up once (Module attribute lookups cost host time at
+    every layer and token)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.rows: Optional[dict] = None
+        self.views: list = []  # the q/k/v weights as given back by _store_rows
+        self.plan: Optional[_Plan] = None
+        self.hq, self.hkv = attn.n_heads, attn.n_kv_heads
+        self.norms = "q_norm" in attn
 
 
 def is_dense(p: nn.Module) -> bool:
@@ -181,30 +188,39 @@ def _one_token(self, x: mx.array, mask, cache) -> mx.array:
     return self.o_proj(o.reshape(B, 1, -1))
 
 
-_CLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, str], type] = {}
 
 
-def _fused_class(base: type) -> type:
-    """A subclass of an mlx-lm attention class whose one-token call takes ``_one_token``."""
-    cls = _CLASSES.get(base)
+def one_token_subclass(base: type, prefix: str, one_token: Callable) -> type:
+    """A subclass of the mlx-lm module class ``base`` whose call first tries
+    ``one_token(self, x, mask, cache)`` and, where that returns None, runs ``base``'s own call.
+    Swapping an instance's class this way changes its call and keeps its parameters and names."""
+    key = (base, prefix)
+    cls = _SUBCLASSES.get(key)
     if cls is None:
         def __call__(self, x, mask=None, cache=None):
-            if x.shape[1] != 1 or cache is None or not enabled() or self._fused.collecting():
-                return base.__call__(self, x, mask=mask, cache=cache)
-            return _one_token(self, x, mask, cache)
+            out = one_token(self, x, mask, cache)
+            return base.__call__(self, x, mask=mask, cache=cache) if out is None else out
 
-        cls = _CLASSES[base] = type(f"Fused{base.__name__}", (base,), {"__call__": __call__})
+        cls = _SUBCLASSES[key] = type(f"{prefix}{base.__name__}", (base,), {"__call__": __call__})
     return cls
+
+
+def _try_one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
+    if x.shape[1] != 1 or cache is None or not enabled() or self._fused.collecting():
+        return None
+    return _one_token(self, x, mask, cache)
 
 
 def install(attn: nn.Module) -> bool:
     """Give one attention module the fused one-token call (in place: its class, not its
     parameters, changes). Returns False for a family this module does not know."""
-    if type(attn).__module__ not in FAMILIES and type(attn) not in _CLASSES.values():
+    if isinstance(getattr(attn, "_fused", None), _State):
+        return True
+    if type(attn).__module__ not in FAMILIES:
         return False
-    if type(attn) not in _CLASSES.values():
-        attn.__class__ = _fused_class(type(attn))
-        attn._fused = _State(attn)
+    attn.__class__ = one_token_subclass(type(attn), "Fused", _try_one_token)
+    attn._fused = _State(attn)
     return True
 
 
