@@ -30,6 +30,16 @@ def _decode_logits(model, prompt, n):
     return np.stack(out)
 
 
+def _with_mlx_lm_attention(run):
+    """``run()`` with the fused attention (and so the compiled block) off: mlx-lm's own code, the
+    reference every test here compares with."""
+    fused_attention.enable(False)
+    try:
+        return run()
+    finally:
+        fused_attention.enable(True)
+
+
 @pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f[0] + ("-bias" if f[1] else ""))
 def model_th(request):
     family, over = request.param
@@ -45,11 +55,7 @@ def test_same_logits_as_mlx_lm_attention(model_th, method, block):
     model, th = model_th
     set_method(model, method, None if method == "dense" else th, 0.5)
     prompt = mx.random.randint(0, 256, (9,), key=mx.random.key(2))
-    fused_attention.enable(False)
-    try:
-        ref = _decode_logits(model, prompt, 6)
-    finally:
-        fused_attention.enable(True)
+    ref = _with_mlx_lm_attention(lambda: _decode_logits(model, prompt, 6))
     block_step.enable(block)
     try:
         got = _decode_logits(model, prompt, 6)
@@ -109,11 +115,7 @@ def test_quantized_rows_fuse(tmp_path):
     nn.quantize(model, group_size=32, bits=4)
     sparsify(model)
     prompt = mx.random.randint(0, 256, (5,), key=mx.random.key(4))
-    fused_attention.enable(False)
-    try:
-        ref = _decode_logits(model, prompt, 4)
-    finally:
-        fused_attention.enable(True)
+    ref = _with_mlx_lm_attention(lambda: _decode_logits(model, prompt, 4))
     got = _decode_logits(model, prompt, 4)
     assert model.model.layers[0].self_attn._fused.plan.qkv is not None
     assert any(s is not None for s in model.model.layers[0]._step.steps.values())
@@ -154,11 +156,7 @@ def test_block_step_across_a_cache_growth(model_th):
     model, th = model_th
     set_method(model, "chess", th, 0.5)
     prompt = mx.random.randint(0, 256, (250,), key=mx.random.key(9))
-    fused_attention.enable(False)
-    try:
-        ref = _decode_logits(model, prompt, 10)
-    finally:
-        fused_attention.enable(True)
+    ref = _with_mlx_lm_attention(lambda: _decode_logits(model, prompt, 10))
     np.testing.assert_allclose(_decode_logits(model, prompt, 10), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -181,11 +179,7 @@ def test_batched_decode_with_left_padding(model_th, method):
             tok = mx.argmax(logits, axis=-1)[:, None]
         return np.stack(out)
 
-    fused_attention.enable(False)
-    try:
-        ref = run()
-    finally:
-        fused_attention.enable(True)
+    ref = _with_mlx_lm_attention(run)
     np.testing.assert_allclose(run(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -222,11 +216,7 @@ def test_thresholded_q_and_o_take_the_fused_attention_path(family, monkeypatch):
             tok = mx.array([(11 * i + 5) % 256])
         return np.stack(out), np.stack(dens)
 
-    fused_attention.enable(False)
-    try:
-        ref, ref_d = run()
-    finally:
-        fused_attention.enable(True)
+    ref, ref_d = _with_mlx_lm_attention(run)
     got, got_d = run()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got_d, ref_d, atol=1e-7)
@@ -245,9 +235,5 @@ def test_weights_loaded_later_reach_the_fused_product():
     other, _ = tiny_model("llama", seed=22)
     model.load_weights(tree_flatten(other.parameters()))
     set_method(model, "dense")
-    fused_attention.enable(False)
-    try:
-        ref = _decode_logits(model, prompt, 3)
-    finally:
-        fused_attention.enable(True)
+    ref = _with_mlx_lm_attention(lambda: _decode_logits(model, prompt, 3))
     np.testing.assert_allclose(_decode_logits(model, prompt, 3), ref, rtol=1e-5, atol=1e-5)
