@@ -31,11 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chess_mlx import block_step, fused_attention  # noqa: E402
-from chess_mlx.bench import PRESETS, bench_prompt, random_model  # noqa: E402
-from chess_mlx.calibrate import calibrate  # noqa: E402
-from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
+from chess_mlx.sparse_layers import set_method  # noqa: E402
 from host_probe import prefilled, split_times  # noqa: E402
-from pipeline_probe import library  # noqa: E402
+from pipeline_probe import add_model_args, calibrated_model, library  # noqa: E402
 
 
 def node_counts(model, vocab: int) -> dict:
@@ -53,20 +51,10 @@ def node_counts(model, vocab: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--quantize", type=int, choices=(4, 8))
-    ap.add_argument("--methods", default="dense,chess,chess-attn")
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=3)
+    add_model_args(ap, "dense,chess,chess-attn")
     ap.add_argument("--variants", default="mlx_lm,fused,block")
     args = ap.parse_args()
-    gpu = mx.default_device() == mx.gpu
-    model = random_model(args.preset, args.layers, mx.float16 if gpu else mx.float32, bits=args.quantize)
-    vocab = PRESETS[args.preset]["vocab_size"]
-    sparsify(model)
-    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
-    prompt = bench_prompt(32, vocab, 1)
+    model, th, vocab, prompt = calibrated_model(args)
     methods = args.methods.split(",")
     variants = args.variants.split(",")
     switches = {"mlx_lm": (False, False), "fused": (True, False), "block": (True, True)}

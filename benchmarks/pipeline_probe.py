@@ -138,14 +138,30 @@ def densities(model, prompt: mx.array, n: int, two_threads: bool) -> list:
     return [np.asarray(d) for d in out]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_model_args(ap: argparse.ArgumentParser, methods: str) -> None:
+    """The options of a decode probe's model and timing (shared with decode_variants_ab.py)."""
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--quantize", type=int, choices=(4, 8))
-    ap.add_argument("--methods", default="dense,chess")
+    ap.add_argument("--methods", default=methods)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+
+
+def calibrated_model(args) -> tuple:
+    """(model, thresholds, vocab, prompt): a random model of the preset's shape, sparsified and
+    calibrated at 50% on random tokens, and the bench's prompt."""
+    gpu = mx.default_device() == mx.gpu
+    model = random_model(args.preset, args.layers, mx.float16 if gpu else mx.float32, bits=args.quantize)
+    vocab = PRESETS[args.preset]["vocab_size"]
+    sparsify(model)
+    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
+    return model, th, vocab, bench_prompt(32, vocab, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_model_args(ap, "dense,chess")
     ap.add_argument("--depth", type=int, default=2, help="graphs built ahead of the encoder")
     ap.add_argument("--check-stats", action="store_true",
                     help="only compare per-token recorded densities, two threads against mlx-lm's loop")
@@ -155,12 +171,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.switch:
         sys.setswitchinterval(args.switch)
-    gpu = mx.default_device() == mx.gpu
-    model = random_model(args.preset, args.layers, mx.float16 if gpu else mx.float32, bits=args.quantize)
-    vocab = PRESETS[args.preset]["vocab_size"]
-    sparsify(model)
-    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
-    prompt = bench_prompt(32, vocab, 1)
+    model, th, vocab, prompt = calibrated_model(args)
     if args.check_stats:
         import numpy as np
 
