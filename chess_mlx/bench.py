@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-
-from contextlib import contextmanager
 
 from . import block_step, fused_attention, pipelined
 from .calibrate import calibrate
