@@ -178,11 +178,13 @@ def sweep_gateup() -> None:
                          K.weight_copies(out_dim, in_dim, wtype, per_call=2)))
         x = mx.random.normal((1, in_dim)).astype(mx.float16)
         dense = gpu_timer.chain_time(lambda xi, i: tuple(K.dense(xi, w) for w in pairs[i % len(pairs)]), x)
+        stacked = [G.stack_gate_up(g, u) for g, u in pairs]
+        mx.eval([a for w in stacked for a in K.arrays(w)])
         for s in (0.5, 0.7):
             ts = [K.robust_channel_thresholds(x, g, s) for g, _ in pairs]
             mx.eval(ts)
             for rpw in (1, 2, 4, 8):
-                t = gpu_timer.chain_time(lambda xi, i: G._launch_gateup("cuda", xi, *pairs[i % len(pairs)], ts[i % len(ts)],
+                t = gpu_timer.chain_time(lambda xi, i: G._launch_gateup("cuda", xi, stacked[i % len(pairs)], ts[i % len(ts)],
                                                                         rpw=rpw), x)
                 print(f"gate_up {wtype} 2x{out_dim}x{in_dim} s={s} rpw={rpw}{'*' if rpw == ship else ' '} "
                       f"{t * 1e6:6.1f} us  dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x", flush=True)

@@ -52,13 +52,19 @@ def parse_wtype(t: str):
 
 
 def make_weight(out_dim: int, in_dim: int, wtype: str, transposed: bool):
-    """Random weight in the kernel's layout: W (out, in) or W^T (in, out); quantized likewise."""
+    """Random weight in the kernel's layout: W (out, in) or W^T (in, out); quantized likewise, with
+    scales and biases packed (``QWeight.sb``) as the model's stored weights are."""
     dtype, bits, gs = parse_wtype(wtype)
     shape = (in_dim, out_dim) if transposed else (out_dim, in_dim)
     m = (mx.random.normal(shape) * (1.0 / math.sqrt(in_dim))).astype(dtype)
     if bits:
-        return G.QWeight.quantize(m, bits, gs)
+        return G.QWeight.quantize(m, bits, gs).packed()
     return m
+
+
+def arrays(w) -> list:
+    """What to evaluate of a weight so that no launch meets a lazy part of it."""
+    return [w.w, w.sb, w.scales, w.biases] if isinstance(w, G.QWeight) else [w]
 
 
 def weight_copies(out_dim: int, in_dim: int, wtype: str, transposed: bool = False, per_call: int = 1) -> list:
@@ -67,7 +73,7 @@ def weight_copies(out_dim: int, in_dim: int, wtype: str, transposed: bool = Fals
     first = make_weight(out_dim, in_dim, wtype, transposed)
     count = max(2, math.ceil(4 * L2_BYTES / (per_call * first.nbytes)))
     ws = [first] + [make_weight(out_dim, in_dim, wtype, transposed) for _ in range(count - 1)]
-    mx.eval([w.w if isinstance(w, G.QWeight) else w for w in ws])
+    mx.eval([a for w in ws for a in arrays(w)])
     return ws
 
 
@@ -85,7 +91,7 @@ def random_case(wtype: str, out_dim: int, in_dim: int, s: float, m: int = 1):
     wt = make_weight(out_dim, in_dim, wtype, transposed=True)
     x = mx.random.normal((m, in_dim)).astype(dtype)
     a, xs = sparse_vec(m, out_dim, s, dtype), sparse_vec(m, in_dim, s, dtype)
-    mx.eval(x, a, xs, *(t.w if isinstance(t, G.QWeight) else t for t in (w, wt)))
+    mx.eval(x, a, xs, *arrays(w), *arrays(wt))
     return w, wt, x, a, xs
 
 
@@ -97,22 +103,29 @@ def rel_err(y: mx.array, ref: mx.array) -> float:
     return mx.linalg.norm(y - ref).item() / max(den, 1e-30)
 
 
-def spin_check(kind: str, x: mx.array, wt, t=None) -> dict:
+def spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False) -> dict:
     """One sparse-input launch vs the reference: output error, density error, workspace reset. A
-    launch that raises is a failed check (rel_err NaN, the error kept), not the end of the run."""
+    launch that raises is a failed check (rel_err NaN, the error kept), not the end of the run.
+    ``residual``: the fused-residual kernel, with a random residual r; the error is that of y - r
+    against the reference's (so r's size does not hide the product's error)."""
     try:
-        return _spin_check(kind, x, wt, t)
+        return _spin_check(kind, x, wt, t, residual)
     except ValueError as e:
         return dict(rel_err=float("nan"), error=str(e))
 
 
-def _spin_check(kind: str, x: mx.array, wt, t=None) -> dict:
-    ws = G.workspace(wt.cols if isinstance(wt, G.QWeight) else wt.shape[1])
-    y, d = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws)
+def _spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False) -> dict:
+    n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
+    ws = G.workspace(n)
+    r = mx.random.normal((*x.shape[:-1], n)).astype(x.dtype) if residual else None
+    y, d = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r)
     mx.eval(y, d)  # a workspace serves one launch at a time (the model's launches are data-ordered)
-    y2, d2 = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws)
-    ry, rd = G.reference_sparse_input(x, wt, t)
+    y2, d2 = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r)
+    ry, rd = G.reference_sparse_input(x, wt, t, r)
     mx.eval(y, d, y2, d2, ry, rd)
+    if r is not None:
+        r32 = r.astype(mx.float32)
+        y, y2, ry = (v.astype(mx.float32) - r32 for v in (y, y2, ry))
     dens_err = max(abs(d.item() - rd.item()), abs(d2.item() - rd.item()))
     ok_ws = not mx.any(ws.sem != 0).item()
     return dict(rel_err=max(rel_err(y, ry), rel_err(y2, ry)) if ok_ws and dens_err < 1e-6 else float("nan"),
@@ -161,7 +174,7 @@ def gateup_check(kind: str, x, wg, wu, t) -> dict:
     its threshold (2%) may legitimately be decided the other way (the two paths round g and the
     SiLU at different points); such flips are counted, any other disagreement fails, and the error
     is measured on the channels both decided alike."""
-    y = G._launch_gateup(kind, x, wg, wu, t)
+    y = G._launch_gateup(kind, x, G.stack_gate_up(wg, wu), t)
     if isinstance(wg, G.QWeight):
         ref = G.reference_gate_up(x, float32_weight(wg), float32_weight(wu), t).astype(x.dtype)
     else:
@@ -198,6 +211,8 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
                                  rel_err=rel_err(y, G.reference_gated_sparse_output(x, float32_weight(w), a))))
                 rows.append(dict(kernel="sparse_input", **base, sparsity=s,
                                  **spin_check(kind, sparse_vec(1, in_dim, s, dtype), wt)))
+                rows.append(dict(kernel="sparse_input_residual", **base, sparsity=s,
+                                 **spin_check(kind, sparse_vec(1, in_dim, s, dtype), wt, residual=True)))
                 # fused threshold on a dense x: per channel (float32) and scalar (activation dtype)
                 q = mx.sort(mx.abs(x.astype(mx.float32))[0])[min(in_dim - 1, int(s * in_dim))].item()
                 tpc = mx.abs(mx.random.normal((in_dim,))) * q
@@ -226,6 +241,8 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
                 xs = sparse_vec(m, in_dim, 0.5, dtype)
                 rows.append(dict(kernel=f"sparse_input_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
                                  **spin_check(kind, xs, wt)))
+                rows.append(dict(kernel=f"sparse_input_residual_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
+                                 **spin_check(kind, xs, wt, residual=True)))
                 rows.append(dict(kernel=f"sparse_input_thr_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
                                  **spin_check(kind, x, wt, mx.array([0.6745], dtype=dtype))))
             wu = make_weight(out_dim, in_dim, wtype, transposed=False)
@@ -302,10 +319,12 @@ def bench_gate_up(kind: str, bw: float) -> list[dict]:
         copies = len(pairs)
         x = mx.random.normal((1, in_dim)).astype(dtype)
         t_dense = time_op(kind, lambda xi, i: tuple(dense(xi, w) for w in pairs[i % copies]), x)
+        stacked = [G.stack_gate_up(g, u) for g, u in pairs]  # the kernel's layout, as the layers store it
+        mx.eval([a for w in stacked for a in arrays(w)])
         for s in LEVELS_TIME:
             ts = [robust_channel_thresholds(x, g, s) for g, _ in pairs]
             mx.eval(ts)
-            t = time_op(kind, lambda xi, i: G._launch_gateup(kind, xi, *pairs[i % copies], ts[i % copies]), x)
+            t = time_op(kind, lambda xi, i: G._launch_gateup(kind, xi, stacked[i % copies], ts[i % copies]), x)
             dens = mx.mean((G.reference_gate_up(x, *pairs[0], ts[0]) != 0).astype(mx.float32)).item()
             read = pairs[0][0].nbytes * (1 + dens)
             rows.append(dict(kernel="gate_up", wtype=wtype, shape=f"2x{out_dim}x{in_dim}", sparsity=s, us=t * 1e6,
@@ -341,6 +360,7 @@ def bench(kind: str, bw: float, quick: bool) -> list[dict]:
         out_dim, in_dim = SHAPES[0]
         ws = [make_weight(out_dim, in_dim, wtype, transposed=False) for _ in range(2)]
         wts = [make_weight(out_dim, in_dim, wtype, transposed=True) for _ in range(2)]
+        mx.eval([a for w in ws + wts for a in arrays(w)])
         for m in (1, 2, 4, 8):
             x = mx.random.normal((m, in_dim)).astype(dtype)
             a = sparse_vec(m, out_dim, 0.5, dtype)

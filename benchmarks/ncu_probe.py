@@ -25,6 +25,8 @@ plan = [(f"{wtype} {out_dim}x{in_dim} s={s}", *K.random_case(wtype, out_dim, in_
         for wtype in WTYPES for out_dim, in_dim in K.SHAPES for s in (0.0, 0.5, 0.7)]
 # fused gate/up on the FFN shape (gate = w of the case, a second matrix of its type for up)
 WU = {label: K.make_weight(14336, 4096, label.split()[0], False) for label, *_ in plan if " 14336x4096 " in label}
+W2 = {label: G.stack_gate_up(w, WU[label]) for label, w, *_ in plan if label in WU}  # the kernel's layout
+mx.eval([a for w in W2.values() for a in K.arrays(w)])
 TG = {label: K.robust_channel_thresholds(x, w, float(label.rsplit("=", 1)[1]))
       for label, w, wt, x, a, xs in plan if label in WU}
 mx.eval(list(WU.values()), list(TG.values()))
@@ -32,7 +34,7 @@ WS = {id(p[2]): G.workspace(p[2].cols if isinstance(p[2], G.QWeight) else p[2].s
 for label, w, wt, x, a, xs in plan:
     mx.eval(G._launch_spout("cuda", x, w, a), G.sparse_input(xs, wt, ws=WS[id(wt)])[0], K.dense_fn(x, w)())  # JIT warm-up
     if label in WU:
-        mx.eval(G._launch_gateup("cuda", x, w, WU[label], TG[label]))
+        mx.eval(G._launch_gateup("cuda", x, W2[label], TG[label]))
 mx.synchronize()
 print("BEGIN", file=sys.stderr)
 for label, w, wt, x, a, xs in plan:
@@ -40,7 +42,7 @@ for label, w, wt, x, a, xs in plan:
         fns = [("dense", K.dense_fn(x, w)), ("spout", lambda: G._launch_spout("cuda", x, w, a)),
                ("spin", lambda: G.sparse_input(xs, wt, ws=WS[id(wt)])[0])]
         if label in WU:
-            fns.append(("gateup", lambda: G._launch_gateup("cuda", x, w, WU[label], TG[label])))
+            fns.append(("gateup", lambda: G._launch_gateup("cuda", x, W2[label], TG[label])))
         for kind, fn in fns:
             print(f"CALL {label} {kind} {rep}", file=sys.stderr)
             mx.eval(fn())

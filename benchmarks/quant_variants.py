@@ -91,6 +91,8 @@ def run() -> None:
 
     for k, n, s in GATEUP_CASES:
         wg, wu = q4(n, k), q4(n, k)
+        w2 = G.stack_gate_up(wg, wu)  # the kernel's layout
+        mx.eval(w2.w, w2.sb)
         x = mx.random.normal((1, k)).astype(mx.float16)
         act = G.silu(qmm(x, wg))
         t = mx.sort(mx.abs(act).reshape(-1))[int(s * n)].reshape(1)  # scalar threshold dropping ~s
@@ -101,10 +103,11 @@ def run() -> None:
             if v == "dense":
                 timed(label, "qmv", lambda: qmm(x, wg), None)  # one of the two; the table doubles it
                 continue
-            timed(label, "chess_gateup_q", lambda: G._launch_gateup("cuda", x, wg, wu, t, rpw=int(v[3:])), ref)
+            timed(label, "chess_gateup_q", lambda: G._launch_gateup("cuda", x, w2, t, rpw=int(v[3:])), ref)
 
     for k, n, s in SPIN_CASES:
-        wt = q4(k, n)
+        wt = q4(k, n).packed()
+        mx.eval(wt.sb)
         x = mx.where(mx.random.uniform(shape=(1, k)) < s, 0, mx.random.normal((1, k))).astype(mx.float16)
         ref, _ = G.reference_sparse_input(x, wt)
         mx.eval(x, ref)
@@ -122,7 +125,7 @@ def run() -> None:
             tiles, chunks = -(-n // (32 * words * 8)), -(-k // kc)
             ws = G.workspace(tiles * 256)  # >= tiles + 2 counters
             timed(label, "qvar_spin_u", lambda: spin[u](
-                inputs=[x, t, wt.w, wt.scales, wt.biases, ws.sem, ws.last],
+                inputs=[x, t, wt.w, wt.sb, ws.sem, ws.last],
                 template=[("T", mx.float16), ("M", 1), ("K", k), ("N", n), ("BITS", 4), ("GS", 64), ("KC", kc),
                           ("WORDS", words), ("TPC", 0)],
                 grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),

@@ -9,7 +9,8 @@ dense (dense, CATS and CHESS), a block's one-token step is here:
 - the KV cache update and attention, outside (the cache grows with every token, and attention
   keeps MLX's one-token kernel; traced whole steps lost both, RESULTS.md sessions 7 and 14);
 - ``mid``, compiled: the o product, the residual, the post-attention norm;
-- the MLP module (its own compiled path under CATS/CHESS), and the last residual.
+- the MLP module (its own compiled path under CATS/CHESS) with the last residual, which CATS/CHESS
+  add inside down's kernel (``SparseMLP.add_to``).
 
 The graph nodes are those of the fused attention path, so MLX's encoding is unchanged. RoPE takes
 the position as an array, so one trace serves every token. A trace keeps the stream it was made
@@ -106,7 +107,8 @@ def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
     k, v = cache.update_and_fetch(k, v)
     o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     h, hn = s.mid(x, o)
-    return h + self.mlp(hn)
+    add_to = getattr(self.mlp, "add_to", None)  # a SparseMLP: the residual add inside down's kernel
+    return h + self.mlp(hn) if add_to is None else add_to(h, hn)
 
 
 def install(block: nn.Module) -> bool:

@@ -25,11 +25,18 @@ from .switches import env_switch
 enabled, enable = env_switch("CHESS_MLX_COMPILE", "the compiled one-token paths (off: the layers build the same ops one by one)")
 
 
-def _act_mlp(x, wg, wu, t, wt_down, ws_down, zero):
-    """CATS (scalar t) / CHESS (per-channel t): down(keep(SiLU(gate x), t) * up x). The density is
-    that of down's input, i.e. of the kept channels (up rows and down rows read)."""
-    h = G.gate_up(x, wg, wu, t)
+def _act_mlp(x, w_gate_up, t, wt_down, ws_down, zero):
+    """CATS (scalar t) / CHESS (per-channel t): down(keep(SiLU(gate x), t) * up x), the gate and up
+    rows stacked (``sparse_gemv.stack_gate_up``). The density is that of down's input, i.e. of the
+    kept channels (up rows and down rows read)."""
+    h = G.gate_up_stacked(x, w_gate_up, t)
     return G.sparse_input(h, wt_down, zero, ws_down)
+
+
+def _act_mlp_residual(x, r, w_gate_up, t, wt_down, ws_down, zero):
+    """``r + _act_mlp(x)`` with the add inside down's kernel (the block's last residual)."""
+    h = G.gate_up_stacked(x, w_gate_up, t)
+    return G.sparse_input(h, wt_down, zero, ws_down, residual=r)
 
 
 def _teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down):
@@ -56,7 +63,10 @@ def _static(a):
     """What an argument contributes to a Bound's constant inputs (a Workspace: its counters; its
     ordering token changes with every launch and travels separately)."""
     if isinstance(a, G.QWeight):
-        return a.w, a.scales, a.biases
+        if a.sb is None:  # the layers pass packed weights; a bound input must not stay lazy
+            a = a.packed()
+            mx.eval(a.sb)
+        return a.w, a.sb
     if isinstance(a, G.Workspace):
         return a.sem
     return a
@@ -64,7 +74,7 @@ def _static(a):
 
 def _compiled(fn, meta: tuple):
     """The compiled twin of ``fn`` for arguments of kinds ``meta`` on the current stream. mx.compile
-    takes arrays (and tuples of them), so a QWeight travels as its three arrays, and its bits and
+    takes arrays (and tuples of them), so a QWeight travels as its packed arrays (``w``, ``sb``), and its bits and
     group size, which the kernels need as compile-time constants, are part of the key and baked
     into the traced function. A Workspace travels as its counters plus its ordering token; the
     launches' new tokens come back as extra outputs (a side effect inside the trace would only
@@ -72,22 +82,24 @@ def _compiled(fn, meta: tuple):
     key = (fn.__name__, meta, repr(mx.default_stream(mx.default_device())))
     c = _COMPILED.get(key)
     if c is None:
-        def rebuilt(x, static, lasts):
+        def rebuilt(xs, static, lasts):
             objs, tokens = [], iter(lasts)
             for a, m in zip(static, meta):
-                objs.append(a if m is None else G.Workspace(a, next(tokens)) if m == "ws" else G.QWeight(*a, *m))
-            out = fn(x, *objs)
+                objs.append(a if m is None else G.Workspace(a, next(tokens)) if m == "ws"
+                            else G.QWeight.from_packed(*a, *m))
+            out = fn(*xs, *objs)
             return (*out, *(o.last for o in objs if isinstance(o, G.Workspace)))
         c = _COMPILED[key] = mx.compile(rebuilt)
     return c
 
 
 class Bound:
-    """A compiled path with every argument but ``x`` bound once (a sparse module's one-token plan).
+    """A compiled path with every argument but the activations bound once (a sparse module's
+    one-token plan).
 
     Decode is bound by host time per token (benchmarks/RESULTS.md), and sorting arguments into
     compile inputs cost ~15 us of Python per call and 2-3 calls per layer; bound, a step passes
-    only ``x`` and the workspaces' tokens."""
+    only ``x`` (and the residual, for ``bind_act_mlp_residual``) and the workspaces' tokens."""
 
     __slots__ = ("c", "static", "spaces")
 
@@ -98,8 +110,8 @@ class Bound:
         self.static = tuple(_static(a) for a in args)
         self.spaces = tuple(a for a in args if isinstance(a, G.Workspace))
 
-    def __call__(self, x: mx.array) -> tuple:
-        out = self.c(x, self.static, tuple(w.last for w in self.spaces))
+    def __call__(self, *xs: mx.array) -> tuple:
+        out = self.c(xs, self.static, tuple(w.last for w in self.spaces))
         n = len(self.spaces)
         if not n:
             return out
@@ -108,8 +120,13 @@ class Bound:
         return tuple(out[:len(out) - n])
 
 
-def bind_act_mlp(wg, wu, t, wt_down, ws_down, dtype) -> Bound:
-    return Bound(_act_mlp, wg, wu, t, wt_down, ws_down, G.zero_threshold(dtype))
+def bind_act_mlp(w_gate_up, t, wt_down, ws_down, dtype) -> Bound:
+    return Bound(_act_mlp, w_gate_up, t, wt_down, ws_down, G.zero_threshold(dtype))
+
+
+def bind_act_mlp_residual(w_gate_up, t, wt_down, ws_down, dtype) -> Bound:
+    """Called as ``bound(x, r)``: ``(r + mlp(x), density)``."""
+    return Bound(_act_mlp_residual, w_gate_up, t, wt_down, ws_down, G.zero_threshold(dtype))
 
 
 def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down) -> Bound:
@@ -121,7 +138,9 @@ def bind_spin(t, wt, ws) -> Bound:
 
 
 def act_mlp(x, wg, wu, t, wt_down, ws_down):
-    return bind_act_mlp(wg, wu, t, wt_down, ws_down, x.dtype)(x)
+    w2 = G.stack_gate_up(wg, wu)
+    mx.eval([w2.w, w2.sb] if isinstance(w2, G.QWeight) else w2)
+    return bind_act_mlp(w2, t, wt_down, ws_down, x.dtype)(x)
 
 
 def spin(x, t, wt, ws):

@@ -29,13 +29,13 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from .linear_ops import dense_linear
+from .row_store import fusable, holds_views, store_rows
 from .switches import env_switch
 
 enabled, enable = env_switch("CHESS_MLX_FUSED_ATTN", "the fused one-token attention (off: mlx-lm's attention)")
 
 # mlx-lm attention modules whose one-token call this module reproduces (Mistral is mlx-lm's llama).
 FAMILIES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
-_KEYS = ("weight", "scales", "biases", "bias")
 
 
 class _Rows(nn.Module):
@@ -49,30 +49,6 @@ class _Rows(nn.Module):
             self.group_size, self.bits = mods[0].group_size, mods[0].bits
             self.mode = getattr(mods[0], "mode", "affine")
         mx.eval(self.parameters())  # views now, or each step would slice anew
-
-
-def _fusable(mods: list[nn.Module]) -> bool:
-    """Same keys, dtypes, input size and quantization: rows that one product may read together."""
-    first = mods[0]
-    sig = lambda m: (tuple(k for k in _KEYS if k in m), tuple(m[k].dtype for k in _KEYS if k in m),  # noqa: E731
-                     m["weight"].shape[1], getattr(m, "bits", None), getattr(m, "group_size", None),
-                     getattr(m, "mode", None))
-    return all(sig(m) == sig(first) for m in mods)
-
-
-def _store_rows(mods: list[nn.Module]) -> dict[str, mx.array]:
-    """Concatenate the projections' rows once and give each projection its rows back as views, so
-    the block is the only copy in memory."""
-    rows = {k: mx.concatenate([m[k] for m in mods], axis=0) for k in _KEYS if k in mods[0]}
-    mx.eval(rows)
-    start = 0
-    for m in mods:
-        n = m["weight"].shape[0]
-        for k, a in rows.items():
-            m[k] = a[start:start + n]
-        start += n
-    mx.eval([m[k] for m in mods for k in rows])
-    return rows
 
 
 @dataclass
@@ -105,7 +81,7 @@ class _State(Collectors):
     def __init__(self, attn: nn.Module):
         super().__init__(attn.q_proj, attn.k_proj, attn.v_proj)
         self.rows: Optional[dict] = None
-        self.views: list = []  # the q/k/v weights as given back by _store_rows
+        self.views: list = []  # the q/k/v weights as given back by store_rows
         self.plan: Optional[_Plan] = None
         self.hq, self.hkv = attn.n_heads, attn.n_kv_heads
         self.norms = "q_norm" in attn
@@ -119,11 +95,11 @@ def is_dense(p: nn.Module) -> bool:
 
 def _make_plan(attn: nn.Module, st: _State) -> _Plan:
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    if not (is_dense(k) and is_dense(v) and _fusable([q, k, v])):
+    if not (is_dense(k) and is_dense(v) and fusable([q, k, v])):
         return _Plan(None, None)
-    if st.rows is None or any(m["weight"] is not w for m, w in zip((q, k, v), st.views)):
+    if st.rows is None or not holds_views([q, k, v], st.views):
         # first use, or weights loaded since (the next set_method brings them in)
-        st.rows = _store_rows([q, k, v])
+        st.rows = store_rows([q, k, v])
         st.views = [q["weight"], k["weight"], v["weight"]]
     nq, nkv = q["weight"].shape[0], k["weight"].shape[0]
     if is_dense(q):

@@ -60,15 +60,16 @@ def transposed_weight(proj: nn.Module):
 
     Float weights: a contiguous copy of W^T. Quantized weights: W^T re-quantized along the output
     dimension with the same bits and group size (the layout ``chess-mlx convert`` writes), so its
-    numbers differ from the source quantization by one rounding.
+    numbers differ from the source quantization by one rounding; its scales and biases are packed
+    into one array (``QWeight.sb``), as the kernels take them.
     """
     wt = getattr(proj, "_kernel_wt", None)
     if wt is None or getattr(proj, "_kernel_wt_of", None) is not proj["weight"]:  # first use, or new weights
         if "scales" in proj:
             w = mx.dequantize(proj["weight"], proj["scales"], proj["biases"],
                               group_size=proj.group_size, bits=proj.bits)
-            wt = G.QWeight.quantize(mx.contiguous(w.T), proj.bits, proj.group_size)
-            mx.eval(wt.w, wt.scales, wt.biases)
+            wt = G.QWeight.quantize(mx.contiguous(w.T), proj.bits, proj.group_size).packed()
+            mx.eval(wt.w, wt.sb, wt.scales, wt.biases)
         else:
             wt = mx.contiguous(proj["weight"].T)
             mx.eval(wt)

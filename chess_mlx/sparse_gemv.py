@@ -9,7 +9,14 @@ Products, on float16/bfloat16 or MLX 4/8-bit affine-quantized weights:
   density of that input. Quantized ``wt`` is quantized along the *output* dimension
   (``mx.quantize(W.T)``), so a skipped input channel costs no bytes.
 * ``gate_up(x, w_gate, w_up, t)``: the whole CATS/CHESS FFN front, ``keep(SiLU(x W_gate^T), t) *
-  (x W_up^T)`` with the up rows of dropped channels never read; one launch for float weights.
+  (x W_up^T)`` with the up rows of dropped channels never read; one launch. The kernel takes the
+  gate and up rows stacked as one matrix (``stack_gate_up``; ``gate_up_stacked`` for rows stored
+  that way once).
+* ``sparse_input(..., residual=r)`` adds ``r`` to the product inside the kernel (the block's
+  residual add, one graph node fewer per layer).
+
+Quantized weights reach the kernels with their scales and biases in one array (``QWeight.sb``):
+every kernel input costs MLX host time at every launch (RESULTS.md session 8).
 
 Decode speed on a GPU is bound by the number of graph nodes per token as much as by bytes
 (benchmarks/RESULTS.md), so thresholds, split-K reduction and the density count live inside
@@ -64,13 +71,16 @@ def backend() -> str:
 
 @dataclass(frozen=True)
 class QWeight:
-    """An MLX affine-quantized matrix: packed ``w`` (rows, cols*bits/32), ``scales``/``biases``."""
+    """An MLX affine-quantized matrix: packed ``w`` (rows, cols*bits/32), ``scales``/``biases``
+    (rows, cols/group_size). ``sb``: the kernels' layout of the two, ``[scales; biases]`` as one
+    (2*rows, cols/group_size) array (``packed``), of which ``scales`` and ``biases`` are then views."""
 
     w: mx.array
     scales: mx.array
     biases: mx.array
     bits: int
     group_size: int
+    sb: Optional[mx.array] = None
 
     @property
     def rows(self) -> int:
@@ -91,6 +101,42 @@ class QWeight:
 
     def dequantize(self) -> mx.array:
         return mx.dequantize(self.w, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+    @classmethod
+    def from_packed(cls, w: mx.array, sb: mx.array, bits: int, group_size: int) -> "QWeight":
+        rows = w.shape[0]
+        return cls(w, sb[:rows], sb[rows:], bits, group_size, sb)
+
+    def packed(self) -> "QWeight":
+        """This matrix with ``sb`` (lazy: a concatenation the caller evaluates if it keeps it)."""
+        if self.sb is not None:
+            return self
+        return QWeight.from_packed(self.w, mx.concatenate([self.scales, self.biases], axis=0), self.bits,
+                                   self.group_size)
+
+    def kernel_sb(self) -> mx.array:
+        return self.sb if self.sb is not None else mx.concatenate([self.scales, self.biases], axis=0)
+
+
+def stack_gate_up(wg, wu):
+    """The gate and up rows as one matrix, as ``gate_up``'s kernels read them: ``[Wg; Wu]`` (2N, K)
+    for float weights, a packed QWeight of 2N rows for quantized ones (so its ``sb`` is ``[gate
+    scales; up scales; gate biases; up biases]``). Lazy; the sparse layers store it once
+    (``row_store``) and give the projections views of it."""
+    if isinstance(wg, QWeight):
+        w = mx.concatenate([wg.w, wu.w], axis=0)
+        return QWeight.from_packed(w, mx.concatenate([wg.scales, wu.scales, wg.biases, wu.biases], axis=0),
+                                   wg.bits, wg.group_size)
+    return mx.concatenate([wg, wu], axis=0)
+
+
+def split_gate_up(w2):
+    """(gate, up) of ``stack_gate_up``'s matrix, as views (the reference path's products)."""
+    n = w2.shape[0] // 2 if not isinstance(w2, QWeight) else w2.rows // 2
+    if isinstance(w2, QWeight):
+        return (QWeight(w2.w[:n], w2.scales[:n], w2.biases[:n], w2.bits, w2.group_size),
+                QWeight(w2.w[n:], w2.scales[n:], w2.biases[n:], w2.bits, w2.group_size))
+    return w2[:n], w2[n:]
 
 
 # ---------------------------------------------------------------- reference (any device) --------
@@ -115,13 +161,16 @@ def threshold(x: mx.array, t: Optional[mx.array]) -> mx.array:
     return x * (mx.abs(x) >= t).astype(x.dtype)
 
 
-def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
+                           residual: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
     xs = threshold(x, t)
     if isinstance(wt, QWeight):
         y = mx.quantized_matmul(xs, wt.w, wt.scales, wt.biases, transpose=False,
                                 group_size=wt.group_size, bits=wt.bits)
     else:
         y = xs @ wt
+    if residual is not None:
+        y = residual + y
     return y, kept_fraction(xs != 0)  # the share of weight rows a kernel reads
 
 
@@ -149,12 +198,16 @@ def read_source(kind: str, name: str) -> tuple[str, str]:
 
 _INPUTS = {
     "spout_f": ["x", "w", "a"],
-    "spout_q": ["x", "w", "scales", "biases", "a"],
+    "spout_q": ["x", "w", "sb", "a"],
     "spin_f": ["x", "t", "wt", "sem", "after"],
-    "spin_q": ["x", "t", "wt", "scales", "biases", "sem", "after"],
-    "gateup_f": ["x", "wg", "wu", "t"],
-    "gateup_q": ["x", "wg", "sg", "bg", "wu", "su", "bu", "t"],
+    "spin_q": ["x", "t", "wt", "sb", "sem", "after"],
+    "gateup_f": ["x", "w", "t"],
+    "gateup_q": ["x", "w", "sb", "t"],
+    # the sparse-input kernels with the residual add fused (same source, CHESS_RESIDUAL defined)
+    "spin_f_res": ["x", "t", "wt", "sem", "after", "r"],
+    "spin_q_res": ["x", "t", "wt", "sb", "sem", "after", "r"],
 }
+RESIDUAL_VARIANTS = {"spin_f_res": "spin_f", "spin_q_res": "spin_q"}
 # Template parameters of each kernel, in the order the launchers pass them (checked by the tests
 # against the "Template:" line of both the CUDA and the Metal source).
 TEMPLATES = {
@@ -166,12 +219,22 @@ TEMPLATES = {
     "gateup_q": ("T", "M", "K", "N", "BITS", "GS", "RPW", "TPC"),
 }
 _OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "partial", "dens"],
-            "spin_q": ["y", "partial", "dens"], "gateup_f": ["y"], "gateup_q": ["y"]}
+            "spin_q": ["y", "partial", "dens"], "gateup_f": ["y"], "gateup_q": ["y"],
+            "spin_f_res": ["y", "partial", "dens"], "spin_q_res": ["y", "partial", "dens"]}
+
+
+def kernel_source(kind: str, name: str) -> tuple[str, str]:
+    """(header, body) as launched: a residual variant is its base source with CHESS_RESIDUAL defined."""
+    base = RESIDUAL_VARIANTS.get(name)
+    if base is None:
+        return read_source(kind, name)
+    header, body = read_source(kind, base)
+    return header, "#define CHESS_RESIDUAL 1\n" + body
 
 
 @lru_cache(maxsize=None)
 def _kernel(kind: str, name: str):
-    header, body = read_source(kind, name)
+    header, body = kernel_source(kind, name)
     if kind == "cuda":
         return mx.fast.cuda_kernel(name=f"chess_{name}", input_names=_INPUTS[name],
                                    output_names=_OUTPUTS[name], source=body, header=header)
@@ -327,7 +390,7 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w.bits), ("GS", w.group_size), ("RPW", rpw),
                 ("PARTS", parts)]
         return _kernel(kind, "spout_q")(
-            inputs=[x, w.w, w.scales, w.biases, a], template=tmpl, grid=(-(-n // (8 // parts * rpw)) * 256, 1, 1),
+            inputs=[x, w.w, w.kernel_sb(), a], template=tmpl, grid=(-(-n // (8 // parts * rpw)) * 256, 1, 1),
             threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype], init_value=_POISON)[0]
     n = w.shape[0]
     wpr = wpr or spout_warps_per_row(k * 2)
@@ -401,16 +464,18 @@ def _tpc(t: mx.array, n: int) -> int:
 
 
 def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
-                 kc: Optional[int] = None, words: Optional[int] = None) -> tuple[mx.array, mx.array]:
+                 kc: Optional[int] = None, words: Optional[int] = None,
+                 residual: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
     """spin_f / spin_q: thresholded sparse-input product and its input density, one launch,
     ordered after the previous launch on ``ws`` (whose token it then becomes). The density is a
-    0-d array (no reshape node). ``kc`` and ``words`` (spin_q) override the launch geometry for
+    0-d array (no reshape node). ``residual`` (y's shape and dtype, row-contiguous) is added to
+    the product in the kernel. ``kc`` and ``words`` (spin_q) override the launch geometry for
     probes."""
     m, k = rows(x), x.shape[-1]
     if isinstance(wt, QWeight):
         n = wt.cols
         words, tiles, kc = spin_geometry(m, k, n, wt.bits, kind, words, kc)
-        name, inputs = "spin_q", [x, t, wt.w, wt.scales, wt.biases, ws.sem, ws.last]
+        name, inputs = "spin_q", [x, t, wt.w, wt.kernel_sb(), ws.sem, ws.last]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wt.bits), ("GS", wt.group_size),
                 ("KC", kc), ("WORDS", words), ("TPC", _tpc(t, k))]
     else:
@@ -420,6 +485,11 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc), ("TPC", _tpc(t, k))]
     if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1:  # the kernel indexes sem[0 .. tiles]
         raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
+    if residual is not None:  # the kernel reads r[m * N + n] for every output it writes
+        if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype:
+            raise ValueError(f"residual of shape {residual.shape} and {residual.dtype}, expected "
+                             f"{(*x.shape[:-1], n)} and {x.dtype}")
+        name, inputs = name + "_res", inputs + [residual]
     chunks = -(-k // kc)
     y, _partial, dens = _kernel(kind, name)(
         inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
@@ -429,24 +499,25 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     return y, dens
 
 
-def _launch_gateup(kind: str, x: mx.array, wg, wu, t: mx.array, wpr: Optional[int] = None,
+def _launch_gateup(kind: str, x: mx.array, w2, t: mx.array, wpr: Optional[int] = None,
                    rpw: Optional[int] = None) -> mx.array:
-    """gateup_f (float weights, ``wpr`` warps per row) / gateup_q (two QWeights of one format,
-    ``rpw`` rows per warp, default ``gateup_rows_per_warp``)."""
+    """gateup_f (``w2`` = float ``[Wg; Wu]``, ``wpr`` warps per row) / gateup_q (``w2`` = the stacked
+    QWeight of ``stack_gate_up``, ``rpw`` rows per warp, default ``gateup_rows_per_warp``)."""
     m, k = rows(x), x.shape[-1]
-    if isinstance(wg, QWeight):
-        n, rpw = wg.rows, rpw or gateup_rows_per_warp(m, k, wg.rows, x.dtype)
-        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wg.bits), ("GS", wg.group_size),
+    if isinstance(w2, QWeight):
+        n = w2.rows // 2
+        rpw = rpw or gateup_rows_per_warp(m, k, n, x.dtype)
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", w2.bits), ("GS", w2.group_size),
                 ("RPW", rpw), ("TPC", _tpc(t, n))]
         return _kernel(kind, "gateup_q")(
-            inputs=[x, wg.w, wg.scales, wg.biases, wu.w, wu.scales, wu.biases, t], template=tmpl,
+            inputs=[x, w2.w, w2.kernel_sb(), t], template=tmpl,
             grid=(-(-n // (8 * rpw)) * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)],
             output_dtypes=[x.dtype], init_value=_POISON)[0]
-    n = wg.shape[0]
+    n = w2.shape[0] // 2
     wpr = wpr or spout_warps_per_row(k * 2)
     tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("WPR", wpr), ("TPC", _tpc(t, n))]
     blocks = -(-n // (8 // wpr))
-    return _kernel(kind, "gateup_f")(inputs=[x, wg, wu, t], template=tmpl, grid=(blocks * 256, 1, 1),
+    return _kernel(kind, "gateup_f")(inputs=[x, w2, t], template=tmpl, grid=(blocks * 256, 1, 1),
                                      threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype],
                                      init_value=_POISON)[0]
 
@@ -461,30 +532,40 @@ def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
     return reference_gated_sparse_output(x, w, a)
 
 
-def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
-                 ws: Optional[Workspace] = None) -> tuple[mx.array, mx.array]:
-    """``(threshold(x, t) @ wt, density)`` for x (..., K), wt = W^T (K, N) or its QWeight (quantized
-    along N); only the rows of wt that meet a surviving input are read. ``ws``: the call site's
-    ``workspace`` (a fresh one is made if omitted, at the cost of a fill)."""
+def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, ws: Optional[Workspace] = None,
+                 residual: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+    """``(threshold(x, t) @ wt [+ residual], density)`` for x (..., K), wt = W^T (K, N) or its
+    QWeight (quantized along N); only the rows of wt that meet a surviving input are read. ``ws``:
+    the call site's ``workspace`` (a fresh one is made if omitted, at the cost of a fill)."""
     kind = backend()
     if kind != "reference" and kernel_supports(kind, x, wt, transposed=True):
         ws = workspace(wt.cols if isinstance(wt, QWeight) else wt.shape[1]) if ws is None else ws
-        return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws)
-    return reference_sparse_input(x, wt, t)
+        return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws, residual=residual)
+    return reference_sparse_input(x, wt, t, residual)
 
 
 def gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:
     """``threshold(SiLU(x W_gate^T), t) * (x W_up^T)``; the up rows of dropped channels are never
-    read. One fused kernel for two float weights or two QWeights of one format; otherwise (mixed
-    formats) the gate GEMV, then the sparse-output kernel for up."""
-    kind = backend()
-    if isinstance(wg, QWeight) or isinstance(wu, QWeight):
-        if (kind != "reference" and isinstance(wg, QWeight) and isinstance(wu, QWeight)
-                and kernel_supports(kind, x, wg, transposed=False) and kernel_supports(kind, x, wu, transposed=False)
-                and (wg.bits, wg.group_size, wg.rows) == (wu.bits, wu.group_size, wu.rows)):
-            return _launch_gateup(kind, x, wg, wu, t)
+    read. One fused kernel for two float weights or two QWeights of one format (their rows stacked
+    here, lazily: ``gate_up_stacked`` takes rows stored that way); otherwise (mixed formats) the
+    gate GEMV, then the sparse-output kernel for up."""
+    if isinstance(wg, QWeight) != isinstance(wu, QWeight):
         return gated_sparse_output(x, wu, threshold(silu(matvec_t(x, wg)), t))
-    if (kind != "reference" and kernel_supports(kind, x, wu, transposed=False) and wg.shape == wu.shape
-            and wg.dtype == x.dtype):
-        return _launch_gateup(kind, x, wg, wu, t)
-    return reference_gate_up(x, wg, wu, t)
+    if isinstance(wg, QWeight):
+        same = (wg.bits, wg.group_size, wg.rows, wg.cols) == (wu.bits, wu.group_size, wu.rows, wu.cols)
+    else:
+        same = wg.shape == wu.shape and wg.dtype == wu.dtype
+    if not same:
+        return gated_sparse_output(x, wu, threshold(silu(matvec_t(x, wg)), t))
+    if backend() == "reference":
+        return reference_gate_up(x, wg, wu, t)
+    return gate_up_stacked(x, stack_gate_up(wg, wu), t)
+
+
+def gate_up_stacked(x: mx.array, w2, t: mx.array) -> mx.array:
+    """``gate_up`` on the stacked rows ``w2`` of ``stack_gate_up``: one launch where a kernel takes
+    them, else the reference on their gate and up views."""
+    kind = backend()
+    if kind != "reference" and kernel_supports(kind, x, w2, transposed=False):
+        return _launch_gateup(kind, x, w2, t)
+    return reference_gate_up(x, *split_gate_up(w2), t)

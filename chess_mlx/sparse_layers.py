@@ -22,9 +22,10 @@ from . import decode_paths as D
 from . import fused_attention
 from . import sparse_gemv as G
 from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, kernel_workspace,
-                         row_weight, sparse_input_linear, transposed_weight, weight_nbytes)
+                         sparse_input_linear, transposed_weight, weight_nbytes)
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
 from .model_io import model_layers
+from .row_store import fusable, holds_views, store_rows
 from .stats import SparsityRecorder, WeightBytes
 
 Collector = Callable[[str, mx.array], None]
@@ -44,6 +45,8 @@ class _Control:
         self.down = None  # TEAL: down input threshold
         self.collector: Optional[Collector] = None
         self._arrays: dict = {}
+        self.rows: Optional[dict] = None  # SparseMLP: the gate and up rows stored as one block (row_store)
+        self.views: list = []  # the gate/up weights as store_rows gave them back
         # One-token decode plans, per (dtype, kernel backend, compiled paths on, stream): the
         # compiled path with its arguments bound, or None where it does not apply. Decode is bound by
         # host time per token, so the checks and lookups run once, not at every layer and token.
@@ -138,11 +141,7 @@ class SparseMLP(nn.Module):
             return dense_linear(a * dense_linear(x, self.up_proj), self.down_proj)
         plan = c.plan(x, self._plan)
         if plan is not None:
-            bound, recorded = plan
-            y, *dens = bound(x)
-            for projs, d in zip(recorded, dens):
-                c.recorder.record_density(c.layer, projs, d, 1)
-            return y
+            return self._run(plan.bound, plan.recorded, x)
         if c.mode == "act":
             a, keep = _threshold(nn.silu(dense_linear(x, self.gate_proj)), c.act)
             c.recorder.record(c.layer, ("up", "down"), keep)
@@ -155,17 +154,47 @@ class SparseMLP(nn.Module):
         c.recorder.record(c.layer, "down", keep_d)
         return sparse_input_linear(hs, self.down_proj)
 
+    def add_to(self, r: mx.array, x: mx.array) -> mx.array:
+        """``r + self(x)``: the block's last residual. Under CATS/CHESS on a GPU the add runs inside
+        down's kernel (one graph node fewer per layer and token; ``block_step`` calls this)."""
+        c = self.ctl
+        if c.collector is None and c.mode == "act":
+            plan = c.plan(x, self._plan)
+            if plan is not None and plan.residual is not None and r.shape == x.shape and r.dtype == x.dtype:
+                return self._run(plan.residual, plan.recorded, x, r)
+        return r + self(x)
+
+    def _run(self, bound: D.Bound, recorded: list, *xs: mx.array) -> mx.array:
+        y, *dens = bound(*xs)
+        for projs, d in zip(recorded, dens):
+            self.ctl.recorder.record_density(self.ctl.layer, projs, d, 1)
+        return y
+
     def _plan(self, x: mx.array):
-        """The compiled one-token path of the current mode, with its arguments (or None)."""
+        """The compiled one-token paths of the current mode, with their arguments (or None)."""
         c, g, u, d = self.ctl, self.gate_proj, self.up_proj, self.down_proj
         if not compiled_path_ok(x, g, u, d):
             return None
         if c.mode == "act":
-            return D.bind_act_mlp(row_weight(g), row_weight(u), c.arr("act", x.dtype), transposed_weight(d),
-                                  kernel_workspace(d), x.dtype), [("up", "down")]
-        return D.bind_teal_mlp(c.arr("inp", x.dtype), transposed_weight(g), transposed_weight(u), c.arr("down", x.dtype),
-                               transposed_weight(d), kernel_workspace(g), kernel_workspace(u),
-                               kernel_workspace(d)), [("gate", "up"), "down"]
+            if not fusable([g, u]):
+                return None
+            args = (self._gate_up_rows(), c.arr("act", x.dtype), transposed_weight(d), kernel_workspace(d), x.dtype)
+            return _MlpPlan(D.bind_act_mlp(*args), [("up", "down")], D.bind_act_mlp_residual(*args))
+        return _MlpPlan(D.bind_teal_mlp(c.arr("inp", x.dtype), transposed_weight(g), transposed_weight(u),
+                                        c.arr("down", x.dtype), transposed_weight(d), kernel_workspace(g),
+                                        kernel_workspace(u), kernel_workspace(d)), [("gate", "up"), "down"], None)
+
+    def _gate_up_rows(self):
+        """The gate and up rows as the gate_up kernel reads them (``sparse_gemv.stack_gate_up``),
+        stored once as one block whose views the two projections keep (no extra memory). Stored
+        again if weights were loaded since (they take effect at the next set_method)."""
+        c, g, u = self.ctl, self.gate_proj, self.up_proj
+        if c.rows is None or not holds_views([g, u], c.views):
+            c.rows = store_rows([g, u], pack_sb="scales" in g)
+            c.views = [g["weight"], u["weight"]]
+        if "sb" in c.rows:
+            return G.QWeight.from_packed(c.rows["weight"], c.rows["sb"], g.bits, g.group_size)
+        return c.rows["weight"]
 
     def _collect(self, x: mx.array, collect: Collector) -> mx.array:
         a = nn.silu(dense_linear(x, self.gate_proj))
@@ -176,6 +205,15 @@ class SparseMLP(nn.Module):
         collect("up", u)
         collect("down_in", h)
         return dense_linear(h, self.down_proj)
+
+
+@dataclass
+class _MlpPlan:
+    """A SparseMLP's one-token paths: ``bound(x)``, and ``residual(x, r)`` (None under TEAL)."""
+
+    bound: D.Bound
+    recorded: list
+    residual: Optional[D.Bound]
 
 
 @dataclass

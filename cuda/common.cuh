@@ -441,10 +441,11 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
 // round trips to L2 (count, partial loads) plus the y store: the cross-tile counter that used to
 // decide who writes dens added two more (session 10). The chunk count is a compile-time constant
 // so the in-order sum issues up to 32 partial loads together. All 256 threads must call it.
+// res: null, or the residual added to y after y's own rounding (the spin kernels' _res variants).
 template <typename T, int M, int N, int K, int KC, int VPL>
 __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const float* accb, float* partial,
                                                   T* y, float* dens, const int* sem_in, int nnz,
-                                                  float (*red)[32 * VPL], int* flag) {
+                                                  float (*red)[32 * VPL], int* flag, const T* res) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -483,6 +484,7 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
       float s = 0.0f;
 #pragma unroll 32
       for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
+      if (res) s = static_cast<float>(static_cast<T>(s)) + static_cast<float>(res[(size_t)m * N + n]);
       y[(size_t)m * N + n] = static_cast<T>(s);
     }
   }

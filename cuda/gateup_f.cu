@@ -3,12 +3,14 @@
 //   y[m, r] = keep ? round(a * round(w_up[r, :] . x[m, :])) : 0       (t = t[r] if TPC else t[0])
 // round() is a cast to T wherever the op-by-op graph stores a T, so both paths give the same
 // numbers. One launch replaces four graph nodes (gate GEMV, SiLU + threshold, up GEMV, product).
-// Layout: w_gate, w_up (N, K) row-major. A block of 8 warps covers 8/WPR rows; the WPR warps of a
+// Layout: w (2N, K) row-major = [w_gate; w_up] (one input: the rows stacked once, gate then up). A block of 8 warps covers 8/WPR rows; the WPR warps of a
 // row split it (lanes read 16 bytes at a time, WPR*32 lanes in step) and reduce through shared
 // memory (chess_row_sums). The gate row is always read; the up row only if some token keeps r.
 // Template: T, M, K, N, WPR, TPC. Grid: ceil(N / (8/WPR)) * 256 threads, threadgroup 256.
 // Needs K % 8 == 0.
 constexpr int RPB = 8 / WPR;
+const T* wg = w;
+const T* wu = w + (size_t)N * K;
 __shared__ float red[8][M];
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;

@@ -2,11 +2,22 @@
 // bits, group GS): the quantized twin of gateup_f, with its rounding points:
 //   g = round(gate[r] . x[m]),  a = round(g * round(sigmoid(g))),  keep = |a| >= t
 //   y[m, r] = keep ? round(a * round(up[r] . x[m])) : 0       (t = t[r] if TPC else t[0])
-// Layout as spout_q (MLX's own, both weights (N, K)); RPW rows per warp (chess_qrows_dot), the
+// Layout: the gate and up rows stacked as one 2N-row matrix in MLX's layout, scales and biases
+// packed after each other (sparse_gemv.QWeight.sb): w (2N, K*BITS/32) uint32 = [gate; up], sb (4N, K/GS)
+// = [gate scales; up scales; gate biases; up biases] (one buffer each: fewer inputs per launch, each
+// costs host time at every token, RESULTS.md session 8). RPW rows per warp (chess_qrows_dot), the
 // gate rows always read, an up row only where some token keeps the channel. One launch replaces
 // MLX's gate GEMV, the SiLU/threshold node and the sparse-output up launch.
 // Template: T, M, K, N, BITS, GS, RPW, TPC. Grid: ceil(N / (8 * RPW)) * 256, threadgroup 256.
 // Needs K % (128/BITS) == 0.
+constexpr int WORDS_PER_ROW = K * BITS / 32;
+constexpr int GROUPS_PER_ROW = K / GS;
+const uint32_t* wg = w;
+const uint32_t* wu = w + (size_t)N * WORDS_PER_ROW;
+const T* sg = sb;
+const T* su = sb + (size_t)N * GROUPS_PER_ROW;
+const T* bg = sb + (size_t)2 * N * GROUPS_PER_ROW;
+const T* bu = sb + (size_t)3 * N * GROUPS_PER_ROW;
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
 const int r0 = ((int)blockIdx.x * 8 + warp) * RPW;

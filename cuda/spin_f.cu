@@ -9,10 +9,18 @@
 // dens[0] = fraction of non-zero (m, j) inputs. sem: int32 workspace of >= tiles + 1 zeros.
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
+// With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
+// y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
+// fewer per layer and token).
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.
 // Needs N % 8 == 0, KC <= 512.
 constexpr int TILE = 256;
 constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); speed equal within noise (RESULTS.md session 6)
+#ifdef CHESS_RESIDUAL
+const T* res = r;
+#else
+const T* res = nullptr;
+#endif
 __shared__ int idx[KC];
 __shared__ float xsh[M * KC];
 __shared__ int wcount[8 * ((KC + 255) / 256)];
@@ -56,4 +64,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
   }
 }
 const float zero[M] = {};
-chess_spin_finish<T, M, N, K, KC, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag);
+chess_spin_finish<T, M, N, K, KC, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag, res);

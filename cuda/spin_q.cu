@@ -1,7 +1,7 @@
 // Sparse-input GEMV with the input threshold fused in (as spin_f), MLX affine-quantized weights
 // in the transposed ("input-major") layout:
 // wt (K, N*BITS/32) uint32 = quantize(W^T) with groups of GS consecutive *outputs*, scales/biases
-// (K, N/GS). An input channel j is one contiguous row of packed words + N/GS scales and biases, so a
+// (K, N/GS) packed as sb (2K, N/GS) = [scales; biases]. An input channel j is one contiguous row of packed words + N/GS scales and biases, so a
 // zero x[:, j] costs no bytes.   y[m, n] = sum_j x[m, j] * (scale[j, n/GS] * q[j, n] + bias[j, n/GS]).
 // Same tiling and compaction as spin_f; each lane owns WORDS consecutive words (VPL = WORDS*32/BITS
 // outputs, all inside one group), so the bias term is one scalar per lane: acc_e += (x*s) * (q_e - OFF)
@@ -10,12 +10,22 @@
 // partials, last-chunk reduction into y, density into dens; sem >= tiles + 1 int32 zeros).
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
+// With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
+// y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
+// fewer per layer and token).
 // Template: T, M, K, N, BITS, GS, KC (<= 512), WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)),
 // threadgroup 256. Needs N % (4*32/BITS) == 0.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = WORDS * VPW;
 constexpr int TILE = 32 * VPL;
 constexpr int U = 4;
+#ifdef CHESS_RESIDUAL
+const T* res = r;
+#else
+const T* res = nullptr;
+#endif
+const T* scales = sb;
+const T* biases = sb + (size_t)K * (N / GS);
 __shared__ int idx[KC];
 __shared__ float xsh[M * KC];
 __shared__ int wcount[8 * ((KC + 255) / 256)];
@@ -61,4 +71,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
   }
   if (in_range) ChessSpinQ<T, M, BITS, WORDS, U>::rows(words, sc, bi, xv, acc, accb);
 }
-chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag);
+chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, res);

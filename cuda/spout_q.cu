@@ -1,6 +1,7 @@
 // Sparse-output GEMV, MLX affine-quantized weights (4 or 8 bits, group GS), fused with the gate.
 //   y[m, r] = a[m, r] * sum_k (scale[r, k/GS] * q[r, k] + bias[r, k/GS]) * x[m, k]   (active rows)
-// Layout: MLX's own (w (N, K*BITS/32) uint32, scales/biases (N, K/GS)): element k of a row sits in
+// Layout: MLX's own (w (N, K*BITS/32) uint32; scales and biases (N, K/GS) packed as sb (2N, K/GS) =
+// [scales; biases]): element k of a row sits in
 // word k / (32/BITS) at bit BITS * (k % (32/BITS)). A block of 8 warps covers 8/PARTS row groups
 // of RPW consecutive rows; the PARTS warps of a group split its rows along K and read only the
 // active rows (chess_qrows_dot: x loaded once per 16-byte step for all RPW rows). With PARTS = 1
@@ -10,6 +11,8 @@
 // Template: T, M, K, N, BITS, GS, RPW, PARTS (1, 2, 4 or 8).
 // Grid: ceil(N / (8 / PARTS * RPW)) * 256 threads, threadgroup 256. Needs K % (128/BITS) == 0.
 constexpr int GROUPS = 8 / PARTS;
+const T* scales = sb;
+const T* biases = sb + (size_t)N * (K / GS);
 __shared__ float red[8][RPW * M];
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;

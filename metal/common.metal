@@ -375,11 +375,13 @@ inline void chess_finish_rows(thread const float* acc, const device T* a, device
 // fences, after the threadgroup barrier. The chunk count is a compile-time constant so the
 // in-order sum's loads can be issued together.
 // Needs Metal 3.2 device-scope fences (atomic_thread_fence with thread_scope_device).
+// res: null, or the residual added to y after y's own rounding (the spin kernels' _res variants).
 template <typename T, int M, int N, int K, int KC, int VPL>
 inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float* accb, device float* partial,
                               device T* y, device float* dens, const device int* sem_in, int nnz,
                               threadgroup float (*red)[32 * VPL], threadgroup int* flag, uint tid, uint lane,
-                              uint warp, int tile, int chunk, int tiles) {
+                              uint warp, int tile, int chunk, int tiles,
+                              const device T* res) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
   device atomic_int* sem = (device atomic_int*)(sem_in);
@@ -412,6 +414,7 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
       float s = 0.0f;
 #pragma unroll(32)
       for (int c = 0; c < CHUNKS; ++c) s += partial[(c * M + m) * N + n];
+      if (res) s = float(static_cast<T>(s)) + float(res[m * N + n]);
       y[m * N + n] = static_cast<T>(s);
     }
   }

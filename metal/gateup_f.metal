@@ -2,9 +2,11 @@
 // cuda/gateup_f.cu (same tiling: WPR simdgroups per row, 8/WPR rows per 256-thread threadgroup):
 //   g = round(w_gate[r, :] . x[m, :]),  a = round(g * round(sigmoid(g))),  keep = |a| >= t
 //   y[m, r] = keep ? round(a * round(w_up[r, :] . x[m, :])) : 0       (t = t[r] if TPC else t[0])
-// The gate row is always read; the up row only if some token keeps r.
+// w (2N, K) = [w_gate; w_up]. The gate row is always read; the up row only if some token keeps r.
 // Template: T, M, K, N, WPR, TPC. Grid: ceil(N / (8/WPR)) * 256 threads, threadgroup 256. K % 8 == 0.
 constexpr int RPB = 8 / WPR;
+const device T* wg = w;
+const device T* wu = w + N * K;
 threadgroup float red[8][M];
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;

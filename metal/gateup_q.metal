@@ -3,7 +3,16 @@
 //   g = round(gate[r] . x[m]),  a = round(g * round(sigmoid(g))),  keep = |a| >= t
 //   y[m, r] = keep ? round(a * round(up[r] . x[m])) : 0       (t = t[r] if TPC else t[0])
 // Template: T, M, K, N, BITS, GS, RPW, TPC. Grid: ceil(N / (8 * RPW)) * 256, threadgroup 256.
-// Needs K % (128/BITS) == 0.
+// Needs K % (128/BITS) == 0. Layout as the CUDA twin: w = [gate; up] rows, sb = [gate scales; up scales;
+// gate biases; up biases].
+constexpr int WORDS_PER_ROW = K * BITS / 32;
+constexpr int GROUPS_PER_ROW = K / GS;
+const device uint32_t* wg = w;
+const device uint32_t* wu = w + N * WORDS_PER_ROW;
+const device T* sg = sb;
+const device T* su = sb + N * GROUPS_PER_ROW;
+const device T* bg = sb + 2 * N * GROUPS_PER_ROW;
+const device T* bu = sb + 3 * N * GROUPS_PER_ROW;
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;
 const int r0 = (int(threadgroup_position_in_grid.x) * 8 + int(warp)) * RPW;

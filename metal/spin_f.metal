@@ -6,9 +6,17 @@
 // tile 0 writes dens (chess_spin_finish; sem >= tiles + 1 int32 zeros).
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
+// With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
+// y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
+// fewer per layer and token).
 // Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
 constexpr int TILE = 256;
 constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); speed equal within noise (RESULTS.md session 6)
+#ifdef CHESS_RESIDUAL
+const device T* res = r;
+#else
+const device T* res = nullptr;
+#endif
 threadgroup int idx[KC];
 threadgroup float xsh[M * KC];
 threadgroup int wcount[8 * ((KC + 255) / 256)];
@@ -49,4 +57,4 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
 }
 const float zero[M] = {};
 chess_spin_finish<T, M, N, K, KC, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
-                                  int(threadgroups_per_grid.x));
+                                  int(threadgroups_per_grid.x), res);

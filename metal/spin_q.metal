@@ -1,16 +1,26 @@
 // Sparse-input GEMV with the input threshold fused in, MLX affine-quantized weights in the
 // transposed ("input-major") layout.
 // Twin of cuda/spin_q.cu: wt (K, N*BITS/32) = quantize(W^T) grouped along outputs, scales/biases
-// (K, N/GS); same tiling and compaction as spin_f; each lane owns WORDS words (VPL outputs inside
+// (K, N/GS) packed as sb = [scales; biases]; same tiling and compaction as spin_f; each lane owns WORDS words (VPL outputs inside
 // one group): acc_e += (x*s) * (q_e - OFF), accb += x*(b + OFF*s), U rows at a time by
 // ChessSpinQ (half2 products for half, float32 for bfloat16); same epilogue as spin_f (chess_spin_finish).
 // after: the previous launch's density output at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
+// With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
+// y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
+// fewer per layer and token).
 // Template: T, M, K, N, BITS, GS, KC, WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)), threadgroup 256.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = WORDS * VPW;
 constexpr int TILE = 32 * VPL;
 constexpr int U = 4;
+#ifdef CHESS_RESIDUAL
+const device T* res = r;
+#else
+const device T* res = nullptr;
+#endif
+const device T* scales = sb;
+const device T* biases = sb + K * (N / GS);
 threadgroup int idx[KC];
 threadgroup float xsh[M * KC];
 threadgroup int wcount[8 * ((KC + 255) / 256)];
@@ -54,4 +64,4 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
   if (in_range) ChessSpinQ<T, M, BITS, WORDS, U>::rows(words, sc, bi, xv, acc, accb);
 }
 chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
-                                  int(threadgroups_per_grid.x));
+                                  int(threadgroups_per_grid.x), res);

@@ -1,5 +1,5 @@
 // Sparse-output GEMV, MLX affine-quantized weights (4 or 8 bits, group GS), fused with the gate.
-// Twin of cuda/spout_q.cu: MLX's own layout (w (N, K*BITS/32) uint32, scales/biases (N, K/GS));
+// Twin of cuda/spout_q.cu: MLX's own layout (w (N, K*BITS/32) uint32, scales/biases (N, K/GS) packed as sb = [scales; biases]);
 // a threadgroup of 8 simdgroups covers 8/PARTS row groups of RPW consecutive rows; the PARTS
 // simdgroups of a group split its rows along K and read only the active rows (chess_qrows_dot).
 // With PARTS = 1 each simdgroup sums its own rows (simd_sum), no threadgroup memory or barrier;
@@ -7,6 +7,8 @@
 // Template: T, M, K, N, BITS, GS, RPW, PARTS. Grid: ceil(N / (8 / PARTS * RPW)) * 256,
 // threadgroup 256. Needs K % (128/BITS) == 0.
 constexpr int GROUPS = 8 / PARTS;
+const device T* scales = sb;
+const device T* biases = sb + N * (K / GS);
 threadgroup float red[8][RPW * M];
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;

@@ -95,12 +95,12 @@ def test_decode_plans_are_built_once_and_dropped_on_method_switch(monkeypatch):
     assert calls.count(3) == 2  # one MLP plan per layer, not one per token
     mlp = model.model.layers[0].mlp
     (plan,) = mlp.ctl.plans.values()
-    assert plan[0].static[2].size == cfg["intermediate_size"]  # per-channel CHESS thresholds
+    assert plan.bound.static[1].size == cfg["intermediate_size"]  # per-channel CHESS thresholds
     set_method(model, "cats", th, 0.5)
     assert not mlp.ctl.plans
     mx.eval(model(tok))
     (plan,) = mlp.ctl.plans.values()
-    t = plan[0].static[2]  # rebuilt: one threshold for the layer, padded out of MLX's small-buffer pool
+    t = plan.bound.static[1]  # rebuilt: one threshold for the layer, padded out of MLX's small-buffer pool
     assert t.size == G.SCALAR_SLOTS and t.nbytes >= 16 and calls.count(3) == 4
     assert np.all(np.array(t) == np.array(t)[0]) and float(t[0]) == float(mx.array(th.level(0.5)["cats"][0], dtype=t.dtype))
     decode_paths.enable(False)
@@ -134,7 +134,7 @@ def test_quantized_compiled_paths_match_the_op_by_op_kernel_path(monkeypatch):
         for a in _paths_agree(model, th, prompt, method, 3):
             assert a is not None and (a < 1).any()
     assert quantized and all(quantized)
-    assert any(k[0] == "_act_mlp" and k[1][1] == (4, 32) for k in decode_paths._COMPILED)
+    assert any(k[0] == "_act_mlp" and k[1][0] == (4, 32) for k in decode_paths._COMPILED)
     assert any(k[0] == "_spin" and k[1][1] == (4, 32) for k in decode_paths._COMPILED)
     set_method(model, "dense")
 

@@ -280,52 +280,77 @@ def test_cuda_and_metal_twins_share_interface(name):
         assert re.search(rf"constexpr int {const} = ", mt), const
 
 
+@pytest.mark.parametrize("name", sorted(G.RESIDUAL_VARIANTS))
+def test_residual_variants_read_their_input_only_when_defined(name):
+    """A residual variant is its base source with CHESS_RESIDUAL defined: both twins read the
+    extra input ``r`` inside that #ifdef only (the base kernel has no such input) and pass it to
+    the shared epilogue, which adds it after y's own rounding."""
+    base = G.RESIDUAL_VARIANTS[name]
+    assert G._INPUTS[name] == G._INPUTS[base] + ["r"] and G._OUTPUTS[name] == G._OUTPUTS[base]
+    for kind in ("cuda", "metal"):
+        header, body = G.kernel_source(kind, name)
+        assert body.startswith("#define CHESS_RESIDUAL") and G.read_source(kind, base)[1] in body
+        guarded = re.search(r"#ifdef CHESS_RESIDUAL\n(.*?)#else\n(.*?)#endif", body, re.S)
+        assert guarded and re.search(r"\br\b", guarded.group(1)) and not re.search(r"\br\b", guarded.group(2))
+        rest = body.replace(guarded.group(0), "")
+        assert not re.search(r"\br\b", re.sub(r"//.*", "", rest)), "r read outside the #ifdef"
+        assert re.search(r"chess_spin_finish<[^;]*\bres\)", body, re.S)
+        assert re.search(r"if \(res\) s = ", header)
+
+
 _CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "float32": "float",
                "int32": "int32_t"}
 _INSTANCES = [
     ("spout_f", ["float16", "float16", "float16"], ["float16"], dict(T="float16", M=1, K=4096, N=14336, WPR=4)),
     ("spout_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"], dict(T="bfloat16", M=2, K=576, N=1536, WPR=1)),
-    ("spout_q", ["float16", "uint32", "float16", "float16", "float16"], ["float16"],
+    ("spout_q", ["float16", "uint32", "float16", "float16"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, RPW=4, PARTS=1)),
-    ("spout_q", ["float16", "uint32", "float16", "float16", "float16"], ["float16"],
+    ("spout_q", ["float16", "uint32", "float16", "float16"], ["float16"],
      dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, RPW=8, PARTS=4)),
-    ("spout_q", ["bfloat16", "uint32", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
+    ("spout_q", ["bfloat16", "uint32", "bfloat16", "bfloat16"], ["bfloat16"],
      dict(T="bfloat16", M=8, K=4096, N=4100, BITS=8, GS=32, RPW=2, PARTS=2)),
-    ("spout_q", ["float16", "uint32", "float16", "float16", "float16"], ["float16"],
+    ("spout_q", ["float16", "uint32", "float16", "float16"], ["float16"],
      dict(T="float16", M=2, K=14336, N=4096, BITS=8, GS=32, RPW=4, PARTS=8)),
     ("spin_f", ["float16", "float16", "float16", "int32"], ["float16", "float32", "float32"],
      dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
     ("spin_f", ["bfloat16", "float32", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
      dict(T="bfloat16", M=4, K=1536, N=576, KC=64, TPC=1)),
-    ("spin_q", ["float16", "float32", "uint32", "float16", "float16", "int32"], ["float16", "float32", "float32"],
+    ("spin_q", ["float16", "float32", "uint32", "float16", "int32"], ["float16", "float32", "float32"],
      dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=128, WORDS=2, TPC=1)),
-    ("spin_q", ["bfloat16", "bfloat16", "uint32", "bfloat16", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
+    ("spin_q", ["bfloat16", "bfloat16", "uint32", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
      dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=0)),
-    ("spin_q", ["float16", "float16", "uint32", "float16", "float16", "int32"], ["float16", "float32", "float32"],
+    ("spin_q", ["float16", "float16", "uint32", "float16", "int32"], ["float16", "float32", "float32"],
      dict(T="float16", M=4, K=4096, N=4096, BITS=8, GS=32, KC=64, WORDS=1, TPC=0)),
-    ("spin_q", ["float16", "float16", "uint32", "float16", "float16", "int32"], ["float16", "float32", "float32"],
+    ("spin_q", ["float16", "float16", "uint32", "float16", "int32"], ["float16", "float32", "float32"],
      dict(T="float16", M=2, K=14336, N=4096, BITS=4, GS=32, KC=256, WORDS=4, TPC=0)),
-    ("gateup_f", ["float16", "float16", "float16", "float32"], ["float16"],
+    ("spin_f_res", ["float16", "float16", "float16", "int32", "float32", "float16"], ["float16", "float32", "float32"],
+     dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
+    ("spin_q_res", ["float16", "float16", "uint32", "float16", "int32", "float32", "float16"],
+     ["float16", "float32", "float32"], dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=2, TPC=0)),
+    ("spin_q_res", ["bfloat16", "float32", "uint32", "bfloat16", "int32", "float32", "bfloat16"],
+     ["bfloat16", "float32", "float32"], dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=1)),
+    ("gateup_f", ["float16", "float16", "float32"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, WPR=4, TPC=1)),
-    ("gateup_f", ["bfloat16", "bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
+    ("gateup_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
      dict(T="bfloat16", M=2, K=576, N=1536, WPR=1, TPC=0)),
-    ("gateup_q", ["float16"] + ["uint32", "float16", "float16"] * 2 + ["float32"], ["float16"],
+    ("gateup_q", ["float16", "uint32", "float16"] + ["float32"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, BITS=4, GS=64, RPW=4, TPC=1)),
-    ("gateup_q", ["float16"] + ["uint32", "float16", "float16"] * 2 + ["float16"], ["float16"],
+    ("gateup_q", ["float16", "uint32", "float16"] + ["float16"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, BITS=8, GS=32, RPW=8, TPC=0)),
-    ("gateup_q", ["bfloat16"] + ["uint32", "bfloat16", "bfloat16"] * 2 + ["bfloat16"], ["bfloat16"],
+    ("gateup_q", ["bfloat16", "uint32", "bfloat16"] + ["bfloat16"], ["bfloat16"],
      dict(T="bfloat16", M=8, K=1536, N=580, BITS=8, GS=32, RPW=2, TPC=0)),
 ]
 
 
 def _mlx_style_kernel(idx: int, name, in_types, out_types, tmpl) -> str:
-    """The __global__ function MLX's cuda_kernel builds around a source body (signature, constants)."""
-    _, body = G.read_source("cuda", name)
+    """The __global__ function MLX's cuda_kernel builds around a source body (signature, constants).
+    MLX compiles each kernel apart; here they share one file, so a variant's define is undone."""
+    _, body = G.kernel_source("cuda", name)
     args = [f"const {_CUDA_TYPES[t]}* {n}" for n, t in zip(G._INPUTS[name], in_types)]
     args += [f"{_CUDA_TYPES[t]}* {n}" for n, t in zip(G._OUTPUTS[name], out_types)]
     consts = "".join(f"  using {k} = {_CUDA_TYPES[v]};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
                      for k, v in tmpl.items())
-    return f"__global__ void k{idx}_{name}({', '.join(args)}) {{\n{consts}\n{body}\n}}\n"
+    return f"__global__ void k{idx}_{name}({', '.join(args)}) {{\n{consts}\n{body}\n}}\n#undef CHESS_RESIDUAL\n"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
