@@ -49,39 +49,21 @@ def node_counts(model, vocab: int) -> dict:
     return {"total": sum(c.values()), **dict(c.most_common(12))}
 
 
-def _sliced_heads(st, h, rope, q_norm, k_norm, offset):
-    """``fused_attention.heads`` as shipped before session 16: four slices where two splits now
-    serve (the ``block_sliced`` variant, for the A/B of that change)."""
-    hq, hkv = st.hq, st.hkv
-    B = h.shape[0]
-    h = h.reshape(B, hq + 2 * hkv, 1, h.shape[-1] // (hq + 2 * hkv))
-    v = h[:, hq + hkv:]
-    if q_norm is not None:
-        return rope(q_norm(h[:, :hq]), offset=offset), rope(k_norm(h[:, hq:hq + hkv]), offset=offset), v
-    r = rope(h[:, :hq + hkv], offset=offset)
-    return r[:, :hq], r[:, hq:], v
-
-
-_HEADS = fused_attention.heads
-# variant: (fused attention on, compiled block on, the heads function)
-VARIANTS = {"mlx_lm": (False, False, _HEADS), "fused": (True, False, _HEADS), "block": (True, True, _HEADS),
-            "block_sliced": (True, True, _sliced_heads)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_model_args(ap, "dense,chess,chess-attn")
-    ap.add_argument("--variants", default="mlx_lm,fused,block", help=f"some of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="mlx_lm,fused,block")
     args = ap.parse_args()
     model, th, vocab, prompt = calibrated_model(args)
     methods = args.methods.split(",")
     variants = args.variants.split(",")
+    switches = {"mlx_lm": (False, False), "fused": (True, False), "block": (True, True)}
     res: dict = collections.defaultdict(list)
     for run in range(args.runs + 1):  # run 0 warms up and counts nodes
         for m in methods:
             toks = {}
             for var in variants:
-                fa, bs, fused_attention.heads = VARIANTS[var]
+                fa, bs = switches[var]
                 fused_attention.enable(fa)
                 block_step.enable(bs)
                 set_method(model, m, None if m == "dense" else th, 0.5)
@@ -98,7 +80,6 @@ def main() -> None:
                     res[(m, var)].append(row)
     fused_attention.enable(True)
     block_step.enable(True)
-    fused_attention.heads = _HEADS
     med = lambda rows, k: round(statistics.median(r[k] for r in rows), 3)  # noqa: E731
     paired = lambda a, b: round(statistics.median(r["tok_s"] / x["tok_s"] for r, x in zip(a, b)), 3)  # noqa: E731
     for (m, var), rows in res.items():

@@ -121,14 +121,11 @@ def heads(st: _State, h: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.arr
     hq, hkv = st.hq, st.hkv
     B = h.shape[0]
     h = h.reshape(B, hq + 2 * hkv, 1, h.shape[-1] // (hq + 2 * hkv))
-    # mx.split is one graph node for all its parts, where each slice is one: per layer and token
-    # two view nodes instead of four (every node costs MLX host time at every token).
+    v = h[:, hq + hkv:]
     if q_norm is not None:
-        q, k, v = mx.split(h, [hq, hq + hkv], axis=1)
-        return rope(q_norm(q), offset=offset), rope(k_norm(k), offset=offset), v
-    qk, v = mx.split(h, [hq + hkv], axis=1)
-    q, k = mx.split(rope(qk, offset=offset), [hq], axis=1)
-    return q, k, v
+        return rope(q_norm(h[:, :hq]), offset=offset), rope(k_norm(h[:, hq:hq + hkv]), offset=offset), v
+    r = rope(h[:, :hq + hkv], offset=offset)
+    return r[:, :hq], r[:, hq:], v
 
 
 def heads_kv(st: _State, q: mx.array, kv: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.array, ...]:
@@ -138,7 +135,7 @@ def heads_kv(st: _State, q: mx.array, kv: mx.array, rope, q_norm, k_norm, offset
     B = q.shape[0]
     q = q.reshape(B, hq, 1, q.shape[-1] // hq)
     kv = kv.reshape(B, 2 * hkv, 1, q.shape[-1])
-    k, v = mx.split(kv, [hkv], axis=1)
+    k, v = kv[:, :hkv], kv[:, hkv:]
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     return rope(q, offset=offset), rope(k, offset=offset), v
