@@ -109,10 +109,16 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     stream = decode_stream()
 
-    def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
-        logits = model(tokens[None], cache=cache)[:, -1, :]
+    def step(tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """(token, log-probabilities, the token as the next step's input). The input is its own
+        array: this thread reads the token (``item``, which waits on and clears its completion
+        event) while the encoder evaluates the next step, and MLX's eval reads the event of every
+        input scheduled earlier; the two met on the token (segfaults in ``Event::is_signaled`` on
+        the CPU, crashes and hangs on the H100, RESULTS.md session 16)."""
+        logits = model(tokens, cache=cache)[:, -1, :]
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        y = sampler(logprobs)
+        return y, logprobs.squeeze(0), y[None]
 
     with mx.stream(stream):  # the prompt, on this thread (the encoder is idle)
         while prompt.size > 1:
@@ -123,8 +129,8 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
             mx.eval([c.state for c in cache], *also())
             prompt = prompt[n:]
             mx.clear_cache()
-        y, logprobs = step(prompt)
-    mx.async_eval(y, logprobs, *also())
+        y, logprobs, y_in = step(prompt[None])
+    mx.async_eval(y, logprobs, y_in, *also())
     scheduled: Optional[Future] = None  # y's encoding, once the encoder has it
     ahead: Optional[Future] = None  # the next step's encoding
     n = 0
@@ -133,8 +139,8 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
             ahead = None
             if n != max_tokens:
                 with mx.stream(stream):
-                    next_y, next_logprobs = step(y)
-                ahead = schedule(next_y, next_logprobs, *also())
+                    next_y, next_logprobs, next_in = step(y_in)
+                ahead = schedule(next_y, next_logprobs, next_in, *also())
             if scheduled is not None:
                 scheduled.result()  # read y only once the encoder has scheduled it
             if n == max_tokens:
@@ -143,7 +149,7 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
             if n % 256 == 0 and ahead is not None:
                 ahead.result()  # the encoder idle: the allocator's cache may be cleared
                 mx.clear_cache()
-            y, logprobs, scheduled = next_y, next_logprobs, ahead
+            y, logprobs, y_in, scheduled = next_y, next_logprobs, next_in, ahead
             n += 1
     finally:
         for f in (scheduled, ahead):  # a stopped reply leaves a step in flight: let it land

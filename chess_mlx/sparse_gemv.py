@@ -404,7 +404,7 @@ def _launch_spout(kind: str, x: mx.array, w, a: mx.array, wpr: Optional[int] = N
 @dataclass
 class Workspace:
     """The int32 counters of one sparse-input call site (``sem``: tiles + 1 zeros) and the ordering
-    token of its launches (``last``: the previous launch's density output).
+    token of its launches (``last``: the previous launch's output y).
 
     The kernel's blocks meet through ``sem`` and the last one resets it, so two launches on one
     workspace must never overlap. MLX's CUDA graphs run nodes without a data path between them
@@ -412,7 +412,15 @@ class Workspace:
     the independent calls of a timed batch would share counters and corrupt each other's sums
     (seen on the H100: run-to-run differences in logits). Each launch therefore takes ``last`` as an
     input it never reads, which makes it wait for the launch before it at the same site; that costs
-    no node and no bytes."""
+    no node and no bytes.
+
+    The token is y, not the density output: the stats recorder reads the densities on the thread
+    that builds the next token, and reading an array waits on and clears its completion event. An
+    array that the next token's graph takes as an input must not be read there while the
+    two-thread decode's encoder evaluates that graph (``pipelined``): MLX's eval reads the event of
+    every input scheduled earlier, and the two threads met on the density outputs (crashes and
+    hangs on the H100 and on the CPU, RESULTS.md session 16). Nothing reads a layer's y on the
+    host."""
 
     sem: mx.array
     last: mx.array
@@ -422,8 +430,8 @@ SPIN_MIN_TILE = 128  # outputs per block of the narrowest spin launch: spin_q, 8
 
 
 def workspace(n_out: int) -> Workspace:
-    """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters, and
-    a first token of a density output's dtype and shape, so compiled paths trace once."""
+    """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters and a
+    placeholder first token (a compiled path traces once for it and once for the launches' y)."""
     ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 1,), dtype=mx.int32), mx.zeros((), dtype=mx.float32))
     mx.eval(ws.sem, ws.last)
     return ws
@@ -467,7 +475,7 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
                  kc: Optional[int] = None, words: Optional[int] = None,
                  residual: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
     """spin_f / spin_q: thresholded sparse-input product and its input density, one launch,
-    ordered after the previous launch on ``ws`` (whose token it then becomes). The density is a
+    ordered after the previous launch on ``ws`` (y becomes its token). The density is a
     0-d array (no reshape node). ``residual`` (y's shape and dtype, row-contiguous) is added to
     the product in the kernel. ``kc`` and ``words`` (spin_q) override the launch geometry for
     probes."""
@@ -495,7 +503,7 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
         inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
         output_shapes=[(*x.shape[:-1], n), (chunks, m, n), ()], output_dtypes=[x.dtype, mx.float32, mx.float32],
         init_value=_POISON)
-    ws.last = dens
+    ws.last = y
     return y, dens
 
 

@@ -8,7 +8,7 @@
 // and accb += x*(b + OFF*s), U rows at a time by ChessSpinQ (half2 products for float16, float32
 // for bfloat16). Same epilogue as spin_f (chess_spin_finish:
 // partials, last-chunk reduction into y, density into dens; sem >= tiles + 1 int32 zeros).
-// after: the previous launch's density output at this call site. Never read: an input only so that
+// after: the previous launch's output y at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node

@@ -4,7 +4,7 @@
 // takes every 8th active row, U at a time; each lane owns 8 consecutive outputs; reduction through
 // threadgroup memory into partial[chunk, m, n], the tile's last chunk sums the chunks into y and
 // tile 0 writes dens (chess_spin_finish; sem >= tiles + 1 int32 zeros).
-// after: the previous launch's density output at this call site. Never read: an input only so that
+// after: the previous launch's output y at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node

@@ -4,7 +4,7 @@
 // (K, N/GS) packed as sb = [scales; biases]; same tiling and compaction as spin_f; each lane owns WORDS words (VPL outputs inside
 // one group): acc_e += (x*s) * (q_e - OFF), accb += x*(b + OFF*s), U rows at a time by
 // ChessSpinQ (half2 products for half, float32 for bfloat16); same epilogue as spin_f (chess_spin_finish).
-// after: the previous launch's density output at this call site. Never read: an input only so that
+// after: the previous launch's output y at this call site. Never read: an input only so that
 // MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node

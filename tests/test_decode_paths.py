@@ -183,9 +183,11 @@ class _FakeSpin:
 
 
 def test_launches_on_one_workspace_are_chained(monkeypatch):
-    """Every sparse-input launch takes the previous launch's density output at the same call site
-    as an input, so MLX's graph can never run two launches on one set of counters at once (the race
-    seen on the H100 when teacher-forced decode steps had no data path between them)."""
+    """Every sparse-input launch takes the previous launch's output y at the same call site as an
+    input, so MLX's graph can never run two launches on one set of counters at once (the race seen
+    on the H100 when teacher-forced decode steps had no data path between them). The token is y,
+    never the density output, which the stats recorder reads on the thread that builds the next
+    step (``pipelined``: an array a later step takes as input must not be read there)."""
     from chess_mlx import sparse_gemv as G
 
     fake = _FakeSpin()
@@ -200,8 +202,8 @@ def test_launches_on_one_workspace_are_chained(monkeypatch):
     G._launch_spin("cuda", x, wt, G.zero_threshold(x.dtype), other)
     assert fake.after[0] is first_token and fake.after[1] is not first_token
     assert fake.after[2] is not fake.after[1]  # another call site keeps its own chain
-    assert float(fake.after[1].item()) == pytest.approx(d1.item())  # the first launch's density output
-    assert ws.last is not fake.after[1] and ws.last.shape == ()
+    assert fake.after[1] is y1 and fake.after[1] is not d1  # the first launch's y, not its density
+    assert ws.last is y2 and ws.last is not d2
 
     # through the compiled path: the tokens come back as outputs and land on the caller's workspace
     monkeypatch.setattr(G, "backend", lambda: "cuda")
@@ -212,10 +214,10 @@ def test_launches_on_one_workspace_are_chained(monkeypatch):
     y, d = decode_paths.spin(xs, G.zero_threshold(x.dtype), wt, ws)
     mid = ws.last
     decode_paths.spin(xs, G.zero_threshold(x.dtype), wt, ws)
-    assert before is not mid and mid is not ws.last and ws.last.dtype == mx.float32 and ws.last.shape == ()
-    assert ws.last.item() == pytest.approx(float(np.mean(np.array(xs) != 0)))
+    assert before is not mid and mid is not ws.last and ws.last.dtype == y.dtype and ws.last.shape == y.shape
+    np.testing.assert_allclose(np.array(mid), np.array(y))  # the compiled path hands back y as the token
     np.testing.assert_allclose(np.array(y), np.array(xs) @ np.array(wt), rtol=1e-5, atol=1e-5)
-    assert d.item() == pytest.approx(ws.last.item())
+    assert d.item() == pytest.approx(float(np.mean(np.array(xs) != 0)))
     assert sum(k[0] == "_spin" for k in decode_paths._COMPILED) == 1  # one trace for both calls
     decode_paths._COMPILED.clear()
 
