@@ -2,21 +2,26 @@
 
 Why: once the fused attention cut MLX's encoding (``fused_attention``), the Python that builds a
 token's graph, ~25 op calls and a dozen module calls per layer, became what keeps CHESS at
-dense's speed on some lent hosts (benchmarks/RESULTS.md, session 15). Where q, k, v and o are
-dense (dense, CATS and CHESS), a block's one-token step is here:
+dense's speed on some lent hosts (benchmarks/RESULTS.md, session 15). For dense, CATS, CHESS and
+CHESS+attention, a block's one-token step is here:
 
-- ``head``, compiled: input norm, the ``[Wq; Wk; Wv]`` product, heads, RoPE -> q, k, v;
+- ``head``, compiled: input norm, the ``[Wq; Wk; Wv]`` product (or q's sparse-input path and the
+  ``[Wk; Wv]`` product), heads, RoPE -> q, k, v;
 - the KV cache update and attention, outside (the cache grows with every token, and attention
   keeps MLX's one-token kernel; traced whole steps lost both, RESULTS.md sessions 7 and 14);
-- ``mid``, compiled: the o product, the residual, the post-attention norm;
+- ``mid``, compiled: the o product (or o's sparse-input path), the residual, the post-attention
+  norm;
 - the MLP module (its own compiled path under CATS/CHESS) with the last residual, which CATS/CHESS
   add inside down's kernel (``SparseMLP.add_to``).
 
 The graph nodes are those of the fused attention path, so MLX's encoding is unchanged. RoPE takes
 the position as an array, so one trace serves every token. A trace keeps the stream it was made
-on, so each block keeps one pair per stream. Prefill, calibration collectors, CHESS+attention and
-TEAL take the fused attention path (``fused_attention``): with their sparse-input kernels inside
-these traces the two-thread decode hung on the H100 (RESULTS.md session 15, section 7).
+on, so each block keeps one pair per stream. A thresholded projection's workspace token (the
+order of its launches) enters and leaves the traces as an array. Prefill, calibration
+collectors, TEAL, and thresholded projections without a compiled path (the CPU) take the fused
+attention path (``fused_attention``). (Session 15 backed CHESS+attention out of these traces
+after hangs of the two-thread decode; their cause, threads meeting on arrays that the building
+thread read, was found and fixed in session 16: ``pipelined``, ``sparse_gemv.Workspace``.)
 ``CHESS_MLX_BLOCK_STEP=0`` switches this off.
 """
 
@@ -48,22 +53,54 @@ def _offset(n: int) -> mx.array:
     return a
 
 
+class _Site:
+    """A thresholded projection's bound sparse-input path (``decode_paths``) called inside a
+    block's trace. Its workspace's ordering token enters and leaves the trace as an array, and its
+    density is recorded after the call, as ``SparseInputLinear`` does outside a trace."""
+
+    __slots__ = ("c", "static", "ws", "ctl", "proj")
+
+    def __init__(self, mod: nn.Module, bound):
+        self.c, self.static, (self.ws,) = bound.c, bound.static, bound.spaces
+        self.ctl, self.proj = mod.ctl, mod.proj
+
+    def __call__(self, x: mx.array, last: mx.array) -> tuple:
+        """Inside the trace: (y, density, the workspace's new ordering token)."""
+        return self.c((x,), self.static, (last,))
+
+    def done(self, density: mx.array, last: mx.array) -> None:
+        self.ws.last = last
+        self.ctl.recorder.record_density(self.ctl.layer, self.proj, density, 1)
+
+
 class _Step:
-    """A block's compiled ``head`` and ``mid`` for one stream."""
+    """A block's compiled ``head`` and ``mid`` for one stream and method. Each returns its arrays,
+    then (density, ordering token) of its thresholded projection, if any (q in ``head``, o in
+    ``mid``, under CHESS+attention)."""
 
-    __slots__ = ("head", "mid")
+    __slots__ = ("head", "mid", "q", "o")
 
-    def __init__(self, block: nn.Module, rows: nn.Module):
+    def __init__(self, block: nn.Module, plan, q: Optional[_Site], o: Optional[_Site]):
         attn, st = block.self_attn, block.self_attn._fused
-        ln1, ln2, o, rope = block.input_layernorm, block.post_attention_layernorm, attn.o_proj, attn.rope
+        ln1, ln2, o_proj, rope = block.input_layernorm, block.post_attention_layernorm, attn.o_proj, attn.rope
         qn, kn = (attn.q_norm, attn.k_norm) if st.norms else (None, None)
+        self.q, self.o = q, o
 
-        def head(x, offset):
-            return FA.heads(st, dense_linear(ln1(x), rows), rope, qn, kn, offset)
+        def head(x, offset, lasts):
+            xn = ln1(x)
+            if q is None:
+                return FA.heads(st, dense_linear(xn, plan.qkv), rope, qn, kn, offset)
+            y, dens, last = q(xn, lasts[0])
+            return (*FA.heads_kv(st, y, dense_linear(xn, plan.kv), rope, qn, kn, offset), dens, last)
 
-        def mid(x, o_heads):
-            h = x + dense_linear(o_heads.reshape(x.shape[0], 1, -1), o)
-            return h, ln2(h)
+        def mid(x, o_heads, lasts):
+            flat = o_heads.reshape(x.shape[0], 1, -1)
+            if o is None:
+                h = x + dense_linear(flat, o_proj)
+                return h, ln2(h)
+            y, dens, last = o(flat, lasts[0])
+            h = x + y
+            return h, ln2(h), dens, last
 
         # The weights are captured as constants of the traces; set_method drops the traces, so
         # weights loaded later take effect then, as for every other cached plan.
@@ -78,35 +115,53 @@ class _BlockState(FA.Collectors):
         super().__init__(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         self.steps: Optional[dict] = None
 
-    def step(self, block: nn.Module) -> Optional[_Step]:
+    def step(self, block: nn.Module, x: mx.array) -> Optional[_Step]:
         if self.steps is None:
             self.steps = {}
         key = repr(mx.default_stream(mx.default_device()))
         s = self.steps.get(key, _MISSING)
         if s is _MISSING:
-            s = self.steps[key] = self._make(block)
+            s = self.steps[key] = self._make(block, x)
         return s
 
-    def _make(self, block: nn.Module) -> Optional[_Step]:
+    def _make(self, block: nn.Module, x: mx.array) -> Optional[_Step]:
+        """The step of the current method: q, k, v as one product, or q thresholded and k, v one
+        product; o dense or thresholded. Thresholded projections need their bound compiled path
+        (a GPU, one token); otherwise, and for TEAL, None."""
         attn = block.self_attn
         plan = FA.plan_of(attn)
-        if plan.qkv is None or not FA.is_dense(attn.o_proj):
+        if plan.qkv is None and plan.kv is None:
             return None
-        return _Step(block, plan.qkv)
+        sites = []
+        for p, dense in ((attn.q_proj, plan.qkv is not None), (attn.o_proj, FA.is_dense(attn.o_proj))):
+            if dense:
+                sites.append(None)
+                continue
+            bound = p.ctl.plan(x, p._plan) if hasattr(p, "_plan") else None
+            if bound is None or len(bound.spaces) != 1:
+                return None
+            sites.append(_Site(p, bound))
+        return _Step(block, plan, *sites)
 
 
 def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
     if x.shape[1] != 1 or cache is None or not enabled() or not FA.enabled() or self._step.collecting():
         return None
-    s = self._step.step(self)
+    s = self._step.step(self, x)
     if s is None:
         return None
     attn = self.self_attn
     off = cache.offset  # an int, or one position per sequence (mlx-lm's BatchKVCache)
-    q, k, v = s.head(x, _offset(off) if type(off) is int else off)
+    out = s.head(x, _offset(off) if type(off) is int else off, (s.q.ws.last,) if s.q else ())
+    q, k, v = out[:3]
+    if s.q:
+        s.q.done(*out[3:])
     k, v = cache.update_and_fetch(k, v)
     o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
-    h, hn = s.mid(x, o)
+    out = s.mid(x, o, (s.o.ws.last,) if s.o else ())
+    h, hn = out[:2]
+    if s.o:
+        s.o.done(*out[2:])
     add_to = getattr(self.mlp, "add_to", None)  # a SparseMLP: the residual add inside down's kernel
     return h + self.mlp(hn) if add_to is None else add_to(h, hn)
 
