@@ -137,11 +137,5 @@ def bind_spin(t, wt, ws) -> Bound:
     return Bound(_spin, t, wt, ws)
 
 
-def act_mlp(x, wg, wu, t, wt_down, ws_down):
-    w2 = G.stack_gate_up(wg, wu)
-    mx.eval([w2.w, w2.sb] if isinstance(w2, G.QWeight) else w2)
-    return bind_act_mlp(w2, t, wt_down, ws_down, x.dtype)(x)
-
-
 def spin(x, t, wt, ws):
     return bind_spin(t, wt, ws)(x)
