@@ -418,9 +418,9 @@ class Workspace:
     that builds the next token, and reading an array waits on and clears its completion event. An
     array that the next token's graph takes as an input must not be read there while the
     two-thread decode's encoder evaluates that graph (``pipelined``): MLX's eval reads the event of
-    every input scheduled earlier, and the two threads met on the density outputs (crashes and
-    hangs on the H100 and on the CPU, RESULTS.md session 16). Nothing reads a layer's y on the
-    host."""
+    every input scheduled earlier. The same race on the sampled token crashed the CPU decode
+    (RESULTS.md session 16 §5); the density tokens fit session 15's hangs with the recorder on.
+    Nothing reads a layer's y on the host."""
 
     sem: mx.array
     last: mx.array
