@@ -114,27 +114,24 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
         array: this thread reads the token (``item``, which waits on and clears its completion
         event) while the encoder evaluates the next step, and MLX's eval reads the event of every
         input scheduled earlier; the two met on the token (segfaults in ``Event::is_signaled`` on
-        the CPU, RESULTS.md session 16 §5)."""
+        the CPU, crashes and hangs on the H100, RESULTS.md session 16)."""
         logits = model(tokens, cache=cache)[:, -1, :]
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         y = sampler(logprobs)
         return y, logprobs.squeeze(0), y[None]
 
-    # Every evaluation of a reply runs on the encoder thread, so MLX's eval (and its scheduler's
-    # bookkeeping of active tasks) is entered by one thread only: the first process on a fresh
-    # H100 hung with this thread inside an eval while the encoder was idle (RESULTS.md session 16
-    # §7; not yet shown to be this, and not reproduced on the CPU).
-    with mx.stream(stream):
+    with mx.stream(stream):  # the prompt, on this thread (the encoder is idle)
         while prompt.size > 1:
             n = min(prefill_step_size, prompt.size - 1)
             model(prompt[:n][None], cache=cache)
-            # ``also()`` here is the chunk's own densities: evaluated before the next chunk is built,
-            # so a later read on this thread cannot encode beside the encoder.
-            encoder().submit(partial(mx.eval, [c.state for c in cache], *also())).result()
+            # ``also()`` here is the chunk's own densities: evaluated now, while the encoder is idle,
+            # a later read on this thread cannot encode beside it.
+            mx.eval([c.state for c in cache], *also())
             prompt = prompt[n:]
             mx.clear_cache()
         y, logprobs, y_in = step(prompt[None])
-    scheduled: Optional[Future] = schedule(y, logprobs, y_in, *also())  # y's encoding, once the encoder has it
+    mx.async_eval(y, logprobs, y_in, *also())
+    scheduled: Optional[Future] = None  # y's encoding, once the encoder has it
     ahead: Optional[Future] = None  # the next step's encoding
     n = 0
     try:
