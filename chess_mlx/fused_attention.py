@@ -29,7 +29,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from .linear_ops import dense_linear
-from .row_store import fusable, holds_views, store_rows
+from .row_store import RowStore, fusable
 from .switches import env_switch
 
 enabled, enable = env_switch("CHESS_MLX_FUSED_ATTN", "the fused one-token attention (off: mlx-lm's attention)")
@@ -80,8 +80,7 @@ class _State(Collectors):
 
     def __init__(self, attn: nn.Module):
         super().__init__(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.rows: Optional[dict] = None
-        self.views: list = []  # the q/k/v weights as given back by store_rows
+        self.store = RowStore()  # the [Wq; Wk; Wv] block
         self.plan: Optional[_Plan] = None
         self.hq, self.hkv = attn.n_heads, attn.n_kv_heads
         self.norms = "q_norm" in attn
@@ -97,14 +96,11 @@ def _make_plan(attn: nn.Module, st: _State) -> _Plan:
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     if not (is_dense(k) and is_dense(v) and fusable([q, k, v])):
         return _Plan(None, None)
-    if st.rows is None or not holds_views([q, k, v], st.views):
-        # first use, or weights loaded since (the next set_method brings them in)
-        st.rows = store_rows([q, k, v])
-        st.views = [q["weight"], k["weight"], v["weight"]]
+    rows = st.store.rows_of([q, k, v])
     nq, nkv = q["weight"].shape[0], k["weight"].shape[0]
     if is_dense(q):
-        return _Plan(_Rows([q, k, v], st.rows, 0, nq + 2 * nkv), None)
-    return _Plan(None, _Rows([k, v], st.rows, nq, nq + 2 * nkv))
+        return _Plan(_Rows([q, k, v], rows, 0, nq + 2 * nkv), None)
+    return _Plan(None, _Rows([k, v], rows, nq, nq + 2 * nkv))
 
 
 def plan_of(attn: nn.Module) -> _Plan:

@@ -9,6 +9,8 @@ calibration and the prefill path (mlx-lm's own products) see the same parameters
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -47,7 +49,17 @@ def store_rows(mods: list[nn.Module], pack_sb: bool = False) -> dict[str, mx.arr
     return rows
 
 
-def holds_views(mods: list[nn.Module], views: list) -> bool:
-    """Whether the projections still hold the weights ``store_rows`` gave them (weights loaded
-    since then need the rows stored again)."""
-    return len(views) == len(mods) and all(m["weight"] is w for m, w in zip(mods, views))
+class RowStore:
+    """One group of projections' stored block, stored again when the projections no longer hold
+    the views it gave them (weights loaded since; they take effect at the next set_method)."""
+
+    def __init__(self) -> None:
+        self.rows: Optional[dict[str, mx.array]] = None
+        self.views: list = []  # the weights as store_rows gave them back
+
+    def rows_of(self, mods: list[nn.Module], pack_sb: bool = False) -> dict[str, mx.array]:
+        if self.rows is None or len(self.views) != len(mods) or any(
+                m["weight"] is not w for m, w in zip(mods, self.views)):
+            self.rows = store_rows(mods, pack_sb)
+            self.views = [m["weight"] for m in mods]
+        return self.rows

@@ -25,7 +25,7 @@ from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_lin
                          sparse_input_linear, transposed_weight, weight_nbytes)
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
 from .model_io import model_layers
-from .row_store import fusable, holds_views, store_rows
+from .row_store import RowStore, fusable
 from .stats import SparsityRecorder, WeightBytes
 
 Collector = Callable[[str, mx.array], None]
@@ -45,8 +45,7 @@ class _Control:
         self.down = None  # TEAL: down input threshold
         self.collector: Optional[Collector] = None
         self._arrays: dict = {}
-        self.rows: Optional[dict] = None  # SparseMLP: the gate and up rows stored as one block (row_store)
-        self.views: list = []  # the gate/up weights as store_rows gave them back
+        self.store = RowStore()  # SparseMLP: the gate and up rows stored as one block
         # One-token decode plans, per (dtype, kernel backend, compiled paths on, stream): the
         # compiled path with its arguments bound, or None where it does not apply. Decode is bound by
         # host time per token, so the checks and lookups run once, not at every layer and token.
@@ -188,13 +187,11 @@ class SparseMLP(nn.Module):
         """The gate and up rows as the gate_up kernel reads them (``sparse_gemv.stack_gate_up``),
         stored once as one block whose views the two projections keep (no extra memory). Stored
         again if weights were loaded since (they take effect at the next set_method)."""
-        c, g, u = self.ctl, self.gate_proj, self.up_proj
-        if c.rows is None or not holds_views([g, u], c.views):
-            c.rows = store_rows([g, u], pack_sb="scales" in g)
-            c.views = [g["weight"], u["weight"]]
-        if "sb" in c.rows:
-            return G.QWeight.from_packed(c.rows["weight"], c.rows["sb"], g.bits, g.group_size)
-        return c.rows["weight"]
+        g, u = self.gate_proj, self.up_proj
+        rows = self.ctl.store.rows_of([g, u], pack_sb="scales" in g)
+        if "sb" in rows:
+            return G.QWeight.from_packed(rows["weight"], rows["sb"], g.bits, g.group_size)
+        return rows["weight"]
 
     def _collect(self, x: mx.array, collect: Collector) -> mx.array:
         a = nn.silu(dense_linear(x, self.gate_proj))

@@ -155,7 +155,7 @@ def test_gate_up_rows_are_views_of_one_block(quantized, monkeypatch):
     # what may grow: down's W^T for the sparse-input kernel (its own layout), nothing for gate/up
     down_t = sum(l.mlp.down_proj._kernel_wt.nbytes for l in model.model.layers)
     assert grown < down_t + gu_bytes / 4, (grown, down_t, gu_bytes)
-    assert mlp.ctl.rows is not None and ("sb" in mlp.ctl.rows) == quantized
+    assert mlp.ctl.store.rows is not None and ("sb" in mlp.ctl.store.rows) == quantized
     for (p, k), a in before.items():
         np.testing.assert_array_equal(np.array(getattr(mlp, f"{p}_proj")[k]), a)
     set_method(model, "dense")
