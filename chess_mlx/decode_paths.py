@@ -25,18 +25,18 @@ from .switches import env_switch
 enabled, enable = env_switch("CHESS_MLX_COMPILE", "the compiled one-token paths (off: the layers build the same ops one by one)")
 
 
-def _act_mlp(x, w_gate_up, t, wt_down, ws_down, zero):
-    """CATS (scalar t) / CHESS (per-channel t): down(keep(SiLU(gate x), t) * up x), the gate and up
-    rows stacked (``sparse_gemv.stack_gate_up``). The density is that of down's input, i.e. of the
-    kept channels (up rows and down rows read)."""
-    h = G.gate_up_stacked(x, w_gate_up, t)
-    return G.sparse_input(h, wt_down, zero, ws_down)
-
-
 def _act_mlp_residual(x, r, w_gate_up, t, wt_down, ws_down, zero):
-    """``r + _act_mlp(x)`` with the add inside down's kernel (the block's last residual)."""
+    """CATS (scalar t) / CHESS (per-channel t): ``r + down(keep(SiLU(gate x), t) * up x)`` with the
+    add inside down's kernel (the block's last residual; none for r None), the gate and up rows
+    stacked (``sparse_gemv.stack_gate_up``). The density is that of down's input, i.e. of the kept
+    channels (up rows and down rows read)."""
     h = G.gate_up_stacked(x, w_gate_up, t)
     return G.sparse_input(h, wt_down, zero, ws_down, residual=r)
+
+
+def _act_mlp(x, *args):
+    """``_act_mlp_residual`` without a residual (the MLP called on its own)."""
+    return _act_mlp_residual(x, None, *args)
 
 
 def _teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down):
@@ -99,7 +99,7 @@ class Bound:
 
     Decode is bound by host time per token (benchmarks/RESULTS.md), and sorting arguments into
     compile inputs cost ~15 us of Python per call and 2-3 calls per layer; bound, a step passes
-    only ``x`` (and the residual, for ``bind_act_mlp_residual``) and the workspaces' tokens."""
+    only ``x`` (and the residual, for ``bind_act_mlp(..., residual=True)``) and the workspaces' tokens."""
 
     __slots__ = ("c", "static", "spaces")
 
@@ -120,13 +120,11 @@ class Bound:
         return tuple(out[:len(out) - n])
 
 
-def bind_act_mlp(w_gate_up, t, wt_down, ws_down, dtype) -> Bound:
-    return Bound(_act_mlp, w_gate_up, t, wt_down, ws_down, G.zero_threshold(dtype))
-
-
-def bind_act_mlp_residual(w_gate_up, t, wt_down, ws_down, dtype) -> Bound:
-    """Called as ``bound(x, r)``: ``(r + mlp(x), density)``."""
-    return Bound(_act_mlp_residual, w_gate_up, t, wt_down, ws_down, G.zero_threshold(dtype))
+def bind_act_mlp(w_gate_up, t, wt_down, ws_down, dtype, residual: bool = False) -> Bound:
+    """Called as ``bound(x)``: ``(mlp(x), density)``; with ``residual``, as ``bound(x, r)``:
+    ``(r + mlp(x), density)``."""
+    return Bound(_act_mlp_residual if residual else _act_mlp, w_gate_up, t, wt_down, ws_down,
+                 G.zero_threshold(dtype))
 
 
 def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down) -> Bound:

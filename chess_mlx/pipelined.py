@@ -114,7 +114,7 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
         array: this thread reads the token (``item``, which waits on and clears its completion
         event) while the encoder evaluates the next step, and MLX's eval reads the event of every
         input scheduled earlier; the two met on the token (segfaults in ``Event::is_signaled`` on
-        the CPU, crashes and hangs on the H100, RESULTS.md session 16)."""
+        the CPU, RESULTS.md session 16 §5)."""
         logits = model(tokens, cache=cache)[:, -1, :]
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         y = sampler(logprobs)

@@ -107,15 +107,14 @@ class QWeight:
         rows = w.shape[0]
         return cls(w, sb[:rows], sb[rows:], bits, group_size, sb)
 
-    def packed(self) -> "QWeight":
-        """This matrix with ``sb`` (lazy: a concatenation the caller evaluates if it keeps it)."""
-        if self.sb is not None:
-            return self
-        return QWeight.from_packed(self.w, mx.concatenate([self.scales, self.biases], axis=0), self.bits,
-                                   self.group_size)
-
     def kernel_sb(self) -> mx.array:
+        """``sb``, or a lazy concatenation of scales and biases where this matrix has none."""
         return self.sb if self.sb is not None else mx.concatenate([self.scales, self.biases], axis=0)
+
+    def packed(self) -> "QWeight":
+        """This matrix with ``sb`` (lazy: the caller evaluates it if it keeps it)."""
+        return self if self.sb is not None else QWeight.from_packed(self.w, self.kernel_sb(), self.bits,
+                                                                      self.group_size)
 
 
 def stack_gate_up(wg, wu):
@@ -132,10 +131,11 @@ def stack_gate_up(wg, wu):
 
 def split_gate_up(w2):
     """(gate, up) of ``stack_gate_up``'s matrix, as views (the reference path's products)."""
-    n = w2.shape[0] // 2 if not isinstance(w2, QWeight) else w2.rows // 2
     if isinstance(w2, QWeight):
+        n = w2.rows // 2
         return (QWeight(w2.w[:n], w2.scales[:n], w2.biases[:n], w2.bits, w2.group_size),
                 QWeight(w2.w[n:], w2.scales[n:], w2.biases[n:], w2.bits, w2.group_size))
+    n = w2.shape[0] // 2
     return w2[:n], w2[n:]
 
 
@@ -557,10 +557,10 @@ def gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:
     read. One fused kernel for two float weights or two QWeights of one format (their rows stacked
     here, lazily: ``gate_up_stacked`` takes rows stored that way); otherwise (mixed formats) the
     gate GEMV, then the sparse-output kernel for up."""
-    if isinstance(wg, QWeight) != isinstance(wu, QWeight):
-        return gated_sparse_output(x, wu, threshold(silu(matvec_t(x, wg)), t))
-    if isinstance(wg, QWeight):
+    if isinstance(wg, QWeight) and isinstance(wu, QWeight):
         same = (wg.bits, wg.group_size, wg.rows, wg.cols) == (wu.bits, wu.group_size, wu.rows, wu.cols)
+    elif isinstance(wg, QWeight) or isinstance(wu, QWeight):
+        same = False  # mixed formats
     else:
         same = wg.shape == wu.shape and wg.dtype == wu.dtype
     if not same:

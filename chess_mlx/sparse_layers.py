@@ -178,7 +178,7 @@ class SparseMLP(nn.Module):
             if not fusable([g, u]):
                 return None
             args = (self._gate_up_rows(), c.arr("act", x.dtype), transposed_weight(d), kernel_workspace(d), x.dtype)
-            return _MlpPlan(D.bind_act_mlp(*args), [("up", "down")], D.bind_act_mlp_residual(*args))
+            return _MlpPlan(D.bind_act_mlp(*args), [("up", "down")], D.bind_act_mlp(*args, residual=True))
         return _MlpPlan(D.bind_teal_mlp(c.arr("inp", x.dtype), transposed_weight(g), transposed_weight(u),
                                         c.arr("down", x.dtype), transposed_weight(d), kernel_workspace(g),
                                         kernel_workspace(u), kernel_workspace(d)), [("gate", "up"), "down"], None)
