@@ -16,6 +16,17 @@ from . import methods as M
 from .errors import ChessError
 
 EXIT_USAGE = 2
+EXIT_NO_MEMORY = 3
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is the device running out of memory (MLX raises a RuntimeError from the
+    allocator: ``cudaMallocAsync ... out of memory`` on CUDA, ``[metal::malloc] ...`` on Metal)."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "[metal::malloc]" in text
+                                            or "insufficient memory" in text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -546,6 +557,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("chess-mlx: error: interrupted; nothing was written", file=sys.stderr)
         return EXIT_USAGE
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise  # a bug: keep the traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"chess-mlx: error: out of device memory ({first}); close other programs using it, "
+              "or use a smaller or quantized model", file=sys.stderr)
+        return EXIT_NO_MEMORY
 
 
 def entry() -> None:

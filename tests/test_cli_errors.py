@@ -117,3 +117,26 @@ def test_console_entry_exit_code_and_single_line(tmp_path):
 def test_bench_rejects_a_negative_ahead_count(capsys):
     assert "--ahead" in _fails(capsys, ["bench", "--preset", "tiny", "--ahead", "-1"])
     assert "unknown method 'mlxlm'" in _fails(capsys, ["bench", "--preset", "tiny", "--methods", "mlxlm,dense"])
+
+
+def test_out_of_device_memory_is_one_line(capsys, monkeypatch):
+    """The allocator's error (as MLX's CUDA backend raised it on the H100 with four benches
+    sharing the GPU) ends in one line and exit code 3, not a traceback; other runtime errors are
+    bugs and keep theirs."""
+    import chess_mlx.bench as bench
+
+    def oom(*a, **k):
+        raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")
+
+    monkeypatch.setattr(bench, "random_model", oom)
+    code = main(["bench", "--preset", "tiny"])
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert code == 3 and len(lines) == 1, lines
+    assert lines[0].startswith("chess-mlx: error: out of device memory (cudaMallocAsync")
+
+    def bug(*a, **k):
+        raise RuntimeError("[matmul] shapes do not match")
+
+    monkeypatch.setattr(bench, "random_model", bug)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        main(["bench", "--preset", "tiny"])
