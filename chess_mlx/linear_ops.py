@@ -17,8 +17,10 @@ import mlx.nn as nn
 from . import decode_paths
 from . import sparse_gemv as G
 
-# Crossover measured on the H100 (benchmarks/RESULTS.md): with independent 50% masks the union of
-# several tokens' active rows quickly approaches dense, and at 2+ tokens dense matmul wins.
+# One token only. With independent 50% masks the union of several tokens' active rows approaches
+# dense: on the H100 the kernels alone still beat dense at 2 tokens (fp16) and up to 4-8 (4-bit)
+# (benchmarks/RESULTS.md sessions 10 and 17), but decode is one token per step, and a prompt's
+# chunks are long enough that their union is dense.
 KERNEL_MAX_TOKENS = 1
 # On by default (``CHESS_MLX_QUANT_KERNELS=0`` switches them off: quantized sparse products then take
 # the reference path, dense quantized matmul + masks). The quantized kernels beat MLX's quantized
