@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from chess_mlx import block_step, calibrate, fused_attention, set_method, sparsify
-from tiny import tiny_model
+from tiny import memory_growth_of_first_step, tiny_model
 
 FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("llama", {"attention_bias": True})]
 
@@ -93,17 +93,7 @@ def test_projections_are_views_of_one_block():
     sparsify(model)
     attn = model.model.layers[0].self_attn
     before = {p: np.array(getattr(attn, f"{p}_proj")["weight"]) for p in "qkv"}
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
-    mx.synchronize()
-    gc_and_clear = lambda: (mx.synchronize(), mx.clear_cache())  # noqa: E731
-    gc_and_clear()
-    used = mx.get_active_memory()
-    mx.eval(model(mx.array([[4]]), cache=cache))  # first one-token step: stores the rows
-    gc_and_clear()
-    grown = mx.get_active_memory() - used
+    grown = memory_growth_of_first_step(model)  # the first one-token step stores the rows
     qkv_bytes = sum(getattr(l.self_attn, f"{p}_proj")["weight"].nbytes for l in model.model.layers for p in "qkv")
     assert grown < qkv_bytes / 4, (grown, qkv_bytes)
     for p in "qkv":

@@ -20,7 +20,7 @@ from chess_mlx import calibrate, decode_paths, set_method
 from chess_mlx import sparse_gemv as G
 from chess_mlx import sparse_layers as SL
 from test_kernels_cpu import unpack_np
-from tiny import tiny_model
+from tiny import memory_growth_of_first_step, tiny_model
 
 
 def _silu(v):
@@ -130,7 +130,6 @@ def _plan_on_cpu(monkeypatch):
 def test_gate_up_rows_are_views_of_one_block(quantized, monkeypatch):
     """After the first CHESS one-token step the gate and up projections hold no memory of their
     own: their weights (and scales/biases) are views of the stacked block the kernel reads."""
-    from mlx_lm.models.cache import make_prompt_cache
 
     model, cfg = tiny_model("llama", seed=5, hidden_size=256, intermediate_size=1024)
     if quantized:
@@ -142,15 +141,7 @@ def test_gate_up_rows_are_views_of_one_block(quantized, monkeypatch):
     mlp = model.model.layers[0].mlp
     keys = ("weight", "scales", "biases") if quantized else ("weight",)
     before = {(p, k): np.array(getattr(mlp, f"{p}_proj")[k]) for p in ("gate", "up") for k in keys}
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
-    mx.synchronize()
-    mx.clear_cache()
-    used = mx.get_active_memory()
-    mx.eval(model(mx.array([[4]]), cache=cache))  # first one-token step: stores the rows
-    mx.synchronize()
-    mx.clear_cache()
-    grown = mx.get_active_memory() - used
+    grown = memory_growth_of_first_step(model)  # the first one-token step stores the rows
     gu_bytes = sum(getattr(l.mlp, f"{p}_proj")[k].nbytes for l in model.model.layers for p in ("gate", "up") for k in keys)
     # what may grow: down's W^T for the sparse-input kernel (its own layout), nothing for gate/up
     down_t = sum(l.mlp.down_proj._kernel_wt.nbytes for l in model.model.layers)

@@ -66,3 +66,19 @@ def save_tiny(folder: Path, model_type: str = "llama", seed: int = 0, **over) ->
     (folder / "config.json").write_text(json.dumps(cfg))
     byte_tokenizer_files(folder)
     return folder
+
+
+def memory_growth_of_first_step(model) -> int:
+    """Bytes of MLX memory that a model's first one-token step (after a 3-token prompt) leaves
+    allocated: what a one-token path stores for itself (stacked rows, transposed weights)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
+    mx.synchronize()
+    mx.clear_cache()
+    used = mx.get_active_memory()
+    mx.eval(model(mx.array([[4]]), cache=cache))  # the first one-token step
+    mx.synchronize()
+    mx.clear_cache()
+    return mx.get_active_memory() - used
