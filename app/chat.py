@@ -22,13 +22,17 @@ from chess_mlx import methods as M
 from chess_mlx import transcript
 from chess_mlx.chat_session import ChatSession, Reply
 from chess_mlx.compare import CompareSession
-from chess_mlx.errors import ChessError
+from chess_mlx.errors import ChessError, out_of_memory
 from chess_mlx import mlx_thread
 from chess_mlx.generate import Step
 from chess_mlx.sampling import Sampling
 
 from .screens import CompareScreen, HelpScreen, SettingsScreen, SystemPromptScreen
 from .stats_view import stats_text
+
+# The reply stops, the app and the history stay: a long history is what usually fills the device.
+_NO_MEMORY = ("out of device memory: the reply stopped. Clear the conversation (ctrl+l), shorten the "
+              "prompt, or close other programs using the GPU")
 
 PAINT_INTERVAL_S = 0.05  # repaint at most 20 times a second; tokens can come faster
 
@@ -164,6 +168,10 @@ class ChatApp(App):
                     self.call_from_thread(self._paint, reply.text, step, reply)
         except ChessError as e:
             self.call_from_thread(self.notify, str(e), severity="error")
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            self.call_from_thread(self.notify, _NO_MEMORY, severity="error", timeout=15)
         finally:
             self.call_from_thread(self._done, reply)
 
@@ -206,6 +214,10 @@ class ChatApp(App):
                     self.call_from_thread(screen.paint, side, reply.text, step, reply)
         except ChessError as e:
             self.call_from_thread(self.notify, str(e), severity="error")
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            self.call_from_thread(self.notify, _NO_MEMORY, severity="error", timeout=15)
         finally:
             self.call_from_thread(self._done_compare, last)
 

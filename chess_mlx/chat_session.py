@@ -166,6 +166,12 @@ class ChatSession:
                 if self.stop_event.is_set():
                     out.stopped = True
                     break
+        except Exception:
+            # A failed evaluation (the device out of memory) leaves the cache holding lazy arrays
+            # and an offset past what was computed: the next reply starts from an empty cache
+            # (the finally below then records nothing as cached) and re-reads the whole history.
+            self._cache = None
+            raise
         finally:
             steps.close()
             if calls:

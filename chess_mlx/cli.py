@@ -13,20 +13,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import methods as M
-from .errors import ChessError
+from .errors import ChessError, out_of_memory
 
 EXIT_USAGE = 2
 EXIT_NO_MEMORY = 3
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is the device running out of memory (MLX raises a RuntimeError from the
-    allocator: ``cudaMallocAsync ... out of memory`` on CUDA, ``[metal::malloc] ...`` on Metal)."""
-    if isinstance(e, MemoryError):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "[metal::malloc]" in text
-                                            or "insufficient memory" in text)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -49,6 +49,36 @@ def test_second_turn_reuses_the_kv_cache_and_matches_a_fresh_session(tiny_calibr
     assert fresh.last_fed == full_len and again.tokens == second.tokens
 
 
+def test_a_reply_that_runs_out_of_memory_keeps_the_history_and_rereads_it(tiny_calibrated, monkeypatch):
+    """The device running out of memory in the middle of a reply (MLX raises from its allocator)
+    ends that reply with the error; the text so far stays in the history, and the next reply
+    starts from an empty cache (a failed evaluation leaves the cache's arrays lazy and its offset
+    past what was computed), re-reads the whole history and answers as a fresh session would."""
+    import chess_mlx.chat_session as CS
+
+    real = CS.stream
+
+    def failing(*a, **k):
+        for i, step in enumerate(real(*a, **k)):
+            if i == 3:
+                raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")
+            yield step
+
+    s = _session(tiny_calibrated, "chess")
+    _run(s, "hello there", 6)
+    monkeypatch.setattr(CS, "stream", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _run(s, "and again", 10)
+    monkeypatch.setattr(CS, "stream", real)
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] * 2
+    assert len(s.turns[-1].answers[0].tokens) == 3  # what was generated before the failure
+    third = _run(s, "once more", 8)
+    assert s.last_fed == third.context_tokens  # the whole history, not only the new turn
+    fresh = _session(tiny_calibrated, "chess")
+    fresh.messages = [dict(m) for m in s.messages[:4]]
+    assert _run(fresh, "once more", 8).tokens == third.tokens
+
+
 def test_stop_regenerate_and_switch(tiny_calibrated):
     s = _session(tiny_calibrated, "chess")
     gen = s.reply("count to a thousand", max_tokens=100_000)

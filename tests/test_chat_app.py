@@ -229,6 +229,45 @@ def test_bad_input_in_the_app(tiny_calibrated, tmp_path):  # noqa: F811
     assert seen["long_reply"].context_tokens <= 120 - 8
 
 
+async def _out_of_memory_flow(calibrated: Path) -> dict:
+    """A reply whose evaluation runs out of device memory after 2 tokens, then an ordinary one."""
+    import chess_mlx.chat_session as CS
+    from app.chat import ChatApp
+
+    real, seen = CS.stream, {}
+
+    def failing(*a, **k):
+        for i, step in enumerate(real(*a, **k)):
+            if i == 2:
+                raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")
+            yield step
+
+    app = ChatApp(_session(calibrated, "chess"), Sampling(max_tokens=6))
+    async with app.run_test(size=(120, 40)) as pilot:
+        CS.stream = failing
+        try:
+            app.query_one("#prompt").value = "fill the GPU"
+            await pilot.press("enter")
+            await _until(pilot, lambda: app.replies >= 1)
+        finally:
+            CS.stream = real
+        seen["notes"] = _notes(app)
+        seen["failed_tokens"] = len(app.session.turns[-1].answers[0].tokens)
+        app.query_one("#prompt").value = "and now?"
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.replies >= 2)
+        seen["next"] = app.last_reply
+        seen["running"] = app.is_running
+    return seen
+
+
+def test_out_of_memory_in_a_reply_is_a_notice_not_a_crash(tiny_calibrated):  # noqa: F811
+    seen = asyncio.run(_out_of_memory_flow(tiny_calibrated))
+    assert any(n.startswith("out of device memory") for n in seen["notes"]), seen["notes"]
+    assert seen["failed_tokens"] == 2
+    assert seen["running"] and seen["next"].tokens and not seen["next"].stopped
+
+
 def test_unknown_model_path_is_one_line_before_the_ui_starts(tmp_path):
     r = subprocess.run([sys.executable, "-m", "chess_mlx", "chat", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=120, stdin=subprocess.DEVNULL)
