@@ -9,8 +9,8 @@ CHESS+attention, a block's one-token step is here:
   ``[Wk; Wv]`` product), heads, RoPE -> q, k, v;
 - the KV cache update and attention, outside (the cache grows with every token, and attention
   keeps MLX's one-token kernel; traced whole steps lost both, RESULTS.md sessions 7 and 14);
-- ``mid``, compiled: the o product (or o's sparse-input path), the residual, the post-attention
-  norm;
+- ``mid``, compiled: the o product (or o's sparse-input path, which adds the residual inside its
+  kernel), the residual, the post-attention norm;
 - the MLP module (its own compiled path under CATS/CHESS) with the last residual, which CATS/CHESS
   add inside down's kernel (``SparseMLP.add_to``).
 
@@ -64,9 +64,10 @@ class _Site:
         self.c, self.static, (self.ws,) = bound.c, bound.static, bound.spaces
         self.ctl, self.proj = mod.ctl, mod.proj
 
-    def __call__(self, x: mx.array, last: mx.array) -> tuple:
-        """Inside the trace: (y, density, the workspace's new ordering token)."""
-        return self.c((x,), self.static, (last,))
+    def __call__(self, *xs: mx.array, last: mx.array) -> tuple:
+        """Inside the trace: (y, density, the workspace's new ordering token); ``xs`` is x, and
+        the residual for a residual path (o's)."""
+        return self.c(xs, self.static, (last,))
 
     def done(self, density: mx.array, last: mx.array) -> None:
         self.ws.last = last
@@ -90,7 +91,7 @@ class _Step:
             xn = ln1(x)
             if q is None:
                 return FA.heads(st, dense_linear(xn, plan.qkv), rope, qn, kn, offset)
-            y, dens, last = q(xn, lasts[0])
+            y, dens, last = q(xn, last=lasts[0])
             return (*FA.heads_kv(st, y, dense_linear(xn, plan.kv), rope, qn, kn, offset), dens, last)
 
         def mid(x, o_heads, lasts):
@@ -98,8 +99,7 @@ class _Step:
             if o is None:
                 h = x + dense_linear(flat, o_proj)
                 return h, ln2(h)
-            y, dens, last = o(flat, lasts[0])
-            h = x + y
+            h, dens, last = o(flat, x, last=lasts[0])  # x + o's product, the add inside the kernel
             return h, ln2(h), dens, last
 
         # The weights are captured as constants of the traces; set_method drops the traces, so
@@ -137,7 +137,9 @@ class _BlockState(FA.Collectors):
             if dense:
                 sites.append(None)
                 continue
-            bound = p.ctl.plan(x, p._plan) if hasattr(p, "_plan") else None
+            # o's path adds the attention's residual inside its kernel (one graph node fewer)
+            bound = (p.residual_plan(x) if p is attn.o_proj else p.ctl.plan(x, p._plan)) \
+                if hasattr(p, "_plan") else None
             if bound is None or len(bound.spaces) != 1:
                 return None
             sites.append(_Site(p, bound))

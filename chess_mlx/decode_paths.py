@@ -52,6 +52,12 @@ def _spin(x, t, wt, ws):
     return G.sparse_input(x, wt, t, ws)
 
 
+def _spin_residual(x, r, t, wt, ws):
+    """``r + _spin(x)``, the add inside the kernel (o under CHESS+attention: the attention's
+    residual, one graph node fewer per layer)."""
+    return G.sparse_input(x, wt, t, ws, residual=r)
+
+
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes
 # on its own generation stream) every layer would wait across streams. So: one compiled function
 # per (path, stream, quantization of each weight argument), each a distinct callable, since
@@ -99,7 +105,7 @@ class Bound:
 
     Decode is bound by host time per token (benchmarks/RESULTS.md), and sorting arguments into
     compile inputs cost ~15 us of Python per call and 2-3 calls per layer; bound, a step passes
-    only ``x`` (and the residual, for ``bind_act_mlp(..., residual=True)``) and the workspaces' tokens."""
+    only ``x`` (and the residual, for ``residual=True``) and the workspaces' tokens."""
 
     __slots__ = ("c", "static", "spaces")
 
@@ -131,8 +137,10 @@ def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down
     return Bound(_teal_mlp, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)
 
 
-def bind_spin(t, wt, ws) -> Bound:
-    return Bound(_spin, t, wt, ws)
+def bind_spin(t, wt, ws, residual: bool = False) -> Bound:
+    """Called as ``bound(x)``: ``(x's product, density)``; with ``residual``, as ``bound(x, r)``:
+    ``(r + x's product, density)``."""
+    return Bound(_spin_residual if residual else _spin, t, wt, ws)
 
 
 def spin(x, t, wt, ws):

@@ -10,6 +10,7 @@ picks dense, CATS, CHESS, CHESS+attention or TEAL at any time, without reloading
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -53,11 +54,12 @@ class _Control:
         # set_method (the kernels' transposed weights and the fused attention rows follow then too).
         self.plans: dict = {}
 
-    def plan(self, x: mx.array, make: Callable[[mx.array], object]):
-        """The cached plan for a one-token step on ``x`` (None for several tokens: prefill)."""
+    def plan(self, x: mx.array, make: Callable[[mx.array], object], tag: str = ""):
+        """The cached plan for a one-token step on ``x`` (None for several tokens: prefill);
+        ``tag`` tells apart several plans of one module (a projection's with the residual add)."""
         if x.size != x.shape[-1]:
             return None
-        key = (x.dtype, G.backend(), D.enabled(), repr(mx.default_stream(mx.default_device())))
+        key = (tag, x.dtype, G.backend(), D.enabled(), repr(mx.default_stream(mx.default_device())))
         p = self.plans.get(key, _MISSING)
         if p is _MISSING:
             p = self.plans[key] = make(x)
@@ -115,10 +117,17 @@ class SparseInputLinear(nn.Module):
         c.recorder.record(c.layer, self.proj, keep)
         return sparse_input_linear(xs, self)
 
-    def _plan(self, x: mx.array):
+    def _plan(self, x: mx.array, residual: bool = False):
         if not compiled_path_ok(x, self):
             return None
-        return D.bind_spin(self.ctl.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self))
+        return D.bind_spin(self.ctl.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self),
+                           residual=residual)
+
+    def residual_plan(self, x: mx.array) -> Optional[D.Bound]:
+        """The one-token path called as ``bound(x, r)``: ``(r + self(x), density)``, the add inside
+        the kernel (the compiled block's attention residual, for o); None where ``self(x)`` has no
+        compiled path. It shares the workspace with the plain path, so their launches stay ordered."""
+        return self.ctl.plan(x, partial(self._plan, residual=True), "residual")
 
 
 class SparseMLP(nn.Module):
