@@ -169,11 +169,16 @@ class ChatApp(App):
         except ChessError as e:
             self.call_from_thread(self.notify, str(e), severity="error")
         except (RuntimeError, MemoryError) as e:
-            if not out_of_memory(e):
-                raise
-            self.call_from_thread(self.notify, _NO_MEMORY, severity="error", timeout=15)
+            self._out_of_memory(e)
         finally:
             self.call_from_thread(self._done, reply)
+
+    def _out_of_memory(self, e: BaseException) -> None:
+        """From the generation thread: an out-of-memory error becomes a notice (the reply stops,
+        the app and the history stay); anything else is a bug and is raised again."""
+        if not out_of_memory(e):
+            raise e
+        self.call_from_thread(self.notify, _NO_MEMORY, severity="error", timeout=15)
 
     def _paint(self, text: str, step: Step, reply: Reply) -> None:
         self.last_step, self.last_reply = step, reply
@@ -215,9 +220,7 @@ class ChatApp(App):
         except ChessError as e:
             self.call_from_thread(self.notify, str(e), severity="error")
         except (RuntimeError, MemoryError) as e:
-            if not out_of_memory(e):
-                raise
-            self.call_from_thread(self.notify, _NO_MEMORY, severity="error", timeout=15)
+            self._out_of_memory(e)
         finally:
             self.call_from_thread(self._done_compare, last)
 
