@@ -429,10 +429,13 @@ class Workspace:
 SPIN_MIN_TILE = 128  # outputs per block of the narrowest spin launch: spin_q, 8 bits, one word per lane
 
 
-def workspace(n_out: int) -> Workspace:
+def workspace(n_out: int, like: Optional[mx.array] = None) -> Workspace:
     """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters and a
-    placeholder first token (a compiled path traces once for it and once for the launches' y)."""
-    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 1,), dtype=mx.int32), mx.zeros((), dtype=mx.float32))
+    placeholder first token. Given the site's input ``like``, the placeholder has the shape and
+    dtype of the launches' y, so a compiled path traced with it replays for every later token
+    instead of tracing again at the second one."""
+    first = mx.zeros((), dtype=mx.float32) if like is None else mx.zeros((*like.shape[:-1], n_out), dtype=like.dtype)
+    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 1,), dtype=mx.int32), first)
     mx.eval(ws.sem, ws.last)
     return ws
 

@@ -120,7 +120,7 @@ class SparseInputLinear(nn.Module):
     def _plan(self, x: mx.array, residual: bool = False):
         if not compiled_path_ok(x, self):
             return None
-        return D.bind_spin(self.ctl.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self),
+        return D.bind_spin(self.ctl.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self, x),
                            residual=residual)
 
     def residual_plan(self, x: mx.array) -> Optional[D.Bound]:
@@ -186,11 +186,11 @@ class SparseMLP(nn.Module):
         if c.mode == "act":
             if not fusable([g, u]):
                 return None
-            args = (self._gate_up_rows(), c.arr("act", x.dtype), transposed_weight(d), kernel_workspace(d), x.dtype)
+            args = (self._gate_up_rows(), c.arr("act", x.dtype), transposed_weight(d), kernel_workspace(d, x), x.dtype)
             return _MlpPlan(D.bind_act_mlp(*args), [("up", "down")], D.bind_act_mlp(*args, residual=True))
         return _MlpPlan(D.bind_teal_mlp(c.arr("inp", x.dtype), transposed_weight(g), transposed_weight(u),
-                                        c.arr("down", x.dtype), transposed_weight(d), kernel_workspace(g),
-                                        kernel_workspace(u), kernel_workspace(d)), [("gate", "up"), "down"], None)
+                                        c.arr("down", x.dtype), transposed_weight(d), kernel_workspace(g, x),
+                                        kernel_workspace(u, x), kernel_workspace(d, x)), [("gate", "up"), "down"], None)
 
     def _gate_up_rows(self):
         """The gate and up rows as the gate_up kernel reads them (``sparse_gemv.stack_gate_up``),

@@ -244,3 +244,37 @@ def test_sparse_input_takes_decode_activations_without_reshapes(monkeypatch):
     assert not G.kernel_supports("cuda", mx.zeros((1, 9, 64), dtype=mx.float16), wt, transposed=True)
     assert not G.kernel_supports("cuda", mx.zeros((64,), dtype=mx.float16), wt, transposed=True)
     assert not G.kernel_supports("cuda", mx.zeros((1, 0, 64), dtype=mx.float16), wt, transposed=True)
+
+
+@pytest.mark.parametrize("method", ["chess", "chess-attn", "teal"])
+def test_compiled_paths_trace_once(method, monkeypatch):
+    """A one-token path is traced at the first token after set_method and replayed from then on:
+    a workspace's placeholder ordering token has the shape and dtype of the launches' y (a kernel
+    launch makes its y the site's next token; here the reference product does the same), so the
+    second token does not trace again (each trace is Python work per layer and path)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, cfg = tiny_model("llama", 4)
+    rng = np.random.default_rng(4)
+    th = calibrate(model, mx.array(rng.integers(0, cfg["vocab_size"], size=(2, 32))), [0.5])
+    monkeypatch.setattr(SL, "compiled_path_ok", lambda x, *p: x.size == x.shape[-1] and decode_paths.enabled())
+    traced = []
+    real = G.sparse_input
+
+    def as_a_launch(x, wt, t=None, ws=None, residual=None):  # runs only while a path is traced
+        traced.append(1)
+        y, dens = real(x, wt, t, ws, residual=residual)
+        if ws is not None:
+            ws.last = y  # what _launch_spin does: the launch's y orders the next launch
+        return y, dens
+
+    monkeypatch.setattr(G, "sparse_input", as_a_launch)
+    set_method(model, method, th, 0.5)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
+    per_token = []
+    for i in range(4):
+        n = len(traced)
+        mx.eval(model(mx.array([[4 + i]]), cache=cache))
+        per_token.append(len(traced) - n)
+    assert per_token[0] > 0 and per_token[1:] == [0, 0, 0], per_token
