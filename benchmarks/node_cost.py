@@ -91,7 +91,7 @@ def mlp_variants() -> dict:
     mx.eval(wg, wu, wd, wtd, t)
     out = {"FFN dense (MLX)": lambda x: x + (G.silu(x @ wg.T) * (x @ wu.T)) @ wd.T}
     if G.backend() == "cuda":
-        bound = D.bind_act_mlp(wg, wu, t, wtd, G.workspace(k), mx.float16)
+        bound = D.bind_act_mlp(G.stack_gate_up(wg, wu), t, wtd, G.workspace(k, x0), mx.float16)
         out["FFN CHESS (bound path)"] = lambda x: x + bound(x)[0]
     return out
 

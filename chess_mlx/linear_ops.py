@@ -10,7 +10,6 @@ takes the reference path, which gives the same numbers.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -80,18 +79,13 @@ def transposed_weight(proj: nn.Module):
     return wt
 
 
-def kernel_workspace(proj: nn.Module, like: Optional[mx.array] = None) -> G.Workspace:
+def kernel_workspace(proj: nn.Module, like: mx.array) -> G.Workspace:
     """The sparse-input kernel's counters for this projection (one call site), made once; a plain
     attribute, not a parameter of the module. ``like``, the site's input, shapes the placeholder
-    ordering token as the launches' y (``sparse_gemv.workspace``); a workspace made without it
-    gets that placeholder here too, as long as no launch has replaced it (a launch's y is never a
-    0-d array)."""
-    n_out = proj["weight"].shape[0]
+    ordering token as the launches' y (``sparse_gemv.workspace``)."""
     ws = getattr(proj, "_kernel_ws", None)
     if ws is None:
-        ws = proj._kernel_ws = G.workspace(n_out, like)
-    elif like is not None and ws.last.ndim == 0:
-        ws.last = G.workspace(n_out, like).last
+        ws = proj._kernel_ws = G.workspace(proj["weight"].shape[0], like)
     return ws
 
 
