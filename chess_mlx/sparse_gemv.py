@@ -38,6 +38,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import kernel_text
 from .stats import kept_fraction
 
 MAX_TOKENS = 8  # decode batch the kernels handle; larger batches use dense matmul
@@ -224,7 +225,8 @@ _OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "partial", "dens
 
 
 def kernel_source(kind: str, name: str) -> tuple[str, str]:
-    """(header, body) as launched: a residual variant is its base source with CHESS_RESIDUAL defined."""
+    """(header, body) of a kernel as written: a residual variant is its base source with
+    CHESS_RESIDUAL defined."""
     base = RESIDUAL_VARIANTS.get(name)
     if base is None:
         return read_source(kind, name)
@@ -232,9 +234,16 @@ def kernel_source(kind: str, name: str) -> tuple[str, str]:
     return header, "#define CHESS_RESIDUAL 1\n" + body
 
 
+def launch_source(kind: str, name: str) -> tuple[str, str]:
+    """(header, body) as handed to MLX: ``kernel_source`` without comments and with only the
+    shared helpers the kernel uses (``kernel_text``: MLX hashes or compares the whole text at every
+    launch)."""
+    return kernel_text.launch_text(*kernel_source(kind, name))
+
+
 @lru_cache(maxsize=None)
 def _kernel(kind: str, name: str):
-    header, body = kernel_source(kind, name)
+    header, body = launch_source(kind, name)
     if kind == "cuda":
         return mx.fast.cuda_kernel(name=f"chess_{name}", input_names=_INPUTS[name],
                                    output_names=_OUTPUTS[name], source=body, header=header)

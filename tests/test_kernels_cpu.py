@@ -343,22 +343,26 @@ _INSTANCES = [
 
 
 def _mlx_style_kernel(idx: int, name, in_types, out_types, tmpl) -> str:
-    """The __global__ function MLX's cuda_kernel builds around a source body (signature, constants).
-    MLX compiles each kernel apart; here they share one file, so a variant's define is undone."""
-    _, body = G.kernel_source("cuda", name)
+    """The text MLX's cuda_kernel compiles for one launch: the launched header (only the helpers
+    the kernel uses, ``launch_source``), then the __global__ function around the launched body
+    (signature, constants). MLX compiles each kernel apart; here each gets a namespace of one
+    file, and a variant's define is undone after it."""
+    header, body = G.launch_source("cuda", name)
     args = [f"const {_CUDA_TYPES[t]}* {n}" for n, t in zip(G._INPUTS[name], in_types)]
     args += [f"{_CUDA_TYPES[t]}* {n}" for n, t in zip(G._OUTPUTS[name], out_types)]
     consts = "".join(f"  using {k} = {_CUDA_TYPES[v]};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
                      for k, v in tmpl.items())
-    return f"__global__ void k{idx}_{name}({', '.join(args)}) {{\n{consts}\n{body}\n}}\n#undef CHESS_RESIDUAL\n"
+    return (f"namespace k{idx} {{\n{header}\n__global__ void k{idx}_{name}({', '.join(args)}) {{\n{consts}\n"
+            f"{body}\n}}\n}}\n#undef CHESS_RESIDUAL\n")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_kernels_compile_for_hopper(tmp_path):
-    header, _ = G.read_source("cuda", "spout_f")
+    """Every kernel, as launched (comment-free, with only the shared helpers it uses), compiles."""
     src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
-           "#include <cooperative_groups.h>\n" + header + "\nnamespace chess_check {\n"
+           "#include <cooperative_groups.h>\nnamespace chess_check {\n"
            + "".join(_mlx_style_kernel(i, *inst) for i, inst in enumerate(_INSTANCES)) + "}\n")
+    assert {inst[0] for inst in _INSTANCES} == set(G._INPUTS), "an instance of every launched kernel"
     ptx = nvcc_ptx(tmp_path, src)
     assert ptx.count(".entry") == len(_INSTANCES)
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, "16-byte vector loads expected"
