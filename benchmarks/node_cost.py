@@ -34,14 +34,15 @@ from chess_mlx import sparse_gemv as G  # noqa: E402
 N = 4096
 
 
-def _copy_kernel(name: str, extra: list | tuple = (), outputs: tuple = (), n_template: int = 0):
+def _copy_kernel(name: str, extra: list | tuple = (), outputs: tuple = (), n_template: int = 0, header: str = ""):
     """A copy kernel (y = x, 4096 elements) with ``extra`` inputs (never read), extra float32
-    outputs of the given shapes (never written) and ``n_template`` integer template arguments:
-    what spin's launch adds to a bare kernel, all together or one cost at a time."""
+    outputs of the given shapes (never written), ``n_template`` integer template arguments and
+    a ``header`` text: what spin's launch adds to a bare kernel, all together or one cost at a time."""
     ins = ["x", *(f"a{i}" for i in range(len(extra)))]
     outs = ["y", *(f"o{i}" for i in range(len(outputs)))]
     k = mx.fast.cuda_kernel(name=f"node_cost_{name}", input_names=ins, output_names=outs,
-                            source="int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 4096) y[i] = x[i];")
+                            source="int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < 4096) y[i] = x[i];",
+                            header=header)
     tmpl = [(f"P{i}", i + 1) for i in range(n_template)]
     kw = {"template": tmpl} if tmpl else {}
     return lambda x: k(inputs=[x, *extra], grid=(N, 1, 1), threadgroup=(256, 1, 1),
@@ -75,7 +76,29 @@ def variants() -> dict:
     out["copy, +28x4096 f32 output"] = _copy_kernel("big", outputs=((28, 1, N),))
     out["copy, 6 template ints"] = _copy_kernel("tmpl6", n_template=6)
     out["copy, 6 template ints, compiled"] = mx.compile(_copy_kernel("tmpl6c", n_template=6))
+    # MLX hashes a kernel's whole text at every launch (chess_mlx/kernel_text.py): the shared
+    # header as written (comments and all) against no header; spin's bound path with the text
+    # as written against the text it is launched with
+    out["copy, 24 KB header as written"] = _copy_kernel("hdr", header=G.read_source("cuda", "spin_f")[0])
+    x0 = mx.random.normal((1, N)).astype(mx.float16)
+    for label, text in (("as written", G.kernel_source), ("as launched", G.launch_source)):
+        out[f"spin, bound, text {label}"] = _traced_with(text, lambda: D.bind_spin(t, wt, G.workspace(N, x0)), x0)
     return out
+
+
+def _traced_with(text, make, x0):
+    """``make()``'s bound path traced while the kernels take their text from ``text`` (the trace
+    keeps the kernels it was made with)."""
+    launch = G.launch_source
+    G.launch_source = text
+    G._kernel.cache_clear()
+    try:
+        bound = make()
+        mx.eval(bound(x0)[0])
+    finally:
+        G.launch_source = launch
+        G._kernel.cache_clear()
+    return lambda x: bound(x)[0]
 
 
 def mlp_variants() -> dict:
