@@ -23,6 +23,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.host_probe import split_times  # noqa: E402
+from chess_mlx import decode_paths as D  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
 from chess_mlx.bench import PRESETS, bench_prompt, decode_speed, random_model  # noqa: E402
 from chess_mlx.calibrate import calibrate  # noqa: E402
@@ -32,8 +33,11 @@ _CUT = G.launch_source
 
 
 def use(variant: str) -> None:
+    """Kernels of ``variant`` from the next trace on. decode_paths shares compiled functions (and
+    their traces) between layers and plans, and set_method does not drop them: cleared here."""
     G.launch_source = _CUT if variant == "cut" else G.kernel_source
     G._kernel.cache_clear()
+    D._COMPILED.clear()
 
 
 def greedy(model, vocab: int, n: int = 32) -> list[int]:

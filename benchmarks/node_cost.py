@@ -80,6 +80,7 @@ def variants() -> dict:
     # header as written (comments and all) against no header; spin's bound path with the text
     # as written against the text it is launched with
     out["copy, 24 KB header as written"] = _copy_kernel("hdr", header=G.read_source("cuda", "spin_f")[0])
+    out["copy, 24 KB header, compiled"] = mx.compile(_copy_kernel("hdrc", header=G.read_source("cuda", "spin_f")[0]))
     x0 = mx.random.normal((1, N)).astype(mx.float16)
     for label, text in (("as written", G.kernel_source), ("as launched", G.launch_source)):
         out[f"spin, bound, text {label}"] = _traced_with(text, lambda: D.bind_spin(t, wt, G.workspace(N, x0)), x0)
@@ -88,16 +89,19 @@ def variants() -> dict:
 
 def _traced_with(text, make, x0):
     """``make()``'s bound path traced while the kernels take their text from ``text`` (the trace
-    keeps the kernels it was made with)."""
+    keeps the kernels it was made with; decode_paths shares its compiled functions, and their
+    traces, between bound paths of one shape, so they are dropped before and after)."""
     launch = G.launch_source
     G.launch_source = text
     G._kernel.cache_clear()
+    D._COMPILED.clear()
     try:
         bound = make()
         mx.eval(bound(x0)[0])
     finally:
         G.launch_source = launch
         G._kernel.cache_clear()
+        D._COMPILED.clear()
     return lambda x: bound(x)[0]
 
 
