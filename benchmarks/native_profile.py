@@ -5,13 +5,14 @@
 For each method the process decodes (``pipelined.generate_step``, as ``chess-mlx bench`` does)
 for ``--seconds`` while ``py-spy record --native --threads`` samples it (py-spy from the
 ignored ``.gpu_tools/``; the lent machine has no other profiler). Each method's collapsed stacks go
-to ``DIR/<method>.txt``; ``--summary`` prints, per thread, the share of samples in each of a fixed
+to ``DIR/<method>.txt``; ``--summary FILE...`` (plain or .gz) prints, per thread, the share of samples in each of a fixed
 list of MLX/CUDA functions, so two methods' encoder threads can be compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import re
 import subprocess
@@ -47,7 +48,8 @@ def summarize(path: Path) -> str:
     per: dict[str, Counter] = {}
     deepest: dict[str, Counter] = {}
     totals: Counter = Counter()
-    for line in path.read_text().splitlines():
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
