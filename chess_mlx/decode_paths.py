@@ -66,15 +66,15 @@ _COMPILED: dict[tuple, object] = {}
 
 
 def _static(a):
-    """What an argument contributes to a Bound's constant inputs (a Workspace: its counters; its
-    ordering token changes with every launch and travels separately)."""
+    """What an argument contributes to a Bound's constant inputs (a Workspace: its counters and
+    split-K scratch; its ordering token changes with every launch and travels separately)."""
     if isinstance(a, G.QWeight):
         if a.sb is None:  # the layers pass packed weights; a bound input must not stay lazy
             a = a.packed()
             mx.eval(a.sb)
         return a.w, a.sb
     if isinstance(a, G.Workspace):
-        return a.sem
+        return a.sem, a.partial
     return a
 
 
@@ -82,7 +82,7 @@ def _compiled(fn, meta: tuple):
     """The compiled twin of ``fn`` for arguments of kinds ``meta`` on the current stream. mx.compile
     takes arrays (and tuples of them), so a QWeight travels as its packed arrays (``w``, ``sb``), and its bits and
     group size, which the kernels need as compile-time constants, are part of the key and baked
-    into the traced function. A Workspace travels as its counters plus its ordering token; the
+    into the traced function. A Workspace travels as its counters and scratch plus its ordering token; the
     launches' new tokens come back as extra outputs (a side effect inside the trace would only
     ever see tracers)."""
     key = (fn.__name__, meta, repr(mx.default_stream(mx.default_device())))
@@ -91,7 +91,7 @@ def _compiled(fn, meta: tuple):
         def rebuilt(xs, static, lasts):
             objs, tokens = [], iter(lasts)
             for a, m in zip(static, meta):
-                objs.append(a if m is None else G.Workspace(a, next(tokens)) if m == "ws"
+                objs.append(a if m is None else G.Workspace(a[0], next(tokens), a[1]) if m == "ws"
                             else G.QWeight.from_packed(*a, *m))
             out = fn(*xs, *objs)
             return (*out, *(o.last for o in objs if isinstance(o, G.Workspace)))

@@ -80,12 +80,12 @@ def transposed_weight(proj: nn.Module):
 
 
 def kernel_workspace(proj: nn.Module, like: mx.array) -> G.Workspace:
-    """The sparse-input kernel's counters for this projection (one call site), made once; a plain
-    attribute, not a parameter of the module. ``like``, the site's input, shapes the placeholder
-    ordering token as the launches' y (``sparse_gemv.workspace``)."""
+    """The sparse-input kernel's counters and scratch for this projection (one call site), made
+    once; a plain attribute, not a parameter of the module. ``like``, the site's input, shapes the
+    placeholder ordering token as the launches' y and sizes the scratch (``sparse_gemv.workspace``)."""
     ws = getattr(proj, "_kernel_ws", None)
     if ws is None:
-        ws = proj._kernel_ws = G.workspace(proj["weight"].shape[0], like)
+        ws = proj._kernel_ws = G.workspace(proj["weight"].shape[0], like, proj.bits if "scales" in proj else None)
     return ws
 
 

@@ -200,13 +200,13 @@ def read_source(kind: str, name: str) -> tuple[str, str]:
 _INPUTS = {
     "spout_f": ["x", "w", "a"],
     "spout_q": ["x", "w", "sb", "a"],
-    "spin_f": ["x", "t", "wt", "sem", "after"],
-    "spin_q": ["x", "t", "wt", "sb", "sem", "after"],
+    "spin_f": ["x", "t", "wt", "sem", "partial", "after"],
+    "spin_q": ["x", "t", "wt", "sb", "sem", "partial", "after"],
     "gateup_f": ["x", "w", "t"],
     "gateup_q": ["x", "w", "sb", "t"],
     # the sparse-input kernels with the residual add fused (same source, CHESS_RESIDUAL defined)
-    "spin_f_res": ["x", "t", "wt", "sem", "after", "r"],
-    "spin_q_res": ["x", "t", "wt", "sb", "sem", "after", "r"],
+    "spin_f_res": ["x", "t", "wt", "sem", "partial", "after", "r"],
+    "spin_q_res": ["x", "t", "wt", "sb", "sem", "partial", "after", "r"],
 }
 RESIDUAL_VARIANTS = {"spin_f_res": "spin_f", "spin_q_res": "spin_q"}
 # Template parameters of each kernel, in the order the launchers pass them (checked by the tests
@@ -219,9 +219,9 @@ TEMPLATES = {
     "gateup_f": ("T", "M", "K", "N", "WPR", "TPC"),
     "gateup_q": ("T", "M", "K", "N", "BITS", "GS", "RPW", "TPC"),
 }
-_OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "partial", "dens"],
-            "spin_q": ["y", "partial", "dens"], "gateup_f": ["y"], "gateup_q": ["y"],
-            "spin_f_res": ["y", "partial", "dens"], "spin_q_res": ["y", "partial", "dens"]}
+_OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "dens"],
+            "spin_q": ["y", "dens"], "gateup_f": ["y"], "gateup_q": ["y"],
+            "spin_f_res": ["y", "dens"], "spin_q_res": ["y", "dens"]}
 
 
 def kernel_source(kind: str, name: str) -> tuple[str, str]:
@@ -429,24 +429,39 @@ class Workspace:
     two-thread decode's encoder evaluates that graph (``pipelined``): MLX's eval reads the event of
     every input scheduled earlier. The same race on the sampled token crashed the CPU decode
     (RESULTS.md session 16 §5); the density tokens fit session 15's hangs with the recorder on.
-    Nothing reads a layer's y on the host."""
+    Nothing reads a layer's y on the host.
+
+    ``partial`` is the site's float32 split-K scratch (>= chunks * tokens * outputs), written and
+    read by each launch and kept between them (an output would be allocated at every launch:
+    ~2 us of MLX's encoding each, RESULTS.md session 18); the token orders it as it orders
+    ``sem``."""
 
     sem: mx.array
     last: mx.array
+    partial: mx.array
 
 
 SPIN_MIN_TILE = 128  # outputs per block of the narrowest spin launch: spin_q, 8 bits, one word per lane
 
 
-def workspace(n_out: int, like: Optional[mx.array] = None) -> Workspace:
+def workspace(n_out: int, like: Optional[mx.array] = None, bits: Optional[int] = None) -> Workspace:
     """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters and a
     placeholder first token. Given the site's input ``like``, the placeholder has the shape and
     dtype of the launches' y, so a compiled path traced with it replays for every later token
-    instead of tracing again at the second one."""
+    instead of tracing again at the second one, and the split-K scratch is sized for launches on
+    inputs of that shape (float weights, or ``bits``-bit ones); otherwise the first launch sizes it."""
     first = mx.zeros((), dtype=mx.float32) if like is None else mx.zeros((*like.shape[:-1], n_out), dtype=like.dtype)
-    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 1,), dtype=mx.int32), first)
-    mx.eval(ws.sem, ws.last)
+    size = 1 if like is None else spin_partials(rows(like), like.shape[-1], n_out, bits)
+    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 1,), dtype=mx.int32), first,
+                   mx.zeros((size,), dtype=mx.float32))
+    mx.eval(ws.sem, ws.last, ws.partial)
     return ws
+
+
+def spin_partials(m: int, k: int, n: int, bits: Optional[int] = None) -> int:
+    """Float32 elements of a spin launch's split-K scratch: chunks x tokens x outputs."""
+    _, _, kc = spin_geometry(m, k, n, bits, backend())
+    return -(-k // kc) * m * n
 
 
 SCALAR_SLOTS = 8
@@ -492,28 +507,30 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     the product in the kernel. ``kc`` and ``words`` (spin_q) override the launch geometry for
     probes."""
     m, k = rows(x), x.shape[-1]
-    if isinstance(wt, QWeight):
-        n = wt.cols
-        words, tiles, kc = spin_geometry(m, k, n, wt.bits, kind, words, kc)
-        name, inputs = "spin_q", [x, t, wt.w, wt.kernel_sb(), ws.sem, ws.last]
+    quantized = isinstance(wt, QWeight)
+    n = wt.cols if quantized else wt.shape[1]
+    words, tiles, kc = spin_geometry(m, k, n, wt.bits if quantized else None, kind, words, kc)
+    chunks = -(-k // kc)
+    if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1:  # the kernel indexes sem[0 .. tiles]
+        raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
+    if ws.partial.size < chunks * m * n:  # a site first launched without a sized workspace
+        ws.partial = mx.zeros((chunks * m * n,), dtype=mx.float32)
+    site = [ws.sem, ws.partial, ws.last]
+    if quantized:
+        name, inputs = "spin_q", [x, t, wt.w, wt.kernel_sb(), *site]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wt.bits), ("GS", wt.group_size),
                 ("KC", kc), ("WORDS", words), ("TPC", _tpc(t, k))]
     else:
-        n = wt.shape[1]
-        _, tiles, kc = spin_geometry(m, k, n, kc=kc)
-        name, inputs = "spin_f", [x, t, wt, ws.sem, ws.last]
+        name, inputs = "spin_f", [x, t, wt, *site]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc), ("TPC", _tpc(t, k))]
-    if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1:  # the kernel indexes sem[0 .. tiles]
-        raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
     if residual is not None:  # the kernel reads r[m * N + n] for every output it writes
         if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype:
             raise ValueError(f"residual of shape {residual.shape} and {residual.dtype}, expected "
                              f"{(*x.shape[:-1], n)} and {x.dtype}")
         name, inputs = name + "_res", inputs + [residual]
-    chunks = -(-k // kc)
-    y, _partial, dens = _kernel(kind, name)(
+    y, dens = _kernel(kind, name)(
         inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
-        output_shapes=[(*x.shape[:-1], n), (chunks, m, n), ()], output_dtypes=[x.dtype, mx.float32, mx.float32],
+        output_shapes=[(*x.shape[:-1], n), ()], output_dtypes=[x.dtype, mx.float32],
         init_value=_POISON)
     ws.last = y
     return y, dens

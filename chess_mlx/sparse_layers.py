@@ -263,9 +263,10 @@ def sparsify(model: nn.Module) -> ChessState:
 
 def settle(model: nn.Module) -> None:
     """Evaluate the lazy state the sparse modules carry from one call to the next (each sparse-input
-    call site's ordering token), so that a decode evaluated on another thread
-    (``pipelined``) never meets an array of this thread's stream."""
-    tokens = [ws.last for m in model.modules() if (ws := getattr(m, "_kernel_ws", None)) is not None]
+    call site's ordering token, and its scratch if a launch made it), so that a decode evaluated
+    on another thread (``pipelined``) never meets an array of this thread's stream."""
+    tokens = [a for m in model.modules() if (ws := getattr(m, "_kernel_ws", None)) is not None
+              for a in (ws.last, ws.partial)]
     if tokens:
         mx.eval(tokens)
 

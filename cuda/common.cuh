@@ -442,12 +442,16 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
 // decide who writes dens added two more (session 10). The chunk count is a compile-time constant
 // so the in-order sum issues up to 32 partial loads together. All 256 threads must call it.
 // res: null, or the residual added to y after y's own rounding (the spin kernels' _res variants).
+// partial_in: the call site's float32 scratch of >= CHUNKS * M * N (an input: MLX would allocate
+// an output at every launch, ~2 us of host time each, RESULTS.md session 18); every element this
+// launch reads it writes first, and the workspace token orders the launches that share it.
 template <typename T, int M, int N, int K, int KC, int VPL>
-__device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const float* accb, float* partial,
+__device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const float* accb, const float* partial_in,
                                                   T* y, float* dens, const int* sem_in, int nnz,
                                                   float (*red)[32 * VPL], int* flag, const T* res) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
+  float* partial = const_cast<float*>(partial_in);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile = blockIdx.x, chunk = blockIdx.y;
   const int tiles = gridDim.x;

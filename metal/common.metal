@@ -376,8 +376,10 @@ inline void chess_finish_rows(thread const float* acc, const device T* a, device
 // in-order sum's loads can be issued together.
 // Needs Metal 3.2 device-scope fences (atomic_thread_fence with thread_scope_device).
 // res: null, or the residual added to y after y's own rounding (the spin kernels' _res variants).
+// partial_in: the call site's float32 scratch of >= CHUNKS * M * N, an input written here (as the
+// CUDA twin; the workspace token orders the launches that share it).
 template <typename T, int M, int N, int K, int KC, int VPL>
-inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float* accb, device float* partial,
+inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float* accb, const device float* partial_in,
                               device T* y, device float* dens, const device int* sem_in, int nnz,
                               threadgroup float (*red)[32 * VPL], threadgroup int* flag, uint tid, uint lane,
                               uint warp, int tile, int chunk, int tiles,
@@ -385,6 +387,7 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
   device atomic_int* sem = (device atomic_int*)(sem_in);
+  device float* partial = (device float*)(partial_in);
   for (int m = 0; m < M; ++m) {
     threadgroup float4* dst = (threadgroup float4*)(&red[warp][lane * VPL]);
     for (int q = 0; q < VPL / 4; ++q)

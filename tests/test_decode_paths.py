@@ -170,16 +170,19 @@ class _FakeSpin:
     a log of the ordering token (``after``) each launch was given."""
 
     def __init__(self):
-        self.after, self.x, self.shapes = [], [], []
+        self.after, self.x, self.shapes, self.partial = [], [], [], []
 
-    def __call__(self, inputs, output_shapes, output_dtypes, **_):
-        x, wt, after = inputs[0], inputs[2], inputs[-1]
+    def __call__(self, inputs, output_shapes, output_dtypes, grid, **_):
+        x, wt, partial, after = inputs[0], inputs[2], inputs[-2], inputs[-1]
         self.after.append(after)
         self.x.append(x)
         self.shapes.append(output_shapes)
+        self.partial.append(partial)
+        # the split-K scratch the kernel writes: chunks (grid's y) x tokens x outputs, float32
+        assert partial.dtype == mx.float32 and partial.size >= grid[1] * x.size // x.shape[-1] * wt.shape[1]
         y = (x.reshape(-1, x.shape[-1]) @ wt).astype(output_dtypes[0]).reshape(output_shapes[0])
-        dens = mx.mean((x != 0).astype(mx.float32)).reshape(output_shapes[2])
-        return [y, mx.zeros(output_shapes[1], dtype=mx.float32), dens]
+        dens = mx.mean((x != 0).astype(mx.float32)).reshape(output_shapes[1])
+        return [y, dens]
 
 
 def test_launches_on_one_workspace_are_chained(monkeypatch):
@@ -204,6 +207,9 @@ def test_launches_on_one_workspace_are_chained(monkeypatch):
     assert fake.after[2] is not fake.after[1]  # another call site keeps its own chain
     assert fake.after[1] is y1 and fake.after[1] is not d1  # the first launch's y, not its density
     assert ws.last is y2 and ws.last is not d2
+    # the scratch is the site's own, kept between launches (sized at the first launch here, the
+    # workspace having been made without the site's input), never another site's
+    assert fake.partial[0] is fake.partial[1] is ws.partial and fake.partial[2] is other.partial
 
     # through the compiled path: the tokens come back as outputs and land on the caller's workspace
     monkeypatch.setattr(G, "backend", lambda: "cuda")
@@ -237,7 +243,7 @@ def test_sparse_input_takes_decode_activations_without_reshapes(monkeypatch):
     assert G.kernel_supports("cuda", x, wt, transposed=True)
     y, d = decode_paths._spin(x, G.zero_threshold(x.dtype), wt, G.workspace(32))
     assert fake.x[-1] is x
-    assert fake.shapes[-1][0] == (1, 1, 32) and fake.shapes[-1][2] == () and y.shape == (1, 1, 32) and d.shape == ()
+    assert fake.shapes[-1] == [(1, 1, 32), ()] and y.shape == (1, 1, 32) and d.shape == ()
     ref = np.array(x, dtype=np.float64).reshape(1, 64) @ np.array(wt, dtype=np.float64)
     np.testing.assert_allclose(np.array(y.astype(mx.float32)).reshape(1, 32), ref, rtol=1e-2, atol=1e-2)
     # more tokens than the kernels take, or a lone vector: the reference path

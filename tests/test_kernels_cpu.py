@@ -134,6 +134,12 @@ def test_workspace_and_threshold_shape_checks():
             for m in (1, 2, 3, 4):
                 for bits in (4, 8):
                     assert sem >= -(-n // (32 * G.spin_words(m, bits, kind) * (32 // bits))) + 1, (n, kind, m, bits)
+    # a workspace made with the site's input holds the split-K scratch of that launch geometry
+    for m, k, n, bits in ((1, 14336, 4096, None), (1, 14336, 4096, 4), (1, 4096, 4096, 4), (2, 4096, 14336, 8)):
+        ws = G.workspace(n, mx.zeros((1, m, k), dtype=mx.float16), bits)
+        _, _, kc = G.spin_geometry(m, k, n, bits)
+        assert ws.partial.dtype == mx.float32 and ws.partial.size == -(-k // kc) * m * n
+        assert ws.last.shape == (1, m, n)
     assert G._tpc(mx.zeros((1,)), 4096) == 0 and G._tpc(mx.zeros((4096,)), 4096) == 1
     with pytest.raises(ValueError):
         G._tpc(mx.zeros((100,)), 4096)
@@ -311,24 +317,24 @@ _INSTANCES = [
      dict(T="bfloat16", M=8, K=4096, N=4100, BITS=8, GS=32, RPW=2, PARTS=2)),
     ("spout_q", ["float16", "uint32", "float16", "float16"], ["float16"],
      dict(T="float16", M=2, K=14336, N=4096, BITS=8, GS=32, RPW=4, PARTS=8)),
-    ("spin_f", ["float16", "float16", "float16", "int32"], ["float16", "float32", "float32"],
+    ("spin_f", ["float16", "float16", "float16", "int32", "float32"], ["float16", "float32"],
      dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
-    ("spin_f", ["bfloat16", "float32", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
+    ("spin_f", ["bfloat16", "float32", "bfloat16", "int32", "float32"], ["bfloat16", "float32"],
      dict(T="bfloat16", M=4, K=1536, N=576, KC=64, TPC=1)),
-    ("spin_q", ["float16", "float32", "uint32", "float16", "int32"], ["float16", "float32", "float32"],
+    ("spin_q", ["float16", "float32", "uint32", "float16", "int32", "float32"], ["float16", "float32"],
      dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=128, WORDS=2, TPC=1)),
-    ("spin_q", ["bfloat16", "bfloat16", "uint32", "bfloat16", "int32"], ["bfloat16", "float32", "float32"],
+    ("spin_q", ["bfloat16", "bfloat16", "uint32", "bfloat16", "int32", "float32"], ["bfloat16", "float32"],
      dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=0)),
-    ("spin_q", ["float16", "float16", "uint32", "float16", "int32"], ["float16", "float32", "float32"],
+    ("spin_q", ["float16", "float16", "uint32", "float16", "int32", "float32"], ["float16", "float32"],
      dict(T="float16", M=4, K=4096, N=4096, BITS=8, GS=32, KC=64, WORDS=1, TPC=0)),
-    ("spin_q", ["float16", "float16", "uint32", "float16", "int32"], ["float16", "float32", "float32"],
+    ("spin_q", ["float16", "float16", "uint32", "float16", "int32", "float32"], ["float16", "float32"],
      dict(T="float16", M=2, K=14336, N=4096, BITS=4, GS=32, KC=256, WORDS=4, TPC=0)),
-    ("spin_f_res", ["float16", "float16", "float16", "int32", "float32", "float16"], ["float16", "float32", "float32"],
+    ("spin_f_res", ["float16", "float16", "float16", "int32", "float32", "float32", "float16"], ["float16", "float32"],
      dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
-    ("spin_q_res", ["float16", "float16", "uint32", "float16", "int32", "float32", "float16"],
-     ["float16", "float32", "float32"], dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=2, TPC=0)),
-    ("spin_q_res", ["bfloat16", "float32", "uint32", "bfloat16", "int32", "float32", "bfloat16"],
-     ["bfloat16", "float32", "float32"], dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=1)),
+    ("spin_q_res", ["float16", "float16", "uint32", "float16", "int32", "float32", "float32", "float16"],
+     ["float16", "float32"], dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=2, TPC=0)),
+    ("spin_q_res", ["bfloat16", "float32", "uint32", "bfloat16", "int32", "float32", "float32", "bfloat16"],
+     ["bfloat16", "float32"], dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=1)),
     ("gateup_f", ["float16", "float16", "float32"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, WPR=4, TPC=1)),
     ("gateup_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],

@@ -111,10 +111,10 @@ def test_launchers_pass_packed_weights_and_the_residual(monkeypatch):
     r = mx.array(rng.standard_normal((1, 1, 128)).astype(np.float16))
     G.sparse_input(h, wt, ws=G.workspace(128), residual=r)
     name, inputs = rec.calls[-1]
-    assert name == "spin_q_res" and len(inputs) == len(G._INPUTS[name]) == 7 and inputs[-1] is r
+    assert name == "spin_q_res" and len(inputs) == len(G._INPUTS[name]) == 8 and inputs[-1] is r
     np.testing.assert_array_equal(np.array(inputs[3]), np.concatenate([np.array(wt.scales), np.array(wt.biases)]))
     G.sparse_input(h, wt, ws=G.workspace(128))
-    assert rec.calls[-1][0] == "spin_q" and len(rec.calls[-1][1]) == 6
+    assert rec.calls[-1][0] == "spin_q" and len(rec.calls[-1][1]) == len(G._INPUTS["spin_q"]) == 7
     with pytest.raises(ValueError, match="residual"):
         G.sparse_input(h, wt, ws=G.workspace(128), residual=r.astype(mx.float32))
     with pytest.raises(ValueError, match="residual"):
