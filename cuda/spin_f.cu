@@ -8,7 +8,8 @@
 // the 8 warps into partial[chunk, m, n], and the tile's last chunk block sums the chunks into y;
 // dens[0] = fraction of non-zero (m, j) inputs. sem: int32 workspace of >= tiles + 1 zeros.
 // after: the previous launch's output y at this call site. Never read: an input only so that
-// MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
+// MLX's graph orders the two launches (they share sem and partial, the site's float32 split-K
+// scratch of >= ceil(K/KC) * M * N; see sparse_gemv.Workspace).
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
 // fewer per layer and token).

@@ -5,7 +5,8 @@
 // one group): acc_e += (x*s) * (q_e - OFF), accb += x*(b + OFF*s), U rows at a time by
 // ChessSpinQ (half2 products for half, float32 for bfloat16); same epilogue as spin_f (chess_spin_finish).
 // after: the previous launch's output y at this call site. Never read: an input only so that
-// MLX's graph orders the two launches (they share sem; see sparse_gemv.Workspace).
+// MLX's graph orders the two launches (they share sem and partial, the site's float32 split-K
+// scratch of >= ceil(K/KC) * M * N; see sparse_gemv.Workspace).
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
 // fewer per layer and token).
