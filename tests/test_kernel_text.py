@@ -69,3 +69,25 @@ def test_compact_keeps_preprocessor_lines_and_drops_comments():
 def test_unbalanced_header_is_refused():
     with pytest.raises(ValueError, match="unbalanced"):
         KT.header_items("__device__ void chess_x() {\n")
+
+
+def test_native_profile_summary_counts_frames_per_thread(tmp_path):
+    """benchmarks/native_profile.py's summary (how session 18 found the per-launch hash): shares of
+    each thread's samples whose stack holds a frame, and the deepest MLX frame."""
+    import gzip
+
+    from test_kernels_cpu import bench_module
+
+    P = bench_module("native_profile")
+    enc = "thread (9): chess-mlx-encoder"
+    raw = (f"{enc};mlx::core::eval_impl (libmlx.so);mlx::core::fast::CustomKernel::eval_gpu (libmlx.so);"
+           f"std::_Hash_bytes (libstdc++.so) 3\n"
+           f"{enc};mlx::core::eval_impl (libmlx.so);mlx::core::cu::CommandEncoder::commit_impl (libmlx.so) 1\n"
+           "thread (1): MainThread;_one_token (block_step.py:160) 4\n")
+    path = tmp_path / "m.txt.gz"
+    path.write_bytes(gzip.compress(raw.encode()))
+    out = P.summarize(path)
+    assert f"{enc}: 4 samples" in out and "thread (1): MainThread: 4 samples" in out
+    assert re.search(r"75\.0%  CustomKernel::eval_gpu", out) and re.search(r"25\.0%  CommandEncoder::commit", out)
+    assert re.search(r"75\.0%  mlx::core::fast::CustomKernel::eval_gpu", out)  # the deepest MLX frame
+    assert re.search(r"100\.0%  \(no MLX frame\)", out)
