@@ -126,21 +126,34 @@ class Bound:
         return tuple(out[:len(out) - n])
 
 
+def _one_token_scratch(ws: G.Workspace, wt) -> G.Workspace:
+    """``ws`` with a split-K scratch large enough for one-token launches on ``wt``. A bound input
+    is fixed once traced, so a scratch the launch had to grow would be a fill node replayed at
+    every token (the layers' workspaces come sized; this covers any other)."""
+    k, n, bits = (wt.rows, wt.cols, wt.bits) if isinstance(wt, G.QWeight) else (*wt.shape, None)
+    need = G.spin_partials(1, k, n, bits)
+    if ws.partial.size < need:
+        ws.partial = mx.zeros((need,), dtype=mx.float32)
+        mx.eval(ws.partial)
+    return ws
+
+
 def bind_act_mlp(w_gate_up, t, wt_down, ws_down, dtype, residual: bool = False) -> Bound:
     """Called as ``bound(x)``: ``(mlp(x), density)``; with ``residual``, as ``bound(x, r)``:
     ``(r + mlp(x), density)``."""
-    return Bound(_act_mlp_residual if residual else _act_mlp, w_gate_up, t, wt_down, ws_down,
-                 G.zero_threshold(dtype))
+    return Bound(_act_mlp_residual if residual else _act_mlp, w_gate_up, t, wt_down,
+                 _one_token_scratch(ws_down, wt_down), G.zero_threshold(dtype))
 
 
 def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down) -> Bound:
-    return Bound(_teal_mlp, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)
+    return Bound(_teal_mlp, t_in, wt_gate, wt_up, t_down, wt_down, _one_token_scratch(ws_gate, wt_gate),
+                 _one_token_scratch(ws_up, wt_up), _one_token_scratch(ws_down, wt_down))
 
 
 def bind_spin(t, wt, ws, residual: bool = False) -> Bound:
     """Called as ``bound(x)``: ``(x's product, density)``; with ``residual``, as ``bound(x, r)``:
     ``(r + x's product, density)``."""
-    return Bound(_spin_residual if residual else _spin, t, wt, ws)
+    return Bound(_spin_residual if residual else _spin, t, wt, _one_token_scratch(ws, wt))
 
 
 def spin(x, t, wt, ws):

@@ -284,3 +284,24 @@ def test_compiled_paths_trace_once(method, monkeypatch):
         mx.eval(model(mx.array([[4 + i]]), cache=cache))
         per_token.append(len(traced) - n)
     assert per_token[0] > 0 and per_token[1:] == [0, 0, 0], per_token
+
+
+def test_bound_paths_size_the_split_k_scratch_once():
+    """A bound one-token path gets a workspace whose scratch fits a one-token launch on its
+    weight (a scratch grown inside the trace would be a fill node at every token); a sized one is
+    kept as it is."""
+    from chess_mlx import sparse_gemv as G
+
+    wt = mx.zeros((1024, 256), dtype=mx.float16)
+    ws = G.workspace(256)
+    assert ws.partial.size == 1
+    decode_paths.bind_spin(G.zero_threshold(mx.float16), wt, ws)
+    assert ws.partial.size == G.spin_partials(1, 1024, 256) > 1
+    sized = ws.partial
+    decode_paths.bind_spin(G.zero_threshold(mx.float16), wt, ws, residual=True)
+    assert ws.partial is sized
+    qt = G.QWeight.quantize(mx.zeros((1024, 256), dtype=mx.float16), 4, 64)
+    ws_q = G.workspace(256)
+    decode_paths.bind_teal_mlp(*(G.zero_threshold(mx.float16), qt, qt, G.zero_threshold(mx.float16), qt),
+                               ws_q, G.workspace(256), G.workspace(256))
+    assert ws_q.partial.size == G.spin_partials(1, 1024, 256, 4)
