@@ -23,11 +23,11 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.host_probe import split_times  # noqa: E402
+from benchmarks.pipeline_probe import add_model_args, calibrated_model  # noqa: E402
 from chess_mlx import decode_paths as D  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
-from chess_mlx.bench import PRESETS, bench_prompt, decode_speed, random_model  # noqa: E402
-from chess_mlx.calibrate import calibrate  # noqa: E402
-from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
+from chess_mlx.bench import decode_speed  # noqa: E402
+from chess_mlx.sparse_layers import set_method  # noqa: E402
 
 _CUT = G.launch_source
 
@@ -40,26 +40,20 @@ def use(variant: str) -> None:
     D._COMPILED.clear()
 
 
-def greedy(model, vocab: int, n: int = 32) -> list[int]:
+def greedy(model, prompt: mx.array, n: int = 32) -> list[int]:
     from chess_mlx import pipelined
 
-    gen = pipelined.generate_step(bench_prompt(32, vocab, 1), model, max_tokens=n,
-                                  sampler=lambda lp: mx.argmax(lp, axis=-1))
+    gen = pipelined.generate_step(prompt, model, max_tokens=n, sampler=lambda lp: mx.argmax(lp, axis=-1))
     return [int(t) for t, _ in gen]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quantize", type=int, choices=(4, 8))
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--methods", default="chess,chess-attn")
+    add_model_args(ap, "chess,chess-attn")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.set_defaults(tokens=32)  # tokens of the synchronous split
     args = ap.parse_args()
-    model = random_model("llama3-8b", args.layers, mx.float16, bits=args.quantize)
-    vocab = PRESETS["llama3-8b"]["vocab_size"]
-    sparsify(model)
-    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
+    model, th, vocab, prompt = calibrated_model(args)
     for method in args.methods.split(","):
         rows: dict[str, list] = {"full": [], "cut": []}
         tokens = {}
@@ -71,7 +65,7 @@ def main() -> None:
                 s = split_times(model, args.tokens, vocab)
                 tps = statistics.median(decode_speed(model, 128, runs=2, vocab=vocab))
                 rows[variant].append({**s, "tok_s": round(tps, 1)})
-                tokens.setdefault(variant, greedy(model, vocab))
+                tokens.setdefault(variant, greedy(model, prompt))
                 print(json.dumps({"method": method, "round": r, "variant": variant, **rows[variant][-1]}), flush=True)
         med = {v: {k: round(statistics.median(x[k] for x in rs), 3) for k in rs[0]} for v, rs in rows.items()}
         print(f"{method}: full {med['full']}\n{' ' * len(method)}  cut  {med['cut']}\n"

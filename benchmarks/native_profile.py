@@ -23,6 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mlx.core as mx  # noqa: E402
+
+from benchmarks.pipeline_probe import add_model_args, calibrated_model  # noqa: E402
+from chess_mlx import pipelined  # noqa: E402
+from chess_mlx.sparse_layers import set_method  # noqa: E402
+
 # frames worth a line of the summary: (label, regex on one frame)
 FRAMES = [
     ("CustomKernel::eval_gpu", r"CustomKernel::eval_gpu"),
@@ -75,9 +81,7 @@ def summarize(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quantize", type=int, choices=(4, 8))
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--methods", default="chess,chess-attn")
+    add_model_args(ap, "chess,chess-attn")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--py-spy", default=".gpu_tools/py-spy")
@@ -89,19 +93,8 @@ def main() -> None:
             print(summarize(p))
         return
 
-    import mlx.core as mx
-
-    from chess_mlx import pipelined
-    from chess_mlx.bench import PRESETS, bench_prompt, random_model
-    from chess_mlx.calibrate import calibrate
-    from chess_mlx.sparse_layers import set_method, sparsify
-
     args.out.mkdir(parents=True, exist_ok=True)
-    model = random_model("llama3-8b", args.layers, mx.float16, bits=args.quantize)
-    vocab = PRESETS["llama3-8b"]["vocab_size"]
-    sparsify(model)
-    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
-    prompt = bench_prompt(32, vocab, 1)
+    model, th, _, prompt = calibrated_model(args)
     for method in args.methods.split(","):
         set_method(model, method, th, 0.5)
 
