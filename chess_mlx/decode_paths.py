@@ -131,10 +131,8 @@ def _one_token_scratch(ws: G.Workspace, wt) -> G.Workspace:
     is fixed once traced, so a scratch the launch had to grow would be a fill node replayed at
     every token (the layers' workspaces come sized; this covers any other)."""
     k, n, bits = (wt.rows, wt.cols, wt.bits) if isinstance(wt, G.QWeight) else (*wt.shape, None)
-    need = G.spin_partials(1, k, n, bits)
-    if ws.partial.size < need:
-        ws.partial = mx.zeros((need,), dtype=mx.float32)
-        mx.eval(ws.partial)
+    ws.hold(G.spin_partials(1, k, n, bits))
+    mx.eval(ws.partial)
     return ws
 
 

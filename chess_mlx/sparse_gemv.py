@@ -440,6 +440,12 @@ class Workspace:
     last: mx.array
     partial: mx.array
 
+    def hold(self, size: int) -> None:
+        """Grow the scratch to at least ``size`` floats (a lazy fill; a launch overwrites what it
+        reads, so nothing old need be kept)."""
+        if self.partial.size < size:
+            self.partial = mx.zeros((size,), dtype=mx.float32)
+
 
 SPIN_MIN_TILE = 128  # outputs per block of the narrowest spin launch: spin_q, 8 bits, one word per lane
 
@@ -513,8 +519,7 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     chunks = -(-k // kc)
     if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1:  # the kernel indexes sem[0 .. tiles]
         raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
-    if ws.partial.size < chunks * m * n:  # a site first launched without a sized workspace
-        ws.partial = mx.zeros((chunks * m * n,), dtype=mx.float32)
+    ws.hold(chunks * m * n)  # grows only a workspace made without the site's input, or for fewer tokens
     site = [ws.sem, ws.partial, ws.last]
     if quantized:
         name, inputs = "spin_q", [x, t, wt.w, wt.kernel_sb(), *site]
