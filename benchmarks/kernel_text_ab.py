@@ -23,8 +23,8 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.host_probe import split_times  # noqa: E402
+from benchmarks.node_cost import launch_with  # noqa: E402
 from benchmarks.pipeline_probe import add_model_args, calibrated_model  # noqa: E402
-from chess_mlx import decode_paths as D  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
 from chess_mlx.bench import decode_speed  # noqa: E402
 from chess_mlx.sparse_layers import set_method  # noqa: E402
@@ -33,11 +33,9 @@ _CUT = G.launch_source
 
 
 def use(variant: str) -> None:
-    """Kernels of ``variant`` from the next trace on. decode_paths shares compiled functions (and
-    their traces) between layers and plans, and set_method does not drop them: cleared here."""
-    G.launch_source = _CUT if variant == "cut" else G.kernel_source
-    G._kernel.cache_clear()
-    D._COMPILED.clear()
+    """Kernels of ``variant`` from the next trace on (set_method drops the layers' plans, but not
+    decode_paths' shared traces: ``launch_with`` does)."""
+    launch_with(_CUT if variant == "cut" else G.kernel_source)
 
 
 def greedy(model, prompt: mx.array, n: int = 32) -> list[int]:

@@ -59,7 +59,7 @@ def variants() -> dict:
         print("no CUDA backend: only the built-in GEMV is timed", flush=True)
         return out
     t = G.zero_threshold(mx.float16)
-    ws_a, ws_b = G.workspace(N), G.workspace(N, mx.zeros((1, N), dtype=mx.float16))  # b: sized, as the layers size theirs
+    ws_a, ws_b = G.workspace(N), G.workspace(N, mx.zeros((1, N), dtype=mx.float16))  # b: from the input, as the layers make theirs
     bound = D.bind_spin(t, wt, ws_b)
     copy = _copy_kernel("copy")
     small = [mx.zeros((4,), dtype=mx.int32) for _ in range(4)]
@@ -87,21 +87,24 @@ def variants() -> dict:
     return out
 
 
-def _traced_with(text, make, x0):
-    """``make()``'s bound path traced while the kernels take their text from ``text`` (the trace
-    keeps the kernels it was made with; decode_paths shares its compiled functions, and their
-    traces, between bound paths of one shape, so they are dropped before and after)."""
-    launch = G.launch_source
+def launch_with(text) -> None:
+    """Kernels take their text from ``text`` (``G.kernel_source`` or ``G.launch_source``) from the
+    next trace on. A trace keeps the kernels it was made with, and decode_paths shares compiled
+    functions (and their traces) between bound paths of one shape, so those are dropped too."""
     G.launch_source = text
     G._kernel.cache_clear()
     D._COMPILED.clear()
+
+
+def _traced_with(text, make, x0):
+    """``make()``'s bound path traced with the kernel text ``text``, the shipped text restored after."""
+    launch = G.launch_source
+    launch_with(text)
     try:
         bound = make()
         mx.eval(bound(x0)[0])
     finally:
-        G.launch_source = launch
-        G._kernel.cache_clear()
-        D._COMPILED.clear()
+        launch_with(launch)
     return lambda x: bound(x)[0]
 
 
