@@ -16,6 +16,11 @@
    host-timed batches of independent calls. Achieved bandwidth = bytes the kernel really reads /
    time, as a fraction of the measured copy bandwidth (read + write of a 2 GiB array).
 3. Crossover: decode batch M = 1, 2, 4, 8 tokens (independent 50% masks) vs dense.
+4. The attention head under CHESS+attention: the split launch over ``[Wq^T | Wk^T | Wv^T]`` (q's
+   input thresholded, k and v dense; checked in 1. as ``sparse_input_split``) against q's own
+   launch plus the dense ``[Wk; Wv]`` product, and against the dense ``[Wq; Wk; Wv]`` product.
+
+``--benches`` picks the timings (gemv, gate_up, qkv); ``--wtypes`` the weight types checked.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_timer  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]  # (out, in) of W
+QKV = (4096, 1024)  # Llama-3-8B's q and k/v outputs: [Wq^T | Wk^T | Wv^T] is 4096 x 6144
 LEVELS_CHECK = [0.0, 0.5, 0.7, 0.9, 0.99]
 LEVELS_TIME = [0.0, 0.5, 0.7, 0.9]
 WTYPES = ["float16", "bfloat16", "q4g64", "q4g32", "q8g64", "q8g32"]
@@ -103,25 +109,29 @@ def rel_err(y: mx.array, ref: mx.array) -> float:
     return mx.linalg.norm(y - ref).item() / max(den, 1e-30)
 
 
-def spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False) -> dict:
+def spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None) -> dict:
     """One sparse-input launch vs the reference: output error, density error, workspace reset. A
     launch that raises is a failed check (rel_err NaN, the error kept), not the end of the run.
     ``residual``: the fused-residual kernel, with a random residual r; the error is that of y - r
-    against the reference's (so r's size does not hide the product's error)."""
+    against the reference's (so r's size does not hide the product's error). ``nt``: a split
+    launch, the threshold on the first nt outputs only (``sparse_input_split``)."""
     try:
-        return _spin_check(kind, x, wt, t, residual)
+        return _spin_check(kind, x, wt, t, residual, nt)
     except ValueError as e:
         return dict(rel_err=float("nan"), error=str(e))
 
 
-def _spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False) -> dict:
+def _spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None) -> dict:
     n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
     ws = G.workspace(n)
     r = mx.random.normal((*x.shape[:-1], n)).astype(x.dtype) if residual else None
-    y, d = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r)
+    y, d = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r, nt=nt)
     mx.eval(y, d)  # a workspace serves one launch at a time (the model's launches are data-ordered)
-    y2, d2 = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r)
-    ry, rd = G.reference_sparse_input(x, wt, t, r)
+    y2, d2 = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r, nt=nt)
+    if nt is None:
+        ry, rd = G.reference_sparse_input(x, wt, t, r)
+    else:
+        ry, rd = G.reference_sparse_input_split(x, wt, t, nt)
     mx.eval(y, d, y2, d2, ry, rd)
     if r is not None:
         r32 = r.astype(mx.float32)
@@ -228,6 +238,14 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
                 av = mx.sort(act_abs(x, w)[0])
                 t_sc = mx.array([av[min(out_dim - 1, int(s * out_dim))].item()], dtype=dtype)
                 rows.append(dict(kernel="gate_up_scalar", **base, sparsity=s, **gateup_check(kind, x, w, wu, t_sc)))
+        # q thresholded, k and v dense: one split launch over [Wq^T | Wk^T | Wv^T]
+        nq, nkv = QKV
+        wt = make_weight(nq + 2 * nkv, nq, wtype, transposed=True)
+        for s in LEVELS_CHECK:
+            x = mx.random.normal((1, nq)).astype(dtype)
+            q = mx.sort(mx.abs(x.astype(mx.float32))[0])[min(nq - 1, int(s * nq))].item()
+            rows.append(dict(kernel="sparse_input_split", wtype=wtype, shape=f"{nq + 2 * nkv}x{nq}", sparsity=s,
+                             **spin_check(kind, x, wt, mx.array([q], dtype=dtype), nt=nq)))
         # small decode batches
         for m in (2, 4, 8):
             out_dim, in_dim = SHAPES[2]
@@ -332,6 +350,40 @@ def bench_gate_up(kind: str, bw: float) -> list[dict]:
     return rows
 
 
+def bench_qkv(kind: str, bw: float, quick: bool) -> list[dict]:
+    """The attention head's products under CHESS+attention on the Llama-3-8B shapes: one split
+    launch over ``[Wq^T | Wk^T | Wv^T]`` (q's input thresholded) against q's own sparse-input
+    launch followed by the dense ``[Wk; Wv]`` product, and against the dense ``[Wq; Wk; Wv]``."""
+    rows = []
+    nq, nkv = QKV
+    for wtype in ["float16", "q4g64"] if quick else WTYPES:
+        dtype = parse_wtype(wtype)[0]
+        stacked = weight_copies(nq + 2 * nkv, nq, wtype, transposed=True)  # the split launch's layout
+        copies = len(stacked)
+        qs = [make_weight(nq, nq, wtype, transposed=True) for _ in range(copies)]
+        kvs = [make_weight(2 * nkv, nq, wtype, transposed=False) for _ in range(copies)]
+        rows_qkv = [make_weight(nq + 2 * nkv, nq, wtype, transposed=False) for _ in range(copies)]
+        mx.eval([a for w in qs + kvs + rows_qkv for a in arrays(w)])
+        x = mx.random.normal((1, nq)).astype(dtype)
+        t_dense = time_op(kind, dense_op(rows_qkv), x)
+        n = nq + 2 * nkv
+        spaces = [G.workspace(n) for _ in range(64)]
+        q_spaces = [G.workspace(nq) for _ in range(64)]
+        for s in LEVELS_TIME:
+            t = mx.array([mx.sort(mx.abs(x.astype(mx.float32))[0])[int(s * nq)].item()], dtype=dtype)
+            dens = mx.mean((G.threshold(x, t) != 0).astype(mx.float32)).item()
+            t_split = time_op(kind, lambda xi, i: G._launch_spin(kind, xi, stacked[i % copies], t, spaces[i % 64],
+                                                                 nt=nq)[0], x)
+            t_two = time_op(kind, lambda xi, i: (G._launch_spin(kind, xi, qs[i % copies], t, q_spaces[i % 64])[0],
+                                                 dense(xi, kvs[i % copies])), x)
+            qbytes = qs[0].nbytes
+            read = dens * qbytes + kvs[0].nbytes
+            rows.append(dict(kernel="qkv_split", wtype=wtype, shape=f"{n}x{nq}", sparsity=s, us=t_split * 1e6,
+                             dense_us=t_dense * 1e6, speedup=t_dense / t_split, two_launch_us=t_two * 1e6,
+                             bytes_read=read, bw_fraction=(read / t_split) / bw))
+    return rows
+
+
 def bench(kind: str, bw: float, quick: bool) -> list[dict]:
     rows = []
     wtypes = ["float16", "q4g64"] if quick else WTYPES
@@ -382,7 +434,11 @@ def main() -> int:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-check", action="store_true", help="timing only (kernels unchanged since their last check)")
     ap.add_argument("--wtypes", help="comma-separated weight types to check, e.g. q4g64 (default: all)")
+    ap.add_argument("--benches", default="gemv,gate_up,qkv", help="which timings: some of gemv, gate_up, qkv")
     args = ap.parse_args()
+    benches = args.benches.split(",")
+    if any(b not in ("gemv", "gate_up", "qkv") for b in benches):
+        ap.error("--benches takes some of gemv, gate_up, qkv")
     only = args.wtypes.split(",") if args.wtypes else None
     if only and any(t not in WTYPES for t in only):
         ap.error(f"--wtypes takes some of {', '.join(WTYPES)}")
@@ -408,14 +464,21 @@ def main() -> int:
     if not args.skip_bench:
         bw = copy_bandwidth()
         print(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s")
-        rows = bench(kind, bw, args.quick) + bench_gate_up(kind, bw)
+        rows = ((bench(kind, bw, args.quick) if "gemv" in benches else [])
+                + (bench_gate_up(kind, bw) if "gate_up" in benches else [])
+                + (bench_qkv(kind, bw, args.quick) if "qkv" in benches else []))
         result.update(copy_bw=bw, bench=rows)
         print(f"{'kernel':<14}{'weights':<9}{'shape':<12}{'s':>5}{'us':>9}{'dense':>9}{'x':>6}{'bw%':>6}")
         for r in rows:
-            if r["kernel"] == "crossover":
+            if r["kernel"] in ("crossover", "qkv_split"):
                 continue
             print(f"{r['kernel']:<14}{r['wtype']:<9}{r['shape']:<12}{r['sparsity']:>5}{r['us']:>9.1f}"
                   f"{r['dense_us']:>9.1f}{r['speedup']:>6.2f}{100 * r['bw_fraction']:>6.0f}")
+        print("q, k, v under CHESS+attention: one split launch vs q's launch + the [Wk; Wv] product:")
+        for r in rows:
+            if r["kernel"] == "qkv_split":
+                print(f"  {r['wtype']:<9} s={r['sparsity']}: split {r['us']:.1f} us, two launches "
+                      f"{r['two_launch_us']:.1f} us, dense qkv {r['dense_us']:.1f} us")
         print("crossover (50% per token, union grows with M):")
         for r in rows:
             if r["kernel"] == "crossover":

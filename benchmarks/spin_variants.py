@@ -269,7 +269,7 @@ def _launch(kernel, geo: tuple, x, t, wt, sem, after=None):
     v, n, kc, tiles, chunks = geo
     extra = ([PBUF[chunks, n]] if v == "wsp" else []) + ([] if after is None else [after])
     return kernel(inputs=[x, t, wt, sem] + extra,
-                  template=[("T", mx.float16), ("M", 1), ("K", x.shape[1]), ("N", n), ("KC", kc), ("TPC", 0)],
+                  template=[("T", mx.float16), ("M", 1), ("K", x.shape[1]), ("N", n), ("KC", kc), ("TPC", 0), ("NT", n)],
                   grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
                   output_shapes=[(1, n), (1,) if v == "wsp" else (chunks, 1, n), (DENS_ELEMS,)]
                   + ([(5 * tiles * chunks,)] if STAMPS else []),

@@ -5,8 +5,9 @@ token's graph, ~25 op calls and a dozen module calls per layer, became what keep
 dense's speed on some lent hosts (benchmarks/RESULTS.md, session 15). For dense, CATS, CHESS and
 CHESS+attention, a block's one-token step is here:
 
-- ``head``, compiled: input norm, the ``[Wq; Wk; Wv]`` product (or q's sparse-input path and the
-  ``[Wk; Wv]`` product), heads, RoPE -> q, k, v;
+- ``head``, compiled: input norm, the ``[Wq; Wk; Wv]`` product (or, under CHESS+attention, one
+  sparse-input launch over ``[Wq^T | Wk^T | Wv^T]`` thresholding q's input only; or q's own
+  sparse-input launch and the ``[Wk; Wv]`` product), heads, RoPE -> q, k, v;
 - the KV cache update and attention, outside (the cache grows with every token, and attention
   keeps MLX's one-token kernel; traced whole steps lost both, RESULTS.md sessions 7 and 14);
 - ``mid``, compiled: the o product (or o's sparse-input path, which adds the residual inside its
@@ -58,11 +59,12 @@ class _Site:
     block's trace. Its workspace's ordering token enters and leaves the trace as an array, and its
     density is recorded after the call, as ``SparseInputLinear`` does outside a trace."""
 
-    __slots__ = ("c", "static", "ws", "ctl", "proj")
+    __slots__ = ("c", "static", "ws", "ctl", "proj", "split")
 
-    def __init__(self, mod: nn.Module, bound):
+    def __init__(self, mod: nn.Module, bound, split: bool = False):
         self.c, self.static, (self.ws,) = bound.c, bound.static, bound.spaces
         self.ctl, self.proj = mod.ctl, mod.proj
+        self.split = split  # q's launch gives [q | k | v] (``SparseInputLinear.split_plan``)
 
     def __call__(self, *xs: mx.array, last: mx.array) -> tuple:
         """Inside the trace: (y, density, the workspace's new ordering token); ``xs`` is x, and
@@ -92,6 +94,8 @@ class _Step:
             if q is None:
                 return FA.heads(st, dense_linear(xn, plan.qkv), rope, qn, kn, offset)
             y, dens, last = q(xn, last=lasts[0])
+            if q.split:
+                return (*FA.heads(st, y, rope, qn, kn, offset), dens, last)
             return (*FA.heads_kv(st, y, dense_linear(xn, plan.kv), rope, qn, kn, offset), dens, last)
 
         def mid(x, o_heads, lasts):
@@ -137,6 +141,11 @@ class _BlockState(FA.Collectors):
             if dense:
                 sites.append(None)
                 continue
+            if p is attn.q_proj and hasattr(p, "split_plan"):  # [q | k | v] in one launch
+                bound = p.split_plan(x, [attn.k_proj, attn.v_proj])
+                if bound is not None:
+                    sites.append(_Site(p, bound, split=True))
+                    continue
             # o's path adds the attention's residual inside its kernel (one graph node fewer)
             bound = (p.residual_plan(x) if p is attn.o_proj else p.ctl.plan(x, p._plan)) \
                 if hasattr(p, "_plan") else None

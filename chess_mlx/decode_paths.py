@@ -58,6 +58,12 @@ def _spin_residual(x, r, t, wt, ws):
     return G.sparse_input(x, wt, t, ws, residual=r)
 
 
+def _spin_split(x, t, wt, ws, nt):
+    """A thresholded projection and dense ones on the same input as one launch (q with k and v
+    under CHESS+attention): the first ``nt`` outputs take the thresholded x."""
+    return G.sparse_input_split(x, wt, t, nt, ws)
+
+
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes
 # on its own generation stream) every layer would wait across streams. So: one compiled function
 # per (path, stream, quantization of each weight argument), each a distinct callable, since
@@ -75,6 +81,8 @@ def _static(a):
         return a.w, a.sb
     if isinstance(a, G.Workspace):
         return a.sem, a.partial
+    if isinstance(a, int):  # a compile-time constant, baked into the trace (``Bound``)
+        return ()
     return a
 
 
@@ -82,7 +90,7 @@ def _compiled(fn, meta: tuple):
     """The compiled twin of ``fn`` for arguments of kinds ``meta`` on the current stream. mx.compile
     takes arrays (and tuples of them), so a QWeight travels as its packed arrays (``w``, ``sb``), and its bits and
     group size, which the kernels need as compile-time constants, are part of the key and baked
-    into the traced function. A Workspace travels as its counters and scratch plus its ordering token; the
+    into the traced function, as is any int argument. A Workspace travels as its counters and scratch plus its ordering token; the
     launches' new tokens come back as extra outputs (a side effect inside the trace would only
     ever see tracers)."""
     key = (fn.__name__, meta, repr(mx.default_stream(mx.default_device())))
@@ -92,7 +100,7 @@ def _compiled(fn, meta: tuple):
             objs, tokens = [], iter(lasts)
             for a, m in zip(static, meta):
                 objs.append(a if m is None else G.Workspace(a[0], next(tokens), a[1]) if m == "ws"
-                            else G.QWeight.from_packed(*a, *m))
+                            else m[1] if m[0] == "int" else G.QWeight.from_packed(*a, *m))
             out = fn(*xs, *objs)
             return (*out, *(o.last for o in objs if isinstance(o, G.Workspace)))
         c = _COMPILED[key] = mx.compile(rebuilt)
@@ -111,7 +119,7 @@ class Bound:
 
     def __init__(self, fn, *args):
         meta = tuple((a.bits, a.group_size) if isinstance(a, G.QWeight) else "ws" if isinstance(a, G.Workspace)
-                     else None for a in args)
+                     else ("int", a) if isinstance(a, int) else None for a in args)
         self.c = _compiled(fn, meta)
         self.static = tuple(_static(a) for a in args)
         self.spaces = tuple(a for a in args if isinstance(a, G.Workspace))
@@ -152,6 +160,12 @@ def bind_spin(t, wt, ws, residual: bool = False) -> Bound:
     """Called as ``bound(x)``: ``(x's product, density)``; with ``residual``, as ``bound(x, r)``:
     ``(r + x's product, density)``."""
     return Bound(_spin_residual if residual else _spin, t, wt, _one_token_scratch(ws, wt))
+
+
+def bind_spin_split(t, wt, ws, nt: int) -> Bound:
+    """Called as ``bound(x)``: ``([thresholded x's product | x's product], density)``, the threshold
+    on the first ``nt`` outputs only (``sparse_gemv.sparse_input_split``)."""
+    return Bound(_spin_split, t, wt, _one_token_scratch(ws, wt), nt)
 
 
 def spin(x, t, wt, ws):

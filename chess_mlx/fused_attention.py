@@ -5,8 +5,9 @@ number of graph nodes (benchmarks/RESULTS.md, sessions 3, 13 and 14). mlx-lm's a
 token, per layer, three products, three reshapes, four transposes and two RoPEs. Here, for one
 token, it is:
 
-- one product over the rows ``[Wq; Wk; Wv]`` (only the dense ones: under CHESS+attention q takes
-  its sparse-input kernel and ``[Wk; Wv]`` stays one product);
+- one product over the rows ``[Wq; Wk; Wv]`` (under CHESS+attention, on a GPU, one sparse-input
+  launch over ``[Wq^T | Wk^T | Wv^T]`` that thresholds q's input only, ``with_dense``; where q's
+  outputs do not end a kernel tile, q's own sparse-input launch and one ``[Wk; Wv]`` product);
 - one reshape straight to heads: a single token's ``(1, H*D)`` row already is ``(H, 1, D)`` in
   memory, so no transpose is needed, on the way in or out;
 - one RoPE over the q and k heads together (they are adjacent rows), unless the model normalises
@@ -137,6 +138,18 @@ def heads_kv(st: _State, q: mx.array, kv: mx.array, rope, q_norm, k_norm, offset
     return rope(q, offset=offset), rope(k, offset=offset), v
 
 
+def with_dense(q: nn.Module, x: mx.array, others: list[nn.Module]) -> Optional[mx.array]:
+    """``[q(x) | other(x) ...]`` as one sparse-input launch where q has that path
+    (``SparseInputLinear.split_plan``), its density recorded as q's; else None."""
+    split_plan = getattr(q, "split_plan", None)
+    bound = None if split_plan is None else split_plan(x, others)
+    if bound is None:
+        return None
+    y, dens = bound(x)
+    q.ctl.recorder.record_density(q.ctl.layer, q.proj, dens, 1)
+    return y
+
+
 def _one_token(self, x: mx.array, mask, cache) -> mx.array:
     """mlx-lm's attention for a single token ``x`` of shape (B, 1, dim), in fewer nodes."""
     st: _State = self._fused
@@ -146,7 +159,11 @@ def _one_token(self, x: mx.array, mask, cache) -> mx.array:
     if plan.qkv is not None:
         q, k, v = heads(st, dense_linear(x, plan.qkv), self.rope, qn, kn, cache.offset)
     elif plan.kv is not None:
-        q, k, v = heads_kv(st, self.q_proj(x), dense_linear(x, plan.kv), self.rope, qn, kn, cache.offset)
+        y = with_dense(self.q_proj, x, [self.k_proj, self.v_proj])
+        if y is not None:
+            q, k, v = heads(st, y, self.rope, qn, kn, cache.offset)
+        else:
+            q, k, v = heads_kv(st, self.q_proj(x), dense_linear(x, plan.kv), self.rope, qn, kn, cache.offset)
     else:
         q = self.q_proj(x)
         q = q.reshape(B, hq, 1, q.shape[-1] // hq)

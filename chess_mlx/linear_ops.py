@@ -67,15 +67,45 @@ def transposed_weight(proj: nn.Module):
     """
     wt = getattr(proj, "_kernel_wt", None)
     if wt is None or getattr(proj, "_kernel_wt_of", None) is not proj["weight"]:  # first use, or new weights
-        if "scales" in proj:
-            w = mx.dequantize(proj["weight"], proj["scales"], proj["biases"],
-                              group_size=proj.group_size, bits=proj.bits)
-            wt = G.QWeight.quantize(mx.contiguous(w.T), proj.bits, proj.group_size).packed()
-            mx.eval(wt.w, wt.sb, wt.scales, wt.biases)
-        else:
-            wt = mx.contiguous(proj["weight"].T)
-            mx.eval(wt)
+        wt = _evaluated(_transpose(proj).packed() if "scales" in proj else _transpose(proj))
         proj._kernel_wt, proj._kernel_wt_of = wt, proj["weight"]
+    return wt
+
+
+def _transpose(proj: nn.Module):
+    """W^T of one projection, lazy (see ``transposed_weight``); a QWeight without ``sb``."""
+    if "scales" in proj:
+        w = mx.dequantize(proj["weight"], proj["scales"], proj["biases"], group_size=proj.group_size, bits=proj.bits)
+        return G.QWeight.quantize(mx.contiguous(w.T), proj.bits, proj.group_size)
+    return mx.contiguous(proj["weight"].T)
+
+
+def _evaluated(wt):
+    """``wt`` with every array it holds evaluated (the kernels' bound inputs must not stay lazy)."""
+    mx.eval(*((wt.w, wt.sb, wt.scales, wt.biases) if isinstance(wt, G.QWeight) else (wt,)))
+    return wt
+
+
+def stacked_transposed_weight(projs: list[nn.Module]):
+    """``[W_1^T | W_2^T | ...]`` (in, sum of outs) of projections on one input, for one sparse-input
+    launch over all of them (``sparse_gemv.sparse_input_split``), built once per set of weight
+    arrays and kept on the first projection. Each W^T is made as ``transposed_weight`` makes it
+    (quantized ones: re-quantized along the outputs, so their groups stay inside one projection and
+    side by side they equal one quantization of the stacked matrix), but not kept: the stacked copy
+    is the only one. Costs memory beyond the row-major weights: the whole stacked copy."""
+    first, arrays = projs[0], tuple(p["weight"] for p in projs)
+    wt = getattr(first, "_kernel_wt_stack", None)
+    of = getattr(first, "_kernel_wt_stack_of", ())
+    if wt is None or len(of) != len(arrays) or any(a is not b for a, b in zip(of, arrays)):
+        first._kernel_wt_stack = None  # drop the old copy before building the new one
+        parts = [_transpose(p) for p in projs]
+        if isinstance(parts[0], G.QWeight):
+            wt = G.QWeight(*(mx.concatenate([getattr(q, k) for q in parts], axis=1) for k in ("w", "scales", "biases")),
+                           parts[0].bits, parts[0].group_size).packed()
+        else:
+            wt = mx.concatenate(parts, axis=1)
+        wt = _evaluated(wt)
+        first._kernel_wt_stack, first._kernel_wt_stack_of = wt, arrays
     return wt
 
 
@@ -86,6 +116,15 @@ def kernel_workspace(proj: nn.Module, like: mx.array) -> G.Workspace:
     ws = getattr(proj, "_kernel_ws", None)
     if ws is None:
         ws = proj._kernel_ws = G.workspace(proj["weight"].shape[0], like, proj.bits if "scales" in proj else None)
+    return ws
+
+
+def split_workspace(proj: nn.Module, like: mx.array, n_out: int) -> G.Workspace:
+    """The workspace of ``proj``'s launches over stacked projections (``n_out`` outputs in all): a
+    call site of its own, beside the projection's plain one (``kernel_workspace``)."""
+    ws = getattr(proj, "_split_ws", None)
+    if ws is None or ws.sem.size < -(-n_out // G.SPIN_MIN_TILE) + 1:
+        ws = proj._split_ws = G.workspace(n_out, like, proj.bits if "scales" in proj else None)
     return ws
 
 

@@ -14,6 +14,9 @@ Products, on float16/bfloat16 or MLX 4/8-bit affine-quantized weights:
   that way once).
 * ``sparse_input(..., residual=r)`` adds ``r`` to the product inside the kernel (the block's
   residual add, one graph node fewer per layer).
+* ``sparse_input_split(x, wt, t, nt)``: the same kernel over several projections' W^T side by side,
+  the input thresholded for the first ``nt`` outputs only (q thresholded, k and v dense: one launch
+  where the attention head took two).
 
 Quantized weights reach the kernels with their scales and biases in one array (``QWeight.sb``):
 every kernel input costs MLX host time at every launch (RESULTS.md session 8).
@@ -175,6 +178,28 @@ def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
     return y, kept_fraction(xs != 0)  # the share of weight rows a kernel reads
 
 
+def columns(wt, start: int, stop: int):
+    """Outputs ``[start, stop)`` of a transposed weight (K, N): a column slice of a float one; of a
+    QWeight quantized along N, its words, scales and biases of those outputs (``start`` and ``stop``
+    on group boundaries)."""
+    if not isinstance(wt, QWeight):
+        return wt[:, start:stop]
+    if start % wt.group_size or stop % wt.group_size:
+        raise ValueError(f"columns {start}:{stop} do not fall on groups of {wt.group_size}")
+    per, g = 32 // wt.bits, wt.group_size
+    return QWeight(wt.w[:, start // per:stop // per], wt.scales[:, start // g:stop // g],
+                   wt.biases[:, start // g:stop // g], wt.bits, wt.group_size)
+
+
+def reference_sparse_input_split(x: mx.array, wt, t: Optional[mx.array], nt: int) -> tuple[mx.array, mx.array]:
+    """``[threshold(x, t) @ wt[:, :nt] | x @ wt[:, nt:]]`` and the density of the thresholded input."""
+    n = wt.cols if isinstance(wt, QWeight) else wt.shape[1]
+    y, dens = reference_sparse_input(x, columns(wt, 0, nt), t)
+    if nt == n:
+        return y, dens
+    return mx.concatenate([y, reference_sparse_input(x, columns(wt, nt, n))[0]], axis=-1), dens
+
+
 def silu(x: mx.array) -> mx.array:
     # x * sigmoid(x) written out: nn.silu is itself compiled, which stops fusion at its edge
     return x * mx.sigmoid(x)
@@ -214,8 +239,8 @@ RESIDUAL_VARIANTS = {"spin_f_res": "spin_f", "spin_q_res": "spin_q"}
 TEMPLATES = {
     "spout_f": ("T", "M", "K", "N", "WPR"),
     "spout_q": ("T", "M", "K", "N", "BITS", "GS", "RPW", "PARTS"),
-    "spin_f": ("T", "M", "K", "N", "KC", "TPC"),
-    "spin_q": ("T", "M", "K", "N", "BITS", "GS", "KC", "WORDS", "TPC"),
+    "spin_f": ("T", "M", "K", "N", "KC", "TPC", "NT"),
+    "spin_q": ("T", "M", "K", "N", "BITS", "GS", "KC", "WORDS", "TPC", "NT"),
     "gateup_f": ("T", "M", "K", "N", "WPR", "TPC"),
     "gateup_q": ("T", "M", "K", "N", "BITS", "GS", "RPW", "TPC"),
 }
@@ -504,19 +529,31 @@ def _tpc(t: mx.array, n: int) -> int:
     raise ValueError(f"threshold has {t.size} entries, expected 1, {SCALAR_SLOTS} (a padded scalar) or {n}")
 
 
+def split_fits(m: int, nt: int, bits: Optional[int] = None, kind: str = "cuda") -> bool:
+    """Whether a spin launch of ``m`` tokens on float (``bits`` None) or ``bits``-bit weights can
+    threshold its first ``nt`` outputs only: ``nt`` must end a tile (a block compacts one input for
+    its whole tile)."""
+    words = 0 if bits is None else spin_words(m, bits, kind)
+    return nt > 0 and nt % spin_tile(words, bits) == 0
+
+
 def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
                  kc: Optional[int] = None, words: Optional[int] = None,
-                 residual: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+                 residual: Optional[mx.array] = None, nt: Optional[int] = None) -> tuple[mx.array, mx.array]:
     """spin_f / spin_q: thresholded sparse-input product and its input density, one launch,
     ordered after the previous launch on ``ws`` (y becomes its token). The density is a
     0-d array (no reshape node). ``residual`` (y's shape and dtype, row-contiguous) is added to
-    the product in the kernel. ``kc`` and ``words`` (spin_q) override the launch geometry for
-    probes."""
+    the product in the kernel. ``nt``: threshold the input of the first ``nt`` outputs only (a
+    multiple of the tile; None: all). ``kc`` and ``words`` (spin_q) override the launch geometry
+    for probes."""
     m, k = rows(x), x.shape[-1]
     quantized = isinstance(wt, QWeight)
     n = wt.cols if quantized else wt.shape[1]
     words, tiles, kc = spin_geometry(m, k, n, wt.bits if quantized else None, kind, words, kc)
     chunks = -(-k // kc)
+    nt = n if nt is None else nt
+    if not 0 < nt <= n or (nt < n and nt % spin_tile(words, wt.bits if quantized else None)):
+        raise ValueError(f"thresholded outputs {nt} of {n} do not end a tile")
     if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1:  # the kernel indexes sem[0 .. tiles]
         raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
     ws.hold(chunks * m * n)  # grows only a workspace made without the site's input, or for fewer tokens
@@ -524,10 +561,10 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     if quantized:
         name, inputs = "spin_q", [x, t, wt.w, wt.kernel_sb(), *site]
         tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("BITS", wt.bits), ("GS", wt.group_size),
-                ("KC", kc), ("WORDS", words), ("TPC", _tpc(t, k))]
+                ("KC", kc), ("WORDS", words), ("TPC", _tpc(t, k)), ("NT", nt)]
     else:
         name, inputs = "spin_f", [x, t, wt, *site]
-        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc), ("TPC", _tpc(t, k))]
+        tmpl = [("T", x.dtype), ("M", m), ("K", k), ("N", n), ("KC", kc), ("TPC", _tpc(t, k)), ("NT", nt)]
     if residual is not None:  # the kernel reads r[m * N + n] for every output it writes
         if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype:
             raise ValueError(f"residual of shape {residual.shape} and {residual.dtype}, expected "
@@ -584,6 +621,18 @@ def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, ws: Optional[Wor
         ws = workspace(wt.cols if isinstance(wt, QWeight) else wt.shape[1]) if ws is None else ws
         return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws, residual=residual)
     return reference_sparse_input(x, wt, t, residual)
+
+
+def sparse_input_split(x: mx.array, wt, t: mx.array, nt: int, ws: Optional[Workspace] = None) -> tuple[mx.array, mx.array]:
+    """``([threshold(x, t) @ wt[:, :nt] | x @ wt[:, nt:]], density of the thresholded input)``: a
+    thresholded projection and dense ones on the same x, their W^T side by side in ``wt``, in one
+    launch where ``nt`` ends a kernel tile (``split_fits``); else the reference."""
+    kind = backend()
+    if kind != "reference" and kernel_supports(kind, x, wt, transposed=True) and split_fits(
+            rows(x), nt, wt.bits if isinstance(wt, QWeight) else None, kind):
+        ws = workspace(wt.cols if isinstance(wt, QWeight) else wt.shape[1]) if ws is None else ws
+        return _launch_spin(kind, x, wt, t, ws, nt=nt)
+    return reference_sparse_input_split(x, wt, t, nt)
 
 
 def gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:

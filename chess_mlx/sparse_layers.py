@@ -23,14 +23,20 @@ from . import decode_paths as D
 from . import fused_attention
 from . import sparse_gemv as G
 from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, kernel_workspace,
-                         sparse_input_linear, transposed_weight, weight_nbytes)
+                         sparse_input_linear, split_workspace, stacked_transposed_weight, transposed_weight,
+                         weight_nbytes)
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
 from .model_io import model_layers
 from .row_store import RowStore, fusable
 from .stats import SparsityRecorder, WeightBytes
+from .switches import env_switch
 
 Collector = Callable[[str, mx.array], None]
 _MISSING = object()
+
+split_enabled, enable_split = env_switch(
+    "CHESS_MLX_QKV_LAUNCH", "q, k and v as one sparse-input launch under CHESS+attention (off: q's launch, then "
+    "the [Wk; Wv] product)")
 
 
 class _Control:
@@ -128,6 +134,25 @@ class SparseInputLinear(nn.Module):
         the kernel (the compiled block's attention residual, for o); None where ``self(x)`` has no
         compiled path. It shares the workspace with the plain path, so their launches stay ordered."""
         return self.ctl.plan(x, partial(self._plan, residual=True), "residual")
+
+    def split_plan(self, x: mx.array, others: list[nn.Module]) -> Optional[D.Bound]:
+        """The one-token path of this thresholded projection and the dense projections ``others`` on
+        the same input, as one launch over their W^T side by side (q with k and v under
+        CHESS+attention, ``fused_attention``): ``bound(x)`` -> ``([self(x) | other(x) ...],
+        density)``. None where there is none: no compiled path, this projection's outputs do not
+        end a kernel tile, or ``CHESS_MLX_QKV_LAUNCH=0``."""
+        return self.ctl.plan(x, partial(self._split_plan, others), "split")
+
+    def _split_plan(self, others: list[nn.Module], x: mx.array) -> Optional[D.Bound]:
+        mods = [self, *others]
+        if not split_enabled() or self.ctl.threshold is None or not compiled_path_ok(x, *mods) or not fusable(mods):
+            return None
+        nt = self["weight"].shape[0]
+        if not G.split_fits(1, nt, self.bits if "scales" in self else None, G.backend()):
+            return None
+        wt = stacked_transposed_weight(mods)
+        n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
+        return D.bind_spin_split(self.ctl.arr("threshold", x.dtype), wt, split_workspace(self, x, n), nt)
 
 
 class SparseMLP(nn.Module):
@@ -265,8 +290,8 @@ def settle(model: nn.Module) -> None:
     """Evaluate the lazy state the sparse modules carry from one call to the next (each sparse-input
     call site's ordering token, and its scratch if a launch made it), so that a decode evaluated
     on another thread (``pipelined``) never meets an array of this thread's stream."""
-    tokens = [a for m in model.modules() if (ws := getattr(m, "_kernel_ws", None)) is not None
-              for a in (ws.last, ws.partial)]
+    tokens = [a for m in model.modules() for name in ("_kernel_ws", "_split_ws")
+              if (ws := getattr(m, name, None)) is not None for a in (ws.last, ws.partial)]
     if tokens:
         mx.eval(tokens)
 

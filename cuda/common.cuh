@@ -74,10 +74,11 @@ __device__ __forceinline__ float chess_xval(const T* x, const TT* t, int m, int 
 // finishing block on the same SM invalidates (Nsight, benchmarks/RESULTS.md). *nnz gets the
 // number of non-zero (m, j) elements of the chunk (the density the stats report). Each thread
 // loads all of its P = KC/256 inputs before the one barrier pair, so a block waits for one x load,
-// not P in a row (session 10). wcount and wnnz hold 8 * P ints. All 256 threads of the block must
-// call it. Returns the count of active rows.
+// not P in a row (session 10). wcount and wnnz hold 8 * P ints. thr false: x as it is, no threshold
+// (the dense tiles of a split launch, spin's NT). All 256 threads of the block must call it.
+// Returns the count of active rows.
 template <int M, int K, int KC, int TPC, typename T, typename TT>
-__device__ __forceinline__ int chess_compact(const T* x, const TT* t, int k_begin, int* idx, float* xsh,
+__device__ __forceinline__ int chess_compact(const T* x, const TT* t, bool thr, int k_begin, int* idx, float* xsh,
                                              int* wcount, int* wnnz, int* nnz) {
   constexpr int P = (KC + 255) / 256;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -90,7 +91,8 @@ __device__ __forceinline__ int chess_compact(const T* x, const TT* t, int k_begi
     const int j = k_begin + i;
     const bool valid = i < KC && j < K;
 #pragma unroll
-    for (int m = 0; m < M; ++m) v[p][m] = valid ? chess_xval<K, TPC>(x, t, m, j) : 0.0f;
+    for (int m = 0; m < M; ++m)
+      v[p][m] = !valid ? 0.0f : thr ? chess_xval<K, TPC>(x, t, m, j) : static_cast<float>(x[(size_t)m * K + j]);
   }
 #pragma unroll
   for (int p = 0; p < P; ++p) {

@@ -14,8 +14,12 @@
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
 // fewer per layer and token).
-// Template: T, M, K, N, BITS, GS, KC (<= 512), WORDS, TPC. Grid: (ceil(N/TILE)*256, ceil(K/KC)),
+// Template: T, M, K, N, BITS, GS, KC (<= 512), WORDS, TPC, NT. Grid: (ceil(N/TILE)*256, ceil(K/KC)),
 // threadgroup 256. Needs N % (4*32/BITS) == 0.
+// NT (a multiple of TILE, 0 < NT <= N): outputs [0, NT) take the thresholded x, [NT, N) x as it is,
+// so one launch serves a thresholded projection and dense ones on the same input, their W^T side by
+// side (sparse_gemv.sparse_input_split: q with k and v); a plain launch has NT = N. The density
+// counts tile 0's inputs, i.e. the thresholded ones.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = WORDS * VPW;
 constexpr int TILE = 32 * VPL;
@@ -40,7 +44,8 @@ const int chunk = blockIdx.y;
 const int n0 = tile * TILE + lane * VPL;
 const bool in_range = n0 < N;
 int nnz = 0;
-const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
+const bool thr = tile * TILE < NT;  // a split launch's tiles past NT take x as it is
+const int total = chess_compact<M, K, KC, TPC>(x, t, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
 float acc[M][VPL];
 float accb[M];
 #pragma unroll

@@ -66,10 +66,11 @@ inline float chess_xval(const device T* x, const device TT* t, int m, int j) {
 // idx, thresholded values as float in xsh[m * KC + i], so the inner loops never read x from device
 // memory), and the chunk's count of non-zero (m, j) elements in *nnz. Twin of the CUDA helper:
 // each thread loads all of its P = KC/256 inputs before the one barrier pair; wcount and wnnz hold
-// 8 * P ints. All 256 threads of the threadgroup must call it. Returns the count of active rows
-// (same order as the CUDA twin).
+// 8 * P ints; thr false: x as it is, no threshold (the dense tiles of a split launch, spin's NT).
+// All 256 threads of the threadgroup must call it. Returns the count of active rows (same order as
+// the CUDA twin).
 template <int M, int K, int KC, int TPC, typename T, typename TT>
-inline int chess_compact(const device T* x, const device TT* t, int k_begin, threadgroup int* idx,
+inline int chess_compact(const device T* x, const device TT* t, bool thr, int k_begin, threadgroup int* idx,
                          threadgroup float* xsh, threadgroup int* wcount, threadgroup int* wnnz, thread int* nnz,
                          uint tid, uint lane, uint warp) {
   constexpr int P = (KC + 255) / 256;
@@ -80,7 +81,7 @@ inline int chess_compact(const device T* x, const device TT* t, int k_begin, thr
     const int i = 256 * p + int(tid);
     const int j = k_begin + i;
     const bool valid = i < KC && j < K;
-    for (int m = 0; m < M; ++m) v[p][m] = valid ? chess_xval<K, TPC>(x, t, m, j) : 0.0f;
+    for (int m = 0; m < M; ++m) v[p][m] = !valid ? 0.0f : thr ? chess_xval<K, TPC>(x, t, m, j) : float(x[m * K + j]);
   }
   for (int p = 0; p < P; ++p) {
     int mine = 0;

@@ -10,7 +10,11 @@
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
 // fewer per layer and token).
-// Template: T, M, K, N, KC, TPC. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
+// Template: T, M, K, N, KC, TPC, NT. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
+// NT (a multiple of TILE, 0 < NT <= N): outputs [0, NT) take the thresholded x, [NT, N) x as it is,
+// so one launch serves a thresholded projection and dense ones on the same input, their W^T side by
+// side (sparse_gemv.sparse_input_split: q with k and v); a plain launch has NT = N. The density
+// counts tile 0's inputs, i.e. the thresholded ones.
 constexpr int TILE = 256;
 constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); speed equal within noise (RESULTS.md session 6)
 #ifdef CHESS_RESIDUAL
@@ -33,7 +37,8 @@ const int chunk = int(threadgroup_position_in_grid.y);
 const int n0 = tile * TILE + int(lane) * 8;
 const bool in_range = n0 < N;
 int nnz = 0;
-const int total = chess_compact<M, K, KC, TPC>(x, t, chunk * KC, idx, xsh, wcount, wnnz, &nnz, tid, lane, warp);
+const bool thr = tile * TILE < NT;  // a split launch's tiles past NT take x as it is
+const int total = chess_compact<M, K, KC, TPC>(x, t, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz, tid, lane, warp);
 float acc[M][8];
 for (int m = 0; m < M; ++m)
   for (int e = 0; e < 8; ++e) acc[m][e] = 0.0f;

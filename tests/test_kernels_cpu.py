@@ -318,23 +318,23 @@ _INSTANCES = [
     ("spout_q", ["float16", "uint32", "float16", "float16"], ["float16"],
      dict(T="float16", M=2, K=14336, N=4096, BITS=8, GS=32, RPW=4, PARTS=8)),
     ("spin_f", ["float16", "float16", "float16", "int32", "float32"], ["float16", "float32"],
-     dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
+     dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0, NT=4096)),
     ("spin_f", ["bfloat16", "float32", "bfloat16", "int32", "float32"], ["bfloat16", "float32"],
-     dict(T="bfloat16", M=4, K=1536, N=576, KC=64, TPC=1)),
+     dict(T="bfloat16", M=4, K=1536, N=576, KC=64, TPC=1, NT=576)),
     ("spin_q", ["float16", "float32", "uint32", "float16", "int32", "float32"], ["float16", "float32"],
-     dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=128, WORDS=2, TPC=1)),
+     dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=128, WORDS=2, TPC=1, NT=4096)),
     ("spin_q", ["bfloat16", "bfloat16", "uint32", "bfloat16", "int32", "float32"], ["bfloat16", "float32"],
-     dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=0)),
+     dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=0, NT=4096)),
     ("spin_q", ["float16", "float16", "uint32", "float16", "int32", "float32"], ["float16", "float32"],
-     dict(T="float16", M=4, K=4096, N=4096, BITS=8, GS=32, KC=64, WORDS=1, TPC=0)),
+     dict(T="float16", M=4, K=4096, N=4096, BITS=8, GS=32, KC=64, WORDS=1, TPC=0, NT=4096)),
     ("spin_q", ["float16", "float16", "uint32", "float16", "int32", "float32"], ["float16", "float32"],
-     dict(T="float16", M=2, K=14336, N=4096, BITS=4, GS=32, KC=256, WORDS=4, TPC=0)),
+     dict(T="float16", M=2, K=14336, N=4096, BITS=4, GS=32, KC=256, WORDS=4, TPC=0, NT=4096)),
     ("spin_f_res", ["float16", "float16", "float16", "int32", "float32", "float32", "float16"], ["float16", "float32"],
-     dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0)),
+     dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0, NT=4096)),
     ("spin_q_res", ["float16", "float16", "uint32", "float16", "int32", "float32", "float32", "float16"],
-     ["float16", "float32"], dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=2, TPC=0)),
+     ["float16", "float32"], dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=2, TPC=0, NT=4096)),
     ("spin_q_res", ["bfloat16", "float32", "uint32", "bfloat16", "int32", "float32", "float32", "bfloat16"],
-     ["bfloat16", "float32"], dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=1)),
+     ["bfloat16", "float32"], dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=1, NT=4096)),
     ("gateup_f", ["float16", "float16", "float32"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, WPR=4, TPC=1)),
     ("gateup_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],
@@ -345,6 +345,11 @@ _INSTANCES = [
      dict(T="float16", M=1, K=4096, N=14336, BITS=8, GS=32, RPW=8, TPC=0)),
     ("gateup_q", ["bfloat16", "uint32", "bfloat16"] + ["bfloat16"], ["bfloat16"],
      dict(T="bfloat16", M=8, K=1536, N=580, BITS=8, GS=32, RPW=2, TPC=0)),
+    # split launches (q thresholded, k and v dense): NT ends a tile short of N
+    ("spin_f", ["float16", "float16", "float16", "int32", "float32"], ["float16", "float32"],
+     dict(T="float16", M=1, K=4096, N=6144, KC=64, TPC=0, NT=4096)),
+    ("spin_q", ["float16", "float16", "uint32", "float16", "int32", "float32"], ["float16", "float32"],
+     dict(T="float16", M=1, K=4096, N=6144, BITS=4, GS=64, KC=64, WORDS=2, TPC=0, NT=4096)),
 ]
 
 
@@ -406,7 +411,7 @@ def test_spin_probe_variants_compile_for_hopper(tmp_path):
         src += (f"namespace v{i} {{\n{head}\n__global__ void k(const __half* x, const __half* t, const __half* wt, "
                 f"const int* sem, const float* pbuf, __half* y, float* partial, float* dens) {{\n  using T = __half;\n"
                 f"  constexpr int M = 1;\n  constexpr int K = 4096;\n  constexpr int N = 14336;\n"
-                f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n{body}\n}}\n}}\n")
+                f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n  constexpr int NT = N;\n{body}\n}}\n}}\n")
     V.STAMPS = True  # --stamps: the base variant with its clock stamps output
     try:
         head, body = V.variant_source("base")
@@ -415,7 +420,7 @@ def test_spin_probe_variants_compile_for_hopper(tmp_path):
     src += (f"namespace vs {{\n{head}\n__global__ void k(const __half* x, const __half* t, const __half* wt, "
             f"const int* sem, __half* y, float* partial, float* dens, unsigned long long* stamps) {{\n"
             f"  using T = __half;\n  constexpr int M = 1;\n  constexpr int K = 4096;\n  constexpr int N = 14336;\n"
-            f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n{body}\n}}\n}}\n")
+            f"  constexpr int KC = 256;\n  constexpr int TPC = 0;\n  constexpr int NT = N;\n{body}\n}}\n}}\n")
     assert nvcc_ptx(tmp_path, src).count(".entry") == len(names) + 1
 
 
