@@ -4,7 +4,9 @@
                                        [--variants mlx_lm,fused,block]
 
 Variants: ``mlx_lm`` (mlx-lm's attention and block), ``fused`` (chess_mlx/fused_attention.py),
-``block`` (fused attention plus the compiled one-token block, chess_mlx/block_step.py).
+``block`` (fused attention plus the compiled one-token block, chess_mlx/block_step.py), and
+``fused_nosplit`` / ``block_nosplit``: the same with CHESS+attention's q, k and v as q's own launch
+plus the ``[Wk; Wv]`` product instead of one split launch (``CHESS_MLX_QKV_LAUNCH=0``).
 Per method, the variants interleaved run by run:
   - graph nodes of one decode token, by kind (``mx.export_to_dot``);
   - the synchronous host split of a token (build / encode / wait, as ``host_probe.py``);
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chess_mlx import block_step, fused_attention  # noqa: E402
+from chess_mlx import sparse_layers  # noqa: E402
 from chess_mlx.sparse_layers import set_method  # noqa: E402
 from host_probe import prefilled, split_times  # noqa: E402
 from pipeline_probe import add_model_args, calibrated_model, library  # noqa: E402
@@ -57,15 +60,17 @@ def main() -> None:
     model, th, vocab, prompt = calibrated_model(args)
     methods = args.methods.split(",")
     variants = args.variants.split(",")
-    switches = {"mlx_lm": (False, False), "fused": (True, False), "block": (True, True)}
+    switches = {"mlx_lm": (False, False, True), "fused": (True, False, True), "block": (True, True, True),
+                "fused_nosplit": (True, False, False), "block_nosplit": (True, True, False)}
     res: dict = collections.defaultdict(list)
     for run in range(args.runs + 1):  # run 0 warms up and counts nodes
         for m in methods:
             toks = {}
             for var in variants:
-                fa, bs = switches[var]
+                fa, bs, split = switches[var]
                 fused_attention.enable(fa)
                 block_step.enable(bs)
+                sparse_layers.enable_split(split)
                 set_method(model, m, None if m == "dense" else th, 0.5)
                 row = {"run": run, "method": m, "variant": var}
                 if run == 0:
@@ -80,6 +85,7 @@ def main() -> None:
                     res[(m, var)].append(row)
     fused_attention.enable(True)
     block_step.enable(True)
+    sparse_layers.enable_split(True)
     med = lambda rows, k: round(statistics.median(r[k] for r in rows), 3)  # noqa: E731
     paired = lambda a, b: round(statistics.median(r["tok_s"] / x["tok_s"] for r, x in zip(a, b)), 3)  # noqa: E731
     for (m, var), rows in res.items():

@@ -178,26 +178,16 @@ def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
     return y, kept_fraction(xs != 0)  # the share of weight rows a kernel reads
 
 
-def columns(wt, start: int, stop: int):
-    """Outputs ``[start, stop)`` of a transposed weight (K, N): a column slice of a float one; of a
-    QWeight quantized along N, its words, scales and biases of those outputs (``start`` and ``stop``
-    on group boundaries)."""
-    if not isinstance(wt, QWeight):
-        return wt[:, start:stop]
-    if start % wt.group_size or stop % wt.group_size:
-        raise ValueError(f"columns {start}:{stop} do not fall on groups of {wt.group_size}")
-    per, g = 32 // wt.bits, wt.group_size
-    return QWeight(wt.w[:, start // per:stop // per], wt.scales[:, start // g:stop // g],
-                   wt.biases[:, start // g:stop // g], wt.bits, wt.group_size)
-
-
 def reference_sparse_input_split(x: mx.array, wt, t: Optional[mx.array], nt: int) -> tuple[mx.array, mx.array]:
-    """``[threshold(x, t) @ wt[:, :nt] | x @ wt[:, nt:]]`` and the density of the thresholded input."""
+    """``[threshold(x, t) @ wt[:, :nt] | x @ wt[:, nt:]]`` and the density of the thresholded input,
+    as two products on the whole of ``wt`` (MLX's CUDA quantized product takes no column slice of
+    a transposed layout: "no implementation for problem shape"); a fallback and a check, not a
+    decode path."""
     n = wt.cols if isinstance(wt, QWeight) else wt.shape[1]
-    y, dens = reference_sparse_input(x, columns(wt, 0, nt), t)
-    if nt == n:
+    y, dens = reference_sparse_input(x, wt, t)
+    if nt >= n:
         return y, dens
-    return mx.concatenate([y, reference_sparse_input(x, columns(wt, nt, n))[0]], axis=-1), dens
+    return mx.concatenate([y[..., :nt], reference_sparse_input(x, wt)[0][..., nt:]], axis=-1), dens
 
 
 def silu(x: mx.array) -> mx.array:
