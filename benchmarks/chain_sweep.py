@@ -8,8 +8,10 @@ rotating weight copies so L2 keeps none. spout_f: warps per row; spout_q and gat
 warp; spin_f and spin_q (``--spin``): split-K chunk. Prints one line per configuration, the
 shipped choice marked with *. ``spoutq``: spout_q rows per warp x warps per row group, each also checked against the
 reference. ``spinq``: spin_q words per lane x chunk, also checked. ``spinqu`` (not in the default
-set): spin_q with 8 (``--rows U``: U) rows in flight per warp instead of 4. ``--only spout,spoutq,spin,spinq,gateup,spinqu``
-picks sections (default: all but spinqu).
+set): spin_q with 8 (``--rows U``: U) rows in flight per warp instead of 4. ``split`` (not in the
+default set): the split-K chunk of CHESS+attention's split launch over ``[Wq^T | Wk^T | Wv^T]``,
+each also checked. ``--only spout,spoutq,spin,spinq,gateup,spinqu,split`` picks sections
+(default: all but spinqu and split).
 """
 
 from __future__ import annotations
@@ -46,6 +48,29 @@ def sweep_spin() -> None:
                                                                           ws[i % len(ws)], kc=kc)[0], xs)
                     print(f"spin {wtype} {out_dim}x{in_dim} s={s} kc={kc}{'*' if kc == ship else ' '} {t * 1e6:6.1f} us",
                           flush=True)
+
+
+def sweep_split() -> None:
+    """Split-K chunk of the split launch (q thresholded, k and v dense; Llama-3-8B: 4096 -> 4096 +
+    2 x 1024): its 24 output tiles make the default chunk 128 rows, 768 blocks, about 1.2 waves of
+    5 resident blocks per SM. Each chunk checked against the reference and timed in a chain."""
+    nq, nkv = K.QKV
+    for wtype in ("float16", "q4g64"):
+        dtype, bits, _ = K.parse_wtype(wtype)
+        wts = K.weight_copies(nq + 2 * nkv, nq, wtype, transposed=True)
+        ws = [G.workspace(nq + 2 * nkv) for _ in range(64)]
+        ship = G.spin_geometry(1, nq, nq + 2 * nkv, bits)[2]
+        x = mx.random.normal((1, nq)).astype(dtype)
+        for s in (0.0, 0.5, 0.7):
+            t = mx.array([mx.sort(mx.abs(x.astype(mx.float32))[0])[int(s * nq)].item()], dtype=dtype)
+            ref = G.reference_sparse_input_split(x, wts[0], t, nq)[0]
+            mx.eval(t, ref)
+            for kc in ((32, 64, 128, 256) if bits else (64, 128, 256, 512)):
+                err = K.rel_err(G._launch_spin("cuda", x, wts[0], t, ws[0], kc=kc, nt=nq)[0], ref)
+                tm = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], t, ws[i % len(ws)],
+                                                                       kc=kc, nt=nq)[0], x)
+                print(f"split {wtype} {nq + 2 * nkv}x{nq} s={s} kc={kc}{'*' if kc == ship else ' '} {tm * 1e6:6.1f} us"
+                      f"  err {err:.1e}", flush=True)
 
 
 def spin_q_cases():
@@ -122,6 +147,8 @@ def main() -> None:
         sweep_spin_q()
     if "gateup" in only:
         sweep_gateup()
+    if "split" in only:
+        sweep_split()
     if "spinqu" in only:
         sweep_spin_q_rows(int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 8)
 

@@ -272,12 +272,16 @@ H100_SMS = 132  # the GPU the launch geometry was tuned on (benchmarks/RESULTS.m
 
 def split_k_chunk(k: int, n_tiles: int, quantized: bool) -> int:
     """Rows per split-K chunk of spin: the longest chunk (512 rows for half weights, 256 for
-    quantized ones) halved until the grid has 3 blocks per SM (down to 64 rows). Long chunks
-    amortise each block's compaction and epilogue; 3 blocks per SM keep every SM streaming.
+    quantized ones) halved until the grid has 2.5 blocks per SM (down to 64 rows). Long chunks
+    amortise each block's compaction and epilogue; 2.5 blocks per SM keep every SM streaming.
     Chained sweep on the H100 (session 10): 4-bit 14336 -> 4096 at 50% took 19.5 us with 256 rows
-    against 22.8 us with the 128 shipped before, 4096 -> 4096 10.3 us with 64 against 11.4."""
+    against 22.8 us with the 128 shipped before, 4096 -> 4096 10.3 us with 64 against 11.4. The
+    rule was 3 blocks per SM until session 19, whose sweep of the split launch (4096 -> 6144,
+    ``chain_sweep.py --only split``) put 384 blocks (2.9 per SM) ahead of 768: 4-bit 12.3 against
+    15.8 us at 50% (14.9 / 21.6 at 0, 13.6 / 18.5 at 70%), float16 within noise at 0 and 50% and
+    16.3 against 19.0 us at 70%. Of the kernels' shapes only the split launch's chunk changes."""
     kc = 256 if quantized else 512
-    while kc > 64 and n_tiles * -(-k // kc) < 3 * H100_SMS:
+    while kc > 64 and n_tiles * -(-k // kc) < 2.5 * H100_SMS:
         kc //= 2
     return kc
 
