@@ -140,7 +140,9 @@ class SparseInputLinear(nn.Module):
         the same input, as one launch over their W^T side by side (q with k and v under
         CHESS+attention, ``fused_attention``): ``bound(x)`` -> ``([self(x) | other(x) ...],
         density)``. None where there is none: no compiled path, this projection's outputs do not
-        end a kernel tile, or ``CHESS_MLX_QKV_LAUNCH=0``."""
+        end a kernel tile, or ``CHESS_MLX_QKV_LAUNCH=0`` (read when the plan is made, so
+        ``enable_split`` takes effect at the next ``set_method``). The stacked W^T it builds stays
+        with the projections, like their own transposed copies, until new weights replace it."""
         return self.ctl.plan(x, partial(self._split_plan, others), "split")
 
     def _split_plan(self, others: list[nn.Module], x: mx.array) -> Optional[D.Bound]:
