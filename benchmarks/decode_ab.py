@@ -1,6 +1,9 @@
 """A/B of the decode paths inside a real model (mlx-lm generate_step): op-by-op vs compiled.
 
-    python benchmarks/decode_ab.py [--layers 8] [--method chess]
+    python benchmarks/decode_ab.py [--layers 8] [--methods chess,chess-attn]
+
+(Its third variant of session 8, the bound paths without ``mx.compile``, went when the compiled
+paths began to rebuild their weights and workspaces from arrays inside the trace, session 16.)
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chess_mlx import decode_paths as D  # noqa: E402
-from chess_mlx.bench import PRESETS, decode_speed, random_model  # noqa: E402
-from chess_mlx.calibrate import calibrate  # noqa: E402
-from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
+from chess_mlx.bench import decode_speed  # noqa: E402
+from chess_mlx.sparse_layers import set_method  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_probe import calibrated_model  # noqa: E402
 
 
 def sync_speed(model, n=64, vocab=512):
@@ -45,16 +50,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--methods", default="chess,chess-attn")
     args = ap.parse_args()
-    model = random_model("llama3-8b", args.layers, mx.float16)
-    vocab = PRESETS["llama3-8b"]["vocab_size"]
-    sparsify(model)
-    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
-    compiled = D._compiled
-    variants = {
-        "op-by-op": lambda: D.enable(False),
-        "paths, not compiled": lambda: (D.enable(True), setattr(D, "_compiled", lambda fn: fn)),
-        "paths, compiled": lambda: (D.enable(True), setattr(D, "_compiled", compiled)),
-    }
+    model, th, vocab, _ = calibrated_model(argparse.Namespace(preset="llama3-8b", layers=args.layers, quantize=None))
+    variants = {"op-by-op": lambda: D.enable(False), "paths, compiled": lambda: D.enable(True)}
     set_method(model, "dense")
     print(f"dense: generate_step {statistics.median(decode_speed(model, 64, runs=2, vocab=vocab)):.1f} tok/s; "
           "sync %.1f tok/s, host %.2f ms/token" % sync_speed(model), flush=True)
@@ -66,6 +63,7 @@ def main() -> None:
             ss, host = sync_speed(model)
             print(f"{m:<10} {name:<20} generate_step {gs:7.1f} tok/s; sync {ss:7.1f} tok/s, host {host:.2f} ms/token",
                   flush=True)
+    D.enable(True)
 
 
 if __name__ == "__main__":

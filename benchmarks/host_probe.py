@@ -27,9 +27,11 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chess_mlx.bench import PRESETS, decode_speed, random_model  # noqa: E402
-from chess_mlx.calibrate import calibrate  # noqa: E402
-from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
+from chess_mlx.bench import decode_speed  # noqa: E402
+from chess_mlx.sparse_layers import set_method  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_probe import add_model_args, calibrated_model  # noqa: E402
 
 
 def prefilled(model, vocab: int) -> tuple[list, mx.array]:
@@ -81,20 +83,13 @@ def profile_build(model, vocab: int, top: int, tokens: int = 16) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--methods", default="dense,chess,chess-attn,teal")
-    ap.add_argument("--tokens", type=int, default=48)
+    add_model_args(ap, "dense,chess,chess-attn,teal")
+    ap.set_defaults(tokens=48)
     ap.add_argument("--json")
-    ap.add_argument("--quantize", type=int, choices=(4, 8), help="MLX affine quantization of the random model")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest build functions")
     args = ap.parse_args()
     env = {k: os.environ.get(k) for k in ("MLX_MAX_OPS_PER_BUFFER", "MLX_USE_CUDA_GRAPHS", "CHESS_MLX_COMPILE")}
-    model = random_model(args.preset, args.layers, mx.float16 if mx.default_device() == mx.gpu else mx.float32,
-                         bits=args.quantize)
-    vocab = PRESETS[args.preset]["vocab_size"]
-    sparsify(model)
-    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
+    model, th, vocab, _ = calibrated_model(args)
     rows = []
     for m in args.methods.split(","):
         set_method(model, m, th, 0.5)

@@ -20,9 +20,10 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chess_mlx.bench import PRESETS, random_model  # noqa: E402
-from chess_mlx.calibrate import calibrate  # noqa: E402
-from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
+from chess_mlx.sparse_layers import set_method  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_probe import calibrated_model  # noqa: E402
 
 
 def cudart():
@@ -48,12 +49,9 @@ def main() -> None:
     args = ap.parse_args()
     from mlx_lm.generate import generate_step
 
-    model = random_model("llama3-8b", args.layers, mx.float16, bits=args.bits or None)
-    vocab = PRESETS["llama3-8b"]["vocab_size"]
-    sparsify(model)
-    th = calibrate(model, mx.random.randint(0, vocab, (2, 256), key=mx.random.key(7)), [0.5])
+    model, th, _, prompt = calibrated_model(argparse.Namespace(preset="llama3-8b", layers=args.layers,
+                                                              quantize=args.bits or None))
     set_method(model, args.method, th, 0.5)
-    prompt = mx.random.randint(0, vocab, (32,), key=mx.random.key(1))
     rt = cudart()
     for rep in range(2):
         gen = generate_step(prompt, model, max_tokens=args.tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
