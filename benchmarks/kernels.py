@@ -114,7 +114,7 @@ def spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=No
     launch that raises is a failed check (rel_err NaN, the error kept), not the end of the run.
     ``residual``: the fused-residual kernel, with a random residual r; the error is that of y - r
     against the reference's (so r's size does not hide the product's error). ``nt``: a split
-    launch, the threshold on the first nt outputs only (``sparse_input_split``)."""
+    launch, the threshold on the first nt outputs only (``sparse_input``'s ``nt``)."""
     try:
         return _spin_check(kind, x, wt, t, residual, nt)
     except ValueError as e:
@@ -128,10 +128,7 @@ def _spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=N
     y, d = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r, nt=nt)
     mx.eval(y, d)  # a workspace serves one launch at a time (the model's launches are data-ordered)
     y2, d2 = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r, nt=nt)
-    if nt is None:
-        ry, rd = G.reference_sparse_input(x, wt, t, r)
-    else:
-        ry, rd = G.reference_sparse_input_split(x, wt, t, nt)
+    ry, rd = G.reference_sparse_input(x, wt, t, r, nt)
     mx.eval(y, d, y2, d2, ry, rd)
     if r is not None:
         r32 = r.astype(mx.float32)

@@ -17,6 +17,8 @@ functions wrap the reference products.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 
 from . import sparse_gemv as G
@@ -47,21 +49,17 @@ def _teal_mlp(x, t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down)
     return y, d_in, d_down
 
 
-def _spin(x, t, wt, ws):
-    """A projection with a thresholded input (q/o under CHESS+attention, every one under TEAL)."""
-    return G.sparse_input(x, wt, t, ws)
+def _spin(x, t, wt, ws, nt=None):
+    """A projection with a thresholded input (q/o under CHESS+attention, every one under TEAL);
+    with ``nt``, that projection and dense ones on the same input as one launch (q with k and v
+    under CHESS+attention): the first ``nt`` outputs take the thresholded x."""
+    return G.sparse_input(x, wt, t, ws, nt=nt)
 
 
-def _spin_residual(x, r, t, wt, ws):
+def _spin_residual(x, r, t, wt, ws, nt=None):
     """``r + _spin(x)``, the add inside the kernel (o under CHESS+attention: the attention's
     residual, one graph node fewer per layer)."""
-    return G.sparse_input(x, wt, t, ws, residual=r)
-
-
-def _spin_split(x, t, wt, ws, nt):
-    """A thresholded projection and dense ones on the same input as one launch (q with k and v
-    under CHESS+attention): the first ``nt`` outputs take the thresholded x."""
-    return G.sparse_input_split(x, wt, t, nt, ws)
+    return G.sparse_input(x, wt, t, ws, residual=r, nt=nt)
 
 
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes
@@ -156,16 +154,12 @@ def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down
                  _one_token_scratch(ws_up, wt_up), _one_token_scratch(ws_down, wt_down))
 
 
-def bind_spin(t, wt, ws, residual: bool = False) -> Bound:
+def bind_spin(t, wt, ws, residual: bool = False, nt: Optional[int] = None) -> Bound:
     """Called as ``bound(x)``: ``(x's product, density)``; with ``residual``, as ``bound(x, r)``:
-    ``(r + x's product, density)``."""
-    return Bound(_spin_residual if residual else _spin, t, wt, _one_token_scratch(ws, wt))
-
-
-def bind_spin_split(t, wt, ws, nt: int) -> Bound:
-    """Called as ``bound(x)``: ``([thresholded x's product | x's product], density)``, the threshold
-    on the first ``nt`` outputs only (``sparse_gemv.sparse_input_split``)."""
-    return Bound(_spin_split, t, wt, _one_token_scratch(ws, wt), nt)
+    ``(r + x's product, density)``. ``nt``: the threshold on the first ``nt`` outputs only, x's
+    product as it is past them (``sparse_gemv.sparse_input``)."""
+    args = (t, wt, _one_token_scratch(ws, wt)) + (() if nt is None else (nt,))
+    return Bound(_spin_residual if residual else _spin, *args)
 
 
 def spin(x, t, wt, ws):

@@ -88,7 +88,7 @@ def _evaluated(wt):
 
 def stacked_transposed_weight(projs: list[nn.Module]):
     """``[W_1^T | W_2^T | ...]`` (in, sum of outs) of projections on one input, for one sparse-input
-    launch over all of them (``sparse_gemv.sparse_input_split``), built once per set of weight
+    launch over all of them (``sparse_gemv.sparse_input``'s ``nt``), built once per set of weight
     arrays and kept on the first projection. Each W^T is made as ``transposed_weight`` makes it
     (quantized ones: re-quantized along the outputs, so their groups stay inside one projection and
     side by side they equal one quantization of the stacked matrix), but not kept: the stacked copy

@@ -14,8 +14,8 @@ Products, on float16/bfloat16 or MLX 4/8-bit affine-quantized weights:
   that way once).
 * ``sparse_input(..., residual=r)`` adds ``r`` to the product inside the kernel (the block's
   residual add, one graph node fewer per layer).
-* ``sparse_input_split(x, wt, t, nt)``: the same kernel over several projections' W^T side by side,
-  the input thresholded for the first ``nt`` outputs only (q thresholded, k and v dense: one launch
+* ``sparse_input(..., nt=n)``: the same kernel over several projections' W^T side by side, the
+  input thresholded for the first ``n`` outputs only (q thresholded, k and v dense: one launch
   where the attention head took two).
 
 Quantized weights reach the kernels with their scales and biases in one array (``QWeight.sb``):
@@ -165,29 +165,27 @@ def threshold(x: mx.array, t: Optional[mx.array]) -> mx.array:
     return x * (mx.abs(x) >= t).astype(x.dtype)
 
 
-def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None,
-                           residual: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
-    xs = threshold(x, t)
+def _times_wt(x: mx.array, wt) -> mx.array:
+    """``x @ wt`` for a transposed weight (K, N), float or quantized along N."""
     if isinstance(wt, QWeight):
-        y = mx.quantized_matmul(xs, wt.w, wt.scales, wt.biases, transpose=False,
-                                group_size=wt.group_size, bits=wt.bits)
-    else:
-        y = xs @ wt
+        return mx.quantized_matmul(x, wt.w, wt.scales, wt.biases, transpose=False, group_size=wt.group_size,
+                                   bits=wt.bits)
+    return x @ wt
+
+
+def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, residual: Optional[mx.array] = None,
+                           nt: Optional[int] = None) -> tuple[mx.array, mx.array]:
+    """``threshold(x, t) @ wt [+ residual]`` and the density of the thresholded input; with ``nt``,
+    the outputs past ``nt`` take x as it is. Those come from a second product on the whole of
+    ``wt`` (MLX's CUDA quantized product takes no column slice of the transposed layout: "no
+    implementation for problem shape"); a fallback and a check, not a decode path."""
+    xs = threshold(x, t)
+    y = _times_wt(xs, wt)
+    if nt is not None and nt < y.shape[-1]:
+        y = mx.concatenate([y[..., :nt], _times_wt(x, wt)[..., nt:]], axis=-1)
     if residual is not None:
         y = residual + y
     return y, kept_fraction(xs != 0)  # the share of weight rows a kernel reads
-
-
-def reference_sparse_input_split(x: mx.array, wt, t: Optional[mx.array], nt: int) -> tuple[mx.array, mx.array]:
-    """``[threshold(x, t) @ wt[:, :nt] | x @ wt[:, nt:]]`` and the density of the thresholded input,
-    as two products on the whole of ``wt`` (MLX's CUDA quantized product takes no column slice of
-    a transposed layout: "no implementation for problem shape"); a fallback and a check, not a
-    decode path."""
-    n = wt.cols if isinstance(wt, QWeight) else wt.shape[1]
-    y, dens = reference_sparse_input(x, wt, t)
-    if nt >= n:
-        return y, dens
-    return mx.concatenate([y[..., :nt], reference_sparse_input(x, wt)[0][..., nt:]], axis=-1), dens
 
 
 def silu(x: mx.array) -> mx.array:
@@ -606,27 +604,20 @@ def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
 
 
 def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, ws: Optional[Workspace] = None,
-                 residual: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+                 residual: Optional[mx.array] = None, nt: Optional[int] = None) -> tuple[mx.array, mx.array]:
     """``(threshold(x, t) @ wt [+ residual], density)`` for x (..., K), wt = W^T (K, N) or its
     QWeight (quantized along N); only the rows of wt that meet a surviving input are read. ``ws``:
-    the call site's ``workspace`` (a fresh one is made if omitted, at the cost of a fill)."""
+    the call site's ``workspace`` (a fresh one is made if omitted, at the cost of a fill). ``nt``:
+    only the first ``nt`` outputs take the threshold, the rest x as it is, i.e. a thresholded
+    projection and dense ones on the same x, their W^T side by side in ``wt``; one launch where
+    ``nt`` ends a kernel tile (``split_fits``), else the reference. The density is that of the
+    thresholded input."""
     kind = backend()
-    if kind != "reference" and kernel_supports(kind, x, wt, transposed=True):
+    if kind != "reference" and kernel_supports(kind, x, wt, transposed=True) and (
+            nt is None or split_fits(rows(x), nt, wt.bits if isinstance(wt, QWeight) else None, kind)):
         ws = workspace(wt.cols if isinstance(wt, QWeight) else wt.shape[1]) if ws is None else ws
-        return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws, residual=residual)
-    return reference_sparse_input(x, wt, t, residual)
-
-
-def sparse_input_split(x: mx.array, wt, t: mx.array, nt: int, ws: Optional[Workspace] = None) -> tuple[mx.array, mx.array]:
-    """``([threshold(x, t) @ wt[:, :nt] | x @ wt[:, nt:]], density of the thresholded input)``: a
-    thresholded projection and dense ones on the same x, their W^T side by side in ``wt``, in one
-    launch where ``nt`` ends a kernel tile (``split_fits``); else the reference."""
-    kind = backend()
-    if kind != "reference" and kernel_supports(kind, x, wt, transposed=True) and split_fits(
-            rows(x), nt, wt.bits if isinstance(wt, QWeight) else None, kind):
-        ws = workspace(wt.cols if isinstance(wt, QWeight) else wt.shape[1]) if ws is None else ws
-        return _launch_spin(kind, x, wt, t, ws, nt=nt)
-    return reference_sparse_input_split(x, wt, t, nt)
+        return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws, residual=residual, nt=nt)
+    return reference_sparse_input(x, wt, t, residual, nt)
 
 
 def gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:

@@ -154,7 +154,7 @@ class SparseInputLinear(nn.Module):
             return None
         wt = stacked_transposed_weight(mods)
         n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
-        return D.bind_spin_split(self.ctl.arr("threshold", x.dtype), wt, split_workspace(self, x, n), nt)
+        return D.bind_spin(self.ctl.arr("threshold", x.dtype), wt, split_workspace(self, x, n), nt=nt)
 
 
 class SparseMLP(nn.Module):

@@ -267,9 +267,9 @@ def test_compiled_paths_trace_once(method, monkeypatch):
     traced = []
     real = G.sparse_input
 
-    def as_a_launch(x, wt, t=None, ws=None, residual=None):  # runs only while a path is traced
+    def as_a_launch(x, wt, t=None, ws=None, residual=None, nt=None):  # runs only while a path is traced
         traced.append(1)
-        y, dens = real(x, wt, t, ws, residual=residual)
+        y, dens = real(x, wt, t, ws, residual=residual, nt=nt)
         if ws is not None:
             ws.last = y  # what _launch_spin does: the launch's y orders the next launch
         return y, dens

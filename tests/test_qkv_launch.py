@@ -1,4 +1,4 @@
-"""q, k and v as one sparse-input launch under CHESS+attention (``sparse_gemv.sparse_input_split``,
+"""q, k and v as one sparse-input launch under CHESS+attention (``sparse_gemv.sparse_input``'s ``nt``,
 ``SparseInputLinear.split_plan``): the split product against float64 numpy, the stacked
 layout against each projection's own, the launch's arguments, and a decode through the split
 path against the op-by-op path. On the CPU the split path wraps the reference product; the
@@ -46,7 +46,7 @@ def test_split_product_against_float64(wtype, s):
     else:
         wt = G.QWeight.quantize(mx.array(wt_np), int(wtype[1]), 32)
         wt64 = unpack_np(wt)
-    y, dens = G.sparse_input_split(mx.array(x), wt, mx.array([t]), nq)
+    y, dens = G.sparse_input(mx.array(x), wt, mx.array([t]), nt=nq)
     keep = np.abs(x) >= t
     want = np.concatenate([np.where(keep, x, 0).astype(np.float64) @ wt64[:, :nq], x.astype(np.float64) @ wt64[:, nq:]],
                           axis=-1)
@@ -60,7 +60,7 @@ def test_split_product_against_float64(wtype, s):
 def test_split_launch_arguments_and_tile_bound(monkeypatch):
     """A split launch is spin with NT = q's outputs, on the stacked W^T; an NT that does not end a
     tile is refused (a block compacts one input for its whole tile), and where q's outputs do not
-    end a tile ``sparse_input_split`` takes the reference instead of a kernel."""
+    end a tile ``sparse_input`` takes the reference instead of a kernel."""
     launched = []
 
     class Fake:
@@ -73,16 +73,16 @@ def test_split_launch_arguments_and_tile_bound(monkeypatch):
     x = mx.zeros((1, 1, 512), dtype=mx.float16)
     t = G.scalar_threshold(0.5, mx.float16)
     wt = mx.zeros((512, 768), dtype=mx.float16)
-    G.sparse_input_split(x, wt, t, 512, G.workspace(768))
+    G.sparse_input(x, wt, t, G.workspace(768), nt=512)
     assert launched[-1]["NT"] == 512 and launched[-1]["N"] == 768
     with pytest.raises(ValueError, match="tile"):
         G._launch_spin("cuda", x, wt, t, G.workspace(768), nt=384)
     n = len(launched)
-    y, _ = G.sparse_input_split(x, wt, t, 384)  # 384 outputs end no 256-wide tile: the reference
+    y, _ = G.sparse_input(x, wt, t, nt=384)  # 384 outputs end no 256-wide tile: the reference
     assert len(launched) == n and y.shape == (1, 1, 768)
     assert G.split_fits(1, 4096) and not G.split_fits(1, 896) and G.split_fits(1, 4096, 4) and not G.split_fits(1, 768, 4)
     q4 = G.QWeight.quantize(mx.zeros((512, 1536), dtype=mx.float16), 4, 64).packed()
-    G.sparse_input_split(x, q4, t, 1024, G.workspace(1536))
+    G.sparse_input(x, q4, t, G.workspace(1536), nt=1024)
     assert launched[-1]["NT"] == 1024 and launched[-1]["BITS"] == 4
 
 
@@ -129,8 +129,14 @@ def test_decode_through_the_split_launch(model_type, monkeypatch):
     monkeypatch.setattr(G, "split_fits", lambda m, nt, bits=None, kind="cuda": True)
     monkeypatch.setattr(decode_paths, "_COMPILED", {})
     calls = []
-    real = G.sparse_input_split
-    monkeypatch.setattr(G, "sparse_input_split", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = G.sparse_input
+
+    def counted(*a, nt=None, **k):  # the split launches (nt given), as traced
+        if nt is not None:
+            calls.append(nt)
+        return real(*a, nt=nt, **k)
+
+    monkeypatch.setattr(G, "sparse_input", counted)
     set_method(model, "chess-attn", th, 0.5)
     decode_paths.enable(False)
     want, want_d = _decode(model, prompt, 4)
