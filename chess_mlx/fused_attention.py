@@ -6,8 +6,9 @@ token, per layer, three products, three reshapes, four transposes and two RoPEs.
 token, it is:
 
 - one product over the rows ``[Wq; Wk; Wv]`` (under CHESS+attention, on a GPU, one sparse-input
-  launch over ``[Wq^T | Wk^T | Wv^T]`` that thresholds q's input only, ``with_dense``; where q's
-  outputs do not end a kernel tile, q's own sparse-input launch and one ``[Wk; Wv]`` product);
+  launch over ``[Wq^T | Wk^T | Wv^T]`` that thresholds q's input only,
+  ``SparseInputLinear.with_dense``; where q's outputs do not end a kernel tile, q's own
+  sparse-input launch and one ``[Wk; Wv]`` product);
 - one reshape straight to heads: a single token's ``(1, H*D)`` row already is ``(H, 1, D)`` in
   memory, so no transpose is needed, on the way in or out;
 - one RoPE over the q and k heads together (they are adjacent rows), unless the model normalises
@@ -138,18 +139,6 @@ def heads_kv(st: _State, q: mx.array, kv: mx.array, rope, q_norm, k_norm, offset
     return rope(q, offset=offset), rope(k, offset=offset), v
 
 
-def with_dense(q: nn.Module, x: mx.array, others: list[nn.Module]) -> Optional[mx.array]:
-    """``[q(x) | other(x) ...]`` as one sparse-input launch where q has that path
-    (``SparseInputLinear.split_plan``), its density recorded as q's; else None."""
-    split_plan = getattr(q, "split_plan", None)
-    bound = None if split_plan is None else split_plan(x, others)
-    if bound is None:
-        return None
-    y, dens = bound(x)
-    q.ctl.recorder.record_density(q.ctl.layer, q.proj, dens, 1)
-    return y
-
-
 def _one_token(self, x: mx.array, mask, cache) -> mx.array:
     """mlx-lm's attention for a single token ``x`` of shape (B, 1, dim), in fewer nodes."""
     st: _State = self._fused
@@ -159,7 +148,7 @@ def _one_token(self, x: mx.array, mask, cache) -> mx.array:
     if plan.qkv is not None:
         q, k, v = heads(st, dense_linear(x, plan.qkv), self.rope, qn, kn, cache.offset)
     elif plan.kv is not None:
-        y = with_dense(self.q_proj, x, [self.k_proj, self.v_proj])
+        y = self.q_proj.with_dense(x, [self.k_proj, self.v_proj])  # q is thresholded: a SparseInputLinear
         if y is not None:
             q, k, v = heads(st, y, self.rope, qn, kn, cache.offset)
         else:

@@ -116,12 +116,22 @@ class SparseInputLinear(nn.Module):
             return dense_linear(x, self)
         bound = c.plan(x, self._plan)
         if bound is not None:
-            y, dens = bound(x)
-            c.recorder.record_density(c.layer, self.proj, dens, 1)
-            return y
+            return self._recorded(*bound(x))
         xs, keep = _threshold(x, c.threshold)
         c.recorder.record(c.layer, self.proj, keep)
         return sparse_input_linear(xs, self)
+
+    def _recorded(self, y: mx.array, density: mx.array) -> mx.array:
+        """``y``, with its launch's input density recorded as this projection's."""
+        self.ctl.recorder.record_density(self.ctl.layer, self.proj, density, 1)
+        return y
+
+    def with_dense(self, x: mx.array, others: list[nn.Module]) -> Optional[mx.array]:
+        """``[self(x) | other(x) ...]`` for the dense projections ``others`` on the same input, as
+        one launch (``split_plan``), the density recorded as this projection's; None where there
+        is no such path (the caller takes the separate products)."""
+        bound = self.split_plan(x, others)
+        return None if bound is None else self._recorded(*bound(x))
 
     def _plan(self, x: mx.array, residual: bool = False):
         if not compiled_path_ok(x, self):
