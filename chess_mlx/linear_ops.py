@@ -10,6 +10,7 @@ takes the reference path, which gives the same numbers.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -109,22 +110,22 @@ def stacked_transposed_weight(projs: list[nn.Module]):
     return wt
 
 
-def kernel_workspace(proj: nn.Module, like: mx.array) -> G.Workspace:
+# Where a projection keeps the workspaces of its call sites: its own launches, and those over it
+# stacked with others (the split launch). ``sparse_layers.settle`` evaluates their tokens.
+WORKSPACES = ("_kernel_ws", "_split_ws")
+
+
+def kernel_workspace(proj: nn.Module, like: mx.array, n_out: Optional[int] = None) -> G.Workspace:
     """The sparse-input kernel's counters and scratch for this projection (one call site), made
     once; a plain attribute, not a parameter of the module. ``like``, the site's input, shapes the
-    placeholder ordering token as the launches' y and sizes the scratch (``sparse_gemv.workspace``)."""
-    ws = getattr(proj, "_kernel_ws", None)
-    if ws is None:
-        ws = proj._kernel_ws = G.workspace(proj["weight"].shape[0], like, proj.bits if "scales" in proj else None)
-    return ws
-
-
-def split_workspace(proj: nn.Module, like: mx.array, n_out: int) -> G.Workspace:
-    """The workspace of ``proj``'s launches over stacked projections (``n_out`` outputs in all): a
-    call site of its own, beside the projection's plain one (``kernel_workspace``)."""
-    ws = getattr(proj, "_split_ws", None)
-    if ws is None or ws.sem.size < -(-n_out // G.SPIN_MIN_TILE) + 1:
-        ws = proj._split_ws = G.workspace(n_out, like, proj.bits if "scales" in proj else None)
+    placeholder ordering token as the launches' y and sizes the scratch (``sparse_gemv.workspace``).
+    ``n_out``: the outputs of launches over this projection stacked with others (``n_out`` in
+    all), a call site of its own beside the plain one."""
+    name, n = (WORKSPACES[0], proj["weight"].shape[0]) if n_out is None else (WORKSPACES[1], n_out)
+    ws = getattr(proj, name, None)
+    if ws is None or ws.sem.size < -(-n // G.SPIN_MIN_TILE) + 1:
+        ws = G.workspace(n, like, proj.bits if "scales" in proj else None)
+        setattr(proj, name, ws)
     return ws
 
 

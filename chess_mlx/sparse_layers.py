@@ -22,9 +22,8 @@ from . import block_step
 from . import decode_paths as D
 from . import fused_attention
 from . import sparse_gemv as G
-from .linear_ops import (compiled_path_ok, dense_linear, gated_sparse_output_linear, kernel_workspace,
-                         sparse_input_linear, split_workspace, stacked_transposed_weight, transposed_weight,
-                         weight_nbytes)
+from .linear_ops import (WORKSPACES, compiled_path_ok, dense_linear, gated_sparse_output_linear, kernel_workspace,
+                         sparse_input_linear, stacked_transposed_weight, transposed_weight, weight_nbytes)
 from .methods import ATTN_PROJS, CATS, CHESS, CHESS_ATTN, DENSE, PROJS, TEAL, check_method
 from .model_io import model_layers
 from .row_store import RowStore, fusable
@@ -164,7 +163,7 @@ class SparseInputLinear(nn.Module):
             return None
         wt = stacked_transposed_weight(mods)
         n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
-        return D.bind_spin(self.ctl.arr("threshold", x.dtype), wt, split_workspace(self, x, n), nt=nt)
+        return D.bind_spin(self.ctl.arr("threshold", x.dtype), wt, kernel_workspace(self, x, n), nt=nt)
 
 
 class SparseMLP(nn.Module):
@@ -302,7 +301,7 @@ def settle(model: nn.Module) -> None:
     """Evaluate the lazy state the sparse modules carry from one call to the next (each sparse-input
     call site's ordering token, and its scratch if a launch made it), so that a decode evaluated
     on another thread (``pipelined``) never meets an array of this thread's stream."""
-    tokens = [a for m in model.modules() for name in ("_kernel_ws", "_split_ws")
+    tokens = [a for m in model.modules() for name in WORKSPACES
               if (ws := getattr(m, name, None)) is not None for a in (ws.last, ws.partial)]
     if tokens:
         mx.eval(tokens)
