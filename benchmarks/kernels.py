@@ -313,14 +313,14 @@ def dense_op(ws: list):
     return lambda xi, i: dense(xi, ws[i % len(ws)])
 
 
-def spin_op(kind: str, wts: list, t=None, spaces: int = 64):
+def spin_op(kind: str, wts: list, t=None, spaces: int = 64, nt=None):
     """op(x_i, i) for time_op: the sparse-input kernel on copy i, each call with its own workspace
     (host-timed batches are independent graph nodes that the GPU may run concurrently, so they
-    must not share one; in a chain it costs nothing)."""
+    must not share one; in a chain it costs nothing). ``nt``: a split launch."""
     n = wts[0].cols if isinstance(wts[0], G.QWeight) else wts[0].shape[1]
     ws = [G.workspace(n) for _ in range(spaces)]
     return lambda xi, i: G._launch_spin(kind, xi, wts[i % len(wts)], G.zero_threshold(xi.dtype) if t is None else t,
-                                        ws[i % spaces])[0]
+                                        ws[i % spaces], nt=nt)[0]
 
 
 def bench_gate_up(kind: str, bw: float) -> list[dict]:
@@ -355,26 +355,19 @@ def bench_qkv(kind: str, bw: float, quick: bool) -> list[dict]:
     nq, nkv = QKV
     for wtype in ["float16", "q4g64"] if quick else WTYPES:
         dtype = parse_wtype(wtype)[0]
-        stacked = weight_copies(nq + 2 * nkv, nq, wtype, transposed=True)  # the split launch's layout
-        copies = len(stacked)
-        qs = [make_weight(nq, nq, wtype, transposed=True) for _ in range(copies)]
-        kvs = [make_weight(2 * nkv, nq, wtype, transposed=False) for _ in range(copies)]
-        rows_qkv = [make_weight(nq + 2 * nkv, nq, wtype, transposed=False) for _ in range(copies)]
-        mx.eval([a for w in qs + kvs + rows_qkv for a in arrays(w)])
-        x = mx.random.normal((1, nq)).astype(dtype)
-        t_dense = time_op(kind, dense_op(rows_qkv), x)
         n = nq + 2 * nkv
-        spaces = [G.workspace(n) for _ in range(64)]
-        q_spaces = [G.workspace(nq) for _ in range(64)]
+        stacked = weight_copies(n, nq, wtype, transposed=True)  # the split launch's layout
+        qs = weight_copies(nq, nq, wtype, transposed=True)
+        kvs = weight_copies(2 * nkv, nq, wtype)
+        x = mx.random.normal((1, nq)).astype(dtype)
+        t_dense = time_op(kind, dense_op(weight_copies(n, nq, wtype)), x)
         for s in LEVELS_TIME:
             t = mx.array([mx.sort(mx.abs(x.astype(mx.float32))[0])[int(s * nq)].item()], dtype=dtype)
             dens = mx.mean((G.threshold(x, t) != 0).astype(mx.float32)).item()
-            t_split = time_op(kind, lambda xi, i: G._launch_spin(kind, xi, stacked[i % copies], t, spaces[i % 64],
-                                                                 nt=nq)[0], x)
-            t_two = time_op(kind, lambda xi, i: (G._launch_spin(kind, xi, qs[i % copies], t, q_spaces[i % 64])[0],
-                                                 dense(xi, kvs[i % copies])), x)
-            qbytes = qs[0].nbytes
-            read = dens * qbytes + kvs[0].nbytes
+            t_split = time_op(kind, spin_op(kind, stacked, t, nt=nq), x)
+            q_op, kv_op = spin_op(kind, qs, t), dense_op(kvs)
+            t_two = time_op(kind, lambda xi, i: (q_op(xi, i), kv_op(xi, i)), x)
+            read = dens * qs[0].nbytes + kvs[0].nbytes
             rows.append(dict(kernel="qkv_split", wtype=wtype, shape=f"{n}x{nq}", sparsity=s, us=t_split * 1e6,
                              dense_us=t_dense * 1e6, speedup=t_dense / t_split, two_launch_us=t_two * 1e6,
                              bytes_read=read, bw_fraction=(read / t_split) / bw))
