@@ -6,7 +6,9 @@
 Variants: ``mlx_lm`` (mlx-lm's attention and block), ``fused`` (chess_mlx/fused_attention.py),
 ``block`` (fused attention plus the compiled one-token block, chess_mlx/block_step.py), and
 ``fused_nosplit`` / ``block_nosplit``: the same with CHESS+attention's q, k and v as q's own launch
-plus the ``[Wk; Wv]`` product instead of one split launch (``CHESS_MLX_QKV_LAUNCH=0``).
+plus the ``[Wk; Wv]`` product instead of one split launch (``CHESS_MLX_QKV_LAUNCH=0``), and
+``block_nonorm``: the compiled block with the RMSNorms in launches of their own instead of inside
+CHESS+attention's q and o launches (``CHESS_MLX_NORM_FUSE=0``).
 Per method, the variants interleaved run by run:
   - graph nodes of one decode token, by kind (``mx.export_to_dot``);
   - the synchronous host split of a token (build / encode / wait, as ``host_probe.py``);
@@ -60,16 +62,18 @@ def main() -> None:
     model, th, vocab, prompt = calibrated_model(args)
     methods = args.methods.split(",")
     variants = args.variants.split(",")
-    switches = {"mlx_lm": (False, False, True), "fused": (True, False, True), "block": (True, True, True),
-                "fused_nosplit": (True, False, False), "block_nosplit": (True, True, False)}
+    switches = {"mlx_lm": (False, False, True, True), "fused": (True, False, True, True),
+                "block": (True, True, True, True), "fused_nosplit": (True, False, False, True),
+                "block_nosplit": (True, True, False, True), "block_nonorm": (True, True, True, False)}
     res: dict = collections.defaultdict(list)
     for run in range(args.runs + 1):  # run 0 warms up and counts nodes
         for m in methods:
             toks = {}
             for var in variants:
-                fa, bs, split = switches[var]
+                fa, bs, split, norms = switches[var]
                 fused_attention.enable(fa)
                 block_step.enable(bs)
+                block_step.enable_norms(norms)
                 sparse_layers.enable_split(split)
                 set_method(model, m, None if m == "dense" else th, 0.5)
                 row = {"run": run, "method": m, "variant": var}
@@ -85,6 +89,7 @@ def main() -> None:
                     res[(m, var)].append(row)
     fused_attention.enable(True)
     block_step.enable(True)
+    block_step.enable_norms(True)
     sparse_layers.enable_split(True)
     med = lambda rows, k: round(statistics.median(r[k] for r in rows), 3)  # noqa: E731
     paired = lambda a, b: round(statistics.median(r["tok_s"] / x["tok_s"] for r, x in zip(a, b)), 3)  # noqa: E731

@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from chess_mlx import sparse_gemv as G  # noqa: E402
 
@@ -109,34 +110,55 @@ def rel_err(y: mx.array, ref: mx.array) -> float:
     return mx.linalg.norm(y - ref).item() / max(den, 1e-30)
 
 
-def spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None) -> dict:
+def spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None, xnorm=None, ynorm=None) -> dict:
     """One sparse-input launch vs the reference: output error, density error, workspace reset. A
     launch that raises is a failed check (rel_err NaN, the error kept), not the end of the run.
     ``residual``: the fused-residual kernel, with a random residual r; the error is that of y - r
     against the reference's (so r's size does not hide the product's error). ``nt``: a split
-    launch, the threshold on the first nt outputs only (``sparse_input``'s ``nt``)."""
+    launch, the threshold on the first nt outputs only (``sparse_input``'s ``nt``). ``xnorm`` /
+    ``ynorm``: (weight, eps) of a fused RMSNorm of x / of the residual sum; with ``ynorm`` the
+    error is also that of the norm's output (``yn_err``), and counts in rel_err."""
     try:
-        return _spin_check(kind, x, wt, t, residual, nt)
+        return _spin_check(kind, x, wt, t, residual, nt, xnorm, ynorm)
     except ValueError as e:
         return dict(rel_err=float("nan"), error=str(e))
 
 
-def _spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None) -> dict:
+def _spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None, xnorm=None, ynorm=None) -> dict:
     n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
     ws = G.workspace(n)
     r = mx.random.normal((*x.shape[:-1], n)).astype(x.dtype) if residual else None
-    y, d = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r, nt=nt)
-    mx.eval(y, d)  # a workspace serves one launch at a time (the model's launches are data-ordered)
-    y2, d2 = G._launch_spin(kind, x, wt, G.zero_threshold(x.dtype) if t is None else t, ws, residual=r, nt=nt)
-    ry, rd = G.reference_sparse_input(x, wt, t, r, nt)
-    mx.eval(y, d, y2, d2, ry, rd)
+    tt = G.zero_threshold(x.dtype) if t is None else t
+    out = G._launch_spin(kind, x, wt, tt, ws, residual=r, nt=nt, xnorm=xnorm, ynorm=ynorm)
+    mx.eval(out)  # a workspace serves one launch at a time (the model's launches are data-ordered)
+    out2 = G._launch_spin(kind, x, wt, tt, ws, residual=r, nt=nt, xnorm=xnorm, ynorm=ynorm)
+    ref = G.reference_sparse_input(x, wt, t, r, nt, xnorm, ynorm)
+    mx.eval(out2, ref)
+    (y, d), (y2, d2), (ry, rd) = out[:2], out2[:2], ref[:2]
+    yn_err = max(rel_err(out[2], ref[2]), rel_err(out2[2], ref[2])) if ynorm is not None else 0.0
     if r is not None:
         r32 = r.astype(mx.float32)
         y, y2, ry = (v.astype(mx.float32) - r32 for v in (y, y2, ry))
     dens_err = max(abs(d.item() - rd.item()), abs(d2.item() - rd.item()))
     ok_ws = not mx.any(ws.sem != 0).item()
-    return dict(rel_err=max(rel_err(y, ry), rel_err(y2, ry)) if ok_ws and dens_err < 1e-6 else float("nan"),
-                dens_err=dens_err, ws_reset=ok_ws, density=rd.item())
+    err = max(rel_err(y, ry), rel_err(y2, ry), yn_err)
+    return dict(rel_err=err if ok_ws and dens_err < 1e-6 else float("nan"),
+                dens_err=dens_err, ws_reset=ok_ws, density=rd.item(), **({"yn_err": yn_err} if ynorm else {}))
+
+
+def norm_case(k: int, s: float, dtype, m: int = 1):
+    """(x, (weight, eps), t) for a fused input norm: x of a larger scale than its norm's output,
+    a random weight, and a scalar threshold that drops the share s of the normalized inputs,
+    midway between two of their values (a tie would hang on the last bit of the norm's scale,
+    whose summation order the kernel does not share with MLX)."""
+    x = (3 * mx.random.normal((m, k))).astype(dtype)
+    g = mx.random.uniform(0.5, 1.5, (k,)).astype(dtype)
+    v = np.sort(np.abs(np.array(mx.fast.rms_norm(x, g, 1e-5).astype(mx.float32))).reshape(-1))
+    i = min(v.size - 2, int(s * v.size))
+    while i + 2 < v.size and v[i] == v[i + 1]:  # values repeat in half precision: the next gap
+        i += 1
+    # float32, so the midpoint stays between the two (in x's dtype it would round onto one)
+    return x, (g, 1e-5), mx.array([float(v[i] + v[i + 1]) / 2 if s else 0.0], dtype=mx.float32)
 
 
 def float32_weight(w) -> mx.array:
@@ -220,6 +242,9 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
                                  **spin_check(kind, sparse_vec(1, in_dim, s, dtype), wt)))
                 rows.append(dict(kernel="sparse_input_residual", **base, sparsity=s,
                                  **spin_check(kind, sparse_vec(1, in_dim, s, dtype), wt, residual=True)))
+                yg = (mx.random.uniform(0.5, 1.5, (out_dim,)).astype(dtype), 1e-5)
+                rows.append(dict(kernel="sparse_input_residual_ynorm", **base, sparsity=s,
+                                 **spin_check(kind, sparse_vec(1, in_dim, s, dtype), wt, residual=True, ynorm=yg)))
                 # fused threshold on a dense x: per channel (float32) and scalar (activation dtype)
                 q = mx.sort(mx.abs(x.astype(mx.float32))[0])[min(in_dim - 1, int(s * in_dim))].item()
                 tpc = mx.abs(mx.random.normal((in_dim,))) * q
@@ -243,6 +268,9 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
             q = mx.sort(mx.abs(x.astype(mx.float32))[0])[min(nq - 1, int(s * nq))].item()
             rows.append(dict(kernel="sparse_input_split", wtype=wtype, shape=f"{nq + 2 * nkv}x{nq}", sparsity=s,
                              **spin_check(kind, x, wt, mx.array([q], dtype=dtype), nt=nq)))
+            xr, norm, tn = norm_case(nq, s, dtype)
+            rows.append(dict(kernel="sparse_input_split_xnorm", wtype=wtype, shape=f"{nq + 2 * nkv}x{nq}", sparsity=s,
+                             **spin_check(kind, xr, wt, tn, nt=nq, xnorm=norm)))
         # small decode batches
         for m in (2, 4, 8):
             out_dim, in_dim = SHAPES[2]
@@ -260,6 +288,12 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
                                  **spin_check(kind, xs, wt, residual=True)))
                 rows.append(dict(kernel=f"sparse_input_thr_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
                                  **spin_check(kind, x, wt, mx.array([0.6745], dtype=dtype))))
+                xr, norm, tn = norm_case(in_dim, 0.5, dtype, m)
+                rows.append(dict(kernel=f"sparse_input_xnorm_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
+                                 **spin_check(kind, xr, wt, tn, xnorm=norm)))
+                yg = (mx.random.uniform(0.5, 1.5, (out_dim,)).astype(dtype), 1e-5)
+                rows.append(dict(kernel=f"sparse_input_residual_ynorm_M{m}", wtype=wtype, shape="4096x4096",
+                                 sparsity=0.5, **spin_check(kind, xs, wt, residual=True, ynorm=yg)))
             wu = make_weight(out_dim, in_dim, wtype, transposed=False)
             rows.append(dict(kernel=f"gate_up_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
                              **gateup_check(kind, x, w, wu, mx.array([0.1], dtype=dtype))))

@@ -6,12 +6,13 @@ dense's speed on some lent hosts (benchmarks/RESULTS.md, session 15). For dense,
 CHESS+attention, a block's one-token step is here:
 
 - ``head``, compiled: input norm, the ``[Wq; Wk; Wv]`` product (or, under CHESS+attention, one
-  sparse-input launch over ``[Wq^T | Wk^T | Wv^T]`` thresholding q's input only; or q's own
-  sparse-input launch and the ``[Wk; Wv]`` product), heads, RoPE -> q, k, v;
+  sparse-input launch over ``[Wq^T | Wk^T | Wv^T]`` thresholding q's input only, which applies the
+  input norm itself; or q's own sparse-input launch and the ``[Wk; Wv]`` product), heads, RoPE ->
+  q, k, v;
 - the KV cache update and attention, outside (the cache grows with every token, and attention
   keeps MLX's one-token kernel; traced whole steps lost both, RESULTS.md sessions 7 and 14);
 - ``mid``, compiled: the o product (or o's sparse-input path, which adds the residual inside its
-  kernel), the residual, the post-attention norm;
+  kernel and applies the post-attention norm too), the residual, the post-attention norm;
 - the MLP module (its own compiled path under CATS/CHESS) with the last residual, which CATS/CHESS
   add inside down's kernel (``SparseMLP.add_to``).
 
@@ -39,6 +40,9 @@ from .linear_ops import dense_linear
 from .switches import env_switch
 
 enabled, enable = env_switch("CHESS_MLX_BLOCK_STEP", "the compiled one-token block")
+norms_enabled, enable_norms = env_switch(
+    "CHESS_MLX_NORM_FUSE", "the block's RMSNorms inside the sparse-input launches under CHESS+attention (off: "
+    "their own launches)")
 
 _OFFSETS: dict[int, mx.array] = {}
 _MISSING = object()
@@ -54,17 +58,30 @@ def _offset(n: int) -> mx.array:
     return a
 
 
+def _norm(ln: nn.Module, x: mx.array):
+    """(weight, eps) of a block's RMSNorm for a sparse-input launch to apply itself, or None: the
+    switch is off, or the norm is not MLX's plain RMSNorm in x's dtype (the kernels read the weight
+    as x's type). Why: each norm of a decode step is a launch of its own, ~4.8 us on the H100, two
+    per layer (benchmarks/RESULTS.md, session 20)."""
+    if not norms_enabled() or type(ln) is not nn.RMSNorm or ln.weight.dtype != x.dtype or ln.weight.ndim != 1:
+        return None
+    return ln.weight, ln.eps
+
+
 class _Site:
     """A thresholded projection's bound sparse-input path (``decode_paths``) called inside a
     block's trace. Its workspace's ordering token enters and leaves the trace as an array, and its
     density is recorded after the call, as ``SparseInputLinear`` does outside a trace."""
 
-    __slots__ = ("c", "static", "ws", "ctl", "proj", "split")
+    __slots__ = ("c", "static", "ws", "ctl", "proj", "split", "normed")
 
-    def __init__(self, mod: nn.Module, bound, split: bool = False):
+    def __init__(self, mod: nn.Module, bound, split: bool = False, normed: bool = False):
         self.c, self.static, (self.ws,) = bound.c, bound.static, bound.spaces
         self.ctl, self.proj = mod.ctl, mod.proj
         self.split = split  # q's launch gives [q | k | v] (``SparseInputLinear.split_plan``)
+        # the launch applies the block's norm itself: q's takes the block's input (the input norm),
+        # o's gives the post-attention norm's output too
+        self.normed = normed
 
     def __call__(self, *xs: mx.array, last: mx.array) -> tuple:
         """Inside the trace: (y, density, the workspace's new ordering token); ``xs`` is x, and
@@ -90,6 +107,9 @@ class _Step:
         self.q, self.o = q, o
 
         def head(x, offset, lasts):
+            if q is not None and q.normed:  # ln1 inside the [q | k | v] launch
+                y, dens, last = q(x, last=lasts[0])
+                return (*FA.heads(st, y, rope, qn, kn, offset), dens, last)
             xn = ln1(x)
             if q is None:
                 return FA.heads(st, dense_linear(xn, plan.qkv), rope, qn, kn, offset)
@@ -103,6 +123,9 @@ class _Step:
             if o is None:
                 h = x + dense_linear(flat, o_proj)
                 return h, ln2(h)
+            if o.normed:  # x + o's product and ln2 of it, one launch
+                h, dens, hn, last = o(flat, x, last=lasts[0])
+                return h, hn, dens, last
             h, dens, last = o(flat, x, last=lasts[0])  # x + o's product, the add inside the kernel
             return h, ln2(h), dens, last
 
@@ -142,16 +165,19 @@ class _BlockState(FA.Collectors):
                 sites.append(None)
                 continue
             if p is attn.q_proj and hasattr(p, "split_plan"):  # [q | k | v] in one launch
-                bound = p.split_plan(x, [attn.k_proj, attn.v_proj])
+                norm = _norm(block.input_layernorm, x)
+                bound = p.split_plan(x, [attn.k_proj, attn.v_proj], xnorm=norm)
                 if bound is not None:
-                    sites.append(_Site(p, bound, split=True))
+                    sites.append(_Site(p, bound, split=True, normed=norm is not None))
                     continue
-            # o's path adds the attention's residual inside its kernel (one graph node fewer)
-            bound = (p.residual_plan(x) if p is attn.o_proj else p.ctl.plan(x, p._plan)) \
+            # o's path adds the attention's residual inside its kernel (one graph node fewer), and
+            # applies the post-attention norm where it can
+            norm = _norm(block.post_attention_layernorm, x) if p is attn.o_proj else None
+            bound = (p.residual_plan(x, ynorm=norm) if p is attn.o_proj else p.ctl.plan(x, p._plan)) \
                 if hasattr(p, "_plan") else None
             if bound is None or len(bound.spaces) != 1:
                 return None
-            sites.append(_Site(p, bound))
+            sites.append(_Site(p, bound, normed=norm is not None))
         return _Step(block, plan, *sites)
 
 

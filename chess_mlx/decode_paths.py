@@ -62,6 +62,18 @@ def _spin_residual(x, r, t, wt, ws, nt=None):
     return G.sparse_input(x, wt, t, ws, residual=r, nt=nt)
 
 
+def _spin_xnorm(x, t, wt, ws, g, eps, nt=None):
+    """``_spin(rms_norm(x, g, eps))``, the norm inside the kernel (q's head launch under
+    CHESS+attention takes the block's input: one launch fewer per layer)."""
+    return G.sparse_input(x, wt, t, ws, nt=nt, xnorm=(g, eps))
+
+
+def _spin_residual_ynorm(x, r, t, wt, ws, g, eps):
+    """``_spin_residual`` and ``rms_norm`` of its sum, one launch (o under CHESS+attention: the
+    residual stream and the post-attention norm's output)."""
+    return G.sparse_input(x, wt, t, ws, residual=r, ynorm=(g, eps))
+
+
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes
 # on its own generation stream) every layer would wait across streams. So: one compiled function
 # per (path, stream, quantization of each weight argument), each a distinct callable, since
@@ -79,7 +91,7 @@ def _static(a):
         return a.w, a.sb
     if isinstance(a, G.Workspace):
         return a.sem, a.partial
-    if isinstance(a, int):  # a compile-time constant, baked into the trace (``Bound``)
+    if isinstance(a, (int, float)):  # a compile-time constant, baked into the trace (``Bound``)
         return ()
     return a
 
@@ -88,7 +100,7 @@ def _compiled(fn, meta: tuple):
     """The compiled twin of ``fn`` for arguments of kinds ``meta`` on the current stream. mx.compile
     takes arrays (and tuples of them), so a QWeight travels as its packed arrays (``w``, ``sb``), and its bits and
     group size, which the kernels need as compile-time constants, are part of the key and baked
-    into the traced function, as is any int argument. A Workspace travels as its counters and scratch plus its ordering token; the
+    into the traced function, as is any int or float argument. A Workspace travels as its counters and scratch plus its ordering token; the
     launches' new tokens come back as extra outputs (a side effect inside the trace would only
     ever see tracers)."""
     key = (fn.__name__, meta, repr(mx.default_stream(mx.default_device())))
@@ -98,7 +110,7 @@ def _compiled(fn, meta: tuple):
             objs, tokens = [], iter(lasts)
             for a, m in zip(static, meta):
                 objs.append(a if m is None else G.Workspace(a[0], next(tokens), a[1]) if m == "ws"
-                            else m[1] if m[0] == "int" else G.QWeight.from_packed(*a, *m))
+                            else m[1] if m[0] == "const" else G.QWeight.from_packed(*a, *m))
             out = fn(*xs, *objs)
             return (*out, *(o.last for o in objs if isinstance(o, G.Workspace)))
         c = _COMPILED[key] = mx.compile(rebuilt)
@@ -117,7 +129,7 @@ class Bound:
 
     def __init__(self, fn, *args):
         meta = tuple((a.bits, a.group_size) if isinstance(a, G.QWeight) else "ws" if isinstance(a, G.Workspace)
-                     else ("int", a) if isinstance(a, int) else None for a in args)
+                     else ("const", a) if isinstance(a, (int, float)) else None for a in args)
         self.c = _compiled(fn, meta)
         self.static = tuple(_static(a) for a in args)
         self.spaces = tuple(a for a in args if isinstance(a, G.Workspace))
@@ -154,12 +166,20 @@ def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down
                  _one_token_scratch(ws_up, wt_up), _one_token_scratch(ws_down, wt_down))
 
 
-def bind_spin(t, wt, ws, residual: bool = False, nt: Optional[int] = None) -> Bound:
+def bind_spin(t, wt, ws, residual: bool = False, nt: Optional[int] = None, xnorm: Optional[G.Norm] = None,
+              ynorm: Optional[G.Norm] = None) -> Bound:
     """Called as ``bound(x)``: ``(x's product, density)``; with ``residual``, as ``bound(x, r)``:
     ``(r + x's product, density)``. ``nt``: the threshold on the first ``nt`` outputs only, x's
-    product as it is past them (``sparse_gemv.sparse_input``)."""
-    args = (t, wt, _one_token_scratch(ws, wt)) + (() if nt is None else (nt,))
-    return Bound(_spin_residual if residual else _spin, *args)
+    product as it is past them (``sparse_gemv.sparse_input``). ``xnorm`` = (weight, eps): x is that
+    RMSNorm's input; ``ynorm`` (with ``residual``): a third result, that RMSNorm of the sum."""
+    args = (t, wt, _one_token_scratch(ws, wt))
+    if xnorm is not None:
+        return Bound(_spin_xnorm, *args, xnorm[0], float(xnorm[1]), *(() if nt is None else (nt,)))
+    if ynorm is not None:
+        if not residual or nt is not None:
+            raise ValueError("an output norm is fused with the residual add only")
+        return Bound(_spin_residual_ynorm, *args, ynorm[0], float(ynorm[1]))
+    return Bound(_spin_residual if residual else _spin, *args, *(() if nt is None else (nt,)))
 
 
 def spin(x, t, wt, ws):

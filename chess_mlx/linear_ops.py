@@ -123,7 +123,7 @@ def kernel_workspace(proj: nn.Module, like: mx.array, n_out: Optional[int] = Non
     all), a call site of its own beside the plain one."""
     name, n = (WORKSPACES[0], proj["weight"].shape[0]) if n_out is None else (WORKSPACES[1], n_out)
     ws = getattr(proj, name, None)
-    if ws is None or ws.sem.size < -(-n // G.SPIN_MIN_TILE) + 1:
+    if ws is None or ws.sem.size < -(-n // G.SPIN_MIN_TILE) + 2:
         ws = G.workspace(n, like, proj.bits if "scales" in proj else None)
         setattr(proj, name, ws)
     return ws

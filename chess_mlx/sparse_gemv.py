@@ -34,6 +34,7 @@ indexing; the CUDA ones are checked and timed on a GPU by ``benchmarks/kernels.p
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -173,19 +174,27 @@ def _times_wt(x: mx.array, wt) -> mx.array:
     return x @ wt
 
 
+Norm = tuple  # (weight, eps) of an RMSNorm fused into a sparse-input launch (``sparse_input``)
+
+
 def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, residual: Optional[mx.array] = None,
-                           nt: Optional[int] = None) -> tuple[mx.array, mx.array]:
+                           nt: Optional[int] = None, xnorm: Optional[Norm] = None,
+                           ynorm: Optional[Norm] = None) -> tuple:
     """``threshold(x, t) @ wt [+ residual]`` and the density of the thresholded input; with ``nt``,
     the outputs past ``nt`` take x as it is. Those come from a second product on the whole of
     ``wt`` (MLX's CUDA quantized product takes no column slice of the transposed layout: "no
-    implementation for problem shape"); a fallback and a check, not a decode path."""
+    implementation for problem shape"); a fallback and a check, not a decode path. ``xnorm``: x
+    goes through that RMSNorm first; ``ynorm``: a third result, that RMSNorm of y."""
+    if xnorm is not None:
+        x = mx.fast.rms_norm(x, *xnorm)
     xs = threshold(x, t)
     y = _times_wt(xs, wt)
     if nt is not None and nt < y.shape[-1]:
         y = mx.concatenate([y[..., :nt], _times_wt(x, wt)[..., nt:]], axis=-1)
     if residual is not None:
         y = residual + y
-    return y, kept_fraction(xs != 0)  # the share of weight rows a kernel reads
+    dens = kept_fraction(xs != 0)  # the share of weight rows a kernel reads
+    return (y, dens) if ynorm is None else (y, dens, mx.fast.rms_norm(y, *ynorm))
 
 
 def silu(x: mx.array) -> mx.array:
@@ -220,8 +229,21 @@ _INPUTS = {
     # the sparse-input kernels with the residual add fused (same source, CHESS_RESIDUAL defined)
     "spin_f_res": ["x", "t", "wt", "sem", "partial", "after", "r"],
     "spin_q_res": ["x", "t", "wt", "sb", "sem", "partial", "after", "r"],
+    # ... with x's RMSNorm fused in (CHESS_XNORM: q's head launch takes the block's input)
+    "spin_f_xnorm": ["x", "t", "wt", "sem", "partial", "after", "gx"],
+    "spin_q_xnorm": ["x", "t", "wt", "sb", "sem", "partial", "after", "gx"],
+    # ... with the residual add and y's RMSNorm (CHESS_YNORM: o's launch gives the post-attention norm too)
+    "spin_f_res_ynorm": ["x", "t", "wt", "sem", "partial", "after", "r", "gy"],
+    "spin_q_res_ynorm": ["x", "t", "wt", "sb", "sem", "partial", "after", "r", "gy"],
 }
-RESIDUAL_VARIANTS = {"spin_f_res": "spin_f", "spin_q_res": "spin_q"}
+# A variant is its base kernel's source with these defined (one source per kernel and backend).
+VARIANTS = {
+    "spin_f_res": ("spin_f", ("CHESS_RESIDUAL",)), "spin_q_res": ("spin_q", ("CHESS_RESIDUAL",)),
+    "spin_f_xnorm": ("spin_f", ("CHESS_XNORM",)), "spin_q_xnorm": ("spin_q", ("CHESS_XNORM",)),
+    "spin_f_res_ynorm": ("spin_f", ("CHESS_RESIDUAL", "CHESS_YNORM")),
+    "spin_q_res_ynorm": ("spin_q", ("CHESS_RESIDUAL", "CHESS_YNORM")),
+}
+RESIDUAL_VARIANTS = {v: base for v, (base, defs) in VARIANTS.items() if defs == ("CHESS_RESIDUAL",)}
 # Template parameters of each kernel, in the order the launchers pass them (checked by the tests
 # against the "Template:" line of both the CUDA and the Metal source).
 TEMPLATES = {
@@ -234,17 +256,19 @@ TEMPLATES = {
 }
 _OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "dens"],
             "spin_q": ["y", "dens"], "gateup_f": ["y"], "gateup_q": ["y"],
-            "spin_f_res": ["y", "dens"], "spin_q_res": ["y", "dens"]}
+            "spin_f_res": ["y", "dens"], "spin_q_res": ["y", "dens"], "spin_f_xnorm": ["y", "dens"],
+            "spin_q_xnorm": ["y", "dens"], "spin_f_res_ynorm": ["y", "dens", "yn"],
+            "spin_q_res_ynorm": ["y", "dens", "yn"]}
 
 
 def kernel_source(kind: str, name: str) -> tuple[str, str]:
-    """(header, body) of a kernel as written: a residual variant is its base source with
-    CHESS_RESIDUAL defined."""
-    base = RESIDUAL_VARIANTS.get(name)
-    if base is None:
+    """(header, body) of a kernel as written: a variant is its base source with its ``VARIANTS``
+    defines."""
+    if name not in VARIANTS:
         return read_source(kind, name)
+    base, defines = VARIANTS[name]
     header, body = read_source(kind, base)
-    return header, "#define CHESS_RESIDUAL 1\n" + body
+    return header, "".join(f"#define {d} 1\n" for d in defines) + body
 
 
 def launch_source(kind: str, name: str) -> tuple[str, str]:
@@ -355,9 +379,9 @@ def spin_geometry(m: int, k: int, n: int, bits: Optional[int] = None, kind: str 
 
 def spin_threadgroup_bytes(m: int, kc: int, words: int = 0, bits: Optional[int] = None) -> int:
     """Static shared/threadgroup memory of spin_f (``bits`` None) or spin_q, as their sources
-    declare it: idx[KC], xsh[M * KC], red[8][TILE], wcount and wnnz (8 per 256 rows of the chunk)
-    and a flag."""
-    return 4 * (kc + m * kc + 8 * spin_tile(words, bits) + 16 * -(-kc // 256) + 1)
+    declare it: idx[KC], xsh[M * KC], red[8][TILE], wcount and wnnz (8 per 256 rows of the chunk),
+    a flag, and the fused norm's per-warp sums wss[8 * M]."""
+    return 4 * (kc + m * kc + 8 * spin_tile(words, bits) + 16 * -(-kc // 256) + 1 + 8 * m)
 
 
 def spin_words(m: int, bits: int = 4, kind: str = "cuda") -> int:
@@ -475,7 +499,7 @@ def workspace(n_out: int, like: Optional[mx.array] = None, bits: Optional[int] =
     inputs of that shape (float weights, or ``bits``-bit ones); otherwise the first launch sizes it."""
     first = mx.zeros((), dtype=mx.float32) if like is None else mx.zeros((*like.shape[:-1], n_out), dtype=like.dtype)
     size = 1 if like is None else spin_partials(rows(like), like.shape[-1], n_out, bits)
-    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 1,), dtype=mx.int32), first,
+    ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 2,), dtype=mx.int32), first,
                    mx.zeros((size,), dtype=mx.float32))
     mx.eval(ws.sem, ws.last, ws.partial)
     return ws
@@ -529,15 +553,28 @@ def split_fits(m: int, nt: int, bits: Optional[int] = None, kind: str = "cuda") 
     return nt > 0 and nt % spin_tile(words, bits) == 0
 
 
+def spin_variant(residual: bool, xnorm: bool, ynorm: bool) -> Optional[str]:
+    """The suffix of the spin kernel for these fused extras, or None where no kernel has them."""
+    return {(False, False, False): "", (True, False, False): "_res", (False, True, False): "_xnorm",
+            (True, False, True): "_res_ynorm"}.get((residual, xnorm, ynorm))
+
+
+def _eps_bits(eps: float) -> int:
+    """A norm's eps as the int32 bits of its float32 (a kernel template takes ints only)."""
+    return struct.unpack("<i", struct.pack("<f", float(eps)))[0]
+
+
 def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
                  kc: Optional[int] = None, words: Optional[int] = None,
-                 residual: Optional[mx.array] = None, nt: Optional[int] = None) -> tuple[mx.array, mx.array]:
+                 residual: Optional[mx.array] = None, nt: Optional[int] = None,
+                 xnorm: Optional[Norm] = None, ynorm: Optional[Norm] = None) -> tuple:
     """spin_f / spin_q: thresholded sparse-input product and its input density, one launch,
     ordered after the previous launch on ``ws`` (y becomes its token). The density is a
     0-d array (no reshape node). ``residual`` (y's shape and dtype, row-contiguous) is added to
     the product in the kernel. ``nt``: threshold the input of the first ``nt`` outputs only (a
-    multiple of the tile; None: all). ``kc`` and ``words`` (spin_q) override the launch geometry
-    for probes."""
+    multiple of the tile; None: all). ``xnorm`` = (weight, eps): x is an RMSNorm's input, applied
+    in the kernel; ``ynorm`` (with ``residual``): a third result, that RMSNorm of y
+    (``spin_variant``). ``kc`` and ``words`` (spin_q) override the launch geometry for probes."""
     m, k = rows(x), x.shape[-1]
     quantized = isinstance(wt, QWeight)
     n = wt.cols if quantized else wt.shape[1]
@@ -546,7 +583,11 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     nt = n if nt is None else nt
     if not 0 < nt <= n or (nt < n and nt % spin_tile(words, wt.bits if quantized else None)):
         raise ValueError(f"thresholded outputs {nt} of {n} do not end a tile")
-    if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1:  # the kernel indexes sem[0 .. tiles]
+    variant = spin_variant(residual is not None, xnorm is not None, ynorm is not None)
+    if variant is None:
+        raise ValueError("no spin kernel fuses this combination of residual and norms")
+    # the kernel indexes sem[0 .. tiles] (and sem[tiles + 1] with a fused output norm)
+    if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1 + (ynorm is not None):
         raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
     ws.hold(chunks * m * n)  # grows only a workspace made without the site's input, or for fewer tokens
     site = [ws.sem, ws.partial, ws.last]
@@ -561,13 +602,22 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
         if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype:
             raise ValueError(f"residual of shape {residual.shape} and {residual.dtype}, expected "
                              f"{(*x.shape[:-1], n)} and {x.dtype}")
-        name, inputs = name + "_res", inputs + [residual]
-    y, dens = _kernel(kind, name)(
+        inputs = inputs + [residual]
+    for norm, size in ((xnorm, k), (ynorm, n)):
+        if norm is not None:  # the kernel reads the weight 16 bytes at a time
+            if norm[0].shape != (size,) or norm[0].dtype != x.dtype or size % 8:
+                raise ValueError(f"norm weight of shape {norm[0].shape} and {norm[0].dtype}, expected "
+                                 f"({size},) and {x.dtype}, a multiple of 8")
+            inputs = inputs + [norm[0]]
+            tmpl = tmpl + [("EPSB", _eps_bits(norm[1]))]
+    out_shape = (*x.shape[:-1], n)
+    out = _kernel(kind, name + variant)(
         inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
-        output_shapes=[(*x.shape[:-1], n), ()], output_dtypes=[x.dtype, mx.float32],
+        output_shapes=[out_shape, ()] + ([out_shape] if ynorm is not None else []),
+        output_dtypes=[x.dtype, mx.float32] + ([x.dtype] if ynorm is not None else []),
         init_value=_POISON)
-    ws.last = y
-    return y, dens
+    ws.last = out[0]
+    return tuple(out)
 
 
 def _launch_gateup(kind: str, x: mx.array, w2, t: mx.array, wpr: Optional[int] = None,
@@ -604,20 +654,25 @@ def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
 
 
 def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, ws: Optional[Workspace] = None,
-                 residual: Optional[mx.array] = None, nt: Optional[int] = None) -> tuple[mx.array, mx.array]:
+                 residual: Optional[mx.array] = None, nt: Optional[int] = None,
+                 xnorm: Optional[Norm] = None, ynorm: Optional[Norm] = None) -> tuple:
     """``(threshold(x, t) @ wt [+ residual], density)`` for x (..., K), wt = W^T (K, N) or its
     QWeight (quantized along N); only the rows of wt that meet a surviving input are read. ``ws``:
     the call site's ``workspace`` (a fresh one is made if omitted, at the cost of a fill). ``nt``:
     only the first ``nt`` outputs take the threshold, the rest x as it is, i.e. a thresholded
     projection and dense ones on the same x, their W^T side by side in ``wt``; one launch where
     ``nt`` ends a kernel tile (``split_fits``), else the reference. The density is that of the
-    thresholded input."""
+    thresholded input. ``xnorm`` = (weight, eps): x is that RMSNorm's input (the product takes
+    its output); ``ynorm`` = (weight, eps): a third result, that RMSNorm of the (residual) sum.
+    Where a kernel fuses them (``spin_variant``), one launch does it all."""
     kind = backend()
-    if kind != "reference" and kernel_supports(kind, x, wt, transposed=True) and (
+    fused = spin_variant(residual is not None, xnorm is not None, ynorm is not None) is not None
+    if kind != "reference" and fused and kernel_supports(kind, x, wt, transposed=True) and (
             nt is None or split_fits(rows(x), nt, wt.bits if isinstance(wt, QWeight) else None, kind)):
         ws = workspace(wt.cols if isinstance(wt, QWeight) else wt.shape[1]) if ws is None else ws
-        return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws, residual=residual, nt=nt)
-    return reference_sparse_input(x, wt, t, residual, nt)
+        return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws, residual=residual, nt=nt,
+                            xnorm=xnorm, ynorm=ynorm)
+    return reference_sparse_input(x, wt, t, residual, nt, xnorm, ynorm)
 
 
 def gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:

@@ -132,29 +132,35 @@ class SparseInputLinear(nn.Module):
         bound = self.split_plan(x, others)
         return None if bound is None else self._recorded(*bound(x))
 
-    def _plan(self, x: mx.array, residual: bool = False):
+    def _plan(self, x: mx.array, residual: bool = False, ynorm: Optional[G.Norm] = None):
         if not compiled_path_ok(x, self):
             return None
         return D.bind_spin(self.ctl.arr("threshold", x.dtype), transposed_weight(self), kernel_workspace(self, x),
-                           residual=residual)
+                           residual=residual, ynorm=ynorm)
 
-    def residual_plan(self, x: mx.array) -> Optional[D.Bound]:
+    def residual_plan(self, x: mx.array, ynorm: Optional[G.Norm] = None) -> Optional[D.Bound]:
         """The one-token path called as ``bound(x, r)``: ``(r + self(x), density)``, the add inside
         the kernel (the compiled block's attention residual, for o); None where ``self(x)`` has no
-        compiled path. It shares the workspace with the plain path, so their launches stay ordered."""
-        return self.ctl.plan(x, partial(self._plan, residual=True), "residual")
+        compiled path. It shares the workspace with the plain path, so their launches stay ordered.
+        ``ynorm`` = (weight, eps) of the RMSNorm that follows (the post-attention norm): the kernel
+        applies it too, and the bound path gives ``(r + self(x), density, norm(r + self(x)))``."""
+        if ynorm is None:
+            return self.ctl.plan(x, partial(self._plan, residual=True), "residual")
+        return self.ctl.plan(x, partial(self._plan, residual=True, ynorm=ynorm), "residual_ynorm")
 
-    def split_plan(self, x: mx.array, others: list[nn.Module]) -> Optional[D.Bound]:
+    def split_plan(self, x: mx.array, others: list[nn.Module], xnorm: Optional[G.Norm] = None) -> Optional[D.Bound]:
         """The one-token path of this thresholded projection and the dense projections ``others`` on
         the same input, as one launch over their W^T side by side (q with k and v under
         CHESS+attention, ``fused_attention``): ``bound(x)`` -> ``([self(x) | other(x) ...],
         density)``. None where there is none: no compiled path, this projection's outputs do not
         end a kernel tile, or ``CHESS_MLX_QKV_LAUNCH=0`` (read when the plan is made, so
         ``enable_split`` takes effect at the next ``set_method``). The stacked W^T it builds stays
-        with the projections, like their own transposed copies, until new weights replace it."""
-        return self.ctl.plan(x, partial(self._split_plan, others), "split")
+        with the projections, like their own transposed copies, until new weights replace it.
+        ``xnorm`` = (weight, eps): x is the input of that RMSNorm (the block's input norm), which
+        the kernel applies before the threshold."""
+        return self.ctl.plan(x, partial(self._split_plan, others, xnorm), "split" if xnorm is None else "split_xnorm")
 
-    def _split_plan(self, others: list[nn.Module], x: mx.array) -> Optional[D.Bound]:
+    def _split_plan(self, others: list[nn.Module], xnorm: Optional[G.Norm], x: mx.array) -> Optional[D.Bound]:
         mods = [self, *others]
         if not split_enabled() or self.ctl.threshold is None or not compiled_path_ok(x, *mods) or not fusable(mods):
             return None
@@ -163,7 +169,7 @@ class SparseInputLinear(nn.Module):
             return None
         wt = stacked_transposed_weight(mods)
         n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
-        return D.bind_spin(self.ctl.arr("threshold", x.dtype), wt, kernel_workspace(self, x, n), nt=nt)
+        return D.bind_spin(self.ctl.arr("threshold", x.dtype), wt, kernel_workspace(self, x, n), nt=nt, xnorm=xnorm)
 
 
 class SparseMLP(nn.Module):

@@ -67,6 +67,50 @@ __device__ __forceinline__ float chess_xval(const T* x, const TT* t, int m, int 
   return fabsf(v) >= static_cast<float>(t[TPC ? j : 0]) ? v : 0.0f;
 }
 
+// Per-token scales of an RMSNorm fused into the kernel that reads its output: rs[m] =
+// rsqrt(mean_j x[m, j]^2 + eps), as mx.fast.rms_norm computes them (float32 sum of squares, then
+// rsqrt(sum / K + eps)); the summation order is the block's, so rs may differ from MLX's in the
+// last bit. Why: each RMSNorm of a decode step is a launch of its own (~4.8 us on the H100, as
+// long as a 50%-sparse 4096-input product, benchmarks/RESULTS.md session 20). g null: no norm,
+// rs = 1 and no barrier. wsum: shared float[8 * M]. All 256 threads must call it. K % 8 == 0.
+template <typename T, int M, int K>
+__device__ __forceinline__ void chess_rms_scales(const T* x, const T* g, float eps, float* wsum, float* rs) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) rs[m] = 1.0f;
+  if (g == nullptr) return;
+  static_assert(K % 8 == 0, "a fused RMSNorm reads x 16 bytes at a time");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float s = 0.0f;
+    for (int v = threadIdx.x; v < K / 8; v += 256) {
+      float f[8];
+      chess_unpack8<T>(reinterpret_cast<const uint4*>(x + (size_t)m * K)[v], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s += f[e] * f[e];
+    }
+    s = chess_warp_sum(s);
+    if (lane == 0) wsum[8 * m + warp] = s;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) s += wsum[8 * m + w];
+    rs[m] = rsqrtf(s / (float)K + eps);
+  }
+}
+
+// x[m, j] after a fused RMSNorm: round(g[j] * round(x[m, j] * rs[m])), the rounding points of
+// mx.fast.rms_norm (its T product of the weight and the rounded normalized value); g null: x.
+template <int K, typename T>
+__device__ __forceinline__ float chess_xnorm(const T* x, const T* g, const float* rs, int m, int j) {
+  const float v = static_cast<float>(x[(size_t)m * K + j]);
+  if (g == nullptr) return v;
+  return static_cast<float>(static_cast<T>(static_cast<float>(g[j]) * static_cast<float>(static_cast<T>(v * rs[m]))));
+}
+
 // Ordered compaction of the active inputs of one split-K chunk into shared memory: idx[0..total)
 // holds the rows j in [k_begin, k_begin + KC) with any thresholded x[m, j] != 0, in increasing
 // order, and xsh[m * KC + i] the thresholded x[m, idx[i]] as float. The inner loops then read x
@@ -75,11 +119,12 @@ __device__ __forceinline__ float chess_xval(const T* x, const TT* t, int m, int 
 // number of non-zero (m, j) elements of the chunk (the density the stats report). Each thread
 // loads all of its P = KC/256 inputs before the one barrier pair, so a block waits for one x load,
 // not P in a row (session 10). wcount and wnnz hold 8 * P ints. thr false: x as it is, no threshold
-// (the dense tiles of a split launch, spin's NT). All 256 threads of the block must call it.
+// (the dense tiles of a split launch, spin's NT). g, rs: a fused RMSNorm of x (chess_rms_scales;
+// g null: none); the threshold applies to the normalized values, as it would to the norm's output. All 256 threads of the block must call it.
 // Returns the count of active rows.
 template <int M, int K, int KC, int TPC, typename T, typename TT>
-__device__ __forceinline__ int chess_compact(const T* x, const TT* t, bool thr, int k_begin, int* idx, float* xsh,
-                                             int* wcount, int* wnnz, int* nnz) {
+__device__ __forceinline__ int chess_compact(const T* x, const TT* t, const T* g, const float* rs, bool thr, int k_begin,
+                                             int* idx, float* xsh, int* wcount, int* wnnz, int* nnz) {
   constexpr int P = (KC + 255) / 256;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float v[P][M];
@@ -92,7 +137,10 @@ __device__ __forceinline__ int chess_compact(const T* x, const TT* t, bool thr, 
     const bool valid = i < KC && j < K;
 #pragma unroll
     for (int m = 0; m < M; ++m)
-      v[p][m] = !valid ? 0.0f : thr ? chess_xval<K, TPC>(x, t, m, j) : static_cast<float>(x[(size_t)m * K + j]);
+    {
+      const float xv = valid ? chess_xnorm<K>(x, g, rs, m, j) : 0.0f;
+      v[p][m] = !valid ? 0.0f : !thr ? xv : fabsf(xv) >= static_cast<float>(t[TPC ? j : 0]) ? xv : 0.0f;
+    }
   }
 #pragma unroll
   for (int p = 0; p < P; ++p) {
@@ -450,7 +498,8 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
 template <typename T, int M, int N, int K, int KC, int VPL>
 __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const float* accb, const float* partial_in,
                                                   T* y, float* dens, const int* sem_in, int nnz,
-                                                  float (*red)[32 * VPL], int* flag, const T* res) {
+                                                  float (*red)[32 * VPL], int* flag, const T* res,
+                                                  const T* yg = nullptr, T* yn = nullptr, float eps = 0.0f) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
   float* partial = const_cast<float*>(partial_in);
@@ -498,6 +547,47 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
     sem[tile] = 0;  // every chunk has counted in; the next launch reads it after this kernel ends
     if (tile == 0) dens[0] = (float)atomicExch(&sem[tiles], 0) / (float)(M * K);
   }
+  if (yn == nullptr) return;
+  // A fused RMSNorm of y (the _ynorm variants: o's launch gives the post-attention norm's output
+  // too, one launch fewer per layer): the last tile block to finish (counted in sem[tiles + 1])
+  // reads all of y back from L2 and writes yn = round(yg * round(y * rsqrt(mean(y^2) + eps))).
+  __syncthreads();  // every thread's y stores, before thread 0's release
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const bool fin = atomicAdd(&sem[tiles + 1], 1) == tiles - 1;
+    if (fin) __threadfence();  // acquire: the other tiles' y
+    *flag = fin;
+  }
+  __syncthreads();
+  if (!*flag) return;
+  static_assert(N % 8 == 0, "a fused RMSNorm reads y 16 bytes at a time");
+  float rs[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float sq = 0.0f;
+    for (int v = threadIdx.x; v < N / 8; v += 256) {
+      float f[8];
+      chess_unpack8<T>(__ldcg(reinterpret_cast<const uint4*>(y + (size_t)m * N) + v), f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
+    }
+    sq = chess_warp_sum(sq);
+    if (lane == 0) red[warp][m] = sq;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float sq = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) sq += red[w][m];
+    rs[m] = rsqrtf(sq / (float)N + eps);
+  }
+  for (int i = threadIdx.x; i < M * N; i += 256) {
+    const int m = i / N;
+    const float v = static_cast<float>(static_cast<T>(static_cast<float>(__ldcg(y + i)) * rs[m]));
+    yn[i] = static_cast<T>(static_cast<float>(yg[i - m * N]) * v);
+  }
+  if (threadIdx.x == 0) sem[tiles + 1] = 0;
 }
 
 // Row sums of a sparse-output block: acc[m] summed over the warp and the WPR warps sharing the

@@ -14,6 +14,13 @@
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
 // fewer per layer and token).
+// With CHESS_XNORM defined (the "_xnorm" kernels, one more input gx of K, template EPSB): x is the
+// input of an RMSNorm (weight gx, eps the float with bits EPSB) that the kernel applies itself
+// before the threshold (chess_rms_scales, chess_xnorm): the norm's launch is saved (q's head launch
+// takes the block's input). With CHESS_YNORM (the "_res_ynorm" kernels, with CHESS_RESIDUAL: one
+// more input gy of N, one more output yn of y's shape, template EPSB): yn = RMSNorm(y) (weight gy),
+// written by the last tile to finish (chess_spin_finish; sem then needs tiles + 2 zeros): o's launch
+// gives the block's residual stream and the post-attention norm's output.
 // Template: T, M, K, N, BITS, GS, KC (<= 512), WORDS, TPC, NT. Grid: (ceil(N/TILE)*256, ceil(K/KC)),
 // threadgroup 256. Needs N % (4*32/BITS) == 0.
 // NT (a multiple of TILE, 0 < NT <= N): outputs [0, NT) take the thresholded x, [NT, N) x as it is,
@@ -29,6 +36,24 @@ const T* res = r;
 #else
 const T* res = nullptr;
 #endif
+#ifdef CHESS_XNORM
+const T* xg = gx;
+#else
+const T* xg = nullptr;
+#endif
+#ifdef CHESS_YNORM
+const T* yg = gy;
+T* ynorm = yn;
+#else
+const T* yg = nullptr;
+T* ynorm = nullptr;
+#endif
+#if defined(CHESS_XNORM) || defined(CHESS_YNORM)
+const float eps = __int_as_float(EPSB);
+#else
+const float eps = 0.0f;
+#endif
+__shared__ float wss[8 * M];
 const T* scales = sb;
 const T* biases = sb + (size_t)K * (N / GS);
 __shared__ int idx[KC];
@@ -45,7 +70,9 @@ const int n0 = tile * TILE + lane * VPL;
 const bool in_range = n0 < N;
 int nnz = 0;
 const bool thr = tile * TILE < NT;  // a split launch's tiles past NT take x as it is
-const int total = chess_compact<M, K, KC, TPC>(x, t, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
+float rs[M];
+chess_rms_scales<T, M, K>(x, xg, eps, wss, rs);  // rs = 1 without a fused input norm
+const int total = chess_compact<M, K, KC, TPC>(x, t, xg, rs, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
 float acc[M][VPL];
 float accb[M];
 #pragma unroll
@@ -77,4 +104,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
   }
   if (in_range) ChessSpinQ<T, M, BITS, WORDS, U>::rows(words, sc, bi, xv, acc, accb);
 }
-chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, res);
+chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, res, yg, ynorm, eps);

@@ -62,6 +62,41 @@ inline float chess_xval(const device T* x, const device TT* t, int m, int j) {
   return fabs(v) >= float(t[TPC ? j : 0]) ? v : 0.0f;
 }
 
+// Per-token scales of an RMSNorm fused into the kernel that reads its output (twin of the CUDA
+// one): rs[m] = rsqrt(sum_j x[m, j]^2 / K + eps) in float32; g null: rs = 1, no barrier.
+// wsum: threadgroup float[8 * M]. All 256 threads must call it. K % 8 == 0.
+template <typename T, int M, int K>
+inline void chess_rms_scales(const device T* x, const device T* g, float eps, threadgroup float* wsum,
+                             thread float* rs, uint tid, uint lane, uint warp) {
+  for (int m = 0; m < M; ++m) rs[m] = 1.0f;
+  if (g == nullptr) return;
+  static_assert(K % 8 == 0, "a fused RMSNorm reads x 16 bytes at a time");
+  for (int m = 0; m < M; ++m) {
+    float s = 0.0f;
+    for (int v = int(tid); v < K / 8; v += 256) {
+      float f[8];
+      chess_unpack8<T>(((const device uint4*)(x + m * K))[v], f);
+      for (int e = 0; e < 8; ++e) s += f[e] * f[e];
+    }
+    s = simd_sum(s);
+    if (lane == 0) wsum[8 * m + int(warp)] = s;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int m = 0; m < M; ++m) {
+    float s = 0.0f;
+    for (int w = 0; w < 8; ++w) s += wsum[8 * m + w];
+    rs[m] = rsqrt(s / float(K) + eps);
+  }
+}
+
+// x[m, j] after a fused RMSNorm: round(g[j] * round(x[m, j] * rs[m])) (twin of the CUDA one).
+template <int K, typename T>
+inline float chess_xnorm(const device T* x, const device T* g, thread const float* rs, int m, int j) {
+  const float v = float(x[m * K + j]);
+  if (g == nullptr) return v;
+  return float(static_cast<T>(float(g[j]) * float(static_cast<T>(v * rs[m]))));
+}
+
 // Ordered compaction of the surviving inputs of one split-K chunk into threadgroup memory (rows in
 // idx, thresholded values as float in xsh[m * KC + i], so the inner loops never read x from device
 // memory), and the chunk's count of non-zero (m, j) elements in *nnz. Twin of the CUDA helper:
@@ -70,7 +105,8 @@ inline float chess_xval(const device T* x, const device TT* t, int m, int j) {
 // All 256 threads of the threadgroup must call it. Returns the count of active rows (same order as
 // the CUDA twin).
 template <int M, int K, int KC, int TPC, typename T, typename TT>
-inline int chess_compact(const device T* x, const device TT* t, bool thr, int k_begin, threadgroup int* idx,
+inline int chess_compact(const device T* x, const device TT* t, const device T* g, thread const float* rs, bool thr,
+                         int k_begin, threadgroup int* idx,
                          threadgroup float* xsh, threadgroup int* wcount, threadgroup int* wnnz, thread int* nnz,
                          uint tid, uint lane, uint warp) {
   constexpr int P = (KC + 255) / 256;
@@ -81,7 +117,10 @@ inline int chess_compact(const device T* x, const device TT* t, bool thr, int k_
     const int i = 256 * p + int(tid);
     const int j = k_begin + i;
     const bool valid = i < KC && j < K;
-    for (int m = 0; m < M; ++m) v[p][m] = !valid ? 0.0f : thr ? chess_xval<K, TPC>(x, t, m, j) : float(x[m * K + j]);
+    for (int m = 0; m < M; ++m) {
+      const float xv = valid ? chess_xnorm<K>(x, g, rs, m, j) : 0.0f;
+      v[p][m] = !valid ? 0.0f : !thr ? xv : fabs(xv) >= float(t[TPC ? j : 0]) ? xv : 0.0f;
+    }
   }
   for (int p = 0; p < P; ++p) {
     int mine = 0;
@@ -384,7 +423,8 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
                               device T* y, device float* dens, const device int* sem_in, int nnz,
                               threadgroup float (*red)[32 * VPL], threadgroup int* flag, uint tid, uint lane,
                               uint warp, int tile, int chunk, int tiles,
-                              const device T* res) {
+                              const device T* res, const device T* yg = nullptr, device T* yn = nullptr,
+                              float eps = 0.0f) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
   device atomic_int* sem = (device atomic_int*)(sem_in);
@@ -426,6 +466,42 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
     atomic_store_explicit(&sem[tile], 0, memory_order_relaxed);
     if (tile == 0) dens[0] = float(atomic_exchange_explicit(&sem[tiles], 0, memory_order_relaxed)) / float(M * K);
   }
+  if (yn == nullptr) return;
+  // A fused RMSNorm of y (the _ynorm variants), written by the last tile threadgroup to finish
+  // (counted in sem[tiles + 1]), as the CUDA twin.
+  threadgroup_barrier(mem_flags::mem_device);
+  if (tid == 0) {
+    atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);  // release
+    const bool fin = atomic_fetch_add_explicit(&sem[tiles + 1], 1, memory_order_relaxed) == tiles - 1;
+    if (fin) atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);  // acquire
+    *flag = fin ? 1 : 0;
+  }
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
+  if (*flag == 0) return;
+  static_assert(N % 8 == 0, "a fused RMSNorm reads y 16 bytes at a time");
+  float rs[M];
+  for (int m = 0; m < M; ++m) {
+    float sq = 0.0f;
+    for (int v = int(tid); v < N / 8; v += 256) {
+      float f[8];
+      chess_unpack8<T>(((const device uint4*)(y + m * N))[v], f);
+      for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
+    }
+    sq = simd_sum(sq);
+    if (lane == 0) red[warp][m] = sq;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int m = 0; m < M; ++m) {
+    float sq = 0.0f;
+    for (int w = 0; w < 8; ++w) sq += red[w][m];
+    rs[m] = rsqrt(sq / float(N) + eps);
+  }
+  for (int i = int(tid); i < M * N; i += 256) {
+    const int m = i / N;
+    const float v = float(static_cast<T>(float(y[i]) * rs[m]));
+    yn[i] = static_cast<T>(float(yg[i - m * N]) * v);
+  }
+  if (tid == 0) atomic_store_explicit(&sem[tiles + 1], 0, memory_order_relaxed);
 }
 
 // Row sums of a sparse-output threadgroup (twin of the CUDA one), returned to every thread of the

@@ -10,6 +10,9 @@
 // With CHESS_RESIDUAL defined (sparse_gemv's "_res" kernels, one more input r of y's shape):
 // y = round(r + round(product)), the block's residual add fused into the epilogue (one graph node
 // fewer per layer and token).
+// With CHESS_XNORM (one more input gx of K, template EPSB): x's RMSNorm (weight gx) applied in the
+// kernel before the threshold; with CHESS_YNORM (and CHESS_RESIDUAL; one more input gy of N, one
+// more output yn, template EPSB): yn = RMSNorm(y), by the last tile to finish (as the CUDA twin).
 // Template: T, M, K, N, KC, TPC, NT. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
 // NT (a multiple of TILE, 0 < NT <= N): outputs [0, NT) take the thresholded x, [NT, N) x as it is,
 // so one launch serves a thresholded projection and dense ones on the same input, their W^T side by
@@ -22,6 +25,24 @@ const device T* res = r;
 #else
 const device T* res = nullptr;
 #endif
+#ifdef CHESS_XNORM
+const device T* xg = gx;
+#else
+const device T* xg = nullptr;
+#endif
+#ifdef CHESS_YNORM
+const device T* yg = gy;
+device T* ynorm = yn;
+#else
+const device T* yg = nullptr;
+device T* ynorm = nullptr;
+#endif
+#if defined(CHESS_XNORM) || defined(CHESS_YNORM)
+const float eps = as_type<float>(int(EPSB));
+#else
+const float eps = 0.0f;
+#endif
+threadgroup float wss[8 * M];
 threadgroup int idx[KC];
 threadgroup float xsh[M * KC];
 threadgroup int wcount[8 * ((KC + 255) / 256)];
@@ -38,7 +59,10 @@ const int n0 = tile * TILE + int(lane) * 8;
 const bool in_range = n0 < N;
 int nnz = 0;
 const bool thr = tile * TILE < NT;  // a split launch's tiles past NT take x as it is
-const int total = chess_compact<M, K, KC, TPC>(x, t, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz, tid, lane, warp);
+float rs[M];
+chess_rms_scales<T, M, K>(x, xg, eps, wss, rs, tid, lane, warp);  // rs = 1 without a fused input norm
+const int total = chess_compact<M, K, KC, TPC>(x, t, xg, rs, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz, tid, lane,
+                                               warp);
 float acc[M][8];
 for (int m = 0; m < M; ++m)
   for (int e = 0; e < 8; ++e) acc[m][e] = 0.0f;
@@ -63,4 +87,4 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
 }
 const float zero[M] = {};
 chess_spin_finish<T, M, N, K, KC, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
-                                  int(threadgroups_per_grid.x), res);
+                                  int(threadgroups_per_grid.x), res, yg, ynorm, eps);

@@ -124,16 +124,17 @@ def test_thresholded_sparse_input_and_gate_up_against_float64(per_channel):
 
 def test_workspace_and_threshold_shape_checks():
     ws = G.workspace(14336)
-    assert ws.sem.dtype == mx.int32 and ws.sem.size == 14336 // 128 + 1 and not np.array(ws.sem).any()
+    assert ws.sem.dtype == mx.int32 and ws.sem.size == 14336 // 128 + 2 and not np.array(ws.sem).any()
     # one workspace serves every spin launch on n outputs: spin_f (256-output tiles) and spin_q at
-    # any token count and width (8 bits, one word per lane: 128 outputs; missed before session 9)
+    # any token count and width (8 bits, one word per lane: 128 outputs; missed before session 9),
+    # with the counter of a fused output norm (sem[tiles + 1]) too
     for n in (4096, 14336, 4100):
         sem = G.workspace(n).sem.size
-        assert sem >= -(-n // 256) + 1
+        assert sem >= -(-n // 256) + 2
         for kind in ("cuda", "metal"):
             for m in (1, 2, 3, 4):
                 for bits in (4, 8):
-                    assert sem >= -(-n // (32 * G.spin_words(m, bits, kind) * (32 // bits))) + 1, (n, kind, m, bits)
+                    assert sem >= -(-n // (32 * G.spin_words(m, bits, kind) * (32 // bits))) + 2, (n, kind, m, bits)
     # a workspace made with the site's input holds the split-K scratch of that launch geometry
     for m, k, n, bits in ((1, 14336, 4096, None), (1, 14336, 4096, 4), (1, 4096, 4096, 4), (2, 4096, 14336, 8)):
         ws = G.workspace(n, mx.zeros((1, m, k), dtype=mx.float16), bits)
@@ -300,8 +301,36 @@ def test_residual_variants_read_their_input_only_when_defined(name):
         assert guarded and re.search(r"\br\b", guarded.group(1)) and not re.search(r"\br\b", guarded.group(2))
         rest = body.replace(guarded.group(0), "")
         assert not re.search(r"\br\b", re.sub(r"//.*", "", rest)), "r read outside the #ifdef"
-        assert re.search(r"chess_spin_finish<[^;]*\bres\)", body, re.S)
+        assert re.search(r"chess_spin_finish<[^;]*\bres\b", body, re.S)
         assert re.search(r"if \(res\) s = ", header)
+
+
+_NORM_INPUTS = {"CHESS_XNORM": "gx", "CHESS_YNORM": "gy"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, d) in G.VARIANTS.items() if set(d) & set(_NORM_INPUTS)))
+def test_norm_variants_read_their_inputs_only_when_defined(name):
+    """A fused-norm variant is its base source with its defines: both twins read the norm's weight
+    (``gx`` / ``gy``) and write ``yn`` inside the #ifdef only, take the norm's eps as the template
+    EPSB there only, and hand them to the shared compaction / epilogue."""
+    base, defines = G.VARIANTS[name]
+    extra = (["r"] if "CHESS_RESIDUAL" in defines else []) + [_NORM_INPUTS[d] for d in defines if d in _NORM_INPUTS]
+    assert G._INPUTS[name] == G._INPUTS[base] + extra
+    assert G._OUTPUTS[name] == G._OUTPUTS[base] + (["yn"] if "CHESS_YNORM" in defines else [])
+    for kind in ("cuda", "metal"):
+        header, body = G.kernel_source(kind, name)
+        assert body.startswith("".join(f"#define {d} 1\n" for d in defines))
+        code = re.sub(r"//.*", "", G.read_source(kind, base)[1])
+        for d, ident in list(_NORM_INPUTS.items()) + [("CHESS_YNORM", "yn")]:
+            guarded = re.search(rf"#ifdef {d}\n(.*?)#else\n(.*?)#endif", code, re.S)
+            assert guarded and re.search(rf"\b{ident}\b", guarded.group(1)), (d, ident)
+            assert not re.search(rf"\b{ident}\b", code.replace(guarded.group(0), "")), f"{ident} outside #ifdef {d}"
+        eps = re.search(r"#if defined\(CHESS_XNORM\) \|\| defined\(CHESS_YNORM\)\n(.*?)#else", code, re.S)
+        assert eps and "EPSB" in eps.group(1) and "EPSB" not in code.replace(eps.group(0), "")
+        assert re.search(r"chess_rms_scales<T, M, K>\(x, xg, eps", code)
+        assert re.search(r"chess_compact<M, K, KC, TPC>\(x, t, xg, rs,", code)
+        assert re.search(r"res, yg, ynorm, eps\);", code)
+        assert "chess_rms_scales" in header and "chess_xnorm" in header
 
 
 _CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "float32": "float",
@@ -333,6 +362,18 @@ _INSTANCES = [
      dict(T="float16", M=1, K=14336, N=4096, KC=512, TPC=0, NT=4096)),
     ("spin_q_res", ["float16", "float16", "uint32", "float16", "int32", "float32", "float32", "float16"],
      ["float16", "float32"], dict(T="float16", M=1, K=14336, N=4096, BITS=4, GS=64, KC=256, WORDS=2, TPC=0, NT=4096)),
+    # fused RMSNorms: of x (q's head launch, split), of y (o's launch, with the residual)
+    ("spin_f_xnorm", ["float16", "float16", "float16", "int32", "float32", "float32", "float16"], ["float16", "float32"],
+     dict(T="float16", M=1, K=4096, N=6144, KC=256, TPC=0, NT=4096, EPSB=897988541)),
+    ("spin_q_xnorm", ["bfloat16", "float32", "uint32", "bfloat16", "int32", "float32", "float32", "bfloat16"],
+     ["bfloat16", "float32"], dict(T="bfloat16", M=2, K=4096, N=6144, BITS=4, GS=64, KC=128, WORDS=2, TPC=1,
+                                   NT=4096, EPSB=897988541)),
+    ("spin_f_res_ynorm", ["bfloat16", "bfloat16", "bfloat16", "int32", "float32", "float32", "bfloat16", "bfloat16"],
+     ["bfloat16", "float32", "bfloat16"], dict(T="bfloat16", M=1, K=4096, N=4096, KC=128, TPC=0, NT=4096,
+                                               EPSB=897988541)),
+    ("spin_q_res_ynorm", ["float16", "float16", "uint32", "float16", "int32", "float32", "float32", "float16",
+                          "float16"], ["float16", "float32", "float16"],
+     dict(T="float16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=1, TPC=0, NT=4096, EPSB=897988541)),
     ("spin_q_res", ["bfloat16", "float32", "uint32", "bfloat16", "int32", "float32", "float32", "bfloat16"],
      ["bfloat16", "float32"], dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=1, NT=4096)),
     ("gateup_f", ["float16", "float16", "float32"], ["float16"],
@@ -364,7 +405,10 @@ def _mlx_style_kernel(idx: int, name, in_types, out_types, tmpl) -> str:
     consts = "".join(f"  using {k} = {_CUDA_TYPES[v]};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
                      for k, v in tmpl.items())
     return (f"namespace k{idx} {{\n{header}\n__global__ void k{idx}_{name}({', '.join(args)}) {{\n{consts}\n"
-            f"{body}\n}}\n}}\n#undef CHESS_RESIDUAL\n")
+            f"{body}\n}}\n}}\n" + "".join(f"#undef {d}\n" for d in _DEFINES))
+
+
+_DEFINES = sorted({d for _, defines in G.VARIANTS.values() for d in defines})
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
