@@ -79,15 +79,20 @@ __device__ __forceinline__ void chess_rms_scales(const T* x, const T* g, float e
   for (int m = 0; m < M; ++m) rs[m] = 1.0f;
   if (g == nullptr) return;
   static_assert(K % 8 == 0, "a fused RMSNorm reads x 16 bytes at a time");
+  constexpr int VPT = (K / 8 + 255) / 256;  // 16-byte loads per thread and token, all issued together
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     float s = 0.0f;
-    for (int v = threadIdx.x; v < K / 8; v += 256) {
-      float f[8];
-      chess_unpack8<T>(reinterpret_cast<const uint4*>(x + (size_t)m * K)[v], f);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s += f[e] * f[e];
+    for (int q = 0; q < VPT; ++q) {
+      const int v = (int)threadIdx.x + 256 * q;
+      if (v < K / 8) {
+        float f[8];
+        chess_unpack8<T>(reinterpret_cast<const uint4*>(x + (size_t)m * K)[v], f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s += f[e] * f[e];
+      }
     }
     s = chess_warp_sum(s);
     if (lane == 0) wsum[8 * m + warp] = s;
@@ -102,15 +107,6 @@ __device__ __forceinline__ void chess_rms_scales(const T* x, const T* g, float e
   }
 }
 
-// x[m, j] after a fused RMSNorm: round(g[j] * round(x[m, j] * rs[m])), the rounding points of
-// mx.fast.rms_norm (its T product of the weight and the rounded normalized value); g null: x.
-template <int K, typename T>
-__device__ __forceinline__ float chess_xnorm(const T* x, const T* g, const float* rs, int m, int j) {
-  const float v = static_cast<float>(x[(size_t)m * K + j]);
-  if (g == nullptr) return v;
-  return static_cast<float>(static_cast<T>(static_cast<float>(g[j]) * static_cast<float>(static_cast<T>(v * rs[m]))));
-}
-
 // Ordered compaction of the active inputs of one split-K chunk into shared memory: idx[0..total)
 // holds the rows j in [k_begin, k_begin + KC) with any thresholded x[m, j] != 0, in increasing
 // order, and xsh[m * KC + i] the thresholded x[m, idx[i]] as float. The inner loops then read x
@@ -119,29 +115,40 @@ __device__ __forceinline__ float chess_xnorm(const T* x, const T* g, const float
 // number of non-zero (m, j) elements of the chunk (the density the stats report). Each thread
 // loads all of its P = KC/256 inputs before the one barrier pair, so a block waits for one x load,
 // not P in a row (session 10). wcount and wnnz hold 8 * P ints. thr false: x as it is, no threshold
-// (the dense tiles of a split launch, spin's NT). g, rs: a fused RMSNorm of x (chess_rms_scales;
-// g null: none); the threshold applies to the normalized values, as it would to the norm's output. All 256 threads of the block must call it.
+// (the dense tiles of a split launch, spin's NT). g, eps: a fused RMSNorm of x (chess_rms_scales,
+// nsum its shared float[8 * M]; g null: none), rounded where mx.fast.rms_norm rounds:
+// round(g[j] * round(x[m, j] * rs[m])); the threshold applies to the normalized values, as it
+// would to the norm's output. All 256 threads of the block must call it.
 // Returns the count of active rows.
 template <int M, int K, int KC, int TPC, typename T, typename TT>
-__device__ __forceinline__ int chess_compact(const T* x, const TT* t, const T* g, const float* rs, bool thr, int k_begin,
-                                             int* idx, float* xsh, int* wcount, int* wnnz, int* nnz) {
+__device__ __forceinline__ int chess_compact(const T* x, const TT* t, const T* g, float eps, float* nsum, bool thr,
+                                             int k_begin, int* idx, float* xsh, int* wcount, int* wnnz, int* nnz) {
   constexpr int P = (KC + 255) / 256;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float v[P][M];
-  bool act[P];
-  unsigned bal[P];
+  float v[P][M], gv[P], tv[P];
+  bool valid[P];
 #pragma unroll
-  for (int p = 0; p < P; ++p) {
+  for (int p = 0; p < P; ++p) {  // every load first: the norm's scales then wait on one round trip
     const int i = 256 * p + (int)threadIdx.x;
     const int j = k_begin + i;
-    const bool valid = i < KC && j < K;
+    valid[p] = i < KC && j < K;
 #pragma unroll
-    for (int m = 0; m < M; ++m)
-    {
-      const float xv = valid ? chess_xnorm<K>(x, g, rs, m, j) : 0.0f;
-      v[p][m] = !valid ? 0.0f : !thr ? xv : fabsf(xv) >= static_cast<float>(t[TPC ? j : 0]) ? xv : 0.0f;
-    }
+    for (int m = 0; m < M; ++m) v[p][m] = valid[p] ? static_cast<float>(x[(size_t)m * K + j]) : 0.0f;
+    gv[p] = valid[p] && g != nullptr ? static_cast<float>(g[j]) : 0.0f;
+    tv[p] = valid[p] && thr ? static_cast<float>(t[TPC ? j : 0]) : 0.0f;
   }
+  float rs[M];
+  chess_rms_scales<T, M, K>(x, g, eps, nsum, rs);  // rs = 1 without a fused norm (no barrier)
+#pragma unroll
+  for (int p = 0; p < P; ++p)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xv = v[p][m];
+      if (g != nullptr) xv = static_cast<float>(static_cast<T>(gv[p] * static_cast<float>(static_cast<T>(xv * rs[m]))));
+      v[p][m] = !valid[p] ? 0.0f : !thr ? xv : fabsf(xv) >= tv[p] ? xv : 0.0f;
+    }
+  bool act[P];
+  unsigned bal[P];
 #pragma unroll
   for (int p = 0; p < P; ++p) {
     int mine = 0;
@@ -561,31 +568,42 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
   __syncthreads();
   if (!*flag) return;
   static_assert(N % 8 == 0, "a fused RMSNorm reads y 16 bytes at a time");
-  float rs[M];
+  constexpr int VPT = (N / 8 + 255) / 256;  // 16-byte pieces per thread and token, all loads issued together
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
+  for (int m = 0; m < M; ++m) {  // one token at a time: y, g and the outputs stay in registers
+    uint4 yv[VPT], gq[VPT];
     float sq = 0.0f;
-    for (int v = threadIdx.x; v < N / 8; v += 256) {
-      float f[8];
-      chess_unpack8<T>(__ldcg(reinterpret_cast<const uint4*>(y + (size_t)m * N) + v), f);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
+    for (int q = 0; q < VPT; ++q) {
+      const int v = (int)threadIdx.x + 256 * q;
+      if (v < N / 8) {
+        yv[q] = __ldcg(reinterpret_cast<const uint4*>(y + (size_t)m * N) + v);  // L2: other blocks wrote it
+        gq[q] = reinterpret_cast<const uint4*>(yg)[v];
+        float f[8];
+        chess_unpack8<T>(yv[q], f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
+      }
     }
     sq = chess_warp_sum(sq);
     if (lane == 0) red[warp][m] = sq;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float sq = 0.0f;
+    __syncthreads();
+    sq = 0.0f;
 #pragma unroll
     for (int w = 0; w < 8; ++w) sq += red[w][m];
-    rs[m] = rsqrtf(sq / (float)N + eps);
-  }
-  for (int i = threadIdx.x; i < M * N; i += 256) {
-    const int m = i / N;
-    const float v = static_cast<float>(static_cast<T>(static_cast<float>(__ldcg(y + i)) * rs[m]));
-    yn[i] = static_cast<T>(static_cast<float>(yg[i - m * N]) * v);
+    const float rs = rsqrtf(sq / (float)N + eps);
+#pragma unroll
+    for (int q = 0; q < VPT; ++q) {
+      const int v = (int)threadIdx.x + 256 * q;
+      if (v < N / 8) {
+        float f[8], gf[8];
+        chess_unpack8<T>(yv[q], f);
+        chess_unpack8<T>(gq[q], gf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          yn[(size_t)m * N + 8 * v + e] = static_cast<T>(gf[e] * static_cast<float>(static_cast<T>(f[e] * rs)));
+      }
+    }
   }
   if (threadIdx.x == 0) sem[tiles + 1] = 0;
 }

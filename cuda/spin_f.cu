@@ -65,9 +65,7 @@ const int n0 = tile * TILE + lane * 8;
 const bool in_range = n0 < N;
 int nnz = 0;
 const bool thr = tile * TILE < NT;  // a split launch's tiles past NT take x as it is
-float rs[M];
-chess_rms_scales<T, M, K>(x, xg, eps, wss, rs);  // rs = 1 without a fused input norm
-const int total = chess_compact<M, K, KC, TPC>(x, t, xg, rs, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
+const int total = chess_compact<M, K, KC, TPC>(x, t, xg, eps, wss, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz);
 float acc[M][8];
 #pragma unroll
 for (int m = 0; m < M; ++m)

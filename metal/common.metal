@@ -71,12 +71,16 @@ inline void chess_rms_scales(const device T* x, const device T* g, float eps, th
   for (int m = 0; m < M; ++m) rs[m] = 1.0f;
   if (g == nullptr) return;
   static_assert(K % 8 == 0, "a fused RMSNorm reads x 16 bytes at a time");
+  constexpr int VPT = (K / 8 + 255) / 256;  // 16-byte loads per thread and token, all issued together
   for (int m = 0; m < M; ++m) {
     float s = 0.0f;
-    for (int v = int(tid); v < K / 8; v += 256) {
-      float f[8];
-      chess_unpack8<T>(((const device uint4*)(x + m * K))[v], f);
-      for (int e = 0; e < 8; ++e) s += f[e] * f[e];
+    for (int q = 0; q < VPT; ++q) {
+      const int v = int(tid) + 256 * q;
+      if (v < K / 8) {
+        float f[8];
+        chess_unpack8<T>(((const device uint4*)(x + m * K))[v], f);
+        for (int e = 0; e < 8; ++e) s += f[e] * f[e];
+      }
     }
     s = simd_sum(s);
     if (lane == 0) wsum[8 * m + int(warp)] = s;
@@ -89,14 +93,6 @@ inline void chess_rms_scales(const device T* x, const device T* g, float eps, th
   }
 }
 
-// x[m, j] after a fused RMSNorm: round(g[j] * round(x[m, j] * rs[m])) (twin of the CUDA one).
-template <int K, typename T>
-inline float chess_xnorm(const device T* x, const device T* g, thread const float* rs, int m, int j) {
-  const float v = float(x[m * K + j]);
-  if (g == nullptr) return v;
-  return float(static_cast<T>(float(g[j]) * float(static_cast<T>(v * rs[m]))));
-}
-
 // Ordered compaction of the surviving inputs of one split-K chunk into threadgroup memory (rows in
 // idx, thresholded values as float in xsh[m * KC + i], so the inner loops never read x from device
 // memory), and the chunk's count of non-zero (m, j) elements in *nnz. Twin of the CUDA helper:
@@ -105,23 +101,31 @@ inline float chess_xnorm(const device T* x, const device T* g, thread const floa
 // All 256 threads of the threadgroup must call it. Returns the count of active rows (same order as
 // the CUDA twin).
 template <int M, int K, int KC, int TPC, typename T, typename TT>
-inline int chess_compact(const device T* x, const device TT* t, const device T* g, thread const float* rs, bool thr,
-                         int k_begin, threadgroup int* idx,
+inline int chess_compact(const device T* x, const device TT* t, const device T* g, float eps, threadgroup float* nsum,
+                         bool thr, int k_begin, threadgroup int* idx,
                          threadgroup float* xsh, threadgroup int* wcount, threadgroup int* wnnz, thread int* nnz,
                          uint tid, uint lane, uint warp) {
   constexpr int P = (KC + 255) / 256;
-  float v[P][M];
+  float v[P][M], gv[P], tv[P];
+  bool valid[P];
   bool act[P];
   uint before[P];
-  for (int p = 0; p < P; ++p) {
+  for (int p = 0; p < P; ++p) {  // every load first: the norm's scales then wait on one round trip
     const int i = 256 * p + int(tid);
     const int j = k_begin + i;
-    const bool valid = i < KC && j < K;
-    for (int m = 0; m < M; ++m) {
-      const float xv = valid ? chess_xnorm<K>(x, g, rs, m, j) : 0.0f;
-      v[p][m] = !valid ? 0.0f : !thr ? xv : fabs(xv) >= float(t[TPC ? j : 0]) ? xv : 0.0f;
-    }
+    valid[p] = i < KC && j < K;
+    for (int m = 0; m < M; ++m) v[p][m] = valid[p] ? float(x[m * K + j]) : 0.0f;
+    gv[p] = valid[p] && g != nullptr ? float(g[j]) : 0.0f;
+    tv[p] = valid[p] && thr ? float(t[TPC ? j : 0]) : 0.0f;
   }
+  float rs[M];
+  chess_rms_scales<T, M, K>(x, g, eps, nsum, rs, tid, lane, warp);  // rs = 1 without a fused norm (no barrier)
+  for (int p = 0; p < P; ++p)
+    for (int m = 0; m < M; ++m) {
+      float xv = v[p][m];
+      if (g != nullptr) xv = float(static_cast<T>(gv[p] * float(static_cast<T>(xv * rs[m]))));
+      v[p][m] = !valid[p] ? 0.0f : !thr ? xv : fabs(xv) >= tv[p] ? xv : 0.0f;
+    }
   for (int p = 0; p < P; ++p) {
     int mine = 0;
     for (int m = 0; m < M; ++m) mine += v[p][m] != 0.0f ? 1 : 0;
@@ -479,27 +483,35 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   if (*flag == 0) return;
   static_assert(N % 8 == 0, "a fused RMSNorm reads y 16 bytes at a time");
-  float rs[M];
-  for (int m = 0; m < M; ++m) {
+  constexpr int VPT = (N / 8 + 255) / 256;  // 16-byte pieces per thread and token, all loads issued together
+  for (int m = 0; m < M; ++m) {  // one token at a time: y, g and the outputs stay in registers
+    uint4 yv[VPT], gq[VPT];
     float sq = 0.0f;
-    for (int v = int(tid); v < N / 8; v += 256) {
-      float f[8];
-      chess_unpack8<T>(((const device uint4*)(y + m * N))[v], f);
-      for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
+    for (int q = 0; q < VPT; ++q) {
+      const int v = int(tid) + 256 * q;
+      if (v < N / 8) {
+        yv[q] = ((const device uint4*)(y + m * N))[v];
+        gq[q] = ((const device uint4*)yg)[v];
+        float f[8];
+        chess_unpack8<T>(yv[q], f);
+        for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
+      }
     }
     sq = simd_sum(sq);
     if (lane == 0) red[warp][m] = sq;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int m = 0; m < M; ++m) {
-    float sq = 0.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    sq = 0.0f;
     for (int w = 0; w < 8; ++w) sq += red[w][m];
-    rs[m] = rsqrt(sq / float(N) + eps);
-  }
-  for (int i = int(tid); i < M * N; i += 256) {
-    const int m = i / N;
-    const float v = float(static_cast<T>(float(y[i]) * rs[m]));
-    yn[i] = static_cast<T>(float(yg[i - m * N]) * v);
+    const float rs = rsqrt(sq / float(N) + eps);
+    for (int q = 0; q < VPT; ++q) {
+      const int v = int(tid) + 256 * q;
+      if (v < N / 8) {
+        float f[8], gf[8];
+        chess_unpack8<T>(yv[q], f);
+        chess_unpack8<T>(gq[q], gf);
+        for (int e = 0; e < 8; ++e) yn[m * N + 8 * v + e] = static_cast<T>(gf[e] * float(static_cast<T>(f[e] * rs)));
+      }
+    }
   }
   if (tid == 0) atomic_store_explicit(&sem[tiles + 1], 0, memory_order_relaxed);
 }

@@ -63,10 +63,8 @@ const int n0 = tile * TILE + int(lane) * VPL;
 const bool in_range = n0 < N;
 int nnz = 0;
 const bool thr = tile * TILE < NT;  // a split launch's tiles past NT take x as it is
-float rs[M];
-chess_rms_scales<T, M, K>(x, xg, eps, wss, rs, tid, lane, warp);  // rs = 1 without a fused input norm
-const int total = chess_compact<M, K, KC, TPC>(x, t, xg, rs, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz, tid, lane,
-                                               warp);
+const int total = chess_compact<M, K, KC, TPC>(x, t, xg, eps, wss, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz, tid,
+                                               lane, warp);
 float acc[M][VPL];
 float accb[M];
 for (int m = 0; m < M; ++m) {
