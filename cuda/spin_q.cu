@@ -16,7 +16,7 @@
 // fewer per layer and token).
 // With CHESS_XNORM defined (the "_xnorm" kernels, one more input gx of K, template EPSB): x is the
 // input of an RMSNorm (weight gx, eps the float with bits EPSB) that the kernel applies itself
-// before the threshold (chess_rms_scales, chess_xnorm): the norm's launch is saved (q's head launch
+// before the threshold (chess_rms_scales in chess_compact): the norm's launch is saved (q's head launch
 // takes the block's input). With CHESS_YNORM (the "_res_ynorm" kernels, with CHESS_RESIDUAL: one
 // more input gy of N, one more output yn of y's shape, template EPSB): yn = RMSNorm(y) (weight gy),
 // written by the last tile to finish (chess_spin_finish; sem then needs tiles + 2 zeros): o's launch
@@ -25,7 +25,7 @@
 // threadgroup 256. Needs N % (4*32/BITS) == 0.
 // NT (a multiple of TILE, 0 < NT <= N): outputs [0, NT) take the thresholded x, [NT, N) x as it is,
 // so one launch serves a thresholded projection and dense ones on the same input, their W^T side by
-// side (sparse_gemv.sparse_input_split: q with k and v); a plain launch has NT = N. The density
+// side (sparse_gemv.sparse_input with nt: q with k and v); a plain launch has NT = N. The density
 // counts tile 0's inputs, i.e. the thresholded ones.
 constexpr int VPW = 32 / BITS;
 constexpr int VPL = WORDS * VPW;

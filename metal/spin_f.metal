@@ -16,7 +16,7 @@
 // Template: T, M, K, N, KC, TPC, NT. Grid: (ceil(N/256)*256, ceil(K/KC)), threadgroup (256, 1).
 // NT (a multiple of TILE, 0 < NT <= N): outputs [0, NT) take the thresholded x, [NT, N) x as it is,
 // so one launch serves a thresholded projection and dense ones on the same input, their W^T side by
-// side (sparse_gemv.sparse_input_split: q with k and v); a plain launch has NT = N. The density
+// side (sparse_gemv.sparse_input with nt: q with k and v); a plain launch has NT = N. The density
 // counts tile 0's inputs, i.e. the thresholded ones.
 constexpr int TILE = 256;
 constexpr int U = 4;  // rows in flight per warp: 48 registers, 5 blocks per SM (U = 8: 64, 4); speed equal within noise (RESULTS.md session 6)
