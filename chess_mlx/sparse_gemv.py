@@ -226,23 +226,24 @@ _INPUTS = {
     "spin_q": ["x", "t", "wt", "sb", "sem", "partial", "after"],
     "gateup_f": ["x", "w", "t"],
     "gateup_q": ["x", "w", "sb", "t"],
-    # the sparse-input kernels with the residual add fused (same source, CHESS_RESIDUAL defined)
-    "spin_f_res": ["x", "t", "wt", "sem", "partial", "after", "r"],
-    "spin_q_res": ["x", "t", "wt", "sb", "sem", "partial", "after", "r"],
-    # ... with x's RMSNorm fused in (CHESS_XNORM: q's head launch takes the block's input)
-    "spin_f_xnorm": ["x", "t", "wt", "sem", "partial", "after", "gx"],
-    "spin_q_xnorm": ["x", "t", "wt", "sb", "sem", "partial", "after", "gx"],
-    # ... with the residual add and y's RMSNorm (CHESS_YNORM: o's launch gives the post-attention norm too)
-    "spin_f_res_ynorm": ["x", "t", "wt", "sem", "partial", "after", "r", "gy"],
-    "spin_q_res_ynorm": ["x", "t", "wt", "sb", "sem", "partial", "after", "r", "gy"],
+}
+_OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "dens"], "spin_q": ["y", "dens"],
+            "gateup_f": ["y"], "gateup_q": ["y"]}
+# What each define of a variant adds to its base kernel: (inputs, outputs), in this order.
+_DEFINE_EXTRAS = {
+    "CHESS_RESIDUAL": (["r"], []),  # the residual add fused into the epilogue
+    "CHESS_XNORM": (["gx"], []),  # x's RMSNorm applied in the kernel (q's head launch takes the block's input)
+    "CHESS_YNORM": (["gy"], ["yn"]),  # y's RMSNorm as a third output (o's launch gives the post-attention norm)
 }
 # A variant is its base kernel's source with these defined (one source per kernel and backend).
 VARIANTS = {
-    "spin_f_res": ("spin_f", ("CHESS_RESIDUAL",)), "spin_q_res": ("spin_q", ("CHESS_RESIDUAL",)),
-    "spin_f_xnorm": ("spin_f", ("CHESS_XNORM",)), "spin_q_xnorm": ("spin_q", ("CHESS_XNORM",)),
-    "spin_f_res_ynorm": ("spin_f", ("CHESS_RESIDUAL", "CHESS_YNORM")),
-    "spin_q_res_ynorm": ("spin_q", ("CHESS_RESIDUAL", "CHESS_YNORM")),
+    f"{base}{suffix}": (base, defines) for base in ("spin_f", "spin_q")
+    for suffix, defines in (("_res", ("CHESS_RESIDUAL",)), ("_xnorm", ("CHESS_XNORM",)),
+                            ("_res_ynorm", ("CHESS_RESIDUAL", "CHESS_YNORM")))
 }
+for _name, (_base, _defines) in VARIANTS.items():
+    _INPUTS[_name] = _INPUTS[_base] + [i for d in _defines for i in _DEFINE_EXTRAS[d][0]]
+    _OUTPUTS[_name] = _OUTPUTS[_base] + [o for d in _defines for o in _DEFINE_EXTRAS[d][1]]
 RESIDUAL_VARIANTS = {v: base for v, (base, defs) in VARIANTS.items() if defs == ("CHESS_RESIDUAL",)}
 # Template parameters of each kernel, in the order the launchers pass them (checked by the tests
 # against the "Template:" line of both the CUDA and the Metal source).
@@ -254,11 +255,6 @@ TEMPLATES = {
     "gateup_f": ("T", "M", "K", "N", "WPR", "TPC"),
     "gateup_q": ("T", "M", "K", "N", "BITS", "GS", "RPW", "TPC"),
 }
-_OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "dens"],
-            "spin_q": ["y", "dens"], "gateup_f": ["y"], "gateup_q": ["y"],
-            "spin_f_res": ["y", "dens"], "spin_q_res": ["y", "dens"], "spin_f_xnorm": ["y", "dens"],
-            "spin_q_xnorm": ["y", "dens"], "spin_f_res_ynorm": ["y", "dens", "yn"],
-            "spin_q_res_ynorm": ["y", "dens", "yn"]}
 
 
 def kernel_source(kind: str, name: str) -> tuple[str, str]:
@@ -554,9 +550,13 @@ def split_fits(m: int, nt: int, bits: Optional[int] = None, kind: str = "cuda") 
 
 
 def spin_variant(residual: bool, xnorm: bool, ynorm: bool) -> Optional[str]:
-    """The suffix of the spin kernel for these fused extras, or None where no kernel has them."""
-    return {(False, False, False): "", (True, False, False): "_res", (False, True, False): "_xnorm",
-            (True, False, True): "_res_ynorm"}.get((residual, xnorm, ynorm))
+    """The suffix of the spin kernel for these fused extras (a ``VARIANTS`` entry of spin_f, whose
+    spin_q twin has the same defines), or None where no kernel has them."""
+    want = {d for d, on in (("CHESS_RESIDUAL", residual), ("CHESS_XNORM", xnorm), ("CHESS_YNORM", ynorm)) if on}
+    if not want:
+        return ""
+    return next((name[len("spin_f"):] for name, (base, defines) in VARIANTS.items()
+                 if base == "spin_f" and set(defines) == want), None)
 
 
 def _eps_bits(eps: float) -> int:
