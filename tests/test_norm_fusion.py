@@ -12,11 +12,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from chess_mlx import block_step, calibrate, decode_paths, set_method
+from chess_mlx import block_step, decode_paths, set_method
 from chess_mlx import sparse_gemv as G
-from chess_mlx import sparse_layers as SL
 from test_decode_paths import _decode
-from tiny import tiny_model
+from test_qkv_launch import chess_attn_on_the_cpu
 
 
 def rms64(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
@@ -93,13 +92,7 @@ def test_fused_norm_launch_arguments(monkeypatch):
 def test_decode_with_the_norms_fused(model_type, monkeypatch):
     """CHESS+attention through the compiled block with both norms inside the q and o launches gives
     the op-by-op path's logits and densities; switched off, the norms are launches of their own."""
-    model, cfg = tiny_model(model_type, 7)
-    rng = np.random.default_rng(9)
-    th = calibrate(model, mx.array(rng.integers(0, cfg["vocab_size"], size=(3, 40))), [0.5])
-    prompt = mx.array(rng.integers(0, cfg["vocab_size"], size=(8,)))
-    monkeypatch.setattr(SL, "compiled_path_ok", lambda x, *p: x.size == x.shape[-1] and decode_paths.enabled())
-    monkeypatch.setattr(G, "split_fits", lambda m, nt, bits=None, kind="cuda": True)
-    monkeypatch.setattr(decode_paths, "_COMPILED", {})
+    model, _, th, prompt = chess_attn_on_the_cpu(model_type, 9, monkeypatch)
     fused = []
     real = G.sparse_input
 

@@ -114,6 +114,20 @@ def test_stacked_transposed_weight_is_each_projections_own(bits):
     assert L.stacked_transposed_weight(projs) is not wt
 
 
+def chess_attn_on_the_cpu(model_type: str, seed: int, monkeypatch):
+    """(model, cfg, thresholds, prompt) of a tiny calibrated model whose CHESS+attention decode takes
+    the compiled one-token paths on the CPU (over the reference products), q, k and v as one split
+    launch (the tiny model's q let through the tile bound), with fresh traces."""
+    model, cfg = tiny_model(model_type, 7)
+    rng = np.random.default_rng(seed)
+    th = calibrate(model, mx.array(rng.integers(0, cfg["vocab_size"], size=(3, 40))), [0.5])
+    prompt = mx.array(rng.integers(0, cfg["vocab_size"], size=(8,)))
+    monkeypatch.setattr(SL, "compiled_path_ok", lambda x, *p: x.size == x.shape[-1] and decode_paths.enabled())
+    monkeypatch.setattr(G, "split_fits", lambda m, nt, bits=None, kind="cuda": True)
+    monkeypatch.setattr(decode_paths, "_COMPILED", {})
+    return model, cfg, th, prompt
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_decode_through_the_split_launch(model_type, monkeypatch):
     """CHESS+attention with q, k and v as one split launch (the tiny model's q is let through the
@@ -121,13 +135,7 @@ def test_decode_through_the_split_launch(model_type, monkeypatch):
     through the fused attention alone; switched off, q's own launch comes back."""
     from chess_mlx import block_step
 
-    model, cfg = tiny_model(model_type, 7)
-    rng = np.random.default_rng(8)
-    th = calibrate(model, mx.array(rng.integers(0, cfg["vocab_size"], size=(3, 40))), [0.5])
-    prompt = mx.array(rng.integers(0, cfg["vocab_size"], size=(8,)))
-    monkeypatch.setattr(SL, "compiled_path_ok", lambda x, *p: x.size == x.shape[-1] and decode_paths.enabled())
-    monkeypatch.setattr(G, "split_fits", lambda m, nt, bits=None, kind="cuda": True)
-    monkeypatch.setattr(decode_paths, "_COMPILED", {})
+    model, cfg, th, prompt = chess_attn_on_the_cpu(model_type, 8, monkeypatch)
     calls = []
     real = G.sparse_input
 
