@@ -166,6 +166,25 @@ def coltile(x: mx.array, wt: mx.array, t: mx.array, nw: int = 8, u: int = 8) -> 
     return y, dens
 
 
+def reference_case(w0, in_dim: int, s: float, dtype):
+    """(xs, tpc, refs) of one probe case: an s-sparse x, a per-channel threshold that drops half
+    the survivors of xs again, and the reference (y, density) with the zero threshold and with tpc."""
+    xs = K.sparse_vec(1, in_dim, s, dtype)
+    tpc = mx.where(mx.random.uniform(shape=(in_dim,)) < 0.5, mx.array(0.0, dtype), mx.array(1.0, dtype))
+    refs = [G.reference_sparse_input(xs, w0), G.reference_sparse_input(xs, w0, tpc)]
+    mx.eval(xs, tpc, refs)
+    return xs, tpc, refs
+
+
+def check_outputs(outs: list, refs: list) -> tuple[float, float, bool]:
+    """(worst relative error, worst density error, ok) of a probe kernel's (y, density) pairs
+    against ``reference_case``'s."""
+    mx.eval(outs)
+    err = max(K.rel_err(y, ry) for (y, _), (ry, _) in zip(outs, refs))
+    derr = max(abs(d.item() - rd.item()) for (_, d), (_, rd) in zip(outs, refs))
+    return err, derr, err < 1e-2 and derr < 1e-6
+
+
 def main() -> None:
     # variant names: r|t (row-major / tile-major W^T), warps, 'u', rows in flight: e.g. t16u8
     variants = (sys.argv[sys.argv.index("--variants") + 1] if "--variants" in sys.argv else "r16u8,t8u4,t8u8,t16u4,t16u8").split(",")
@@ -187,24 +206,13 @@ def main() -> None:
             dws.clear()
             print(f"{wtype} {out_dim}x{in_dim} dense {t_dense * 1e6:6.1f} us", flush=True)
             for s in (0.0, 0.5, 0.7, 0.9, 0.99):
-                xs = K.sparse_vec(1, in_dim, s, dtype)
-                ry, rd = G.reference_sparse_input(xs, wts[0])
-                # a per-channel threshold too: half the survivors of xs dropped again
-                tpc = mx.where(mx.random.uniform(shape=(in_dim,)) < 0.5, mx.array(0.0, dtype), mx.array(1.0, dtype))
-                ry2, rd2 = G.reference_sparse_input(xs, wts[0], tpc)
-                mx.eval(xs, ry, rd, tpc, ry2, rd2)
-                frac = rd.item()
-                read = frac * in_dim * out_dim * 2
+                xs, tpc, refs = reference_case(wts[0], in_dim, s, dtype)
+                read = refs[0][1].item() * in_dim * out_dim * 2
                 t_ship = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], z, spaces[i % 64])[0], xs)
                 line = f"  s={s:<4} ship {t_ship * 1e6:6.1f} us ({read / t_ship / 1e12:4.2f} TB/s)"
                 for name, is_t, nw, u in parsed:
                     src = tiled if is_t else wts
-                    y, d = coltile(xs, src[0], z, nw, u)
-                    y2, d2 = coltile(xs, src[0], tpc, nw, u)
-                    mx.eval(y, d, y2, d2)
-                    err = max(K.rel_err(y, ry), K.rel_err(y2, ry2))
-                    derr = max(abs(d.item() - rd.item()), abs(d2.item() - rd2.item()))
-                    ok = err < 1e-2 and derr < 1e-6
+                    err, derr, ok = check_outputs([coltile(xs, src[0], tt, nw, u) for tt in (z, tpc)], refs)
                     bad += not ok
                     if s > 0.95:
                         line += f" | {name}: err {err:.1e} {'ok' if ok else 'FAIL'}"

@@ -31,6 +31,7 @@ import mlx.core as mx  # noqa: E402
 import gpu_timer  # noqa: E402
 import kernels as K  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
+from spin_coltile import check_outputs, reference_case  # noqa: E402
 
 # Template: T, M, K, N, KC, TPC, LPR, U. Grid: (ceil(N / (64 * LPR)) * 256, ceil(K / KC)), threadgroup 256.
 # sem: int32 zeros of >= tiles * 8 + 1; partial: float32 of >= chunks * M * N.
@@ -208,23 +209,15 @@ def main() -> None:
         dws.clear()
         print(f"float16 {out_dim}x{in_dim} ({len(wts)} copies) dense {t_dense * 1e6:6.1f} us", flush=True)
         for s in sparsities:
-            xs = K.sparse_vec(1, in_dim, s, dtype)
-            ry, rd = G.reference_sparse_input(xs, wts[0])
-            tpc = mx.where(mx.random.uniform(shape=(in_dim,)) < 0.5, mx.array(0.0, dtype), mx.array(1.0, dtype))
-            ry2, rd2 = G.reference_sparse_input(xs, wts[0], tpc)
-            mx.eval(xs, ry, rd, tpc, ry2, rd2)
-            read = rd.item() * in_dim * out_dim * 2
+            xs, tpc, refs = reference_case(wts[0], in_dim, s, dtype)
+            read = refs[0][1].item() * in_dim * out_dim * 2
             t_ship = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], z, spaces[i % 64])[0], xs)
             line = f"  s={s:<4} ship {t_ship * 1e6:6.1f} us ({t_dense / t_ship:4.2f}x, {read / t_ship / 1e12:4.2f} TB/s)"
             for name in variants:
                 lpr, u, kc = parse_variant(name)
                 for _ in range(2):  # twice: the second launch on a site must find its counters reset
-                    y, d = rowgroup(xs, wts[0], z, rg_spaces[0], lpr, u, kc)
-                    y2, d2 = rowgroup(xs, wts[0], tpc, rg_spaces[1], lpr, u, kc)
-                    mx.eval(y, d, y2, d2)
-                err = max(K.rel_err(y, ry), K.rel_err(y2, ry2))
-                derr = max(abs(d.item() - rd.item()), abs(d2.item() - rd2.item()))
-                ok = err < 1e-2 and derr < 1e-6
+                    err, derr, ok = check_outputs([rowgroup(xs, wts[0], tt, rg_spaces[i], lpr, u, kc)
+                                                   for i, tt in enumerate((z, tpc))], refs)
                 bad += not ok
                 if s > 0.95:
                     line += f" | {name}: err {err:.1e} {'ok' if ok else 'FAIL'}"
