@@ -73,6 +73,27 @@ __device__ __forceinline__ float chess_xval(const T* x, const TT* t, int m, int 
 // last bit. Why: each RMSNorm of a decode step is a launch of its own (~4.8 us on the H100, as
 // long as a 50%-sparse 4096-input product, benchmarks/RESULTS.md session 20). g null: no norm,
 // rs = 1 and no barrier. wsum: shared float[8 * M]. All 256 threads must call it. K % 8 == 0.
+// rs[m] = rsqrt(sum of s[m] over the block / n + eps): each thread's partial sums of squares summed
+// over its warp, then over the 8 warps in order through wsum (shared float[8 * M]); one barrier.
+// The fused RMSNorms' scales (chess_rms_scales, chess_spin_finish). All 256 threads must call it.
+template <int M>
+__device__ __forceinline__ void chess_block_rms(float* s, float* wsum, int n, float eps, float* rs) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    s[m] = chess_warp_sum(s[m]);
+    if (lane == 0) wsum[8 * m + warp] = s[m];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float tot = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) tot += wsum[8 * m + w];
+    rs[m] = rsqrtf(tot / (float)n + eps);
+  }
+}
+
 template <typename T, int M, int K>
 __device__ __forceinline__ void chess_rms_scales(const T* x, const T* g, float eps, float* wsum, float* rs) {
 #pragma unroll
@@ -80,10 +101,10 @@ __device__ __forceinline__ void chess_rms_scales(const T* x, const T* g, float e
   if (g == nullptr) return;
   static_assert(K % 8 == 0, "a fused RMSNorm reads x 16 bytes at a time");
   constexpr int VPT = (K / 8 + 255) / 256;  // 16-byte loads per thread and token, all issued together
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float s[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    float s = 0.0f;
+    s[m] = 0.0f;
 #pragma unroll
     for (int q = 0; q < VPT; ++q) {
       const int v = (int)threadIdx.x + 256 * q;
@@ -91,20 +112,11 @@ __device__ __forceinline__ void chess_rms_scales(const T* x, const T* g, float e
         float f[8];
         chess_unpack8<T>(reinterpret_cast<const uint4*>(x + (size_t)m * K)[v], f);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) s += f[e] * f[e];
+        for (int e = 0; e < 8; ++e) s[m] += f[e] * f[e];
       }
     }
-    s = chess_warp_sum(s);
-    if (lane == 0) wsum[8 * m + warp] = s;
   }
-  __syncthreads();
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < 8; ++w) s += wsum[8 * m + w];
-    rs[m] = rsqrtf(s / (float)K + eps);
-  }
+  chess_block_rms<M>(s, wsum, K, eps, rs);
 }
 
 // Ordered compaction of the active inputs of one split-K chunk into shared memory: idx[0..total)
@@ -585,13 +597,8 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
         for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
       }
     }
-    sq = chess_warp_sum(sq);
-    if (lane == 0) red[warp][m] = sq;
-    __syncthreads();
-    sq = 0.0f;
-#pragma unroll
-    for (int w = 0; w < 8; ++w) sq += red[w][m];
-    const float rs = rsqrtf(sq / (float)N + eps);
+    float rs;
+    chess_block_rms<1>(&sq, &red[0][8 * m], N, eps, &rs);  // 8 floats per token of red's first row
 #pragma unroll
     for (int q = 0; q < VPT; ++q) {
       const int v = (int)threadIdx.x + 256 * q;

@@ -65,6 +65,23 @@ inline float chess_xval(const device T* x, const device TT* t, int m, int j) {
 // Per-token scales of an RMSNorm fused into the kernel that reads its output (twin of the CUDA
 // one): rs[m] = rsqrt(sum_j x[m, j]^2 / K + eps) in float32; g null: rs = 1, no barrier.
 // wsum: threadgroup float[8 * M]. All 256 threads must call it. K % 8 == 0.
+// rs[m] = rsqrt(sum of s[m] over the threadgroup / n + eps), twin of the CUDA one: simd sums,
+// then the 8 simdgroups in order through wsum (threadgroup float[8 * M]); one barrier.
+template <int M>
+inline void chess_block_rms(thread float* s, threadgroup float* wsum, int n, float eps, thread float* rs, uint lane,
+                            uint warp) {
+  for (int m = 0; m < M; ++m) {
+    s[m] = simd_sum(s[m]);
+    if (lane == 0) wsum[8 * m + int(warp)] = s[m];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int m = 0; m < M; ++m) {
+    float tot = 0.0f;
+    for (int w = 0; w < 8; ++w) tot += wsum[8 * m + w];
+    rs[m] = rsqrt(tot / float(n) + eps);
+  }
+}
+
 template <typename T, int M, int K>
 inline void chess_rms_scales(const device T* x, const device T* g, float eps, threadgroup float* wsum,
                              thread float* rs, uint tid, uint lane, uint warp) {
@@ -72,25 +89,19 @@ inline void chess_rms_scales(const device T* x, const device T* g, float eps, th
   if (g == nullptr) return;
   static_assert(K % 8 == 0, "a fused RMSNorm reads x 16 bytes at a time");
   constexpr int VPT = (K / 8 + 255) / 256;  // 16-byte loads per thread and token, all issued together
+  float s[M];
   for (int m = 0; m < M; ++m) {
-    float s = 0.0f;
+    s[m] = 0.0f;
     for (int q = 0; q < VPT; ++q) {
       const int v = int(tid) + 256 * q;
       if (v < K / 8) {
         float f[8];
         chess_unpack8<T>(((const device uint4*)(x + m * K))[v], f);
-        for (int e = 0; e < 8; ++e) s += f[e] * f[e];
+        for (int e = 0; e < 8; ++e) s[m] += f[e] * f[e];
       }
     }
-    s = simd_sum(s);
-    if (lane == 0) wsum[8 * m + int(warp)] = s;
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int m = 0; m < M; ++m) {
-    float s = 0.0f;
-    for (int w = 0; w < 8; ++w) s += wsum[8 * m + w];
-    rs[m] = rsqrt(s / float(K) + eps);
-  }
+  chess_block_rms<M>(s, wsum, K, eps, rs, lane, warp);
 }
 
 // Ordered compaction of the surviving inputs of one split-K chunk into threadgroup memory (rows in
@@ -497,12 +508,8 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
         for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
       }
     }
-    sq = simd_sum(sq);
-    if (lane == 0) red[warp][m] = sq;
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    sq = 0.0f;
-    for (int w = 0; w < 8; ++w) sq += red[w][m];
-    const float rs = rsqrt(sq / float(N) + eps);
+    float rs;
+    chess_block_rms<1>(&sq, &red[0][8 * m], N, eps, &rs, lane, warp);  // 8 floats per token of red's first row
     for (int q = 0; q < VPT; ++q) {
       const int v = int(tid) + 256 * q;
       if (v < N / 8) {
