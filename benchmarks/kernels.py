@@ -110,29 +110,32 @@ def rel_err(y: mx.array, ref: mx.array) -> float:
     return mx.linalg.norm(y - ref).item() / max(den, 1e-30)
 
 
-def spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None, xnorm=None, ynorm=None) -> dict:
+def spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None, xnorm=None, ynorm=None,
+               rope=None) -> dict:
     """One sparse-input launch vs the reference: output error, density error, workspace reset. A
     launch that raises is a failed check (rel_err NaN, the error kept), not the end of the run.
     ``residual``: the fused-residual kernel, with a random residual r; the error is that of y - r
     against the reference's (so r's size does not hide the product's error). ``nt``: a split
     launch, the threshold on the first nt outputs only (``sparse_input``'s ``nt``). ``xnorm`` /
     ``ynorm``: (weight, eps) of a fused RMSNorm of x / of the residual sum; with ``ynorm`` the
-    error is also that of the norm's output (``yn_err``), and counts in rel_err."""
+    error is also that of the norm's output (``yn_err``), and counts in rel_err. ``rope``: a fused
+    rope of the first outputs (``sparse_gemv.Rope``)."""
     try:
-        return _spin_check(kind, x, wt, t, residual, nt, xnorm, ynorm)
+        return _spin_check(kind, x, wt, t, residual, nt, xnorm, ynorm, rope)
     except ValueError as e:
         return dict(rel_err=float("nan"), error=str(e))
 
 
-def _spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None, xnorm=None, ynorm=None) -> dict:
+def _spin_check(kind: str, x: mx.array, wt, t=None, residual: bool = False, nt=None, xnorm=None, ynorm=None,
+                rope=None) -> dict:
     n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
     ws = G.workspace(n)
     r = mx.random.normal((*x.shape[:-1], n)).astype(x.dtype) if residual else None
     tt = G.zero_threshold(x.dtype) if t is None else t
-    out = G._launch_spin(kind, x, wt, tt, ws, residual=r, nt=nt, xnorm=xnorm, ynorm=ynorm)
+    out = G._launch_spin(kind, x, wt, tt, ws, residual=r, nt=nt, xnorm=xnorm, ynorm=ynorm, rope=rope)
     mx.eval(out)  # a workspace serves one launch at a time (the model's launches are data-ordered)
-    out2 = G._launch_spin(kind, x, wt, tt, ws, residual=r, nt=nt, xnorm=xnorm, ynorm=ynorm)
-    ref = G.reference_sparse_input(x, wt, t, r, nt, xnorm, ynorm)
+    out2 = G._launch_spin(kind, x, wt, tt, ws, residual=r, nt=nt, xnorm=xnorm, ynorm=ynorm, rope=rope)
+    ref = G.reference_sparse_input(x, wt, t, r, nt, xnorm, ynorm, rope)
     mx.eval(out2, ref)
     (y, d), (y2, d2), (ry, rd) = out[:2], out2[:2], ref[:2]
     yn_err = max(rel_err(out[2], ref[2]), rel_err(out2[2], ref[2])) if ynorm is not None else 0.0
@@ -159,6 +162,22 @@ def norm_case(k: int, s: float, dtype, m: int = 1):
         i += 1
     # float32, so the midpoint stays between the two (in x's dtype it would round onto one)
     return x, (g, 1e-5), mx.array([float(v[i] + v[i + 1]) / 2 if s else 0.0], dtype=mx.float32)
+
+
+ROPE_POSITIONS = (0, 1, 37, 8191, 131071)
+
+
+def rope_case(i: int, dims: int, n: int) -> G.Rope:
+    """The i-th fused-rope case: positions from 0 to 131071, both layouts, Llama-3's base (500000)
+    and a random set of frequencies (as Llama3RoPE's rescaled ones are), scale 1 or 0.5."""
+    half = dims // 2
+    if i % 2 == 0:
+        f32 = np.float32
+        inv = np.exp2(-(np.arange(half, dtype=f32) / f32(half)) * f32(np.log2(f32(500000.0)))).astype(f32)
+    else:
+        inv = np.random.default_rng(i).uniform(1e-6, 1.0, half).astype(np.float32)
+    return G.Rope(G.rope_position(ROPE_POSITIONS[i % len(ROPE_POSITIONS)]), mx.array(inv), dims, n,
+                  traditional=i % 3 == 1, scale=0.5 if i % 4 == 3 else 1.0)
 
 
 def float32_weight(w) -> mx.array:
@@ -271,6 +290,14 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
             xr, norm, tn = norm_case(nq, s, dtype)
             rows.append(dict(kernel="sparse_input_split_xnorm", wtype=wtype, shape=f"{nq + 2 * nkv}x{nq}", sparsity=s,
                              **spin_check(kind, xr, wt, tn, nt=nq, xnorm=norm)))
+            # the same with q's and k's heads rotated in the launch (head size 128: 40 heads of 48)
+            rope = rope_case(LEVELS_CHECK.index(s), 128, nq + nkv)
+            rows.append(dict(kernel="sparse_input_split_xnorm_rope", wtype=wtype, shape=f"{nq + 2 * nkv}x{nq}",
+                             sparsity=s, position=int(np.array(rope.pos)[0]), traditional=rope.traditional,
+                             **spin_check(kind, xr, wt, tn, nt=nq, xnorm=norm, rope=rope)))
+            rows.append(dict(kernel="sparse_input_split_rope", wtype=wtype, shape=f"{nq + 2 * nkv}x{nq}", sparsity=s,
+                             **spin_check(kind, x, wt, mx.array([q], dtype=dtype), nt=nq,
+                                          rope=rope_case(LEVELS_CHECK.index(s) + 1, 128, nq + nkv))))
         # small decode batches
         for m in (2, 4, 8):
             out_dim, in_dim = SHAPES[2]
@@ -294,6 +321,8 @@ def check(kind: str, quick: bool, only: list | None = None) -> list[dict]:
                 yg = (mx.random.uniform(0.5, 1.5, (out_dim,)).astype(dtype), 1e-5)
                 rows.append(dict(kernel=f"sparse_input_residual_ynorm_M{m}", wtype=wtype, shape="4096x4096",
                                  sparsity=0.5, **spin_check(kind, xs, wt, residual=True, ynorm=yg)))
+                rows.append(dict(kernel=f"sparse_input_rope_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
+                                 **spin_check(kind, xs, wt, rope=rope_case(m, 128, in_dim))))
             wu = make_weight(out_dim, in_dim, wtype, transposed=False)
             rows.append(dict(kernel=f"gate_up_M{m}", wtype=wtype, shape="4096x4096", sparsity=0.5,
                              **gateup_check(kind, x, w, wu, mx.array([0.1], dtype=dtype))))

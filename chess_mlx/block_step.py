@@ -7,8 +7,8 @@ CHESS+attention, a block's one-token step is here:
 
 - ``head``, compiled: input norm, the ``[Wq; Wk; Wv]`` product (or, under CHESS+attention, one
   sparse-input launch over ``[Wq^T | Wk^T | Wv^T]`` thresholding q's input only, which applies the
-  input norm itself; or q's own sparse-input launch and the ``[Wk; Wv]`` product), heads, RoPE ->
-  q, k, v;
+  input norm and RoPE itself; or q's own sparse-input launch and the ``[Wk; Wv]`` product), heads,
+  RoPE -> q, k, v;
 - the KV cache update and attention, outside (the cache grows with every token, and attention
   keeps MLX's one-token kernel; traced whole steps lost both, RESULTS.md sessions 7 and 14);
 - ``mid``, compiled: the o product (or o's sparse-input path, which adds the residual inside its
@@ -36,6 +36,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from . import fused_attention as FA
+from . import sparse_gemv as G
 from .linear_ops import dense_linear
 from .switches import env_switch
 
@@ -43,18 +44,21 @@ enabled, enable = env_switch("CHESS_MLX_BLOCK_STEP", "the compiled one-token blo
 norms_enabled, enable_norms = env_switch(
     "CHESS_MLX_NORM_FUSE", "the block's RMSNorms inside the sparse-input launches under CHESS+attention (off: "
     "their own launches)")
+rope_enabled, enable_rope = env_switch(
+    "CHESS_MLX_ROPE_FUSE", "RoPE of q and k inside the split q/k/v launch under CHESS+attention (off: its own launch)")
 
-_OFFSETS: dict[int, mx.array] = {}
+_OFFSETS: dict[tuple[int, bool], mx.array] = {}
 _MISSING = object()
 
 
-def _offset(n: int) -> mx.array:
-    """The position ``n`` as a materialised int32 scalar (one per position, shared by all layers)."""
-    a = _OFFSETS.get(n)
+def _offset(n: int, fused: bool = False) -> mx.array:
+    """The position ``n`` as a materialised int32 scalar for MLX's rope, or (``fused``) as a rope
+    inside a launch reads it (``sparse_gemv.rope_position``); one per position, shared by all layers."""
+    a = _OFFSETS.get((n, fused))
     if a is None:
         if len(_OFFSETS) > 8192:
             _OFFSETS.clear()
-        a = _OFFSETS[n] = mx.array(n, dtype=mx.int32)
+        a = _OFFSETS[(n, fused)] = G.rope_position(n) if fused else mx.array(n, dtype=mx.int32)
     return a
 
 
@@ -73,19 +77,20 @@ class _Site:
     block's trace. Its workspace's ordering token enters and leaves the trace as an array, and its
     density is recorded after the call, as ``SparseInputLinear`` does outside a trace."""
 
-    __slots__ = ("c", "static", "ws", "ctl", "proj", "split", "normed")
+    __slots__ = ("c", "static", "ws", "ctl", "proj", "split", "normed", "roped")
 
-    def __init__(self, mod: nn.Module, bound, split: bool = False, normed: bool = False):
+    def __init__(self, mod: nn.Module, bound, split: bool = False, normed: bool = False, roped: bool = False):
         self.c, self.static, (self.ws,) = bound.c, bound.static, bound.spaces
         self.ctl, self.proj = mod.ctl, mod.proj
         self.split = split  # q's launch gives [q | k | v] (``SparseInputLinear.split_plan``)
         # the launch applies the block's norm itself: q's takes the block's input (the input norm),
         # o's gives the post-attention norm's output too
         self.normed = normed
+        self.roped = roped  # the split launch rotates q's and k's heads (called with the position)
 
     def __call__(self, *xs: mx.array, last: mx.array) -> tuple:
         """Inside the trace: (y, density, the workspace's new ordering token); ``xs`` is x, and
-        the residual for a residual path (o's)."""
+        the residual for a residual path (o's), or the position for a roped one (q's)."""
         return self.c(xs, self.static, (last,))
 
     def done(self, density: mx.array, last: mx.array) -> None:
@@ -107,15 +112,13 @@ class _Step:
         self.q, self.o = q, o
 
         def head(x, offset, lasts):
-            if q is not None and q.normed:  # ln1 inside the [q | k | v] launch
-                y, dens, last = q(x, last=lasts[0])
-                return (*FA.heads(st, y, rope, qn, kn, offset), dens, last)
-            xn = ln1(x)
             if q is None:
-                return FA.heads(st, dense_linear(xn, plan.qkv), rope, qn, kn, offset)
-            y, dens, last = q(xn, last=lasts[0])
+                return FA.heads(st, dense_linear(ln1(x), plan.qkv), rope, qn, kn, offset)
+            xn = x if q.normed else ln1(x)  # normed: ln1 inside the [q | k | v] launch
+            # roped: the launch rotates q and k (offset is then the position as it reads it)
+            y, dens, last = q(xn, offset, last=lasts[0]) if q.roped else q(xn, last=lasts[0])
             if q.split:
-                return (*FA.heads(st, y, rope, qn, kn, offset), dens, last)
+                return (*FA.heads(st, y, None if q.roped else rope, qn, kn, offset), dens, last)
             return (*FA.heads_kv(st, y, dense_linear(xn, plan.kv), rope, qn, kn, offset), dens, last)
 
         def mid(x, o_heads, lasts):
@@ -166,9 +169,12 @@ class _BlockState(FA.Collectors):
                 continue
             if p is attn.q_proj and hasattr(p, "split_plan"):  # [q | k | v] in one launch
                 norm = _norm(block.input_layernorm, x)
-                bound = p.split_plan(x, [attn.k_proj, attn.v_proj], xnorm=norm)
+                rope = FA.rope_spec(attn) if rope_enabled() else None
+                bound = p.split_plan(x, [attn.k_proj, attn.v_proj], xnorm=norm, rope=rope) if rope else None
+                if bound is None:  # no rope fits the launch: MLX's rope after it
+                    rope, bound = None, p.split_plan(x, [attn.k_proj, attn.v_proj], xnorm=norm)
                 if bound is not None:
-                    sites.append(_Site(p, bound, split=True, normed=norm is not None))
+                    sites.append(_Site(p, bound, split=True, normed=norm is not None, roped=rope is not None))
                     continue
             # o's path adds the attention's residual inside its kernel (one graph node fewer), and
             # applies the post-attention norm where it can
@@ -189,7 +195,13 @@ def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
         return None
     attn = self.self_attn
     off = cache.offset  # an int, or one position per sequence (mlx-lm's BatchKVCache)
-    out = s.head(x, _offset(off) if type(off) is int else off, (s.q.ws.last,) if s.q else ())
+    roped = s.q is not None and s.q.roped
+    if type(off) is not int:
+        if roped:  # the fused rope takes one position for all rows
+            return None
+    else:
+        off = _offset(off, roped)
+    out = s.head(x, off, (s.q.ws.last,) if s.q else ())
     q, k, v = out[:3]
     if s.q:
         s.q.done(*out[3:])

@@ -74,6 +74,19 @@ def _spin_residual_ynorm(x, r, t, wt, ws, g, eps):
     return G.sparse_input(x, wt, t, ws, residual=r, ynorm=(g, eps))
 
 
+def _spin_rope(x, pos, t, wt, ws, inv_freq, dims, n_rot, traditional, scale, nt=None):
+    """``_spin`` with MLX's rope of the first ``n_rot`` outputs at position ``pos`` (an array: it
+    changes with every token, the rest is bound), inside the kernel: the split launch gives q's and
+    k's heads rotated (one launch fewer per layer)."""
+    return G.sparse_input(x, wt, t, ws, nt=nt, rope=G.Rope(pos, inv_freq, dims, n_rot, bool(traditional), scale))
+
+
+def _spin_xnorm_rope(x, pos, t, wt, ws, g, eps, inv_freq, dims, n_rot, traditional, scale, nt=None):
+    """``_spin_xnorm`` and ``_spin_rope`` in one launch."""
+    return G.sparse_input(x, wt, t, ws, nt=nt, xnorm=(g, eps),
+                          rope=G.Rope(pos, inv_freq, dims, n_rot, bool(traditional), scale))
+
+
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes
 # on its own generation stream) every layer would wait across streams. So: one compiled function
 # per (path, stream, quantization of each weight argument), each a distinct callable, since
@@ -167,12 +180,21 @@ def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down
 
 
 def bind_spin(t, wt, ws, residual: bool = False, nt: Optional[int] = None, xnorm: Optional[G.Norm] = None,
-              ynorm: Optional[G.Norm] = None) -> Bound:
+              ynorm: Optional[G.Norm] = None, rope: Optional[G.RopeSpec] = None) -> Bound:
     """Called as ``bound(x)``: ``(x's product, density)``; with ``residual``, as ``bound(x, r)``:
     ``(r + x's product, density)``. ``nt``: the threshold on the first ``nt`` outputs only, x's
     product as it is past them (``sparse_gemv.sparse_input``). ``xnorm`` = (weight, eps): x is that
-    RMSNorm's input; ``ynorm`` (with ``residual``): a third result, that RMSNorm of the sum."""
+    RMSNorm's input; ``ynorm`` (with ``residual``): a third result, that RMSNorm of the sum.
+    ``rope``: called as ``bound(x, pos)`` (``sparse_gemv.rope_position``), the product's first
+    ``rope.n`` outputs rotated at that position."""
     args = (t, wt, _one_token_scratch(ws, wt))
+    if rope is not None:
+        if residual or ynorm is not None:
+            raise ValueError("a rope is fused without the residual add or an output norm only")
+        spec = (rope.inv_freq, rope.dims, rope.n, rope.traditional, float(rope.scale), *(() if nt is None else (nt,)))
+        if xnorm is not None:
+            return Bound(_spin_xnorm_rope, *args, xnorm[0], float(xnorm[1]), *spec)
+        return Bound(_spin_rope, *args, *spec)
     if xnorm is not None:
         return Bound(_spin_xnorm, *args, xnorm[0], float(xnorm[1]), *(() if nt is None else (nt,)))
     if ynorm is not None:

@@ -28,8 +28,10 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from . import sparse_gemv as G
 from .linear_ops import dense_linear
 from .row_store import RowStore, fusable
 from .switches import env_switch
@@ -113,13 +115,44 @@ def plan_of(attn: nn.Module) -> _Plan:
     return st.plan
 
 
+def rope_spec(attn: nn.Module) -> Optional[G.RopeSpec]:
+    """The attention's RoPE as a sparse-input launch can apply it to the q and k heads of its
+    ``[q | k | v]`` output (``sparse_gemv.Rope``), or None: q and k are normalised per head first
+    (Qwen3), the rope is not MLX's plain ``nn.RoPE`` or mlx-lm's ``Llama3RoPE``, or it rotates part
+    of a head only. The inverse frequencies are MLX's: exp2(-(i / half) * log2(base)) in float32,
+    or 1 / freqs."""
+    from mlx_lm.models.rope_utils import Llama3RoPE
+
+    st: _State = attn._fused
+    r = attn.rope
+    d = attn.q_proj["weight"].shape[0] // st.hq
+    if st.norms or getattr(r, "dims", None) != d or d % 2:
+        return None
+    half = d // 2
+    if type(r) is nn.RoPE:
+        f32 = np.float32
+        inv = np.exp2(-(np.arange(half, dtype=f32) / f32(half)) * f32(np.log2(f32(r.base)))).astype(f32)
+        scale = float(r.scale)
+    elif type(r) is Llama3RoPE:
+        inv = (1.0 / np.array(r._freqs, dtype=np.float64)).astype(np.float32)
+        scale = 1.0
+    else:
+        return None
+    inv_freq = mx.array(inv)
+    mx.eval(inv_freq)
+    return G.RopeSpec(inv_freq, d, (st.hq + st.hkv) * d, bool(r.traditional), scale)
+
+
 def heads(st: _State, h: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.array, mx.array, mx.array]:
     """q, k, v heads of one token from the fused product ``h`` (B, 1, (hq + 2 hkv) * D), with
-    RoPE at ``offset``: one reshape, one RoPE over q and k together unless q/k are normalised."""
+    RoPE at ``offset``: one reshape, one RoPE over q and k together unless q/k are normalised.
+    ``rope`` None: q and k came rotated (the launch applied it, ``rope_spec``)."""
     hq, hkv = st.hq, st.hkv
     B = h.shape[0]
     h = h.reshape(B, hq + 2 * hkv, 1, h.shape[-1] // (hq + 2 * hkv))
     v = h[:, hq + hkv:]
+    if rope is None:
+        return h[:, :hq], h[:, hq:hq + hkv], v
     if q_norm is not None:
         return rope(q_norm(h[:, :hq]), offset=offset), rope(k_norm(h[:, hq:hq + hkv]), offset=offset), v
     r = rope(h[:, :hq + hkv], offset=offset)

@@ -38,7 +38,7 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
@@ -176,21 +176,78 @@ def _times_wt(x: mx.array, wt) -> mx.array:
 
 Norm = tuple  # (weight, eps) of an RMSNorm fused into a sparse-input launch (``sparse_input``)
 
+ROPE_POSITION_SLOTS = 4  # a rope position array's entries: arrays of <= 8 bytes are slow for kernels to read
+
+
+class Rope(NamedTuple):
+    """MLX's rope (``mx.fast.rope``, as ``nn.RoPE`` or mlx-lm's ``Llama3RoPE`` call it) of a
+    product's first ``n`` outputs, heads of ``dims`` (``n`` a multiple of ``dims``), fused into a
+    sparse-input launch (``sparse_input``): q's and k's heads leave the split launch rotated. The
+    angle of head dimension pair i is ``(scale * pos[0]) * inv_freq[i]``, in float32 as MLX
+    computes it."""
+
+    pos: mx.array  # int32, ROPE_POSITION_SLOTS equal entries (``rope_position``)
+    inv_freq: mx.array  # float32 (dims // 2,)
+    dims: int
+    n: int
+    traditional: bool = False
+    scale: float = 1.0
+
+
+class RopeSpec(NamedTuple):
+    """A ``Rope`` without its position: what a layer's rope module fixes once (``at`` adds the
+    position of a token)."""
+
+    inv_freq: mx.array
+    dims: int
+    n: int
+    traditional: bool = False
+    scale: float = 1.0
+
+    def at(self, pos: mx.array) -> Rope:
+        return Rope(pos, self.inv_freq, self.dims, self.n, self.traditional, self.scale)
+
+
+def rope_position(offset: int) -> mx.array:
+    """A token position as a fused rope reads it (``Rope.pos``)."""
+    return mx.array([offset] * ROPE_POSITION_SLOTS, dtype=mx.int32)
+
+
+def reference_rope(y: mx.array, rope: Rope) -> mx.array:
+    """``Rope`` applied to y (..., N) with MLX ops: what the kernels' epilogue computes, and what
+    ``mx.fast.rope`` gives on the heads of y's first ``rope.n`` outputs."""
+    d, h, n = rope.dims, rope.dims // 2, rope.n
+    theta = (mx.array(rope.scale, dtype=mx.float32) * rope.pos[0].astype(mx.float32)) * rope.inv_freq
+    c, s = mx.cos(theta), mx.sin(theta)
+    lead = y.shape[:-1]
+    r = y[..., :n].astype(mx.float32).reshape(*lead, n // d, d)
+    if rope.traditional:
+        x1, x2 = r[..., 0::2], r[..., 1::2]
+        out = mx.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    else:
+        x1, x2 = r[..., :h], r[..., h:]
+        out = mx.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    out = out.reshape(*lead, n).astype(y.dtype)
+    return out if n == y.shape[-1] else mx.concatenate([out, y[..., n:]], axis=-1)
+
 
 def reference_sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, residual: Optional[mx.array] = None,
                            nt: Optional[int] = None, xnorm: Optional[Norm] = None,
-                           ynorm: Optional[Norm] = None) -> tuple:
+                           ynorm: Optional[Norm] = None, rope: Optional[Rope] = None) -> tuple:
     """``threshold(x, t) @ wt [+ residual]`` and the density of the thresholded input; with ``nt``,
     the outputs past ``nt`` take x as it is. Those come from a second product on the whole of
     ``wt`` (MLX's CUDA quantized product takes no column slice of the transposed layout: "no
     implementation for problem shape"); a fallback and a check, not a decode path. ``xnorm``: x
-    goes through that RMSNorm first; ``ynorm``: a third result, that RMSNorm of y."""
+    goes through that RMSNorm first; ``ynorm``: a third result, that RMSNorm of y; ``rope``: y's
+    first outputs rotated (before any residual)."""
     if xnorm is not None:
         x = mx.fast.rms_norm(x, *xnorm)
     xs = threshold(x, t)
     y = _times_wt(xs, wt)
     if nt is not None and nt < y.shape[-1]:
         y = mx.concatenate([y[..., :nt], _times_wt(x, wt)[..., nt:]], axis=-1)
+    if rope is not None:
+        y = reference_rope(y, rope)
     if residual is not None:
         y = residual + y
     dens = kept_fraction(xs != 0)  # the share of weight rows a kernel reads
@@ -234,12 +291,14 @@ _DEFINE_EXTRAS = {
     "CHESS_RESIDUAL": (["r"], []),  # the residual add fused into the epilogue
     "CHESS_XNORM": (["gx"], []),  # x's RMSNorm applied in the kernel (q's head launch takes the block's input)
     "CHESS_YNORM": (["gy"], ["yn"]),  # y's RMSNorm as a third output (o's launch gives the post-attention norm)
+    "CHESS_ROPE": (["rp", "rf"], []),  # MLX's rope of the first outputs (the split launch gives q, k rotated)
 }
 # A variant is its base kernel's source with these defined (one source per kernel and backend).
 VARIANTS = {
     f"{base}{suffix}": (base, defines) for base in ("spin_f", "spin_q")
     for suffix, defines in (("_res", ("CHESS_RESIDUAL",)), ("_xnorm", ("CHESS_XNORM",)),
-                            ("_res_ynorm", ("CHESS_RESIDUAL", "CHESS_YNORM")))
+                            ("_res_ynorm", ("CHESS_RESIDUAL", "CHESS_YNORM")), ("_rope", ("CHESS_ROPE",)),
+                            ("_xnorm_rope", ("CHESS_XNORM", "CHESS_ROPE")))
 }
 for _name, (_base, _defines) in VARIANTS.items():
     _INPUTS[_name] = _INPUTS[_base] + [i for d in _defines for i in _DEFINE_EXTRAS[d][0]]
@@ -549,10 +608,11 @@ def split_fits(m: int, nt: int, bits: Optional[int] = None, kind: str = "cuda") 
     return nt > 0 and nt % spin_tile(words, bits) == 0
 
 
-def spin_variant(residual: bool, xnorm: bool, ynorm: bool) -> Optional[str]:
+def spin_variant(residual: bool, xnorm: bool, ynorm: bool, rope: bool = False) -> Optional[str]:
     """The suffix of the spin kernel for these fused extras (a ``VARIANTS`` entry of spin_f, whose
     spin_q twin has the same defines), or None where no kernel has them."""
-    want = {d for d, on in (("CHESS_RESIDUAL", residual), ("CHESS_XNORM", xnorm), ("CHESS_YNORM", ynorm)) if on}
+    want = {d for d, on in (("CHESS_RESIDUAL", residual), ("CHESS_XNORM", xnorm), ("CHESS_YNORM", ynorm),
+                            ("CHESS_ROPE", rope)) if on}
     if not want:
         return ""
     return next((name[len("spin_f"):] for name, (base, defines) in VARIANTS.items()
@@ -560,21 +620,44 @@ def spin_variant(residual: bool, xnorm: bool, ynorm: bool) -> Optional[str]:
 
 
 def _eps_bits(eps: float) -> int:
-    """A norm's eps as the int32 bits of its float32 (a kernel template takes ints only)."""
+    """A norm's eps (or a rope's scale) as the int32 bits of its float32 (a kernel template takes ints only)."""
     return struct.unpack("<i", struct.pack("<f", float(eps)))[0]
+
+
+def rope_fits(rope: Rope, n: int, tile: int) -> bool:
+    """Whether a spin launch with ``n`` outputs in tiles of ``tile`` can apply ``rope``: each rotated
+    pair must lie in one tile and every thread's outputs at one head dimension (``dims`` divides 256
+    and the tile), and the rotated outputs must be whole heads."""
+    d = rope.dims
+    return d > 0 and d % 2 == 0 and 256 % d == 0 and tile % d == 0 and 0 < rope.n <= n and rope.n % d == 0
+
+
+def _rope_args(rope: Rope, n: int, tile: int) -> tuple[list, list]:
+    """The rope's (inputs, template entries) of a spin launch, after checking what the kernel reads."""
+    if not rope_fits(rope, n, tile):
+        raise ValueError(f"rope of {rope.n} outputs in heads of {rope.dims} does not fit {n} outputs in tiles of {tile}")
+    if rope.pos.dtype != mx.int32 or rope.pos.size < ROPE_POSITION_SLOTS:
+        raise ValueError(f"rope position must be int32 with >= {ROPE_POSITION_SLOTS} entries (rope_position)")
+    if rope.inv_freq.dtype != mx.float32 or rope.inv_freq.shape != (rope.dims // 2,):
+        raise ValueError(f"rope inverse frequencies must be float32 of shape ({rope.dims // 2},)")
+    return ([rope.pos, rope.inv_freq],
+            [("ROPE_D", rope.dims), ("ROPE_N", rope.n), ("ROPE_TRAD", int(rope.traditional)),
+             ("ROPE_SB", _eps_bits(rope.scale))])
 
 
 def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
                  kc: Optional[int] = None, words: Optional[int] = None,
                  residual: Optional[mx.array] = None, nt: Optional[int] = None,
-                 xnorm: Optional[Norm] = None, ynorm: Optional[Norm] = None) -> tuple:
+                 xnorm: Optional[Norm] = None, ynorm: Optional[Norm] = None,
+                 rope: Optional[Rope] = None) -> tuple:
     """spin_f / spin_q: thresholded sparse-input product and its input density, one launch,
     ordered after the previous launch on ``ws`` (y becomes its token). The density is a
     0-d array (no reshape node). ``residual`` (y's shape and dtype, row-contiguous) is added to
     the product in the kernel. ``nt``: threshold the input of the first ``nt`` outputs only (a
     multiple of the tile; None: all). ``xnorm`` = (weight, eps): x is an RMSNorm's input, applied
     in the kernel; ``ynorm`` (with ``residual``): a third result, that RMSNorm of y
-    (``spin_variant``). ``kc`` and ``words`` (spin_q) override the launch geometry for probes."""
+    (``spin_variant``); ``rope``: y's first outputs rotated (without ``residual``). ``kc`` and
+    ``words`` (spin_q) override the launch geometry for probes."""
     m, k = rows(x), x.shape[-1]
     quantized = isinstance(wt, QWeight)
     n = wt.cols if quantized else wt.shape[1]
@@ -583,9 +666,9 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     nt = n if nt is None else nt
     if not 0 < nt <= n or (nt < n and nt % spin_tile(words, wt.bits if quantized else None)):
         raise ValueError(f"thresholded outputs {nt} of {n} do not end a tile")
-    variant = spin_variant(residual is not None, xnorm is not None, ynorm is not None)
+    variant = spin_variant(residual is not None, xnorm is not None, ynorm is not None, rope is not None)
     if variant is None:
-        raise ValueError("no spin kernel fuses this combination of residual and norms")
+        raise ValueError("no spin kernel fuses this combination of residual, norms and rope")
     # the kernel indexes sem[0 .. tiles] (and sem[tiles + 1] with a fused output norm)
     if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1 + (ynorm is not None):
         raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
@@ -610,6 +693,9 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
                                  f"({size},) and {x.dtype}, a multiple of 8")
             inputs = inputs + [norm[0]]
             tmpl = tmpl + [("EPSB", _eps_bits(norm[1]))]
+    if rope is not None:
+        more, rt = _rope_args(rope, n, spin_tile(words, wt.bits if quantized else None))
+        inputs, tmpl = inputs + more, tmpl + rt
     out_shape = (*x.shape[:-1], n)
     out = _kernel(kind, name + variant)(
         inputs=inputs, template=tmpl, grid=(tiles * 256, chunks, 1), threadgroup=(256, 1, 1),
@@ -655,7 +741,8 @@ def gated_sparse_output(x: mx.array, w, a: mx.array) -> mx.array:
 
 def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, ws: Optional[Workspace] = None,
                  residual: Optional[mx.array] = None, nt: Optional[int] = None,
-                 xnorm: Optional[Norm] = None, ynorm: Optional[Norm] = None) -> tuple:
+                 xnorm: Optional[Norm] = None, ynorm: Optional[Norm] = None,
+                 rope: Optional[Rope] = None) -> tuple:
     """``(threshold(x, t) @ wt [+ residual], density)`` for x (..., K), wt = W^T (K, N) or its
     QWeight (quantized along N); only the rows of wt that meet a surviving input are read. ``ws``:
     the call site's ``workspace`` (a fresh one is made if omitted, at the cost of a fill). ``nt``:
@@ -663,16 +750,20 @@ def sparse_input(x: mx.array, wt, t: Optional[mx.array] = None, ws: Optional[Wor
     projection and dense ones on the same x, their W^T side by side in ``wt``; one launch where
     ``nt`` ends a kernel tile (``split_fits``), else the reference. The density is that of the
     thresholded input. ``xnorm`` = (weight, eps): x is that RMSNorm's input (the product takes
-    its output); ``ynorm`` = (weight, eps): a third result, that RMSNorm of the (residual) sum.
-    Where a kernel fuses them (``spin_variant``), one launch does it all."""
+    its output); ``ynorm`` = (weight, eps): a third result, that RMSNorm of the (residual) sum;
+    ``rope``: y's first outputs rotated (``Rope``). Where a kernel fuses them (``spin_variant``,
+    ``rope_fits``), one launch does it all."""
     kind = backend()
-    fused = spin_variant(residual is not None, xnorm is not None, ynorm is not None) is not None
+    bits = wt.bits if isinstance(wt, QWeight) else None
+    fused = spin_variant(residual is not None, xnorm is not None, ynorm is not None, rope is not None) is not None
     if kind != "reference" and fused and kernel_supports(kind, x, wt, transposed=True) and (
-            nt is None or split_fits(rows(x), nt, wt.bits if isinstance(wt, QWeight) else None, kind)):
-        ws = workspace(wt.cols if isinstance(wt, QWeight) else wt.shape[1]) if ws is None else ws
-        return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t, ws, residual=residual, nt=nt,
-                            xnorm=xnorm, ynorm=ynorm)
-    return reference_sparse_input(x, wt, t, residual, nt, xnorm, ynorm)
+            nt is None or split_fits(rows(x), nt, bits, kind)):
+        n = wt.cols if isinstance(wt, QWeight) else wt.shape[1]
+        if rope is None or rope_fits(rope, n, spin_tile(spin_words(rows(x), bits, kind) if bits else 0, bits)):
+            return _launch_spin(kind, x, wt, zero_threshold(x.dtype) if t is None else t,
+                                workspace(n) if ws is None else ws, residual=residual, nt=nt, xnorm=xnorm,
+                                ynorm=ynorm, rope=rope)
+    return reference_sparse_input(x, wt, t, residual, nt, xnorm, ynorm, rope)
 
 
 def gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:

@@ -148,7 +148,8 @@ class SparseInputLinear(nn.Module):
             return self.ctl.plan(x, partial(self._plan, residual=True), "residual")
         return self.ctl.plan(x, partial(self._plan, residual=True, ynorm=ynorm), "residual_ynorm")
 
-    def split_plan(self, x: mx.array, others: list[nn.Module], xnorm: Optional[G.Norm] = None) -> Optional[D.Bound]:
+    def split_plan(self, x: mx.array, others: list[nn.Module], xnorm: Optional[G.Norm] = None,
+                   rope: Optional[G.RopeSpec] = None) -> Optional[D.Bound]:
         """The one-token path of this thresholded projection and the dense projections ``others`` on
         the same input, as one launch over their W^T side by side (q with k and v under
         CHESS+attention, ``fused_attention``): ``bound(x)`` -> ``([self(x) | other(x) ...],
@@ -157,19 +158,28 @@ class SparseInputLinear(nn.Module):
         ``enable_split`` takes effect at the next ``set_method``). The stacked W^T it builds stays
         with the projections, like their own transposed copies, until new weights replace it.
         ``xnorm`` = (weight, eps): x is the input of that RMSNorm (the block's input norm), which
-        the kernel applies before the threshold."""
-        return self.ctl.plan(x, partial(self._split_plan, others, xnorm), "split" if xnorm is None else "split_xnorm")
+        the kernel applies before the threshold. ``rope`` (``fused_attention.rope_spec``): the
+        launch rotates the q and k heads too, and is called as ``bound(x, pos)``; None where the
+        kernel tiles do not fit that rope (``sparse_gemv.rope_fits``)."""
+        key = "split" + ("_xnorm" if xnorm is not None else "") + ("_rope" if rope is not None else "")
+        return self.ctl.plan(x, partial(self._split_plan, others, xnorm, rope), key)
 
-    def _split_plan(self, others: list[nn.Module], xnorm: Optional[G.Norm], x: mx.array) -> Optional[D.Bound]:
+    def _split_plan(self, others: list[nn.Module], xnorm: Optional[G.Norm], rope: Optional[G.RopeSpec],
+                    x: mx.array) -> Optional[D.Bound]:
         mods = [self, *others]
         if not split_enabled() or self.ctl.threshold is None or not compiled_path_ok(x, *mods) or not fusable(mods):
             return None
         nt = self["weight"].shape[0]
         if not G.split_fits(1, nt, self.bits if "scales" in self else None, G.backend()):
             return None
+        bits = self.bits if "scales" in self else None
+        n = sum(m["weight"].shape[0] for m in mods)
+        if rope is not None and not G.rope_fits(rope, n, G.spin_tile(G.spin_words(1, bits, G.backend()) if bits else 0,
+                                                                     bits)):
+            return None
         wt = stacked_transposed_weight(mods)
-        n = wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]
-        return D.bind_spin(self.ctl.arr("threshold", x.dtype), wt, kernel_workspace(self, x, n), nt=nt, xnorm=xnorm)
+        return D.bind_spin(self.ctl.arr("threshold", x.dtype), wt, kernel_workspace(self, x, n), nt=nt, xnorm=xnorm,
+                           rope=rope)
 
 
 class SparseMLP(nn.Module):

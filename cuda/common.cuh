@@ -497,6 +497,17 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
   }
 }
 
+// This thread's rotary angle for a fused rope (chess_spin_finish's RD, RT): thread i's outputs sit
+// at head dimension i % RD in every row and tile (RD divides 256 and the tile), so one angle serves
+// all of them: (scale * position) * inverse frequency, in MLX's rope's order of operations. pos[0]
+// is the position (an int32 array of >= 4 entries: arrays of <= 8 bytes come from MLX's managed
+// small-buffer pool, whose reads cost microseconds, RESULTS.md session 9); inv_freq has RD / 2.
+template <int RD, int RT>
+__device__ __forceinline__ float chess_rope_theta(const int* pos, const float* inv_freq, float scale) {
+  const int d = (int)threadIdx.x % RD;
+  return (scale * static_cast<float>(pos[0])) * inv_freq[RT ? d / 2 : d % (RD / 2)];
+}
+
 // Sparse-input epilogue, one launch for what used to be two (fewer graph nodes per token is what
 // decode speed depends on, benchmarks/RESULTS.md): the 8 warps' accumulators of one output tile
 // (lane owns VPL consecutive outputs, plus a per-lane scalar) are summed through red[8][TILE] into
@@ -514,11 +525,15 @@ __device__ __forceinline__ void chess_finish_rows(const float* acc, const T* a, 
 // partial_in: the call site's float32 scratch of >= CHUNKS * M * N (an input: MLX would allocate
 // an output at every launch, ~2 us of host time each, RESULTS.md session 18); every element this
 // launch reads it writes first, and the workspace token orders the launches that share it.
-template <typename T, int M, int N, int K, int KC, int VPL>
+// RD, RN, RT, theta: a rotary embedding of y's first RN outputs (the _rope variants; RN = 0: none),
+// heads of RD outputs, traditional (adjacent pairs) if RT, else halves (MLX's rope); theta is this
+// thread's angle (chess_rope_theta). Each pair lies inside one tile (RD divides 256 and TILE).
+template <typename T, int M, int N, int K, int KC, int VPL, int RD = 0, int RN = 0, int RT = 0>
 __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const float* accb, const float* partial_in,
                                                   T* y, float* dens, const int* sem_in, int nnz,
                                                   float (*red)[32 * VPL], int* flag, const T* res,
-                                                  const T* yg = nullptr, T* yn = nullptr, float eps = 0.0f) {
+                                                  const T* yg = nullptr, T* yn = nullptr, float eps = 0.0f,
+                                                  float theta = 0.0f) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
   float* partial = const_cast<float*>(partial_in);
@@ -552,6 +567,8 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
   }
   __syncthreads();
   if (!*flag) return;
+  static_assert(RN == 0 || (RD % 2 == 0 && 256 % RD == 0 && TILE % RD == 0 && M <= 8), "rope pairs must stay in a tile");
+  float* rot = &red[0][0];  // RN > 0: the tile's rounded outputs, M * TILE <= 8 * TILE floats
   for (int i = threadIdx.x; i < M * TILE; i += 256) {
     const int m = i / TILE, n = tile * TILE + i % TILE;
     if (n < N) {
@@ -559,7 +576,25 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
 #pragma unroll 32
       for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
       if (res) s = static_cast<float>(static_cast<T>(s)) + static_cast<float>(res[(size_t)m * N + n]);
-      y[(size_t)m * N + n] = static_cast<T>(s);
+      if (RN > 0) rot[i] = static_cast<float>(static_cast<T>(s));
+      else y[(size_t)m * N + n] = static_cast<T>(s);
+    }
+  }
+  if (RN > 0) {  // rotate pairs of the rounded outputs, as MLX's rope does with the product's output
+    __syncthreads();
+    const float c = cosf(theta), sn = sinf(theta);
+    for (int i = threadIdx.x; i < M * TILE; i += 256) {
+      const int m = i / TILE, n = tile * TILE + i % TILE;
+      if (n < N) {
+        float o = rot[i];
+        if (n < RN) {
+          const int d = n % RD;
+          const bool lo = RT ? (d & 1) == 0 : d < RD / 2;
+          const float p = rot[RT ? (i ^ 1) : lo ? i + RD / 2 : i - RD / 2];
+          o = lo ? o * c - p * sn : p * sn + o * c;
+        }
+        y[(size_t)m * N + n] = static_cast<T>(o);
+      }
     }
   }
   if (threadIdx.x == 0) {

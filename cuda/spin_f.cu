@@ -20,6 +20,11 @@
 // more input gy of N, one more output yn of y's shape, template EPSB): yn = RMSNorm(y) (weight gy),
 // written by the last tile to finish (chess_spin_finish; sem then needs tiles + 2 zeros): o's launch
 // gives the block's residual stream and the post-attention norm's output.
+// With CHESS_ROPE (the "_rope" kernels; two more inputs: rp, int32 >= 4 entries, the position in
+// rp[0], and rf, float32 ROPE_D / 2 inverse frequencies; template ROPE_D, ROPE_N, ROPE_TRAD,
+// ROPE_SB = the bits of the float32 scale): MLX's rope of y's first ROPE_N outputs, heads of ROPE_D,
+// applied by each tile's last block to the rounded outputs (chess_spin_finish): q's and k's heads
+// leave the split launch rotated, one launch fewer per layer. Not with CHESS_RESIDUAL / CHESS_YNORM.
 // Template: T, M, K, N, KC, TPC, NT. Grid: (ceil(N/256)*256, ceil(K/KC)) threads, threadgroup 256.
 // Needs N % 8 == 0, KC <= 512.
 // NT (a multiple of TILE, 0 < NT <= N): outputs [0, NT) take the thresholded x, [NT, N) x as it is,
@@ -49,6 +54,13 @@ T* ynorm = nullptr;
 const float eps = __int_as_float(EPSB);
 #else
 const float eps = 0.0f;
+#endif
+#ifdef CHESS_ROPE
+constexpr int RD = ROPE_D, RN = ROPE_N, RT = ROPE_TRAD;
+const float theta = chess_rope_theta<RD, RT>(rp, rf, __int_as_float(ROPE_SB));  // loaded now, used in the tail
+#else
+constexpr int RD = 0, RN = 0, RT = 0;
+const float theta = 0.0f;
 #endif
 __shared__ float wss[8 * M];
 __shared__ int idx[KC];
@@ -95,4 +107,4 @@ for (int i0 = warp; i0 < total; i0 += 8 * U) {
   }
 }
 const float zero[M] = {};
-chess_spin_finish<T, M, N, K, KC, 8>(acc, zero, partial, y, dens, sem, nnz, red, &flag, res, yg, ynorm, eps);
+chess_spin_finish<T, M, N, K, KC, 8, RD, RN, RT>(acc, zero, partial, y, dens, sem, nnz, red, &flag, res, yg, ynorm, eps, theta);

@@ -422,6 +422,14 @@ inline void chess_finish_rows(thread const float* acc, const device T* a, device
   }
 }
 
+// This thread's rotary angle for a fused rope (twin of the CUDA one): (scale * pos[0]) * the
+// inverse frequency of head dimension tid % RD; pos is an int32 array of >= 4 entries.
+template <int RD, int RT>
+inline float chess_rope_theta(const device int* pos, const device float* inv_freq, float scale, uint tid) {
+  const int d = int(tid) % RD;
+  return (scale * float(pos[0])) * inv_freq[RT ? d / 2 : d % (RD / 2)];
+}
+
 // Sparse-input epilogue (twin of the CUDA one): the 8 simdgroups' accumulators of one output tile
 // through red[8][TILE] (16-byte stores) into partial[chunk, m, :]; the tile's last chunk
 // threadgroup (counted in sem[tile]) sums the chunks in order into y; the tile-0 threadgroups add
@@ -433,13 +441,15 @@ inline void chess_finish_rows(thread const float* acc, const device T* a, device
 // res: null, or the residual added to y after y's own rounding (the spin kernels' _res variants).
 // partial_in: the call site's float32 scratch of >= CHUNKS * M * N, an input written here (as the
 // CUDA twin; the workspace token orders the launches that share it).
-template <typename T, int M, int N, int K, int KC, int VPL>
+// RD, RN, RT, theta: a rotary embedding of y's first RN outputs (the _rope variants; RN = 0: none),
+// as the CUDA twin.
+template <typename T, int M, int N, int K, int KC, int VPL, int RD = 0, int RN = 0, int RT = 0>
 inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float* accb, const device float* partial_in,
                               device T* y, device float* dens, const device int* sem_in, int nnz,
                               threadgroup float (*red)[32 * VPL], threadgroup int* flag, uint tid, uint lane,
                               uint warp, int tile, int chunk, int tiles,
                               const device T* res, const device T* yg = nullptr, device T* yn = nullptr,
-                              float eps = 0.0f) {
+                              float eps = 0.0f, float theta = 0.0f) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
   device atomic_int* sem = (device atomic_int*)(sem_in);
@@ -467,6 +477,8 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
   }
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   if (*flag == 0) return;
+  static_assert(RN == 0 || (RD % 2 == 0 && 256 % RD == 0 && TILE % RD == 0 && M <= 8), "rope pairs must stay in a tile");
+  threadgroup float* rot = &red[0][0];  // RN > 0: the tile's rounded outputs, M * TILE <= 8 * TILE floats
   for (int i = int(tid); i < M * TILE; i += 256) {
     const int m = i / TILE, n = tile * TILE + i % TILE;
     if (n < N) {
@@ -474,7 +486,25 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
 #pragma unroll(32)
       for (int c = 0; c < CHUNKS; ++c) s += partial[(c * M + m) * N + n];
       if (res) s = float(static_cast<T>(s)) + float(res[m * N + n]);
-      y[m * N + n] = static_cast<T>(s);
+      if (RN > 0) rot[i] = float(static_cast<T>(s));
+      else y[m * N + n] = static_cast<T>(s);
+    }
+  }
+  if (RN > 0) {  // rotate pairs of the rounded outputs, as MLX's rope does with the product's output
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const float c = precise::cos(theta), sn = precise::sin(theta);
+    for (int i = int(tid); i < M * TILE; i += 256) {
+      const int m = i / TILE, n = tile * TILE + i % TILE;
+      if (n < N) {
+        float o = rot[i];
+        if (n < RN) {
+          const int d = n % RD;
+          const bool lo = RT ? (d & 1) == 0 : d < RD / 2;
+          const float p = rot[RT ? (i ^ 1) : lo ? i + RD / 2 : i - RD / 2];
+          o = lo ? o * c - p * sn : p * sn + o * c;
+        }
+        y[m * N + n] = static_cast<T>(o);
+      }
     }
   }
   if (tid == 0) {

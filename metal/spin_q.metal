@@ -13,6 +13,8 @@
 // With CHESS_XNORM (one more input gx of K, template EPSB): x's RMSNorm (weight gx) applied in the
 // kernel before the threshold; with CHESS_YNORM (and CHESS_RESIDUAL; one more input gy of N, one
 // more output yn, template EPSB): yn = RMSNorm(y), by the last tile to finish (as the CUDA twin).
+// With CHESS_ROPE (two more inputs rp, rf; template ROPE_D, ROPE_N, ROPE_TRAD, ROPE_SB): MLX's rope
+// of y's first ROPE_N outputs, by each tile's last threadgroup (as the CUDA twin).
 // Template: T, M, K, N, BITS, GS, KC, WORDS, TPC, NT. Grid: (ceil(N/TILE)*256, ceil(K/KC)), threadgroup 256.
 // NT (a multiple of TILE, 0 < NT <= N): outputs [0, NT) take the thresholded x, [NT, N) x as it is,
 // so one launch serves a thresholded projection and dense ones on the same input, their W^T side by
@@ -55,6 +57,13 @@ threadgroup int flag;
 threadgroup float4 red_v[8][TILE / 4];  // float4-aligned for 16-byte stores
 threadgroup float (*red)[TILE] = (threadgroup float (*)[TILE])red_v;
 const uint tid = thread_position_in_threadgroup.x;
+#ifdef CHESS_ROPE
+constexpr int RD = ROPE_D, RN = ROPE_N, RT = ROPE_TRAD;
+const float theta = chess_rope_theta<RD, RT>(rp, rf, as_type<float>(int(ROPE_SB)), tid);  // loaded now, used in the tail
+#else
+constexpr int RD = 0, RN = 0, RT = 0;
+const float theta = 0.0f;
+#endif
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;
 const int tile = int(threadgroup_position_in_grid.x);
@@ -91,5 +100,5 @@ for (int i0 = int(warp); i0 < total; i0 += 8 * U) {
   }
   if (in_range) ChessSpinQ<T, M, BITS, WORDS, U>::rows(words, sc, bi, xv, acc, accb);
 }
-chess_spin_finish<T, M, N, K, KC, VPL>(acc, accb, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
-                                  int(threadgroups_per_grid.x), res, yg, ynorm, eps);
+chess_spin_finish<T, M, N, K, KC, VPL, RD, RN, RT>(acc, accb, partial, y, dens, sem, nnz, red, &flag, tid, lane, warp, tile, chunk,
+                                  int(threadgroups_per_grid.x), res, yg, ynorm, eps, theta);

@@ -34,8 +34,9 @@ def test_launched_text_defines_every_helper_it_uses(kind, name):
     defined = {KT.defined_name(it) for it in KT.header_items(lh)}
     assert KT.used_helpers(lh + lb) <= defined
     assert lb.split() == " ".join(KT.strip_comments(body).split()).split()
-    # spin_q on Metal: 0.44 since its shared compaction and epilogue hold the fused norms (session 20)
-    assert len(lh) + len(lb) < 0.45 * (len(header) + len(body))
+    # spin_q on Metal: 0.44 since its shared compaction and epilogue hold the fused norms (session
+    # 20), 0.45 with the fused rope's tail in the epilogue too (session 21)
+    assert len(lh) + len(lb) < 0.47 * (len(header) + len(body))
     assert "//" not in lh + lb and "/*" not in lh + lb
 
 

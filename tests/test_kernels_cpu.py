@@ -315,6 +315,7 @@ def test_norm_variants_read_their_inputs_only_when_defined(name):
     EPSB there only, and hand them to the shared compaction / epilogue."""
     base, defines = G.VARIANTS[name]
     extra = (["r"] if "CHESS_RESIDUAL" in defines else []) + [_NORM_INPUTS[d] for d in defines if d in _NORM_INPUTS]
+    extra += ["rp", "rf"] if "CHESS_ROPE" in defines else []
     assert G._INPUTS[name] == G._INPUTS[base] + extra
     assert G._OUTPUTS[name] == G._OUTPUTS[base] + (["yn"] if "CHESS_YNORM" in defines else [])
     for kind in ("cuda", "metal"):
@@ -328,8 +329,26 @@ def test_norm_variants_read_their_inputs_only_when_defined(name):
         eps = re.search(r"#if defined\(CHESS_XNORM\) \|\| defined\(CHESS_YNORM\)\n(.*?)#else", code, re.S)
         assert eps and "EPSB" in eps.group(1) and "EPSB" not in code.replace(eps.group(0), "")
         assert re.search(r"chess_compact<M, K, KC, TPC>\(x, t, xg, eps, wss,", code)
-        assert re.search(r"res, yg, ynorm, eps\);", code)
+        assert re.search(r"res, yg, ynorm, eps(, theta)?\);", code)
         assert re.search(r"chess_rms_scales<T, M, K>\(x, g, eps, nsum, rs", header)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, d) in G.VARIANTS.items() if "CHESS_ROPE" in d))
+def test_rope_variants_read_their_inputs_only_when_defined(name):
+    """A fused-rope variant reads the position ``rp`` and inverse frequencies ``rf`` and the ROPE_*
+    templates inside #ifdef CHESS_ROPE only (both twins), where it computes its angle, and hands the
+    head size, rotated count and layout to the shared epilogue; the other kernels pass zeros."""
+    base, defines = G.VARIANTS[name]
+    assert G._INPUTS[name][-2:] == ["rp", "rf"] and G._OUTPUTS[name] == G._OUTPUTS[base]
+    for kind in ("cuda", "metal"):
+        code = re.sub(r"//.*", "", G.read_source(kind, base)[1])
+        guarded = re.search(r"#ifdef CHESS_ROPE\n(.*?)#else\n(.*?)#endif", code, re.S)
+        assert guarded and "chess_rope_theta<RD, RT>(rp, rf," in guarded.group(1)
+        assert "RN = 0" in guarded.group(2) and "theta = 0.0f" in guarded.group(2)
+        rest = code.replace(guarded.group(0), "")
+        for ident in ("rp", "rf", "ROPE_D", "ROPE_N", "ROPE_TRAD", "ROPE_SB"):
+            assert re.search(rf"\b{ident}\b", guarded.group(1)) and not re.search(rf"\b{ident}\b", rest), ident
+        assert re.search(r"chess_spin_finish<T, M, N, K, KC, (8|VPL), RD, RN, RT>\(.*eps, theta\);", code, re.S)
 
 
 _CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "float32": "float",
@@ -375,6 +394,21 @@ _INSTANCES = [
      dict(T="float16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=1, TPC=0, NT=4096, EPSB=897988541)),
     ("spin_q_res", ["bfloat16", "float32", "uint32", "bfloat16", "int32", "float32", "float32", "bfloat16"],
      ["bfloat16", "float32"], dict(T="bfloat16", M=2, K=4096, N=4096, BITS=8, GS=32, KC=128, WORDS=2, TPC=1, NT=4096)),
+    # fused rope of the q and k heads (the split launch), with and without the input norm
+    ("spin_f_xnorm_rope", ["float16", "float16", "float16", "int32", "float32", "float32", "float16", "int32",
+                           "float32"], ["float16", "float32"],
+     dict(T="float16", M=1, K=4096, N=6144, KC=256, TPC=0, NT=4096, EPSB=897988541, ROPE_D=128, ROPE_N=5120,
+          ROPE_TRAD=0, ROPE_SB=1065353216)),
+    ("spin_q_xnorm_rope", ["float16", "float16", "uint32", "float16", "int32", "float32", "float32", "float16",
+                           "int32", "float32"], ["float16", "float32"],
+     dict(T="float16", M=1, K=4096, N=6144, BITS=4, GS=64, KC=128, WORDS=2, TPC=0, NT=4096, EPSB=897988541,
+          ROPE_D=128, ROPE_N=5120, ROPE_TRAD=0, ROPE_SB=1065353216)),
+    ("spin_f_rope", ["bfloat16", "float32", "bfloat16", "int32", "float32", "float32", "int32", "float32"],
+     ["bfloat16", "float32"], dict(T="bfloat16", M=2, K=1024, N=1536, KC=128, TPC=1, NT=1024, ROPE_D=64, ROPE_N=1280,
+                                   ROPE_TRAD=1, ROPE_SB=1056964608)),
+    ("spin_q_rope", ["bfloat16", "bfloat16", "uint32", "bfloat16", "int32", "float32", "float32", "int32", "float32"],
+     ["bfloat16", "float32"], dict(T="bfloat16", M=1, K=4096, N=6144, BITS=8, GS=32, KC=128, WORDS=4, TPC=0,
+                                   NT=4096, ROPE_D=128, ROPE_N=5120, ROPE_TRAD=0, ROPE_SB=1065353216)),
     ("gateup_f", ["float16", "float16", "float32"], ["float16"],
      dict(T="float16", M=1, K=4096, N=14336, WPR=4, TPC=1)),
     ("gateup_f", ["bfloat16", "bfloat16", "bfloat16"], ["bfloat16"],

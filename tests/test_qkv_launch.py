@@ -114,11 +114,12 @@ def test_stacked_transposed_weight_is_each_projections_own(bits):
     assert L.stacked_transposed_weight(projs) is not wt
 
 
-def chess_attn_on_the_cpu(model_type: str, seed: int, monkeypatch):
-    """(model, cfg, thresholds, prompt) of a tiny calibrated model whose CHESS+attention decode takes
-    the compiled one-token paths on the CPU (over the reference products), q, k and v as one split
-    launch (the tiny model's q let through the tile bound), with fresh traces."""
-    model, cfg = tiny_model(model_type, 7)
+def chess_attn_on_the_cpu(model_type: str, seed: int, monkeypatch, **over):
+    """(model, cfg, thresholds, prompt) of a tiny calibrated model (config ``over``rides) whose
+    CHESS+attention decode takes the compiled one-token paths on the CPU (over the reference
+    products), q, k and v as one split launch (the tiny model's q let through the tile bound), with
+    fresh traces."""
+    model, cfg = tiny_model(model_type, 7, **over)
     rng = np.random.default_rng(seed)
     th = calibrate(model, mx.array(rng.integers(0, cfg["vocab_size"], size=(3, 40))), [0.5])
     prompt = mx.array(rng.integers(0, cfg["vocab_size"], size=(8,)))
