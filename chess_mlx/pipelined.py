@@ -16,8 +16,10 @@ and the CPU tests check this). ``CHESS_MLX_PIPELINE=0`` falls back to mlx-lm's `
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+from collections import deque
 from concurrent.futures import Future
 from functools import partial
 from typing import Callable, Iterator, Optional
@@ -67,6 +69,20 @@ def decode_stream() -> mx.Stream:
         if s is None:
             s = _STREAMS[key] = mx.new_thread_unsafe_stream(dev)
         return s
+
+
+def pipeline_depth() -> int:
+    """Decode steps built and scheduled ahead of the token being read (``CHESS_MLX_PIPELINE_DEPTH``,
+    default 2; 1 is mlx-lm's one step ahead). Why 2: with one step ahead, the next step's graph is
+    built only once the current token is read, so building and then encoding it lie on the GPU's
+    critical path; on the lent H100 host they took ~2.5 + ~3 ms a token against 4.5 ms of GPU time
+    under CHESS+attention (benchmarks/RESULTS.md, session 21). Two ahead, the GPU always has a
+    whole step queued. The cost: a reply stopped early (EOS) has computed one more step, which the
+    chat trims from its cache (``chat_session``)."""
+    try:
+        return max(1, int(os.environ.get("CHESS_MLX_PIPELINE_DEPTH", "2")))
+    except ValueError:
+        return 2
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -131,28 +147,36 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
             mx.clear_cache()
         y, logprobs, y_in = step(prompt[None])
     mx.async_eval(y, logprobs, y_in, *also())
-    scheduled: Optional[Future] = None  # y's encoding, once the encoder has it
-    ahead: Optional[Future] = None  # the next step's encoding
-    n = 0
+    # Steps built and not yet handed out, oldest first: (token, log-probabilities, the encoder's
+    # future; None for the prompt's step, scheduled here). ``depth`` steps stay built ahead of the
+    # token being read, never more than max_tokens in all.
+    queue: deque = deque([(y, logprobs, None)])
+    last_in, built, n = y_in, 1, 0
+    depth = pipeline_depth()
     try:
         while True:
-            ahead = None
-            if n != max_tokens:
+            while len(queue) <= depth and built <= max_tokens:
                 with mx.stream(stream):
-                    next_y, next_logprobs, next_in = step(y_in)
-                ahead = schedule(next_y, next_logprobs, next_in, *also())
-            if scheduled is not None:
-                scheduled.result()  # read y only once the encoder has scheduled it
+                    next_y, next_logprobs, last_in = step(last_in)
+                queue.append((next_y, next_logprobs, schedule(next_y, next_logprobs, last_in, *also())))
+                built += 1
             if n == max_tokens:
                 break
+            # Read y only once the encoder has scheduled it, and every step but the newest too: a
+            # reader of ``also()``'s arrays (the recorder) takes every step but the one in progress.
+            for _y, _lp, f in list(queue)[:-1] if len(queue) > 1 else queue:
+                if f is not None:
+                    f.result()
+            y, logprobs, _f = queue.popleft()
             yield y.item(), logprobs
-            if n % 256 == 0 and ahead is not None:
-                ahead.result()  # the encoder idle: the allocator's cache may be cleared
-                mx.clear_cache()
-            y, logprobs, y_in, scheduled = next_y, next_logprobs, next_in, ahead
             n += 1
+            if n % 256 == 1:
+                for _y, _lp, f in queue:  # the encoder idle: the allocator's cache may be cleared
+                    if f is not None:
+                        f.result()
+                mx.clear_cache()
     finally:
-        for f in (scheduled, ahead):  # a stopped reply leaves a step in flight: let it land
+        for _y, _lp, f in queue:  # a stopped reply leaves steps in flight: let them land
             if f is not None:
                 try:
                     f.result()

@@ -42,8 +42,9 @@ def model_th():
 
 @pytest.mark.parametrize("method", ["dense", "chess", "teal"])
 @pytest.mark.parametrize("plen,n", [(1, 1), (5, 20), (40, 12)])
-def test_same_tokens_and_logprobs_as_mlx_lm(model_th, method, plen, n):
+def test_same_tokens_and_logprobs_as_mlx_lm(model_th, method, plen, n, monkeypatch):
     model, th = model_th
+    monkeypatch.setenv("CHESS_MLX_PIPELINE_DEPTH", str(1 + (plen // 5 + n) % 3))  # 2, 1 and 3 steps ahead
     set_method(model, method, None if method == "dense" else th, 0.5)
     prompt = mx.random.randint(0, 256, (plen,), key=mx.random.key(plen))
     ref, ref_cache = _ref(model, prompt, n, prefill=16)  # 40 tokens: three prefill chunks
@@ -69,12 +70,16 @@ def test_sampling_draws_the_same_random_tokens(model_th):
     assert len(set(t for t, _ in got)) > 3  # really sampled, not greedy on a flat model
 
 
-def test_a_reply_closed_early_leaves_the_cache_as_mlx_lm_does(model_th):
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_reply_closed_early_leaves_the_cache_as_mlx_lm_does(model_th, monkeypatch, depth):
+    """Closed after 4 tokens, the cache holds what mlx-lm's holds (one step computed ahead), plus
+    the further steps a deeper pipeline had built (``pipeline_depth``), which the chat trims."""
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
     model, th = model_th
     set_method(model, "chess", th, 0.5)
+    monkeypatch.setenv("CHESS_MLX_PIPELINE_DEPTH", str(depth))
     prompt = mx.array([7, 8, 9])
     caches = []
     for gen_fn in (generate_step, pipelined.generate_step):
@@ -83,7 +88,7 @@ def test_a_reply_closed_early_leaves_the_cache_as_mlx_lm_does(model_th):
         toks = [next(gen)[0] for _ in range(4)]
         gen.close()
         caches.append((toks, cache[0].offset))
-    assert caches[0] == caches[1]
+    assert caches[0][0] == caches[1][0] and caches[1][1] == caches[0][1] + depth - 1
     # and the model is usable again at once: a fresh decode gives the reference tokens
     got, _ = _ours(model, prompt, 6)
     ref, _ = _ref(model, prompt, 6)
@@ -175,7 +180,9 @@ def test_each_token_carries_the_stats_of_its_own_step(model_th, monkeypatch, ple
         tokenizer = load_tokenizer(Path(d))
     assert isinstance(tokenizer, TokenizerWrapper)
     monkeypatch.setattr(pipelined, "enabled", lambda: two_threads)
-    got = [s.stats.ffn_sparsity for s in GEN.stream(model, tokenizer, prompt, max_tokens=4)]
-    assert len(got) == 4
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for depth in (1, 2, 3) if two_threads else (1,):  # steps built ahead: the recorder holds more
+        monkeypatch.setenv("CHESS_MLX_PIPELINE_DEPTH", str(depth))
+        got = [s.stats.ffn_sparsity for s in GEN.stream(model, tokenizer, prompt, max_tokens=4)]
+        assert len(got) == 4
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"depth {depth}")
     assert len(set(np.round(want, 6))) > 1  # the steps' densities differ, so a shift would show
