@@ -1,7 +1,8 @@
 """Generation with the sparsity of every step attached: mlx-lm's ``stream_generate`` loop (its
 tokenizer wrapper, detokenizer and EOS handling), over ``pipelined.generate_step``.
 
-The decode builds step n+1 before it hands out token n, so the recorder may hold a call ahead.
+The decode builds steps ahead of the token it hands out (``pipelined.pipeline_depth``), so the
+recorder may hold calls ahead.
 The recorded calls are, in order, the prompt's chunks (all of the prompt but its last token, in
 chunks of ``PREFILL_STEP``) and then one call per token, which is how they are matched.
 """

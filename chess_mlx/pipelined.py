@@ -3,8 +3,9 @@
 Why: on a fast GPU a decode token is bound by host work. ``mlx_lm.generate_step`` builds token
 n+1's graph in Python and then lets MLX encode it, one after the other on one thread. Together
 they take longer than CHESS's GPU time for the token (benchmarks/RESULTS.md, sessions 13-14).
-``mx.async_eval`` releases the GIL while MLX encodes, so here the calling thread builds token n+1
-while one lasting encoder thread encodes token n. A token then costs the longer of the two, not
+``mx.async_eval`` releases the GIL while MLX encodes, so here the calling thread builds the next
+steps while one lasting encoder thread encodes the earlier ones, ``pipeline_depth`` steps ahead of
+the token being read. A token then costs the longest of building, encoding and its GPU time, not
 their sum.
 
 The graphs live on a stream from ``mx.new_thread_unsafe_stream``: one that may be evaluated on
