@@ -170,13 +170,11 @@ ROPE_POSITIONS = (0, 1, 37, 8191, 131071)
 def rope_case(i: int, dims: int, n: int) -> G.Rope:
     """The i-th fused-rope case: positions from 0 to 131071, both layouts, Llama-3's base (500000)
     and a random set of frequencies (as Llama3RoPE's rescaled ones are), scale 1 or 0.5."""
-    half = dims // 2
     if i % 2 == 0:
-        f32 = np.float32
-        inv = np.exp2(-(np.arange(half, dtype=f32) / f32(half)) * f32(np.log2(f32(500000.0)))).astype(f32)
+        inv = G.rope_inverse_frequencies(dims, 500000.0)
     else:
-        inv = np.random.default_rng(i).uniform(1e-6, 1.0, half).astype(np.float32)
-    return G.Rope(G.rope_position(ROPE_POSITIONS[i % len(ROPE_POSITIONS)]), mx.array(inv), dims, n,
+        inv = mx.array(np.random.default_rng(i).uniform(1e-6, 1.0, dims // 2).astype(np.float32))
+    return G.Rope(G.rope_position(ROPE_POSITIONS[i % len(ROPE_POSITIONS)]), inv, dims, n,
                   traditional=i % 3 == 1, scale=0.5 if i % 4 == 3 else 1.0)
 
 

@@ -128,17 +128,12 @@ def rope_spec(attn: nn.Module) -> Optional[G.RopeSpec]:
     d = attn.q_proj["weight"].shape[0] // st.hq
     if st.norms or getattr(r, "dims", None) != d or d % 2:
         return None
-    half = d // 2
     if type(r) is nn.RoPE:
-        f32 = np.float32
-        inv = np.exp2(-(np.arange(half, dtype=f32) / f32(half)) * f32(np.log2(f32(r.base)))).astype(f32)
-        scale = float(r.scale)
+        inv_freq, scale = G.rope_inverse_frequencies(d, r.base), float(r.scale)
     elif type(r) is Llama3RoPE:
-        inv = (1.0 / np.array(r._freqs, dtype=np.float64)).astype(np.float32)
-        scale = 1.0
+        inv_freq, scale = mx.array((1.0 / np.array(r._freqs, dtype=np.float64)).astype(np.float32)), 1.0
     else:
         return None
-    inv_freq = mx.array(inv)
     mx.eval(inv_freq)
     return G.RopeSpec(inv_freq, d, (st.hq + st.hkv) * d, bool(r.traditional), scale)
 

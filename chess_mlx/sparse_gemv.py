@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from . import kernel_text
 from .stats import kept_fraction
@@ -206,6 +207,14 @@ class RopeSpec(NamedTuple):
 
     def at(self, pos: mx.array) -> Rope:
         return Rope(pos, self.inv_freq, self.dims, self.n, self.traditional, self.scale)
+
+
+def rope_inverse_frequencies(dims: int, base: float) -> mx.array:
+    """MLX's rope frequencies for ``base`` as its kernels compute them: exp2(-(i / half) * log2(base))
+    in float32, i < dims / 2 (``nn.RoPE``; ``Llama3RoPE`` gives its own, 1 / freqs)."""
+    f32 = np.float32
+    half = dims // 2
+    return mx.array(np.exp2(-(np.arange(half, dtype=f32) / f32(half)) * f32(np.log2(f32(base)))).astype(f32))
 
 
 def rope_position(offset: int) -> mx.array:
