@@ -12,10 +12,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from chess_mlx import block_step, decode_paths, set_method
+from chess_mlx import block_step, set_method
 from chess_mlx import sparse_gemv as G
-from test_decode_paths import _decode
-from test_qkv_launch import chess_attn_on_the_cpu
+from test_qkv_launch import chess_attn_on_the_cpu, decode_matches, op_by_op_decode, traced_launches
 
 
 def rms64(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
@@ -93,28 +92,15 @@ def test_decode_with_the_norms_fused(model_type, monkeypatch):
     """CHESS+attention through the compiled block with both norms inside the q and o launches gives
     the op-by-op path's logits and densities; switched off, the norms are launches of their own."""
     model, _, th, prompt = chess_attn_on_the_cpu(model_type, 9, monkeypatch)
-    fused = []
-    real = G.sparse_input
-
-    def counted(*a, **k):  # the launches with a norm inside, as traced
-        fused.extend(n for n in ("xnorm", "ynorm") if k.get(n) is not None)
-        return real(*a, **k)
-
-    monkeypatch.setattr(G, "sparse_input", counted)
-    set_method(model, "chess-attn", th, 0.5)
-    decode_paths.enable(False)
-    want, want_d = _decode(model, prompt, 4)
-    decode_paths.enable(True)
+    calls = traced_launches(monkeypatch)
+    want = op_by_op_decode(model, th, prompt, 4)
     try:
         for on in (True, False):
             block_step.enable_norms(on)
-            set_method(model, "chess-attn", th, 0.5)
-            decode_paths._COMPILED.clear()
-            fused.clear()
-            got, got_d = _decode(model, prompt, 4)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(got_d, want_d, atol=1e-7)
-            assert set(fused) == ({"xnorm", "ynorm"} if on else set()), on
+            # the launches with a norm inside, as traced
+            fused = {n for k in decode_matches(model, th, prompt, want, calls) for n in ("xnorm", "ynorm")
+                     if k.get(n) is not None}
+            assert fused == ({"xnorm", "ynorm"} if on else set()), on
     finally:
         block_step.enable_norms(True)
         set_method(model, "dense")

@@ -129,6 +129,43 @@ def chess_attn_on_the_cpu(model_type: str, seed: int, monkeypatch, **over):
     return model, cfg, th, prompt
 
 
+def traced_launches(monkeypatch) -> list[dict]:
+    """The keyword arguments of every ``sparse_gemv.sparse_input`` call from now on (inside the
+    compiled paths: as traced), in order."""
+    calls = []
+    real = G.sparse_input
+
+    def counted(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "sparse_input", counted)
+    return calls
+
+
+def op_by_op_decode(model, th, prompt, steps: int) -> tuple:
+    """CHESS+attention's (logits, densities) of ``steps`` tokens with the compiled paths off."""
+    set_method(model, "chess-attn", th, 0.5)
+    decode_paths.enable(False)
+    try:
+        return _decode(model, prompt, steps)
+    finally:
+        decode_paths.enable(True)
+
+
+def decode_matches(model, th, prompt, want: tuple, calls: list[dict]) -> list[dict]:
+    """Decode CHESS+attention afresh (method set again, no shared traces) as the switches now
+    stand; its logits and densities must be ``want``'s (``op_by_op_decode``). Returns the
+    ``traced_launches`` of this decode."""
+    set_method(model, "chess-attn", th, 0.5)
+    decode_paths._COMPILED.clear()  # traces are shared by shape: count this variant's own
+    n = len(calls)
+    got, got_d = _decode(model, prompt, len(want[0]))
+    np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_d, want[1], atol=1e-7)
+    return calls[n:]
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_decode_through_the_split_launch(model_type, monkeypatch):
     """CHESS+attention with q, k and v as one split launch (the tiny model's q is let through the
@@ -137,38 +174,21 @@ def test_decode_through_the_split_launch(model_type, monkeypatch):
     from chess_mlx import block_step
 
     model, cfg, th, prompt = chess_attn_on_the_cpu(model_type, 8, monkeypatch)
-    calls = []
-    real = G.sparse_input
-
-    def counted(*a, nt=None, **k):  # the split launches (nt given), as traced
-        if nt is not None:
-            calls.append(nt)
-        return real(*a, nt=nt, **k)
-
-    monkeypatch.setattr(G, "sparse_input", counted)
-    set_method(model, "chess-attn", th, 0.5)
-    decode_paths.enable(False)
-    want, want_d = _decode(model, prompt, 4)
-    decode_paths.enable(True)
+    calls = traced_launches(monkeypatch)
+    want = op_by_op_decode(model, th, prompt, 4)
+    split = []  # nt of every split launch (nt given) so far, as traced
     try:
         for stepped in (True, False):
             block_step.enable(stepped)
-            set_method(model, "chess-attn", th, 0.5)
-            decode_paths._COMPILED.clear()  # traces are shared by shape: count this variant's own
-            n = len(calls)
-            got, got_d = _decode(model, prompt, 4)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(got_d, want_d, atol=1e-7)
-            assert len(calls) > n and set(calls) == {cfg["num_attention_heads"] * cfg["head_dim"]}
+            mine = [k["nt"] for k in decode_matches(model, th, prompt, want, calls) if k.get("nt") is not None]
+            split += mine
+            assert len(mine) > 0 and set(split) == {cfg["num_attention_heads"] * cfg["head_dim"]}
         q = model.model.layers[0].self_attn.q_proj
         assert not hasattr(q, "_kernel_wt")  # the stacked copy serves q: no second one
         SL.enable_split(False)
-        set_method(model, "chess-attn", th, 0.5)
-        decode_paths._COMPILED.clear()
-        n = len(calls)
-        got, _ = _decode(model, prompt, 2)
-        assert len(calls) == n and hasattr(q, "_kernel_wt")
-        np.testing.assert_allclose(got, want[:2], rtol=1e-5, atol=1e-5)
+        mine = [k["nt"] for k in decode_matches(model, th, prompt, (want[0][:2], want[1][:2]), calls)
+                if k.get("nt") is not None]
+        assert len(mine) == 0 and hasattr(q, "_kernel_wt")
     finally:
         block_step.enable(True)
         SL.enable_split(True)

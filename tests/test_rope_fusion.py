@@ -17,8 +17,7 @@ from mlx_lm.models.rope_utils import Llama3RoPE, YarnRoPE
 from chess_mlx import block_step, decode_paths, set_method, sparsify
 from chess_mlx import fused_attention as FA
 from chess_mlx import sparse_gemv as G
-from test_decode_paths import _decode
-from test_qkv_launch import chess_attn_on_the_cpu
+from test_qkv_launch import chess_attn_on_the_cpu, decode_matches, op_by_op_decode, traced_launches
 from tiny import tiny_model
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -137,28 +136,13 @@ def test_decode_with_the_rope_fused(model_type, over, monkeypatch):
     the op-by-op path's logits and densities; Qwen3 (q/k norms first) and the switch off keep
     MLX's rope."""
     model, _, th, prompt = chess_attn_on_the_cpu(model_type, 11, monkeypatch, **over)
-    roped = []
-    real = G.sparse_input
-
-    def counted(*a, **k):  # the launches with a rope inside, as traced
-        if k.get("rope") is not None:
-            roped.append(k["rope"].n)
-        return real(*a, **k)
-
-    monkeypatch.setattr(G, "sparse_input", counted)
-    set_method(model, "chess-attn", th, 0.5)
-    decode_paths.enable(False)
-    want, want_d = _decode(model, prompt, 5)
-    decode_paths.enable(True)
+    calls = traced_launches(monkeypatch)
+    want = op_by_op_decode(model, th, prompt, 5)
     try:
         for on in (True, False):
             block_step.enable_rope(on)
-            set_method(model, "chess-attn", th, 0.5)
-            decode_paths._COMPILED.clear()
-            roped.clear()
-            got, got_d = _decode(model, prompt, 5)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(got_d, want_d, atol=1e-7)
+            # the launches with a rope inside, as traced
+            roped = [k["rope"].n for k in decode_matches(model, th, prompt, want, calls) if k.get("rope") is not None]
             assert roped == ([(4 + 2) * 16] * 2 if on and model_type == "llama" else []), (on, roped)
     finally:
         block_step.enable_rope(True)
