@@ -132,8 +132,8 @@ def variant_source(name: str) -> tuple[str, str]:
     elif name == "u8":  # the geometry shipped before session 6
         body = body.replace("constexpr int U = 4;", "constexpr int U = 8;")
     elif name in ("pair", "pairtiled"):
-        for a, b in [("constexpr int TILE = 256;", "constexpr int TILE = 512;"),
-                     ("const int n0 = tile * TILE + lane * 8;", "const int n0 = tile * TILE + (warp & 1) * 256 + lane * 8;"),
+        for a, b in [("constexpr int TILE = 32 * VPL;", "constexpr int TILE = 64 * VPL;"),
+                     ("const int n0 = tile * TILE + lane * VPL;", "const int n0 = tile * TILE + (warp & 1) * 256 + lane * VPL;"),
                      ("__shared__ __align__(16) float red[8][TILE];", "__shared__ __align__(16) float red[4][TILE];"),
                      ("for (int i0 = warp; i0 < total; i0 += 8 * U) {", "for (int i0 = warp >> 1; i0 < total; i0 += 4 * U) {"),
                      ("const int e = i0 + 8 * u;", "const int e = i0 + 4 * u;"),
@@ -159,7 +159,7 @@ def variant_source(name: str) -> tuple[str, str]:
         end = body.index("chess_spin_finish<")
         body = body[:start] + _WARPC_MAIN + body[end:]
     if STAMPS:  # every block's moments on the GPU clock (ns), for --wall --stamps
-        for a, i in (("const int total = chess_compact", 1), ("float acc[M][8];", 2), ("const float zero[M] = {};", 3)):
+        for a, i in (("const int total = chess_compact", 1), ("float acc[M][VPL];", 2), ("const float zero[M] = {};", 3)):
             if a in body:  # where a variant has the phase (warpc has no block compaction)
                 body = body.replace(a, _STAMP_AT.format(i=i) + "\n" + a, 1)
         body = _STAMP_START + body + _STAMP_END

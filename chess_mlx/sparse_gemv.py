@@ -34,6 +34,7 @@ indexing; the CUDA ones are checked and timed on a GPU by ``benchmarks/kernels.p
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -274,15 +275,24 @@ def reference_gate_up(x: mx.array, wg, wu, t: mx.array) -> mx.array:
 
 # ---------------------------------------------------------------- kernel sources ----------------
 def source_dir(kind: str) -> Path:
-    return _ROOT / ("cuda" if kind == "cuda" else "metal")
+    """The folder of a backend's kernel sources: the data package an installed wheel carries
+    (``chess_mlx/cuda``, ``chess_mlx/metal``), else the repository's top-level folder."""
+    sub = "cuda" if kind == "cuda" else "metal"
+    installed = Path(__file__).resolve().parent / sub
+    return installed if installed.is_dir() else _ROOT / sub
+
+
+_INCLUDE = re.compile(r'^#include "(\w+\.(?:cuh|metal))"[ \t]*\n', re.M)
 
 
 def read_source(kind: str, name: str) -> tuple[str, str]:
-    """(header, body) of one kernel; ``kind`` is 'cuda' or 'metal'."""
+    """(header, body) of one kernel; ``kind`` is 'cuda' or 'metal'. A body's ``#include "file"``
+    lines are replaced by that file of the same folder (the sparse-input kernels share their
+    prologue so): MLX compiles one body text, not files."""
     d = source_dir(kind)
     header = (d / ("common.cuh" if kind == "cuda" else "common.metal")).read_text()
     body = (d / f"{name}.{'cu' if kind == 'cuda' else 'metal'}").read_text()
-    return header, body
+    return header, _INCLUDE.sub(lambda m: (d / m.group(1)).read_text(), body)
 
 
 _INPUTS = {

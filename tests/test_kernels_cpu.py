@@ -268,6 +268,27 @@ def _balanced(src: str) -> bool:
     return all(code.count(a) == code.count(b) for a, b in ("{}", "()", "[]"))
 
 
+def test_wheel_carries_every_kernel_source():
+    """pyproject.toml maps the top-level cuda/ and metal/ folders into the package (data packages
+    chess_mlx.cuda / chess_mlx.metal) and its globs match every source file there, including the
+    shared prologue a body includes, so an installed wheel reads what a checkout reads."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(G.__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for kind in ("cuda", "metal"):
+        pkg = f"chess_mlx.{kind}"
+        assert pkg in cfg["packages"] and cfg["package-dir"][pkg] == kind
+        files = sorted(p.name for p in (root / kind).iterdir() if p.is_file())
+        assert files, kind
+        for f in files:
+            assert any(Path(f).match(g) for g in cfg["package-data"][pkg]), (kind, f)
+        for name in G.TEMPLATES:  # every included file exists beside the body
+            body = (root / kind / f"{name}.{'cu' if kind == 'cuda' else 'metal'}").read_text()
+            for inc in re.findall(r'^#include "([^"]+)"', body, re.M):
+                assert inc in files, (kind, name, inc)
+    assert G.source_dir("cuda").name == "cuda" and (G.source_dir("cuda") / "common.cuh").is_file()
+
+
 @pytest.mark.parametrize("name", sorted(G.TEMPLATES))
 def test_cuda_and_metal_twins_share_interface(name):
     cu_h, cu = G.read_source("cuda", name)
