@@ -1,11 +1,12 @@
 """GPU check of the compiled decode paths (``decode_paths``) against the op-by-op kernel path and
-the reference products.
+the reference products, and of the joint KV cache against mlx-lm's.
 
     python benchmarks/compile_check.py [--layers 4] [--json OUT]
 
 A Llama-3-8B-shaped model with few layers and random float16 weights, thresholds calibrated at
 50% on random tokens; for every method, 16 teacher-forced decode steps in each mode of ``modes``
-(reference products, kernels op by op, compiled paths twice), each compared as ``checks`` says.
+(reference products, kernels op by op, compiled paths twice, compiled paths with mlx-lm's KV
+cache instead of the joint one), each compared as ``checks`` says.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chess_mlx import decode_paths  # noqa: E402
+from chess_mlx import decode_paths, kv_cache  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
 from chess_mlx.bench import PRESETS, random_model  # noqa: E402
 from chess_mlx.calibrate import calibrate  # noqa: E402
+from chess_mlx.kv_cache import make_cache  # noqa: E402
 from chess_mlx.methods import DENSE, METHODS, TEAL  # noqa: E402
 from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
 
@@ -31,9 +33,7 @@ from chess_mlx.sparse_layers import set_method, sparsify  # noqa: E402
 def greedy(model, prompt, n, forced=None):
     """Greedy tokens and the logits of each step; with ``forced`` (another run's tokens) those
     are fed instead, so one rounding flip cannot send the two runs down different texts."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
+    cache = make_cache(model)
     logits = model(prompt[None], cache=cache)[:, -1]
     toks, outs = [], []
     for i in range(n):
@@ -59,7 +59,8 @@ def main() -> int:
     prompt = mx.random.randint(0, vocab, (16,), key=mx.random.key(1))
     rows, ok = [], True
     # Each mode: (kernels, or the reference products; per-layer compiled paths).
-    modes = {"ref": (False, False), "op": (True, False), "paths": (True, True), "paths2": (True, True)}
+    modes = {"ref": (False, False), "op": (True, False), "paths": (True, True), "paths2": (True, True),
+             "mlxkv": (True, True)}
     # "paths2" repeats "paths": it must be bit for bit the same (a race would show here). The
     # compiled CATS/CHESS path fuses gate, SiLU and threshold into one kernel (gate_up), which
     # rounds SiLU(g) at another point than the op-by-op path, so a channel near its threshold may
@@ -67,13 +68,16 @@ def main() -> int:
     # kernels' own distance from the reference: at most 1.5x the logit error and twice the flips
     # of "op" vs "ref" (plus one flip and 1e-2 of slack for near-exact methods), densities within
     # twice theirs plus 1e-3. Dense and TEAL paths run exactly the op-by-op kernels: equal to "op".
-    checks = [("paths2", "paths"), ("op", "ref"), ("paths", "ref"), ("paths", "op")]
+    # "mlxkv" repeats "paths" with mlx-lm's KV caches instead of the joint ones (kv_cache): the
+    # same values in another layout, read by the same attention kernel, so bit for bit the same.
+    checks = [("paths2", "paths"), ("mlxkv", "paths"), ("op", "ref"), ("paths", "ref"), ("paths", "op")]
     for m in METHODS:
         set_method(model, m, th, 0.5)
         res = {}
         for mode, (kernels, paths) in modes.items():
             G.force_reference(not kernels)
             decode_paths.enable(paths)
+            kv_cache.enable(mode != "mlxkv")
             state.recorder.enabled = True
             toks, logits = greedy(model, prompt, 16, res["ref"][0] if res else None)
             calls = [c for c in state.recorder.pop() if c.n_tokens == 1]
@@ -88,7 +92,7 @@ def main() -> int:
             flips = sum(a != b for a, b in zip(got[0], want[0]))
             dens_err = float(np.abs(got[2] - want[2]).max())
             dist[mode, base] = (flips, err, dens_err)
-            if mode == "paths2":
+            if mode in ("paths2", "mlxkv"):
                 good = flips == 0 and err == 0.0 and dens_err == 0.0
             elif (mode, base) == ("paths", "ref"):
                 f0, e0, d0 = dist["op", "ref"]
@@ -104,6 +108,7 @@ def main() -> int:
             print(f"{m:<11} {mode:<6} vs {base:<5} argmax flips: {flips:2d}  max rel logit err {err:.2e}  "
                   f"density err {dens_err:.1e}  {verdict}", flush=True)
     decode_paths.enable(True)
+    kv_cache.enable(True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if ok else 1

@@ -1,6 +1,9 @@
-"""A/B of the two-thread decode's pipeline depth (steps built ahead), in one process.
+"""A/B of a decode setting in one process: the two-thread decode's pipeline depth (steps built
+ahead), or the joint KV cache (``kv_cache``).
 
     python benchmarks/depth_ab.py [--quantize 4] [--methods dense,chess-attn] [--depths 1,2] [--runs 6]
+    python benchmarks/depth_ab.py --set joint_kv=0,1
+
 
 ``chess_mlx.pipelined`` builds and schedules ``CHESS_MLX_PIPELINE_DEPTH`` decode steps ahead of the
 token being read (read at each decode's start, so one process can alternate it). Per round, every
@@ -8,6 +11,7 @@ token being read (read at each decode's start, so one process can alternate it).
 prompt), depths and methods interleaved, so a slow spell of the shared host hits all of them. Prints
 the median tokens/s of each, each method's ratio to dense at the same depth paired round by round,
 and each depth's speed over depth 1 paired round by round (does a deeper pipeline slow dense?).
+``--set joint_kv=0,1`` alternates ``kv_cache.enable`` the same way (each decode makes its caches).
 """
 
 from __future__ import annotations
@@ -22,29 +26,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from chess_mlx import kv_cache  # noqa: E402
 from chess_mlx.bench import _as_method, decode_speed  # noqa: E402
 from pipeline_probe import add_model_args, calibrated_model  # noqa: E402
+
+
+SETTERS = {  # how each setting takes a value, between two decodes
+    "depth": lambda v: os.environ.__setitem__("CHESS_MLX_PIPELINE_DEPTH", v),
+    "joint_kv": lambda v: kv_cache.enable(v != "0"),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_model_args(ap, "dense,chess-attn")
     ap.add_argument("--depths", default="1,2")
+    ap.add_argument("--set", help="NAME=V1,V2: the setting to alternate, depth or joint_kv (default: depth=DEPTHS)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    depths = [int(d) for d in args.depths.split(",")]
+    name, values = (args.set or f"depth={args.depths}").split("=")
+    if name not in SETTERS:
+        ap.error(f"--set takes one of {', '.join(SETTERS)}")
+    depths = values.split(",")
     methods = args.methods.split(",")
     model, th, vocab, _ = calibrated_model(args)
     speeds: dict[tuple, list[float]] = {(d, m): [] for d in depths for m in methods}
     for r in range(args.runs + 1):  # round 0: warm-up, not counted
         for d in depths:
-            os.environ["CHESS_MLX_PIPELINE_DEPTH"] = str(d)
+            SETTERS[name](d)
             for m in methods:
                 with _as_method(model, m, th, 0.5):
                     s = decode_speed(model, n_tokens=args.tokens, runs=1, vocab=vocab, warmup=False)[0]
                 if r:
                     speeds[(d, m)].append(s)
-    print(f"pipeline depth A/B: {args.preset} {'%d-bit' % args.quantize if args.quantize else 'unquantized'}, "
+    print(f"{name} A/B: {args.preset} {'%d-bit' % args.quantize if args.quantize else 'unquantized'}, "
           f"{args.tokens} tokens x {args.runs} rounds")
     out = {}
     for d in depths:
@@ -54,10 +69,10 @@ def main() -> None:
             if m != "dense" and "dense" in methods:
                 row["paired_vs_dense"] = statistics.median(a / b for a, b in zip(v, speeds[(d, "dense")]))
             if d != depths[0]:
-                row["paired_vs_first_depth"] = statistics.median(a / b for a, b in zip(v, speeds[(depths[0], m)]))
-            out[f"depth{d}_{m}"] = row
-            extra = "".join(f", {k} {row[k]:.3f}x" for k in ("paired_vs_dense", "paired_vs_first_depth") if k in row)
-            print(f"  depth {d} {m:<11} {row['median']:6.1f} tok/s (runs {min(v):.1f}-{max(v):.1f}){extra}")
+                row["paired_vs_first_setting"] = statistics.median(a / b for a, b in zip(v, speeds[(depths[0], m)]))
+            out[f"{name}{d}_{m}"] = row
+            extra = "".join(f", {k} {row[k]:.3f}x" for k in ("paired_vs_dense", "paired_vs_first_setting") if k in row)
+            print(f"  {name} {d} {m:<11} {row['median']:6.1f} tok/s (runs {min(v):.1f}-{max(v):.1f}){extra}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -49,12 +49,15 @@ def main() -> None:
     args = ap.parse_args()
     from mlx_lm.generate import generate_step
 
+    from chess_mlx.kv_cache import make_cache
+
     model, th, _, prompt = calibrated_model(argparse.Namespace(preset="llama3-8b", layers=args.layers,
                                                               quantize=args.bits or None))
     set_method(model, args.method, th, 0.5)
     rt = cudart()
     for rep in range(2):
-        gen = generate_step(prompt, model, max_tokens=args.tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
+        gen = generate_step(prompt, model, max_tokens=args.tokens, sampler=lambda lp: mx.argmax(lp, axis=-1),
+                            prompt_cache=make_cache(model))  # the caches the library decodes with
         next(gen)
         if rep == 1 and rt is not None:
             rt.cudaProfilerStart()

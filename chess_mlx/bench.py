@@ -95,9 +95,9 @@ def greedy_ahead(model: nn.Module, prompt: mx.array, n_tokens: int) -> tuple[mx.
     overlapped with the GPU. So n_tokens / seconds is the decode speed of a host that keeps ahead
     of the GPU: on the lent H100 host ordinary decode is bound by host work (RESULTS.md), which
     hides what the kernels save."""
-    from mlx_lm.models.cache import make_prompt_cache
+    from .kv_cache import make_cache
 
-    cache = make_prompt_cache(model)
+    cache = make_cache(model)
     tok = mx.argmax(model(prompt[None], cache=cache)[:, -1, :], axis=-1)
     mx.eval(tok)
     toks = [tok]

@@ -37,6 +37,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from . import fused_attention as FA
 from . import sparse_gemv as G
+from .kv_cache import JointKVCache
 from .linear_ops import dense_linear
 from .switches import env_switch
 
@@ -103,13 +104,15 @@ class _Step:
     then (density, ordering token) of its thresholded projection, if any (q in ``head``, o in
     ``mid``, under CHESS+attention)."""
 
-    __slots__ = ("head", "mid", "q", "o")
+    __slots__ = ("head", "mid", "q", "o", "hkv")
 
     def __init__(self, block: nn.Module, plan, q: Optional[_Site], o: Optional[_Site]):
         attn, st = block.self_attn, block.self_attn._fused
         ln1, ln2, o_proj, rope = block.input_layernorm, block.post_attention_layernorm, attn.o_proj, attn.rope
         qn, kn = (attn.q_norm, attn.k_norm) if st.norms else (None, None)
         self.q, self.o = q, o
+        # head gives (q, [k; v]) rather than (q, k, v): the split launch rotated q and k itself
+        self.hkv = st.hkv if q is not None and q.split and q.roped else 0
 
         def head(x, offset, lasts):
             if q is None:
@@ -117,8 +120,10 @@ class _Step:
             xn = x if q.normed else ln1(x)  # normed: ln1 inside the [q | k | v] launch
             # roped: the launch rotates q and k (offset is then the position as it reads it)
             y, dens, last = q(xn, offset, last=lasts[0]) if q.roped else q(xn, last=lasts[0])
+            if q.split and q.roped:  # k and v side by side, for the joint cache's one write
+                return (*FA.heads_joint(st, y), dens, last)
             if q.split:
-                return (*FA.heads(st, y, None if q.roped else rope, qn, kn, offset), dens, last)
+                return (*FA.heads(st, y, rope, qn, kn, offset), dens, last)
             return (*FA.heads_kv(st, y, dense_linear(xn, plan.kv), rope, qn, kn, offset), dens, last)
 
         def mid(x, o_heads, lasts):
@@ -202,10 +207,17 @@ def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
     else:
         off = _offset(off, roped)
     out = s.head(x, off, (s.q.ws.last,) if s.q else ())
-    q, k, v = out[:3]
+    if s.hkv:  # (q, [k; v]): one write into a joint cache
+        q, kv = out[:2]
+        k, v = cache.update_joint(kv, s.hkv) if isinstance(cache, JointKVCache) else \
+            cache.update_and_fetch(kv[:, :s.hkv], kv[:, s.hkv:])
+        rest = out[2:]
+    else:
+        q, k, v = out[:3]
+        k, v = cache.update_and_fetch(k, v)
+        rest = out[3:]
     if s.q:
-        s.q.done(*out[3:])
-    k, v = cache.update_and_fetch(k, v)
+        s.q.done(*rest)
     o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     out = s.mid(x, o, (s.o.ws.last,) if s.o else ())
     h, hn = out[:2]

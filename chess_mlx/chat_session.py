@@ -121,7 +121,9 @@ class ChatSession:
     # -- replies ------------------------------------------------------------------------------
     def reply(self, user_text: Optional[str], max_tokens: int = 256, sampler=None) -> Iterator[tuple[Step, Reply]]:
         """Stream the reply to ``user_text`` (None: regenerate the last reply). Yields (step, reply so far)."""
-        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        from .kv_cache import make_cache
 
         if user_text is None:
             if not self.messages or self.messages[-1]["role"] != "assistant":
@@ -137,7 +139,7 @@ class ChatSession:
         state = set_method(self.model, self.method, self.thresholds, self.sparsity)
         full, notice = self._fit(max_tokens)
         if self._cache is None:
-            self._cache, self._cached = make_prompt_cache(self.model), []
+            self._cache, self._cached = make_cache(self.model), []
         common = 0
         for a, b in zip(self._cached, full[:-1]):  # always feed at least the last prompt token
             if a != b:

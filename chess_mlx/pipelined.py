@@ -103,14 +103,15 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
     stream left lazy and evaluated later on this thread would be encoded here while the encoder
     encodes on the same stream, which corrupts MLX's CUDA graph (seen on the H100:
     ``cudaGraphAddDependencies ... invalid argument``)."""
-    from mlx_lm.models.cache import make_prompt_cache
+    from .kv_cache import make_cache
 
     if not enabled():
         from mlx_lm.generate import generate_step as one_thread
         from mlx_lm.generate import generation_stream
 
         try:
-            yield from one_thread(prompt, model, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
+            yield from one_thread(prompt, model, max_tokens=max_tokens, sampler=sampler,
+                                  prompt_cache=prompt_cache if prompt_cache is not None else make_cache(model),
                                   prefill_step_size=prefill_step_size)
         finally:
             # A stopped reply leaves mlx-lm's prefetched step in flight on its stream; an interpreter
@@ -123,7 +124,7 @@ def generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
     settle(model)
     sampler = sampler or _greedy
     also = also or tuple
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    cache = prompt_cache if prompt_cache is not None else make_cache(model)
     stream = decode_stream()
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:

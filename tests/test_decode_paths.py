@@ -18,11 +18,13 @@ from chess_mlx.methods import METHODS
 from tiny import tiny_model
 
 
-def _decode(model, prompt, steps):
+def _decode(model, prompt, steps, make_cache=None):
+    """Greedy (logits, recorded densities) of ``steps`` tokens after ``prompt``, with mlx-lm's
+    caches unless ``make_cache(model)`` gives others."""
     from mlx_lm.models.cache import make_prompt_cache
 
     state = sparsify(model)
-    cache = make_prompt_cache(model)
+    cache = (make_cache or make_prompt_cache)(model)
     logits = model(prompt[None], cache=cache)[:, -1]
     out, dens = [], []
     for _ in range(steps):

@@ -1,0 +1,120 @@
+"""The joint key/value cache (``kv_cache.JointKVCache``) against mlx-lm's ``KVCache``.
+
+The joint cache must hold exactly what mlx-lm's holds (keys and values per position, growth past
+its 256-position steps, trimming, masks, state), take one decode step's k and v in one write when
+they come side by side from CHESS+attention's split launch, and give the same decode as mlx-lm's
+cache through the model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache, trim_prompt_cache
+
+from chess_mlx import block_step, kv_cache, set_method
+from chess_mlx.kv_cache import JointKVCache, make_cache
+from test_decode_paths import _decode
+from test_qkv_launch import chess_attn_on_the_cpu, op_by_op_decode
+from tiny import tiny_model
+
+
+def _kv(rng, L: int, hk: int = 2, hv: int = 2, d: int = 8):
+    return (mx.array(rng.standard_normal((1, hk, L, d)).astype(np.float32)),
+            mx.array(rng.standard_normal((1, hv, L, d)).astype(np.float32)))
+
+
+def _same(a: tuple, b: tuple) -> None:
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        np.testing.assert_array_equal(np.array(x), np.array(y))
+
+
+def test_joint_cache_holds_what_mlx_lm_holds():
+    """A prompt, single steps across the 256-position growth, a trim and more steps, and the
+    joint write of k and v side by side: every fetch equals mlx-lm's, as do offsets and masks."""
+    rng = np.random.default_rng(0)
+    ref, joint = KVCache(), JointKVCache()
+    assert joint.empty() and joint.keys is None and joint.state == []
+    k, v = _kv(rng, 250)
+    _same(joint.update_and_fetch(k, v), ref.update_and_fetch(k, v))
+    for i in range(12):  # past the first 256 positions: the buffer grows
+        k, v = _kv(rng, 1)
+        if i % 2:  # what the head gives under CHESS+attention: [k; v] heads in one array
+            got = joint.update_joint(mx.concatenate([k, v], axis=1), 2)
+        else:
+            got = joint.update_and_fetch(k, v)
+        _same(got, ref.update_and_fetch(k, v))
+    assert joint.offset == ref.offset == 262 and joint.size() == 262
+    assert joint.kv.shape == (1, 512, 4, 8) and joint.nbytes == joint.kv.nbytes
+    assert trim_prompt_cache([joint], 5) == 5 and trim_prompt_cache([ref], 5) == 5
+    k, v = _kv(rng, 3)
+    _same(joint.update_and_fetch(k, v), ref.update_and_fetch(k, v))
+    _same((joint.keys, joint.values), ref.keys_and_values())
+    for n, arr, window in ((1, False, None), (4, False, None), (4, True, None), (3, False, 8)):
+        a = joint.make_mask(n, return_array=arr, window_size=window)
+        b = ref.make_mask(n, return_array=arr, window_size=window)
+        assert a == b if a is None or isinstance(a, str) else np.array_equal(np.array(a), np.array(b))
+    restored = JointKVCache.from_state(joint.state)
+    _same(restored.keys_and_values(), ref.keys_and_values())
+    assert restored.offset == ref.offset
+
+
+def test_joint_cache_refuses_what_it_cannot_hold():
+    rng = np.random.default_rng(1)
+    k, v = _kv(rng, 2)
+    with pytest.raises(ValueError, match="one sequence"):
+        JointKVCache().update_and_fetch(mx.concatenate([k, k]), mx.concatenate([v, v]))
+    with pytest.raises(ValueError, match="one head size"):
+        JointKVCache().update_and_fetch(k, v[..., :4])
+    c = JointKVCache()
+    c.update_and_fetch(k, v)
+    with pytest.raises(ValueError, match="heads changed"):
+        c.update_and_fetch(*_kv(rng, 1, hk=1, hv=3))
+
+
+def test_make_cache_gives_joint_caches_to_patched_families():
+    model, cfg = tiny_model("llama", 3)
+    caches = make_cache(model)
+    assert len(caches) == cfg["num_hidden_layers"] and all(type(c) is JointKVCache for c in caches)
+    kv_cache.enable(False)
+    try:
+        assert all(type(c) is KVCache for c in make_cache(model))
+    finally:
+        kv_cache.enable(True)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_decode_with_the_joint_cache(model_type, monkeypatch):
+    """CHESS+attention through the compiled block with joint caches gives the logits and densities
+    of the op-by-op path with mlx-lm's caches. Where the split launch rotates q and k itself
+    (Llama), every decode step writes k and v with one ``update_joint`` of the head's [k; v]
+    output; Qwen3 (q/k norms, MLX's rope) writes them apart (``update_and_fetch``)."""
+    model, cfg, th, prompt = chess_attn_on_the_cpu(model_type, 5, monkeypatch)
+    want = op_by_op_decode(model, th, prompt, 4)
+    joined, direct = [], []  # positions per update_and_fetch / update_joint call
+    real_fetch, real_joint = JointKVCache.update_and_fetch, JointKVCache.update_joint
+
+    def fetch(self, k, v):
+        joined.append(k.shape[2])
+        return real_fetch(self, k, v)
+
+    def joint(self, kv, n):
+        direct.append(kv.shape[2])
+        return real_joint(self, kv, n)
+
+    monkeypatch.setattr(JointKVCache, "update_and_fetch", fetch)
+    monkeypatch.setattr(JointKVCache, "update_joint", joint)
+    set_method(model, "chess-attn", th, 0.5)
+    try:
+        got, dens = _decode(model, prompt, 4, make_cache=make_cache)
+    finally:
+        set_method(model, "dense")
+    np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dens, want[1], atol=1e-7)
+    layers = cfg["num_hidden_layers"]
+    if model_type == "llama":  # the prompt written apart once per layer, then one write per step and layer
+        assert joined == [len(prompt)] * layers and direct == [1] * (4 * layers)
+    else:
+        assert sorted(joined) == [1] * (4 * layers) + [len(prompt)] * layers and direct == []
+    assert block_step.enabled()
