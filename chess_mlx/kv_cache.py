@@ -3,10 +3,13 @@
 Why: mlx-lm's ``KVCache`` writes a step's k and v with a slice update each, two copy launches per
 layer and token (2.5-2.8 us each on the H100, benchmarks/RESULTS.md session 21) and two graph
 nodes for MLX to encode. Under CHESS+attention k and v leave the split q/k/v launch side by side
-(``[q | k | v]``, RoPE applied inside the launch), so a buffer that keeps one token's k and v heads
-next to each other, time-major ``(B, T, Hk + Hv, D)``, takes both with one slice update
-(``update_joint``). Attention reads keys and values as strided ``(B, H, T, D)`` views of it; MLX's
-one-token attention kernels (CUDA and Metal) read such views of one sequence without a copy.
+(``[q | k | v]``, RoPE applied inside the launch), so one buffer ``(B, Hk + Hv, T, D)`` with the
+keys' heads first and the values' after takes both with one slice update (``update_joint``).
+Attention reads keys and values as slices ``(B, H, T, D)`` of it, laid out as mlx-lm's (MLX's
+one-token attention kernels, CUDA and Metal, read them without a copy for one sequence), and each
+fetch is one slice, as mlx-lm's: the decode graph gains no nodes. (A time-major buffer, whose
+token rows are contiguous, needed a transpose per fetch and write: 6 more graph nodes per layer,
+which cost a host-bound 4-bit decode ~5%, benchmarks/RESULTS.md session 22.)
 Producers of separate k and v (prefill, dense, q/k-normalised families) go through
 ``update_and_fetch``, which writes them apart: two copies per step, as mlx-lm's cache.
 
@@ -30,7 +33,7 @@ enabled, enable = env_switch("CHESS_MLX_JOINT_KV", "the joint key/value cache (o
 
 class JointKVCache(_BaseCache):
     """mlx-lm's ``KVCache`` (same growth in steps of 256 positions, trimming, masks) for one
-    sequence, with keys and values in one time-major buffer ``kv`` of ``(1, capacity, Hk + Hv, D)``."""
+    sequence, with keys and values in one buffer ``kv`` of ``(1, Hk + Hv, capacity, D)``."""
 
     step = 256
 
@@ -44,12 +47,12 @@ class JointKVCache(_BaseCache):
         """Room for ``L`` more positions of ``heads`` heads of size ``D``; the first free position."""
         if B != 1:
             raise ValueError("JointKVCache holds one sequence (a batch needs mlx-lm's caches)")
-        if self.kv is not None and ((heads, D) != self.kv.shape[2:] or n_keys != self.n_keys):
+        if self.kv is not None and ((heads, D) != (self.kv.shape[1], self.kv.shape[3]) or n_keys != self.n_keys):
             raise ValueError("JointKVCache: the heads changed between updates")
         prev = self.offset
-        if self.kv is None or prev + L > self.kv.shape[1]:
-            grow = mx.zeros((B, (self.step + L - 1) // self.step * self.step, heads, D), dtype)
-            self.kv = grow if self.kv is None else mx.concatenate([self.kv[:, :prev], grow], axis=1)
+        if self.kv is None or prev + L > self.kv.shape[2]:
+            grow = mx.zeros((B, heads, (self.step + L - 1) // self.step * self.step, D), dtype)
+            self.kv = grow if self.kv is None else mx.concatenate([self.kv[:, :, :prev], grow], axis=2)
         self.n_keys = n_keys
         self.offset += L
         return prev
@@ -58,7 +61,7 @@ class JointKVCache(_BaseCache):
         """Append ``kv`` (B, Hk + Hv, L, D), the keys' ``n_keys`` heads then the values', with one
         write. Returns (keys, values) up to the new offset, views (B, H, T, D) of the buffer."""
         prev = self._append(*kv.shape[:2], kv.shape[2], kv.shape[3], n_keys, kv.dtype)
-        self.kv[:, prev:self.offset] = kv.transpose(0, 2, 1, 3)
+        self.kv[:, :, prev:self.offset] = kv
         return self.keys_and_values()
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -68,15 +71,13 @@ class JointKVCache(_BaseCache):
             raise ValueError("JointKVCache needs keys and values of one head size")
         B, hk, L, D = keys.shape
         prev = self._append(B, hk + values.shape[1], L, D, hk, keys.dtype)
-        self.kv[:, prev:self.offset, :hk] = keys.transpose(0, 2, 1, 3)
-        self.kv[:, prev:self.offset, hk:] = values.transpose(0, 2, 1, 3)
+        self.kv[:, :hk, prev:self.offset] = keys
+        self.kv[:, hk:, prev:self.offset] = values
         return self.keys_and_values()
 
     # -- reading -------------------------------------------------------------------------------
     def keys_and_values(self) -> tuple[mx.array, mx.array]:
-        live = self.kv[:, :self.offset]
-        return (live[:, :, :self.n_keys].transpose(0, 2, 1, 3),
-                live[:, :, self.n_keys:].transpose(0, 2, 1, 3))
+        return self.kv[:, :self.n_keys, :self.offset], self.kv[:, self.n_keys:, :self.offset]
 
     @property
     def keys(self) -> Optional[mx.array]:

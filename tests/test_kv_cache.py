@@ -7,6 +7,11 @@ cache through the model."""
 
 from __future__ import annotations
 
+import collections
+import re
+import tempfile
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -46,7 +51,7 @@ def test_joint_cache_holds_what_mlx_lm_holds():
             got = joint.update_and_fetch(k, v)
         _same(got, ref.update_and_fetch(k, v))
     assert joint.offset == ref.offset == 262 and joint.size() == 262
-    assert joint.kv.shape == (1, 512, 4, 8) and joint.nbytes == joint.kv.nbytes
+    assert joint.kv.shape == (1, 4, 512, 8) and joint.nbytes == joint.kv.nbytes
     assert trim_prompt_cache([joint], 5) == 5 and trim_prompt_cache([ref], 5) == 5
     k, v = _kv(rng, 3)
     _same(joint.update_and_fetch(k, v), ref.update_and_fetch(k, v))
@@ -118,3 +123,37 @@ def test_decode_with_the_joint_cache(model_type, monkeypatch):
     else:
         assert sorted(joined) == [1] * (4 * layers) + [len(prompt)] * layers and direct == []
     assert block_step.enabled()
+
+
+def _step_nodes(model, prompt, make) -> collections.Counter:
+    """Primitives of one decode token's graph (views included: MLX encodes them too) after a
+    prefill with the caches ``make(model)`` gives."""
+    cache = make(model)
+    mx.eval(model(prompt[None], cache=cache))
+    out = model(prompt[-1:][None], cache=cache)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "step.dot"
+        mx.export_to_dot(str(path), out)
+        labels = re.findall(r'label\s*=\s*"([A-Za-z]+)', path.read_text())
+    mx.eval(out)
+    return collections.Counter(labels)
+
+
+@pytest.mark.parametrize("method", ["dense", "chess-attn"])
+def test_joint_cache_adds_no_graph_nodes(method, monkeypatch):
+    """The host builds and encodes every node of a decode step: against mlx-lm's caches the joint
+    ones add none, and where the split launch gives [k; v] (Llama, rope inside) they save one
+    write per layer."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, cfg, th, prompt = chess_attn_on_the_cpu("llama", 9, monkeypatch)
+    set_method(model, method, th, 0.5)
+    try:
+        theirs, ours = _step_nodes(model, prompt, make_prompt_cache), _step_nodes(model, prompt, make_cache)
+    finally:
+        set_method(model, "dense")
+    layers = cfg["num_hidden_layers"]
+    joint = method == "chess-attn"  # per layer: one write, and the two slices that split [k; v], saved
+    assert theirs["SliceUpdate"] >= 2 * layers
+    assert ours["SliceUpdate"] == theirs["SliceUpdate"] - (layers if joint else 0)
+    assert sum(ours.values()) == sum(theirs.values()) - (3 * layers if joint else 0), (ours - theirs, theirs - ours)
