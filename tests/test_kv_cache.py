@@ -1,9 +1,9 @@
 """The joint key/value cache (``kv_cache.JointKVCache``) against mlx-lm's ``KVCache``.
 
 The joint cache must hold exactly what mlx-lm's holds (keys and values per position, growth past
-its 256-position steps, trimming, masks, state), take one decode step's k and v in one write when
-they come side by side from CHESS+attention's split launch, and give the same decode as mlx-lm's
-cache through the model."""
+its 256-position steps, trimming, masks, state), stay mlx-lm's own until k and v come side by side
+from CHESS+attention's split launch, then take them in one write, give the same decode as mlx-lm's
+cache through the model, and add no node to a decode step's graph."""
 
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ def test_joint_cache_holds_what_mlx_lm_holds():
     joint write of k and v side by side: every fetch equals mlx-lm's, as do offsets and masks."""
     rng = np.random.default_rng(0)
     ref, joint = KVCache(), JointKVCache()
-    assert joint.empty() and joint.keys is None and joint.state == []
+    assert joint.empty() and joint.keys is None and joint.state == ref.state
     k, v = _kv(rng, 250)
     _same(joint.update_and_fetch(k, v), ref.update_and_fetch(k, v))
+    assert joint.kv is None and joint.keys.shape == ref.keys.shape  # mlx-lm's buffers until a joint write
     for i in range(12):  # past the first 256 positions: the buffer grows
         k, v = _kv(rng, 1)
         if i % 2:  # what the head gives under CHESS+attention: [k; v] heads in one array
@@ -50,12 +51,12 @@ def test_joint_cache_holds_what_mlx_lm_holds():
         else:
             got = joint.update_and_fetch(k, v)
         _same(got, ref.update_and_fetch(k, v))
-    assert joint.offset == ref.offset == 262 and joint.size() == 262
+    assert joint.offset == ref.offset == 262 and joint.size() == 262 and joint.keys is None
     assert joint.kv.shape == (1, 4, 512, 8) and joint.nbytes == joint.kv.nbytes
     assert trim_prompt_cache([joint], 5) == 5 and trim_prompt_cache([ref], 5) == 5
     k, v = _kv(rng, 3)
     _same(joint.update_and_fetch(k, v), ref.update_and_fetch(k, v))
-    _same((joint.keys, joint.values), ref.keys_and_values())
+    _same(joint.keys_and_values(), ref.keys_and_values())
     for n, arr, window in ((1, False, None), (4, False, None), (4, True, None), (3, False, 8)):
         a = joint.make_mask(n, return_array=arr, window_size=window)
         b = ref.make_mask(n, return_array=arr, window_size=window)
@@ -66,16 +67,19 @@ def test_joint_cache_holds_what_mlx_lm_holds():
 
 
 def test_joint_cache_refuses_what_it_cannot_hold():
+    """Joint writes take one sequence and fixed heads; before one, anything mlx-lm's cache takes."""
     rng = np.random.default_rng(1)
     k, v = _kv(rng, 2)
+    batch = JointKVCache()
+    batch.update_and_fetch(mx.concatenate([k, k]), mx.concatenate([v, v]))  # mlx-lm's code: fine
     with pytest.raises(ValueError, match="one sequence"):
-        JointKVCache().update_and_fetch(mx.concatenate([k, k]), mx.concatenate([v, v]))
-    with pytest.raises(ValueError, match="one head size"):
-        JointKVCache().update_and_fetch(k, v[..., :4])
+        batch.update_joint(mx.repeat(mx.concatenate([k, v], axis=1), 2, axis=0), 2)
     c = JointKVCache()
-    c.update_and_fetch(k, v)
+    c.update_joint(mx.concatenate([k, v], axis=1), 2)
+    with pytest.raises(ValueError, match="one head size"):
+        c.update_and_fetch(k, v[..., :4])
     with pytest.raises(ValueError, match="heads changed"):
-        c.update_and_fetch(*_kv(rng, 1, hk=1, hv=3))
+        c.update_joint(mx.concatenate(_kv(rng, 1), axis=1), 1)
 
 
 def test_make_cache_gives_joint_caches_to_patched_families():
@@ -126,11 +130,13 @@ def test_decode_with_the_joint_cache(model_type, monkeypatch):
 
 
 def _step_nodes(model, prompt, make) -> collections.Counter:
-    """Primitives of one decode token's graph (views included: MLX encodes them too) after a
-    prefill with the caches ``make(model)`` gives."""
+    """Primitives of the second decode token's graph (views included: MLX encodes them too)
+    after a prefill with the caches ``make(model)`` gives (the first step may move a joint
+    cache's content once)."""
     cache = make(model)
     mx.eval(model(prompt[None], cache=cache))
-    out = model(prompt[-1:][None], cache=cache)
+    mx.eval(model(prompt[-1:][None], cache=cache))
+    out = model(prompt[-2:-1][None], cache=cache)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "step.dot"
         mx.export_to_dot(str(path), out)
