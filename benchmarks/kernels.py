@@ -174,8 +174,8 @@ def rope_case(i: int, dims: int, n: int) -> G.Rope:
         inv = G.rope_inverse_frequencies(dims, 500000.0)
     else:
         inv = mx.array(np.random.default_rng(i).uniform(1e-6, 1.0, dims // 2).astype(np.float32))
-    return G.Rope(G.rope_position(ROPE_POSITIONS[i % len(ROPE_POSITIONS)]), inv, dims, n,
-                  traditional=i % 3 == 1, scale=0.5 if i % 4 == 3 else 1.0)
+    return G.Rope(inv, dims, n, traditional=i % 3 == 1, scale=0.5 if i % 4 == 3 else 1.0,
+                  pos=G.rope_position(ROPE_POSITIONS[i % len(ROPE_POSITIONS)]))
 
 
 def float32_weight(w) -> mx.array:

@@ -78,13 +78,13 @@ def _spin_rope(x, pos, t, wt, ws, inv_freq, dims, n_rot, traditional, scale, nt=
     """``_spin`` with MLX's rope of the first ``n_rot`` outputs at position ``pos`` (an array: it
     changes with every token, the rest is bound), inside the kernel: the split launch gives q's and
     k's heads rotated (one launch fewer per layer)."""
-    return G.sparse_input(x, wt, t, ws, nt=nt, rope=G.Rope(pos, inv_freq, dims, n_rot, bool(traditional), scale))
+    return G.sparse_input(x, wt, t, ws, nt=nt, rope=G.Rope(inv_freq, dims, n_rot, bool(traditional), scale, pos))
 
 
 def _spin_xnorm_rope(x, pos, t, wt, ws, g, eps, inv_freq, dims, n_rot, traditional, scale, nt=None):
     """``_spin_xnorm`` and ``_spin_rope`` in one launch."""
     return G.sparse_input(x, wt, t, ws, nt=nt, xnorm=(g, eps),
-                          rope=G.Rope(pos, inv_freq, dims, n_rot, bool(traditional), scale))
+                          rope=G.Rope(inv_freq, dims, n_rot, bool(traditional), scale, pos))
 
 
 # A traced graph keeps the stream it was traced on; replayed under another stream (mlx-lm decodes
@@ -180,7 +180,7 @@ def bind_teal_mlp(t_in, wt_gate, wt_up, t_down, wt_down, ws_gate, ws_up, ws_down
 
 
 def bind_spin(t, wt, ws, residual: bool = False, nt: Optional[int] = None, xnorm: Optional[G.Norm] = None,
-              ynorm: Optional[G.Norm] = None, rope: Optional[G.RopeSpec] = None) -> Bound:
+              ynorm: Optional[G.Norm] = None, rope: Optional[G.Rope] = None) -> Bound:
     """Called as ``bound(x)``: ``(x's product, density)``; with ``residual``, as ``bound(x, r)``:
     ``(r + x's product, density)``. ``nt``: the threshold on the first ``nt`` outputs only, x's
     product as it is past them (``sparse_gemv.sparse_input``). ``xnorm`` = (weight, eps): x is that

@@ -115,7 +115,7 @@ def plan_of(attn: nn.Module) -> _Plan:
     return st.plan
 
 
-def rope_spec(attn: nn.Module) -> Optional[G.RopeSpec]:
+def rope_spec(attn: nn.Module) -> Optional[G.Rope]:
     """The attention's RoPE as a sparse-input launch can apply it to the q and k heads of its
     ``[q | k | v]`` output (``sparse_gemv.Rope``), or None: q and k are normalised per head first
     (Qwen3), the rope is not MLX's plain ``nn.RoPE`` or mlx-lm's ``Llama3RoPE``, or it rotates part
@@ -135,7 +135,7 @@ def rope_spec(attn: nn.Module) -> Optional[G.RopeSpec]:
     else:
         return None
     mx.eval(inv_freq)
-    return G.RopeSpec(inv_freq, d, (st.hq + st.hkv) * d, bool(r.traditional), scale)
+    return G.Rope(inv_freq, d, (st.hq + st.hkv) * d, bool(r.traditional), scale)
 
 
 def heads(st: _State, h: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.array, mx.array, mx.array]:

@@ -186,28 +186,18 @@ class Rope(NamedTuple):
     product's first ``n`` outputs, heads of ``dims`` (``n`` a multiple of ``dims``), fused into a
     sparse-input launch (``sparse_input``): q's and k's heads leave the split launch rotated. The
     angle of head dimension pair i is ``(scale * pos[0]) * inv_freq[i]``, in float32 as MLX
-    computes it."""
+    computes it. A layer fixes everything but the position (``pos`` None: a spec, as
+    ``fused_attention.rope_spec`` gives it); ``at`` adds a token's position."""
 
-    pos: mx.array  # int32, ROPE_POSITION_SLOTS equal entries (``rope_position``)
     inv_freq: mx.array  # float32 (dims // 2,)
     dims: int
     n: int
     traditional: bool = False
     scale: float = 1.0
+    pos: Optional[mx.array] = None  # int32, ROPE_POSITION_SLOTS equal entries (``rope_position``)
 
-
-class RopeSpec(NamedTuple):
-    """A ``Rope`` without its position: what a layer's rope module fixes once (``at`` adds the
-    position of a token)."""
-
-    inv_freq: mx.array
-    dims: int
-    n: int
-    traditional: bool = False
-    scale: float = 1.0
-
-    def at(self, pos: mx.array) -> Rope:
-        return Rope(pos, self.inv_freq, self.dims, self.n, self.traditional, self.scale)
+    def at(self, pos: mx.array) -> "Rope":
+        return self._replace(pos=pos)
 
 
 def rope_inverse_frequencies(dims: int, base: float) -> mx.array:
@@ -226,6 +216,8 @@ def rope_position(offset: int) -> mx.array:
 def reference_rope(y: mx.array, rope: Rope) -> mx.array:
     """``Rope`` applied to y (..., N) with MLX ops: what the kernels' epilogue computes, and what
     ``mx.fast.rope`` gives on the heads of y's first ``rope.n`` outputs."""
+    if rope.pos is None:
+        raise ValueError("a rope spec has no position: give the token's with Rope.at")
     d, h, n = rope.dims, rope.dims // 2, rope.n
     theta = (mx.array(rope.scale, dtype=mx.float32) * rope.pos[0].astype(mx.float32)) * rope.inv_freq
     c, s = mx.cos(theta), mx.sin(theta)
@@ -655,7 +647,7 @@ def _rope_args(rope: Rope, n: int, tile: int) -> tuple[list, list]:
     """The rope's (inputs, template entries) of a spin launch, after checking what the kernel reads."""
     if not rope_fits(rope, n, tile):
         raise ValueError(f"rope of {rope.n} outputs in heads of {rope.dims} does not fit {n} outputs in tiles of {tile}")
-    if rope.pos.dtype != mx.int32 or rope.pos.size < ROPE_POSITION_SLOTS:
+    if rope.pos is None or rope.pos.dtype != mx.int32 or rope.pos.size < ROPE_POSITION_SLOTS:
         raise ValueError(f"rope position must be int32 with >= {ROPE_POSITION_SLOTS} entries (rope_position)")
     if rope.inv_freq.dtype != mx.float32 or rope.inv_freq.shape != (rope.dims // 2,):
         raise ValueError(f"rope inverse frequencies must be float32 of shape ({rope.dims // 2},)")

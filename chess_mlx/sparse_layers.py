@@ -149,7 +149,7 @@ class SparseInputLinear(nn.Module):
         return self.ctl.plan(x, partial(self._plan, residual=True, ynorm=ynorm), "residual_ynorm")
 
     def split_plan(self, x: mx.array, others: list[nn.Module], xnorm: Optional[G.Norm] = None,
-                   rope: Optional[G.RopeSpec] = None) -> Optional[D.Bound]:
+                   rope: Optional[G.Rope] = None) -> Optional[D.Bound]:
         """The one-token path of this thresholded projection and the dense projections ``others`` on
         the same input, as one launch over their W^T side by side (q with k and v under
         CHESS+attention, ``fused_attention``): ``bound(x)`` -> ``([self(x) | other(x) ...],
@@ -164,7 +164,7 @@ class SparseInputLinear(nn.Module):
         key = "split" + ("_xnorm" if xnorm is not None else "") + ("_rope" if rope is not None else "")
         return self.ctl.plan(x, partial(self._split_plan, others, xnorm, rope), key)
 
-    def _split_plan(self, others: list[nn.Module], xnorm: Optional[G.Norm], rope: Optional[G.RopeSpec],
+    def _split_plan(self, others: list[nn.Module], xnorm: Optional[G.Norm], rope: Optional[G.Rope],
                     x: mx.array) -> Optional[D.Bound]:
         mods = [self, *others]
         if not split_enabled() or self.ctl.threshold is None or not compiled_path_ok(x, *mods) or not fusable(mods):

@@ -42,7 +42,7 @@ def test_reference_rope_against_float64(trad, pos):
     d, n = 16, 48
     y = rng.standard_normal((2, 1, 64)).astype(np.float32)
     inv = rng.uniform(1e-4, 1.0, d // 2).astype(np.float32)
-    got = G.reference_rope(mx.array(y), G.Rope(G.rope_position(pos), mx.array(inv), d, n, trad, 0.5))
+    got = G.reference_rope(mx.array(y), G.Rope(mx.array(inv), d, n, trad, 0.5, G.rope_position(pos)))
     np.testing.assert_allclose(np.array(got), rotate64(y, inv, pos, d, n, trad, 0.5), rtol=1e-5, atol=1e-5)
     assert np.array_equal(np.array(got)[..., n:], y[..., n:])  # past n: as it was
 
@@ -103,7 +103,7 @@ def test_rope_launch_arguments(monkeypatch):
     wt = mx.zeros((512, 768), dtype=mx.float16)
     g = mx.ones((512,), dtype=mx.float16)
     pos, inv = G.rope_position(9), mx.ones((64,), dtype=mx.float32)
-    rope = G.Rope(pos, inv, 128, 640, False, 0.25)
+    rope = G.Rope(inv, 128, 640, False, 0.25, pos)
     G.sparse_input(x, wt, t, G.workspace(768), nt=512, xnorm=(g, 1e-6), rope=rope)
     name, inputs, tmpl = launched[-1]
     assert name == "spin_f_xnorm_rope" and inputs[-3] is g and inputs[-2] is pos and inputs[-1] is inv
@@ -117,6 +117,11 @@ def test_rope_launch_arguments(monkeypatch):
     assert len(launched) == n  # both took the reference
     with pytest.raises(ValueError, match="int32"):
         G._launch_spin("cuda", x, wt, t, G.workspace(768), rope=rope._replace(pos=mx.array(9, dtype=mx.int32)))
+    with pytest.raises(ValueError, match="int32"):  # a spec: no position yet
+        G._launch_spin("cuda", x, wt, t, G.workspace(768), rope=rope._replace(pos=None))
+    with pytest.raises(ValueError, match="no position"):
+        G.reference_rope(mx.zeros((1, 768)), rope._replace(pos=None))
+    assert rope._replace(pos=None).at(pos) == rope
     with pytest.raises(ValueError, match="inverse frequencies"):
         G._launch_spin("cuda", x, wt, t, G.workspace(768), rope=rope._replace(inv_freq=mx.ones((64,), dtype=mx.float16)))
     with pytest.raises(ValueError, match="does not fit"):
@@ -125,7 +130,7 @@ def test_rope_launch_arguments(monkeypatch):
         G._launch_spin("cuda", x, wt, t, G.workspace(768), residual=mx.zeros((1, 1, 768), dtype=mx.float16),
                        rope=rope)
     with pytest.raises(ValueError, match="rope is fused"):
-        decode_paths.bind_spin(t, wt, G.workspace(768), residual=True, rope=FA.G.RopeSpec(inv, 128, 640))
+        decode_paths.bind_spin(t, wt, G.workspace(768), residual=True, rope=FA.G.Rope(inv, 128, 640))
 
 
 @pytest.mark.parametrize("model_type,over", [("llama", {}), ("llama", {"rope_scaling": LLAMA3}),
