@@ -1,5 +1,6 @@
-import sys
+"""``python -m chess_mlx``: the same entry as the ``chess-mlx`` console script (re-exec under
+OpenBLAS on a Linux CPU, whose MLX wheel links the slow reference BLAS; ``blas``)."""
 
-from .cli import main
+from .cli import entry
 
-sys.exit(main())
+entry()

@@ -114,6 +114,23 @@ def test_console_entry_exit_code_and_single_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
 
 
+def test_python_m_takes_the_console_entry(monkeypatch):
+    """``python -m chess_mlx`` re-execs under OpenBLAS as the ``chess-mlx`` script does (before
+    session 22 it skipped that, and a CPU eval ran on the reference BLAS, ~80x slower)."""
+    import runpy
+
+    import chess_mlx.blas as blas
+    import chess_mlx.cli as cli
+
+    seen = []
+    monkeypatch.setattr(blas, "reexec_with_openblas", lambda argv: seen.append(argv))
+    monkeypatch.setattr(cli, "main", lambda argv=None: 0)
+    monkeypatch.setattr(sys, "argv", ["chess_mlx", "eval", "--ppl"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("chess_mlx", run_name="__main__", alter_sys=False)
+    assert e.value.code == 0 and seen == [["-m", "chess_mlx", "eval", "--ppl"]]
+
+
 def test_bench_rejects_a_negative_ahead_count(capsys):
     assert "--ahead" in _fails(capsys, ["bench", "--preset", "tiny", "--ahead", "-1"])
     assert "unknown method 'mlxlm'" in _fails(capsys, ["bench", "--preset", "tiny", "--methods", "mlxlm,dense"])
