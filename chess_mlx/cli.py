@@ -527,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
+        from .pipelined import pipeline_depth
+
+        pipeline_depth()  # a bad debug setting is refused before any work, not mid-decode
         code = args.func(args)
         if INTERRUPTED.is_set():  # interrupted, and some library swallowed the KeyboardInterrupt
             raise KeyboardInterrupt

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import ChessError
 from .mlx_thread import MLXThread
 from .switches import env_switch
 
@@ -80,10 +81,14 @@ def pipeline_depth() -> int:
     under CHESS+attention (benchmarks/RESULTS.md, session 21). Two ahead, the GPU always has a
     whole step queued. The cost: a reply stopped early (EOS) has computed one more step, which the
     chat trims from its cache (``chat_session``)."""
+    text = os.environ.get("CHESS_MLX_PIPELINE_DEPTH", "2")
     try:
-        return max(1, int(os.environ.get("CHESS_MLX_PIPELINE_DEPTH", "2")))
+        depth = int(text)
     except ValueError:
-        return 2
+        depth = 0
+    if depth < 1:  # refused, not replaced: a mistyped debug setting would otherwise time the wrong thing
+        raise ChessError(f"CHESS_MLX_PIPELINE_DEPTH must be a whole number of steps >= 1, got {text!r}")
+    return depth
 
 
 def _greedy(logprobs: mx.array) -> mx.array:

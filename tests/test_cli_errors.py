@@ -157,3 +157,12 @@ def test_out_of_device_memory_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(bench, "random_model", bug)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         main(["bench", "--preset", "tiny"])
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1", "1.5"])
+def test_bad_pipeline_depth_is_refused_before_any_work(capsys, monkeypatch, tiny_dir, value):
+    """A mistyped ``CHESS_MLX_PIPELINE_DEPTH`` used to fall back to 2 (or clamp to 1) silently, so
+    a debugging run timed another depth than the one asked for."""
+    monkeypatch.setenv("CHESS_MLX_PIPELINE_DEPTH", value)
+    msg = _fails(capsys, ["generate", str(tiny_dir), "--prompt", "hi", "--max-tokens", "2"])
+    assert "CHESS_MLX_PIPELINE_DEPTH" in msg and repr(value) in msg
