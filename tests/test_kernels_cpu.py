@@ -612,3 +612,18 @@ def test_transposed_weight_follows_new_weights(bits):
                                                                      group_size=32, bits=bits)).T
     assert not np.allclose(first, second)
     np.testing.assert_allclose(second, ref, atol=0.2 if bits else 0)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_spin_tail_probe_compiles_for_hopper(tmp_path, monkeypatch):
+    """benchmarks/spin_tail.py's last-block sum (float4 loads over chunk groups) still applies to
+    the shipped epilogue and compiles in every sparse-input kernel instance, variants included."""
+    S = bench_module("spin_tail")
+
+    monkeypatch.setattr(G, "launch_source", S.tail_launch_source)
+    spins = [inst for inst in _INSTANCES if inst[0].startswith("spin")]
+    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+           "#include <cooperative_groups.h>\nnamespace chess_tail {\n"
+           + "".join(_mlx_style_kernel(i, *inst) for i, inst in enumerate(spins)) + "}\n")
+    assert "Q4 = M * TILE / 4" in src
+    assert nvcc_ptx(tmp_path, src).count(".entry") == len(spins)
