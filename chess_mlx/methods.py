@@ -33,8 +33,14 @@ def check_method(name: str) -> str:
 
 
 def parse_methods(text: str) -> list[str]:
-    """'dense, chess' -> ['dense', 'chess'], each checked."""
-    return [check_method(m.strip()) for m in text.split(",") if m.strip()]
+    """'dense, chess' -> ['dense', 'chess'], each checked, each once; an empty list is refused (an
+    eval of no method would print an empty table and succeed)."""
+    from .errors import ChessError
+
+    names = list(dict.fromkeys(check_method(m.strip()) for m in text.split(",") if m.strip()))
+    if not names:
+        raise ChessError(f"no method given in {text!r}; choose from: {', '.join(METHODS)}")
+    return names
 
 
 def check_sparsity(value: float) -> float:

@@ -6,6 +6,7 @@ replies can be compared token by token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import ChessError
@@ -18,8 +19,8 @@ class Sampling:
     max_tokens: int = 512
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0):
-            raise ChessError(f"temperature must be >= 0, not {self.temperature:g}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise ChessError(f"temperature must be a finite number >= 0, not {self.temperature:g}")
         if not (0.0 < self.top_p <= 1.0):
             raise ChessError(f"top-p must be in (0, 1], not {self.top_p:g}")
         if self.max_tokens <= 0:

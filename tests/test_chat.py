@@ -185,7 +185,8 @@ def test_sampling_settings_are_checked():
     s = Sampling.parse("0.7", " 0.9 ", "64")
     assert (s.temperature, s.top_p, s.max_tokens, s.greedy) == (0.7, 0.9, 64, False)
     assert Sampling().sampler() is None and s.sampler() is not None
-    for args, msg in ((("-1", "1", "5"), "temperature must be >= 0"), (("0", "0", "5"), "top-p must be in"),
+    for args, msg in ((("-1", "1", "5"), "temperature must be a finite number >= 0"),
+                      (("inf", "1", "5"), "temperature must be a finite number >= 0"), (("0", "0", "5"), "top-p must be in"),
                       (("0", "1.5", "5"), "top-p must be in"), (("0", "1", "0"), "max tokens must be positive"),
                       (("hot", "1", "5"), "temperature 'hot' is not a number"),
                       (("0", "1", "2.5"), "max tokens '2.5' is not an integer")):

@@ -166,3 +166,31 @@ def test_bad_pipeline_depth_is_refused_before_any_work(capsys, monkeypatch, tiny
     monkeypatch.setenv("CHESS_MLX_PIPELINE_DEPTH", value)
     msg = _fails(capsys, ["generate", str(tiny_dir), "--prompt", "hi", "--max-tokens", "2"])
     assert "CHESS_MLX_PIPELINE_DEPTH" in msg and repr(value) in msg
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["generate", "--prompt", "hi", "--temp", "-1"], "argument --temp: temperature must be a finite number >= 0"),
+    (["generate", "--prompt", "hi", "--temp", "inf"], "argument --temp: temperature must be a finite number >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "argument --top-p: top-p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--top-p", "1.5"], "argument --top-p: top-p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--seed", "-1"], "argument --seed: must be >= 0"),
+    (["generate", "--prompt", "hi", "--max-tokens", "0"], "argument --max-tokens: must be >= 1, not 0"),
+    (["chat", "--prompt", "hi", "--temp", "nan"], "argument --temp: temperature must be a finite number >= 0"),
+    (["eval", "--ppl", "--tokens", "0"], "argument --tokens: must be >= 2, not 0"),
+    (["eval", "--ppl", "--context", "1"], "argument --context: must be >= 2, not 1"),
+    (["eval", "--tasks", "--limit", "-1"], "argument --limit: must be >= 1, not -1"),
+    (["eval", "--ppl", "--methods", ",,"], "no method given in ',,'"),
+    (["calibrate", "--seq-len", "0"], "argument --seq-len: must be >= 1, not 0"),
+    (["convert", "a", "b", "--calib-tokens", "x"], "argument --calib-tokens: 'x' is not a whole number"),
+    (["bench", "--preset", "tiny", "--runs", "0"], "argument --runs: must be >= 1, not 0"),
+    (["bench", "--preset", "tiny", "--tokens", "0"], "argument --tokens: must be >= 1, not 0"),
+    (["bench", "--preset", "tiny", "--layers", "0"], "argument --layers: must be >= 1, not 0"),
+    (["bench", "--preset", "tiny", "--group-size", "16"], "argument --group-size: invalid choice: 16"),
+    (["bench", "--preset", "tiny", "--methods", ","], "no method given in ','"),
+])
+def test_bad_numbers_are_refused_before_any_work(capsys, argv, expected):
+    """Each of these used to run: a traceback (context 1, seq-len 0, runs 0, tokens 0), a silent
+    other meaning (eval --tokens 0: every token; bench --layers 0: the preset's; a negative
+    temperature, which chat refused, sampled garbage in generate), or an empty eval that
+    succeeded. Now one line at parse time, before a model is loaded."""
+    assert expected in _fails(capsys, argv)
