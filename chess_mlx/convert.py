@@ -122,6 +122,8 @@ def convert(src: str, out: Path, o: ConvertOptions, progress: Optional[Callable[
     src_path = resolve_source(src)
     if src_path.resolve() == out.resolve():
         raise ChessError("OUT must differ from SRC")
+    if out.resolve() in src_path.resolve().parents:  # --force would delete the source with OUT
+        raise ChessError(f"SRC {src_path} lies inside OUT {out}; replacing OUT would delete the source")
     calib_path = Path(o.calib) if o.calib else calibration_text_path()
     text = read_text(calib_path, "calibration text")
 

@@ -92,6 +92,16 @@ def test_bad_inputs_leave_nothing(capsys, tmp_path, tiny_src, calib):
     assert _leftovers(tmp_path, "o") == []
 
 
+def test_force_never_deletes_the_source(capsys, tmp_path, tiny_src, calib):
+    """OUT = SRC, or OUT a folder that holds SRC: --force would replace OUT and with it the source
+    (the second used to succeed and leave the converted model where the source had been)."""
+    base = ["--calib", str(calib), "--calib-tokens", "256", "--seq-len", "64", "--force"]
+    before = sorted(p.name for p in tiny_src.iterdir())
+    assert "OUT must differ from SRC" in _fails(capsys, ["convert", str(tiny_src), str(tiny_src)] + base)
+    assert "lies inside OUT" in _fails(capsys, ["convert", str(tiny_src), str(tmp_path)] + base)
+    assert sorted(p.name for p in tiny_src.iterdir()) == before
+
+
 def test_ctrl_c_in_the_middle(tmp_path, shipped_model_dir):
     out = tmp_path / "q"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
