@@ -10,8 +10,9 @@ shipped choice marked with *. ``spoutq``: spout_q rows per warp x warps per row 
 reference. ``spinq``: spin_q words per lane x chunk, also checked. ``spinqu`` (not in the default
 set): spin_q with 8 (``--rows U``: U) rows in flight per warp instead of 4. ``split`` (not in the
 default set): the split-K chunk of CHESS+attention's split launch over ``[Wq^T | Wk^T | Wv^T]``,
-each also checked. ``--only spout,spoutq,spin,spinq,gateup,spinqu,split`` picks sections
-(default: all but spinqu and split).
+each also checked. ``spinlong`` (not in the default set): float16 spin_f with split-K chunks of
+512-2048 rows, each also checked. ``--only spout,spoutq,spin,spinq,gateup,spinqu,split,spinlong``
+picks sections (default: all but spinqu, split and spinlong).
 """
 
 from __future__ import annotations
@@ -48,6 +49,49 @@ def sweep_spin() -> None:
                                                                           ws[i % len(ws)], kc=kc)[0], xs)
                     print(f"spin {wtype} {out_dim}x{in_dim} s={s} kc={kc}{'*' if kc == ship else ' '} {t * 1e6:6.1f} us",
                           flush=True)
+
+
+def _spin_f_rows(u: int):
+    """A ``G.launch_source`` whose spin_f keeps ``u`` rows in flight per warp (shipped: 4)."""
+    from chess_mlx import kernel_text
+
+    def text(kind: str, name: str) -> tuple[str, str]:
+        header, body = G.kernel_source(kind, name)
+        if name.startswith("spin_f"):
+            assert "constexpr int U = 4;" in body, "spin_f's rows in flight changed: update chain_sweep"
+            body = body.replace("constexpr int U = 4;", f"constexpr int U = {u};")
+        return kernel_text.launch_text(header, body)
+    return text
+
+
+def sweep_spin_long(kcs: tuple = (512, 768, 1024, 1536, 2048), u: int = 4) -> None:
+    """float16 spin_f with split-K chunks past the shipped 512 rows (``spinlong``, not in the
+    default set). Session 10's sweep (128, 256, 512) got faster with every doubling on the FFN
+    shapes (14336 -> 4096 at 50%: 27.2, 26.7, 25.1 us): fewer blocks share the fixed costs of a
+    launch. Longer chunks give fewer blocks than 2.5 per SM (1024: 224 blocks on the FFN shapes),
+    so whether the trend goes on is a measurement. Each chunk checked against the reference.
+    ``--rows U``: U rows in flight per warp instead of 4 (more bytes in flight per block)."""
+    from node_cost import launch_with
+
+    shipped = G.launch_source
+    if u != 4:
+        launch_with(_spin_f_rows(u))
+    dtype = mx.float16
+    for out_dim, in_dim in K.SHAPES:
+        wts = K.weight_copies(out_dim, in_dim, "float16", transposed=True)
+        ws = [G.workspace(out_dim) for _ in range(64)]
+        ship = G.spin_geometry(1, in_dim, out_dim)[2]
+        for s in (0.0, 0.5, 0.7):
+            xs = K.sparse_vec(1, in_dim, s, dtype)
+            mx.eval(xs)
+            ref = G.reference_sparse_input(xs, wts[0])
+            for kc in kcs:
+                err = K.rel_err(G._launch_spin("cuda", xs, wts[0], G.zero_threshold(dtype), ws[0], kc=kc)[0], ref)
+                t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], G.zero_threshold(dtype),
+                                                                      ws[i % len(ws)], kc=kc)[0], xs)
+                print(f"spinlong-u{u} float16 {out_dim}x{in_dim} s={s} kc={kc}{'*' if kc == ship else ' '} {t * 1e6:6.1f} us  "
+                      f"rel_err {err:.1e}{'' if err < 1e-2 else '  WRONG'}", flush=True)
+    launch_with(shipped)
 
 
 def sweep_split() -> None:
@@ -149,6 +193,8 @@ def main() -> None:
         sweep_gateup()
     if "split" in only:
         sweep_split()
+    if "spinlong" in only:
+        sweep_spin_long(u=int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 4)
     if "spinqu" in only:
         sweep_spin_q_rows(int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 8)
 
