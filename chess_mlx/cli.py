@@ -71,6 +71,33 @@ def _top_p(text: str) -> float:
     return v
 
 
+def _output_file(option: str, value: str | None) -> Path | None:
+    """The file a ``--json``-style option names, checked before any work: a long eval or bench
+    must not end in a traceback because its result has nowhere to go."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        raise ChessError(f"{option} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ChessError(f"{option} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def _output_folder(option: str, value: str | None) -> Path | None:
+    """The folder an ``--out``-style option names (made if missing, as before), checked before any
+    work: it must not be a file, nor lie under one."""
+    if value is None:
+        return None
+    path = Path(value)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ChessError(f"{option} {path}: {p} is a file, not a folder")
+            break
+    return path
+
+
 def _progress(desc: str):
     from tqdm import tqdm
 
@@ -202,6 +229,7 @@ def cmd_eval(args) -> int:
 
     method_list = M.parse_methods(args.methods)
     levels = M.parse_sparsities(args.sparsity)
+    json_path, out_dir = _output_file("--json", args.json), _output_folder("--out", args.out)
     ppl_path = None
     if args.ppl is not None or args.tasks is None:
         ppl_path = Path(args.ppl) if args.ppl else heldout_text_path()
@@ -234,12 +262,12 @@ def cmd_eval(args) -> int:
     meta = {"model": str(folder), "ppl_text": str(ppl_path) if ppl_path else None, "context": args.context,
             "ppl_tokens": len(tokens) if tokens else None, "tasks": [t.name for t in tasks or []],
             "calibration_tokens": th.meta.get("calibration_tokens") if th else None}
-    if args.json:
+    if json_path:
         import json as _json
 
-        Path(args.json).write_text(_json.dumps({"meta": meta, "results": [r.__dict__ for r in rows]}, indent=2) + "\n")
-    if args.out:
-        for p in write_outputs(rows, Path(args.out), meta):
+        json_path.write_text(_json.dumps({"meta": meta, "results": [r.__dict__ for r in rows]}, indent=2) + "\n")
+    if out_dir:
+        for p in write_outputs(rows, out_dir, meta):
             print(f"wrote {p}")
     return 0
 
@@ -276,7 +304,7 @@ def cmd_tasks_from_lmeval(args) -> int:
 
     from .tasks import convert_lmeval
 
-    src, dst = Path(args.input), Path(args.output)
+    src, dst = Path(args.input), _output_file("output", args.output)
     if not src.exists():
         raise ChessError(f"{src} does not exist")
     rows = []
@@ -416,6 +444,7 @@ def cmd_bench(args) -> int:
     if not methods:
         raise ChessError(f"no method given in {args.methods!r}; choose from: {MLX_LM}, {', '.join(M.METHODS)}")
     sparsity = M.parse_sparsity(args.sparsity)
+    json_path = _output_file("--json", args.json)
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
     model = random_model(args.preset, args.layers, dtype, args.quantize, args.group_size)
     vocab = PRESETS[args.preset]["vocab_size"]
@@ -444,8 +473,8 @@ def cmd_bench(args) -> int:
     if paired_ahead:
         print(f"speed vs dense with the graph built ahead ({args.ahead} tokens per graph, the host's Python work "
               "left out): " + ", ".join(f"{m} {v:.2f}x" for m, v in paired_ahead.items()) + " (median of run-by-run ratios)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": label, "sparsity": sparsity, "backend": backend(),
+    if json_path:
+        json_path.write_text(json.dumps({"model": label, "sparsity": sparsity, "backend": backend(),
                                                "results": [r.__dict__ for r in results],
                                                "paired_vs_dense": paired, "paired_vs_dense_ahead": paired_ahead,
                                                "paired_vs_mlx_lm": vs_mlx_lm},

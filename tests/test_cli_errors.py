@@ -194,3 +194,16 @@ def test_bad_numbers_are_refused_before_any_work(capsys, argv, expected):
     temperature, which chat refused, sampled garbage in generate), or an empty eval that
     succeeded. Now one line at parse time, before a model is loaded."""
     assert expected in _fails(capsys, argv)
+
+
+def test_result_files_with_nowhere_to_go_are_refused_before_any_work(capsys, tmp_path):
+    """An eval or bench used to run to the end and then die with a traceback writing its --json
+    (a missing folder, a folder given as the file) or its --out (a file in the way)."""
+    (tmp_path / "f").write_text("x")
+    cases = [(["eval", "--ppl", "--json", str(tmp_path / "no" / "r.json")], "the folder"),
+             (["eval", "--ppl", "--json", str(tmp_path)], "is a folder; give a file name"),
+             (["eval", "--ppl", "--out", str(tmp_path / "f" / "sub")], "is a file, not a folder"),
+             (["bench", "--preset", "tiny", "--json", str(tmp_path / "no" / "b.json")], "does not exist"),
+             (["tasks-from-lmeval", "piqa", str(tmp_path / "f"), str(tmp_path)], "is a folder")]
+    for argv, expected in cases:
+        assert expected in _fails(capsys, argv)
