@@ -1,0 +1,288 @@
+"""The Metal kernels, run on the CPU through an emulation of Metal (tests/metal_emu.h), against the
+reference path.
+
+No Apple GPU reaches this project, so until now the Metal twins were only compared with their
+CUDA twins as text. Here each launch is built by the library itself for the Metal backend (the
+launchers with ``kind="metal"``: Metal's geometry, template values and launched text), recorded
+instead of run, and executed by a C++ program that compiles the launched text against
+``metal_emu.h`` (threadgroups as real threads with barriers, simdgroup reductions, atomics).
+Every output must be written (outputs start as NaN), match the reference path within the kernel
+check's tolerance, and a sparse-input launch must leave its workspace counters at zero.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from chess_mlx import sparse_gemv as G
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+
+_TYPES = {mx.float16: "half", mx.bfloat16: "bfloat16_t", mx.float32: "float", mx.uint32: "uint32_t",
+          mx.int32: "int"}
+_BUILTINS = ("uint3 threadgroup_position_in_grid, uint thread_index_in_simdgroup, "
+             "uint simdgroup_index_in_threadgroup, uint3 thread_position_in_threadgroup, uint3 threadgroups_per_grid")
+_DEFINES = sorted({d for _, defines in G.VARIANTS.values() for d in defines})
+# `threadgroup T name[...];` (storage, not a pointer): one copy per threadgroup, i.e. a static here
+_STORAGE = re.compile(r"^(\s*)threadgroup\s+([\w:<>]+)\s+(\w+)((?:\s*\[[^\]]*\])*)\s*;", re.M)
+
+
+class Launch:
+    """One recorded kernel launch: what MLX's metal_kernel would have been given."""
+
+    def __init__(self, name: str, kw: dict):
+        self.name = name
+        self.inputs = [mx.contiguous(a) for a in kw["inputs"]]
+        mx.eval(self.inputs)
+        self.template = kw["template"]
+        self.grid, self.tg = kw["grid"], kw["threadgroup"]
+        self.out_shapes, self.out_dtypes = kw["output_shapes"], kw["output_dtypes"]
+
+
+def _recording(monkeypatch) -> list:
+    launches: list[Launch] = []
+    real = G._kernel
+
+    def fake(kind: str, name: str):
+        if kind != "metal":
+            return real(kind, name)
+
+        def call(**kw):
+            launches.append(Launch(name, kw))
+            return [mx.zeros(s, dtype=d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])]
+        return call
+    monkeypatch.setattr(G, "_kernel", fake)
+    return launches
+
+
+def _cpp_kernel(i: int, launch: Launch) -> str:
+    header, body = (_STORAGE.sub(r"\1static \2 \3\4;", part) for part in G.launch_source("metal", launch.name))
+    names = G._INPUTS[launch.name] + G._OUTPUTS[launch.name]
+    types = [_TYPES[a.dtype] for a in launch.inputs] + [_TYPES[d] for d in launch.out_dtypes]
+    n_in = len(launch.inputs)
+    args = [f"{'const ' if j < n_in else ''}{t}* {n}" for j, (n, t) in enumerate(zip(names, types))]
+    consts = "".join(f"  using {k} = {_TYPES[v]};\n" if k == "T" else f"  constexpr int {k} = {int(v)};\n"
+                     for k, v in launch.template)
+    casts = ", ".join(f"({'const ' if j < n_in else ''}{t}*)b[{j}]" for j, t in enumerate(types))
+    return (f"namespace k{i} {{\n{header}\nvoid kern({', '.join(args)}, {_BUILTINS}) {{\n{consts}{body}\n}}\n"
+            f"void run(void** b, uint3 grid, uint3 tg) {{\n  chess_emu::launch(grid, tg, [&](uint3 gp, uint l, uint w, "
+            f"uint3 tp, uint3 gs) {{ kern({casts}, gp, l, w, tp, gs); }});\n}}\n}}\n"
+            + "".join(f"#undef {d}\n" for d in _DEFINES))
+
+
+_MAIN = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+typedef void (*Run)(void**, uint3, uint3);
+static Run RUNS[] = {RUN_TABLE};
+int main(int argc, char** argv) {
+  const int id = std::atoi(argv[1]);
+  const std::string dir = argv[2];
+  FILE* man = std::fopen((dir + "/manifest.txt").c_str(), "r");
+  unsigned g[3], t[3];
+  int n_in, n_out;
+  if (std::fscanf(man, "%u %u %u %u %u %u %d %d", &g[0], &g[1], &g[2], &t[0], &t[1], &t[2], &n_in, &n_out) != 8) return 2;
+  std::vector<void*> bufs;
+  std::vector<size_t> sizes;
+  for (int j = 0; j < n_in + n_out; ++j) {
+    size_t bytes;
+    if (std::fscanf(man, "%zu", &bytes) != 1) return 2;
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+    if (j < n_in) {
+      FILE* f = std::fopen((dir + "/b" + std::to_string(j) + ".bin").c_str(), "rb");
+      if (bytes && std::fread(p, 1, bytes, f) != bytes) return 3;
+      std::fclose(f);
+    } else {
+      std::memset(p, 0xff, bytes);  // NaN in every float type: unwritten outputs show
+    }
+    bufs.push_back(p);
+    sizes.push_back(bytes);
+  }
+  std::fclose(man);
+  RUNS[id](bufs.data(), uint3(g[0], g[1], g[2]), uint3(t[0], t[1], t[2]));
+  for (int j = 0; j < n_in + n_out; ++j) {
+    FILE* f = std::fopen((dir + "/r" + std::to_string(j) + ".bin").c_str(), "wb");
+    std::fwrite(bufs[j], 1, sizes[j], f);
+    std::fclose(f);
+  }
+  return 0;
+}
+"""
+
+
+def _build(tmp: Path, launches: list) -> Path:
+    src = '#include "metal_emu.h"\n' + "".join(_cpp_kernel(i, l) for i, l in enumerate(launches))
+    src += _MAIN.replace("RUN_TABLE", ", ".join(f"k{i}::run" for i in range(len(launches))))
+    (tmp / "emu.cpp").write_text(src)
+    exe = tmp / "emu"
+    r = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-literal-suffix",
+                        f"-I{Path(__file__).parent}", "-o", str(exe), str(tmp / "emu.cpp")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return exe
+
+
+def _np(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:
+        return np.array(a.view(mx.uint16))
+    return np.array(a)
+
+
+def _from_bytes(data: bytes, dtype, shape) -> mx.array:
+    if dtype == mx.bfloat16:
+        return mx.array(np.frombuffer(data, np.uint16).reshape(shape)).view(mx.bfloat16)
+    np_t = {mx.float16: np.float16, mx.float32: np.float32, mx.int32: np.int32, mx.uint32: np.uint32}[dtype]
+    return mx.array(np.frombuffer(data, np_t).reshape(shape))
+
+
+def _run(exe: Path, i: int, launch: Launch, tmp: Path) -> tuple[list, list]:
+    """(outputs, inputs after the run) of launch ``i`` in the emulator."""
+    d = tmp / f"l{i}"
+    d.mkdir()
+    sizes = []
+    for j, a in enumerate(launch.inputs):
+        raw = _np(a).tobytes()
+        (d / f"b{j}.bin").write_bytes(raw)
+        sizes.append(len(raw))
+    out_sizes = [int(np.prod(s, dtype=np.int64)) * dt.size for s, dt in zip(launch.out_shapes, launch.out_dtypes)]
+    grid, tg = launch.grid, launch.tg
+    (d / "manifest.txt").write_text(" ".join(map(str, [*grid, *tg, len(sizes), len(out_sizes), *sizes, *out_sizes])))
+    r = subprocess.run([str(exe), str(i), str(d)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (launch.name, r.returncode, r.stderr[-2000:])
+    n_in = len(sizes)
+    outs = [_from_bytes((d / f"r{n_in + j}.bin").read_bytes(), dt, s)
+            for j, (s, dt) in enumerate(zip(launch.out_shapes, launch.out_dtypes))]
+    after = [_from_bytes((d / f"r{j}.bin").read_bytes(), a.dtype, a.shape) for j, a in enumerate(launch.inputs)]
+    return outs, after
+
+
+def _rel_err(y: mx.array, ref: mx.array) -> float:
+    y64, r64 = np.array(y.astype(mx.float32), np.float64), np.array(ref.astype(mx.float32), np.float64)
+    assert not np.isnan(y64).any(), "an output element was never written"
+    return float(np.abs(y64 - r64).max() / max(np.abs(r64).max(), 1e-30))
+
+
+def _sparse(shape, s: float, dtype, seed: int) -> mx.array:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(shape).astype(np.float32)
+    v[rng.random(shape) < s] = 0.0
+    return mx.array(v).astype(dtype)
+
+
+def _weight(out_dim: int, in_dim: int, wtype: str, transposed: bool, seed: int):
+    rng = np.random.default_rng(seed)
+    shape = (in_dim, out_dim) if transposed else (out_dim, in_dim)
+    w = mx.array(rng.standard_normal(shape).astype(np.float32) / np.sqrt(in_dim))
+    if wtype.startswith("q"):
+        bits, gs = (int(v) for v in wtype[1:].split("g"))
+        return G.QWeight.quantize(w.astype(mx.float16), bits, gs).packed()
+    return w.astype(getattr(mx, wtype))
+
+
+def _f32(w):
+    """A weight as float32 for the reference (a QWeight dequantized: the kernels read the same values)."""
+    return (w.dequantize() if isinstance(w, G.QWeight) else w).astype(mx.float32)
+
+
+# (label, wtype, M, K, N, sparsity): small shapes that still give several tiles and split-K chunks
+CASES = [("f16", "float16", 1, 512, 768, 0.5), ("f16-m2", "float16", 2, 384, 512, 0.7),
+         ("bf16", "bfloat16", 1, 512, 512, 0.5), ("q4g64", "q4g64", 1, 512, 1024, 0.5),
+         ("q8g32-m2", "q8g32", 2, 256, 512, 0.3)]
+
+
+def _cases(launches: list) -> list:
+    """Launch every Metal kernel on each case through the library's own launchers (recorded, not
+    run); return (launch index, label, reference outputs, check) in launch order."""
+    checks = []
+    for label, wtype, m, k, n, s in CASES:
+        dtype = mx.float16 if wtype.startswith("q") else getattr(mx, wtype)
+        x = _sparse((m, k), 0.0, dtype, 1)
+        xs = _sparse((m, k), s, dtype, 2)
+        # sparse-input: plain, a per-channel threshold, the residual, both norms, the rope
+        wt = _weight(n, k, wtype, True, 3)
+        ref_in = G.reference_sparse_input(xs.astype(mx.float32), _f32(wt))
+        ws = G.workspace(n, bits=wt.bits if isinstance(wt, G.QWeight) else None)
+        G._launch_spin("metal", xs, wt, G.zero_threshold(dtype), ws)
+        checks.append((f"spin {label}", [ref_in[0]], "spin"))
+        t = mx.abs(_sparse((k,), 0.0, dtype, 4)) * 0.7
+        G._launch_spin("metal", x, wt, t.astype(dtype), ws)
+        checks.append((f"spin {label} per-channel t", [G.reference_sparse_input(x.astype(mx.float32), _f32(wt),
+                                                                                t.astype(mx.float32))[0]], "spin"))
+        r = _sparse((m, n), 0.0, dtype, 5)
+        G._launch_spin("metal", xs, wt, G.zero_threshold(dtype), ws, residual=r)
+        checks.append((f"spin {label} residual", [(ref_in[0] + r.astype(mx.float32))], "spin"))
+        gx, gy = mx.abs(_sparse((k,), 0.0, dtype, 6)) + 0.5, mx.abs(_sparse((n,), 0.0, dtype, 7)) + 0.5
+        G._launch_spin("metal", x, wt, G.zero_threshold(dtype), ws, xnorm=(gx, 1e-5))
+        xn = mx.fast.rms_norm(x.astype(mx.float32), gx.astype(mx.float32), 1e-5)
+        checks.append((f"spin {label} xnorm", [G.reference_sparse_input(xn, _f32(wt))[0]], "spin"))
+        G._launch_spin("metal", xs, wt, G.zero_threshold(dtype), ws, residual=r, ynorm=(gy, 1e-5))
+        yr = ref_in[0] + r.astype(mx.float32)
+        checks.append((f"spin {label} residual+ynorm",  # outputs y, dens, yn
+                       [yr, None, mx.fast.rms_norm(yr, gy.astype(mx.float32), 1e-5)], "spin"))
+        dims = 64
+        rope = G.Rope(G.rope_inverse_frequencies(dims, 10000.0), dims, 256).at(G.rope_position(37))
+        assert G.rope_fits(rope, n, G.spin_tile(G.spin_words(m, wt.bits, "metal") if isinstance(wt, G.QWeight) else 0,
+                                                 wt.bits if isinstance(wt, G.QWeight) else None))
+        G._launch_spin("metal", xs, wt, G.zero_threshold(dtype), ws, rope=rope)
+        checks.append((f"spin {label} rope", [G.reference_rope(ref_in[0], rope)], "spin"))
+        bits = wt.bits if isinstance(wt, G.QWeight) else None
+        tile = G.spin_tile(G.spin_words(m, bits, "metal") if bits else 0, bits)
+        if n > tile:  # the split launch: the first tile thresholded (q), the rest dense (k, v)
+            t_half = G.scalar_threshold(0.5, dtype)
+            G._launch_spin("metal", x, wt, t_half, ws, nt=tile)
+            checks.append((f"spin {label} split nt={tile}", [G.reference_sparse_input(
+                x.astype(mx.float32), _f32(wt), mx.array(0.5, dtype=dtype).astype(mx.float32), nt=tile)[0]], "split"))
+        # sparse-output (up under CATS/CHESS) and the fused gate/up front
+        w = _weight(n, k, wtype, False, 8)
+        a = _sparse((m, n), s, dtype, 9)
+        G._launch_spout("metal", x, w, a)
+        checks.append((f"spout {label}", [G.reference_gated_sparse_output(x.astype(mx.float32), _f32(w),
+                                                                          a.astype(mx.float32))], "plain"))
+        wg, wu = _weight(n, k, wtype, False, 10), _weight(n, k, wtype, False, 11)
+        # channel thresholds far from every token's |SiLU(gate)|: half the channels kept (t at half
+        # the smallest), half dropped (t at twice the largest), so no rounding can flip a decision
+        act = mx.abs(G.silu(x.astype(mx.float32) @ _f32(wg).T))
+        keep = mx.array(np.random.default_rng(12).random(n) < 0.5)
+        tg = mx.where(keep, 0.5 * act.min(axis=0), 2.0 * act.max(axis=0) + 1e-3)
+        G._launch_gateup("metal", x, G.stack_gate_up(wg, wu), tg.astype(dtype))
+        checks.append((f"gateup {label}", [G.reference_gate_up(x.astype(mx.float32), _f32(wg), _f32(wu),
+                                                               tg.astype(mx.float32))], "gate"))
+    assert len(checks) == len(launches), (len(checks), len(launches))
+    return checks
+
+
+def test_metal_kernels_run_in_the_emulator_match_the_reference(monkeypatch, tmp_path):
+    launches = _recording(monkeypatch)
+    checks = _cases(launches)
+    assert {l.name for l in launches} >= {"spin_f", "spin_q", "spin_f_res", "spin_q_res_ynorm", "spin_f_xnorm",
+                                         "spin_q_rope", "spout_f", "spout_q", "gateup_f", "gateup_q"}
+    exe = _build(tmp_path, launches)
+    failures = []
+    for i, (launch, (label, refs, kind)) in enumerate(zip(launches, checks)):
+        outs, after = _run(exe, i, launch, tmp_path)
+        for j, ref in enumerate(refs):
+            if ref is None:
+                continue
+            err = _rel_err(outs[j], ref)
+            if not err < 1e-2:  # the GPU check's bound for half types (seen here: <= 4.1e-3, bfloat16)
+                failures.append(f"{label} output {j}: rel. error {err:.2e}")
+        if kind in ("spin", "split"):
+            sem = np.array(after[G._INPUTS[launch.name].index("sem")])
+            if sem.any():
+                failures.append(f"{label}: workspace counters not reset ({sem[:4]})")
+        if kind == "spin":
+            density = float(outs[1].item())
+            x = np.array(launch.inputs[0].astype(mx.float32))
+            if "per-channel" not in label and "xnorm" not in label:
+                want = float(np.count_nonzero(x)) / x.size
+                if abs(density - want) > 1e-6:
+                    failures.append(f"{label}: density {density} != {want}")
+    assert not failures, "\n".join(failures)
