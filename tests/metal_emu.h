@@ -1,33 +1,13 @@
 // A CPU emulation of the part of the Metal Shading Language the chess-mlx kernels use, so the CPU
-// suite can *run* the Metal twins (tests/test_metal_emulated.py) where no Apple GPU exists.
-//
-// Model: a launch runs its threadgroups one after another; a threadgroup's threads are real
-// std::threads. threadgroup_barrier is a std::barrier over the threadgroup; simd_sum and
-// simd_prefix_exclusive_sum exchange values through a per-simdgroup slot table between two
-// barriers of that simdgroup (so, as on the GPU, every live lane of the simdgroup must call them).
-// A thread that returns drops out of both barriers and stops counting in simd reductions.
-// Threadgroup storage: the test rewrites each `threadgroup T name[...];` declaration to `static`
-// (one threadgroup at a time, so one copy is the group's); `threadgroup` elsewhere (pointers,
-// parameters) is erased, as are `device`, `thread` and `constant`. Atomics and device fences are
-// sequentially consistent. half is _Float16 (GCC may keep an expression's intermediate results in
-// float, so half arithmetic can be a little more precise here than on a GPU); bfloat16_t converts
-// with round-to-nearest-even.
-//
-// What this does not check: address spaces, Metal's memory model beyond the above, the real
-// scheduling of threadgroups (they never run side by side here), resource limits.
+// suite can run the Metal twins (tests/test_metal_emulated.py) where no Apple GPU exists. The
+// execution model (threadgroups as real threads, barriers, simdgroup collectives) is emu_core.h's;
+// here are Metal's names. `threadgroup T name[...];` storage is rewritten to `static` by the test;
+// `threadgroup` elsewhere (pointers, parameters) is erased, as are `device`, `thread` and
+// `constant`. Atomics and device fences are sequentially consistent. half is _Float16 (GCC may keep
+// an expression's intermediate results in float, so half arithmetic can be a little more precise
+// here than on a GPU); bfloat16_t converts with round-to-nearest-even.
 #pragma once
-#include <atomic>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
-
-namespace chess_emu {
-using Thread = std::thread;  // `thread` is a Metal qualifier below, erased by a macro
-}
+#include "emu_core.h"
 
 #define device
 #define thread
@@ -42,26 +22,7 @@ typedef _Float16 half;
 
 inline half operator""h(long double v) { return (half)(float)v; }
 
-struct bfloat16_t {
-  uint16_t bits;
-  bfloat16_t() = default;
-  bfloat16_t(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) {
-      bits = (uint16_t)((u >> 16) | 0x40u);  // NaN stays NaN
-    } else {
-      u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-      bits = (uint16_t)(u >> 16);
-    }
-  }
-  operator float() const {
-    const uint32_t u = (uint32_t)bits << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-};
+typedef chess_emu::Bf16 bfloat16_t;
 
 template <class T, int N>
 struct vec;
@@ -180,85 +141,33 @@ inline int atomic_load_explicit(atomic_int* p, memory_order) { return __atomic_l
 inline void atomic_store_explicit(atomic_int* p, int x, memory_order) { __atomic_store_n(&p->v, x, __ATOMIC_SEQ_CST); }
 inline void atomic_thread_fence(mem_flags, memory_order, thread_scope) { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-namespace chess_emu {
-struct Simd {
-  explicit Simd(int n) : bar(n) {}
-  std::barrier<> bar;
-  alignas(8) unsigned char slot[32][8];
-  std::atomic<bool> live[32];
-};
-struct Group {
-  explicit Group(int n) : bar(n) {
-    for (int s = 0; s < (n + 31) / 32; ++s) {
-      simd.emplace_back(new Simd(std::min(32, n - 32 * s)));
-      for (int l = 0; l < 32; ++l) simd.back()->live[l] = 32 * s + l < n;
-    }
-  }
-  std::barrier<> bar;
-  std::vector<std::unique_ptr<Simd>> simd;
-};
-inline thread_local Group* group = nullptr;
-inline thread_local int lane = 0, warp = 0;
-
-// Runs kern(groupPos, lane, warp, threadPos, groups) for every thread of a (grid, tg) launch in
-// threads (MLX's metal_kernel: grid counts threads; edge threadgroups are cut to the grid).
+// The Metal entry point of a recorded launch: the thread-position arguments from the emulator's.
 template <class F>
-void launch(uint3 grid, uint3 tg, F kern) {
-  const uint3 groups((grid.x + tg.x - 1) / tg.x, (grid.y + tg.y - 1) / tg.y, (grid.z + tg.z - 1) / tg.z);
-  if (tg.y != 1 || tg.z != 1) throw "chess_emu: one-dimensional threadgroups only";
-  for (uint gz = 0; gz < groups.z; ++gz)
-    for (uint gy = 0; gy < groups.y; ++gy)
-      for (uint gx = 0; gx < groups.x; ++gx) {
-        const int n = (int)std::min(tg.x, grid.x - gx * tg.x);
-        Group g(n);
-        std::vector<Thread> ts;
-        ts.reserve(n);
-        for (int t = 0; t < n; ++t)
-          ts.emplace_back([&, t] {
-            group = &g;
-            lane = t % 32;
-            warp = t / 32;
-            kern(uint3(gx, gy, gz), (uint)lane, (uint)warp, uint3((uint)t, 0u, 0u), groups);
-            Simd& s = *g.simd[warp];
-            s.live[lane] = false;  // a returned lane no longer counts in its simdgroup
-            s.bar.arrive_and_drop();
-            g.bar.arrive_and_drop();
-          });
-        for (auto& th : ts) th.join();
-      }
+void metal_launch(uint3 grid, uint3 tg, F kern) {
+  chess_emu::launch({grid.x, grid.y, grid.z}, {tg.x, tg.y, tg.z},
+                    [&](chess_emu::Dim gp, int l, int w, chess_emu::Dim tp, chess_emu::Dim gs) {
+                      kern(uint3(gp.x, gp.y, gp.z), (uint)l, (uint)w, uint3(tp.x, tp.y, tp.z), uint3(gs.x, gs.y, gs.z));
+                    });
 }
-}  // namespace chess_emu
 
-inline void threadgroup_barrier(mem_flags) { chess_emu::group->bar.arrive_and_wait(); }
+inline void threadgroup_barrier(mem_flags) { chess_emu::group_barrier(); }
 
 template <class T>
 T simd_sum(T v) {
-  chess_emu::Simd& s = *chess_emu::group->simd[chess_emu::warp];
-  std::memcpy(s.slot[chess_emu::lane], &v, sizeof(T));
-  s.bar.arrive_and_wait();
-  T r = T(0);
-  for (int i = 0; i < 32; ++i)
-    if (s.live[i]) {
-      T u;
-      std::memcpy(&u, s.slot[i], sizeof(T));
-      r = T(r + u);
-    }
-  s.bar.arrive_and_wait();
-  return r;
+  return chess_emu::warp_collective(v, [](const T* vals, const bool* live, int) {
+    T r = T(0);
+    for (int i = 0; i < 32; ++i)
+      if (live[i]) r = T(r + vals[i]);
+    return r;
+  });
 }
 
 template <class T>
 T simd_prefix_exclusive_sum(T v) {
-  chess_emu::Simd& s = *chess_emu::group->simd[chess_emu::warp];
-  std::memcpy(s.slot[chess_emu::lane], &v, sizeof(T));
-  s.bar.arrive_and_wait();
-  T r = T(0);
-  for (int i = 0; i < chess_emu::lane; ++i)
-    if (s.live[i]) {
-      T u;
-      std::memcpy(&u, s.slot[i], sizeof(T));
-      r = T(r + u);
-    }
-  s.bar.arrive_and_wait();
-  return r;
+  return chess_emu::warp_collective(v, [](const T* vals, const bool* live, int me) {
+    T r = T(0);
+    for (int i = 0; i < me; ++i)
+      if (live[i]) r = T(r + vals[i]);
+    return r;
+  });
 }

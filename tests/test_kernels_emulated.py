@@ -1,13 +1,16 @@
-"""The Metal kernels, run on the CPU through an emulation of Metal (tests/metal_emu.h), against the
-reference path.
+"""The CUDA and Metal kernels, run on the CPU through emulations of CUDA and Metal
+(tests/cuda_emu.h, tests/metal_emu.h, on tests/emu_core.h), against the reference path.
 
-No Apple GPU reaches this project, so until now the Metal twins were only compared with their
-CUDA twins as text. Here each launch is built by the library itself for the Metal backend (the
-launchers with ``kind="metal"``: Metal's geometry, template values and launched text), recorded
-instead of run, and executed by a C++ program that compiles the launched text against
-``metal_emu.h`` (threadgroups as real threads with barriers, simdgroup reductions, atomics).
-Every output must be written (outputs start as NaN), match the reference path within the kernel
-check's tolerance, and a sparse-input launch must leave its workspace counters at zero.
+No Apple GPU reaches this project, and the H100 is lent for 30 minutes a session, so until now
+the Metal twins were only compared with their CUDA twins as text, and a CUDA change was first
+run on the GPU. Here each launch is built by the library itself for the backend (the launchers
+with ``kind="metal"`` / ``"cuda"``: that backend's geometry, template values and launched text),
+recorded instead of run, and executed by a C++ program that compiles the launched text against
+the emulation (blocks / threadgroups as real threads with barriers, warp and simdgroup
+collectives, atomics). Every output must be written (outputs start as NaN), match the reference
+path within the GPU check's tolerance, the density must be exact, and a sparse-input launch must
+leave its workspace counters at zero. The emulation says nothing about speed, and nothing about
+races between blocks that a GPU runs side by side: the H100 check stays the authority for CUDA.
 """
 
 from __future__ import annotations
@@ -25,17 +28,26 @@ from chess_mlx import sparse_gemv as G
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 
-_TYPES = {mx.float16: "half", mx.bfloat16: "bfloat16_t", mx.float32: "float", mx.uint32: "uint32_t",
-          mx.int32: "int"}
-_BUILTINS = ("uint3 threadgroup_position_in_grid, uint thread_index_in_simdgroup, "
-             "uint simdgroup_index_in_threadgroup, uint3 thread_position_in_threadgroup, uint3 threadgroups_per_grid")
+_TYPES = {
+    "metal": {mx.float16: "half", mx.bfloat16: "bfloat16_t", mx.float32: "float", mx.uint32: "uint32_t",
+              mx.int32: "int"},
+    "cuda": {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint32: "uint32_t",
+             mx.int32: "int32_t"},
+}
+# The thread-position arguments MLX's metal_kernel adds for the names a source uses (all of them here).
+_METAL_BUILTINS = ("uint3 threadgroup_position_in_grid, uint thread_index_in_simdgroup, "
+                   "uint simdgroup_index_in_threadgroup, uint3 thread_position_in_threadgroup, uint3 threadgroups_per_grid")
 _DEFINES = sorted({d for _, defines in G.VARIANTS.values() for d in defines})
-# `threadgroup T name[...];` (storage, not a pointer): one copy per threadgroup, i.e. a static here
-_STORAGE = re.compile(r"^(\s*)threadgroup\s+([\w:<>]+)\s+(\w+)((?:\s*\[[^\]]*\])*)\s*;", re.M)
+# Shared / threadgroup storage (not a pointer): one copy per block, i.e. a static here (one block
+# runs at a time in the emulation)
+_STORAGE = {
+    "metal": re.compile(r"^(\s*)threadgroup\s+([\w:<>]+)\s+(\w+)((?:\s*\[[^\]]*\])*)\s*;", re.M),
+    "cuda": re.compile(r"^(\s*)__shared__\s+((?:__align__\(\d+\)\s+)?[\w:<>]+)\s+(\w+)((?:\s*\[[^\]]*\])*)\s*;", re.M),
+}
 
 
 class Launch:
-    """One recorded kernel launch: what MLX's metal_kernel would have been given."""
+    """One recorded kernel launch: what MLX's metal_kernel / cuda_kernel would have been given."""
 
     def __init__(self, name: str, kw: dict):
         self.name = name
@@ -46,13 +58,13 @@ class Launch:
         self.out_shapes, self.out_dtypes = kw["output_shapes"], kw["output_dtypes"]
 
 
-def _recording(monkeypatch) -> list:
+def _recording(monkeypatch, kind: str) -> list:
     launches: list[Launch] = []
     real = G._kernel
 
-    def fake(kind: str, name: str):
-        if kind != "metal":
-            return real(kind, name)
+    def fake(k: str, name: str):
+        if k != kind:
+            return real(k, name)
 
         def call(**kw):
             launches.append(Launch(name, kw))
@@ -62,18 +74,27 @@ def _recording(monkeypatch) -> list:
     return launches
 
 
-def _cpp_kernel(i: int, launch: Launch) -> str:
-    header, body = (_STORAGE.sub(r"\1static \2 \3\4;", part) for part in G.launch_source("metal", launch.name))
+def _cpp_kernel(kind: str, i: int, launch: Launch) -> str:
+    """Launch ``i``'s text as MLX would compile it (the launched header, then the kernel around the
+    launched body: inputs const, outputs written, template values as constants) plus ``run``, its
+    entry point in the emulation."""
+    header, body = (_STORAGE[kind].sub(r"\1static \2 \3\4;", part) for part in G.launch_source(kind, launch.name))
     names = G._INPUTS[launch.name] + G._OUTPUTS[launch.name]
-    types = [_TYPES[a.dtype] for a in launch.inputs] + [_TYPES[d] for d in launch.out_dtypes]
+    types = [_TYPES[kind][a.dtype] for a in launch.inputs] + [_TYPES[kind][d] for d in launch.out_dtypes]
     n_in = len(launch.inputs)
     args = [f"{'const ' if j < n_in else ''}{t}* {n}" for j, (n, t) in enumerate(zip(names, types))]
-    consts = "".join(f"  using {k} = {_TYPES[v]};\n" if k == "T" else f"  constexpr int {k} = {int(v)};\n"
+    consts = "".join(f"  using {k} = {_TYPES[kind][v]};\n" if k == "T" else f"  constexpr int {k} = {int(v)};\n"
                      for k, v in launch.template)
     casts = ", ".join(f"({'const ' if j < n_in else ''}{t}*)b[{j}]" for j, t in enumerate(types))
-    return (f"namespace k{i} {{\n{header}\nvoid kern({', '.join(args)}, {_BUILTINS}) {{\n{consts}{body}\n}}\n"
-            f"void run(void** b, uint3 grid, uint3 tg) {{\n  chess_emu::launch(grid, tg, [&](uint3 gp, uint l, uint w, "
-            f"uint3 tp, uint3 gs) {{ kern({casts}, gp, l, w, tp, gs); }});\n}}\n}}\n"
+    if kind == "metal":
+        params, entry = ", ".join(args + [_METAL_BUILTINS]), (
+            "metal_launch(uint3(g[0], g[1], g[2]), uint3(t[0], t[1], t[2]), [&](uint3 gp, uint l, uint w, uint3 tp, "
+            f"uint3 gs) {{ kern({casts}, gp, l, w, tp, gs); }});")
+    else:
+        params, entry = ", ".join(args), (
+            f"cuda_launch({{g[0], g[1], g[2]}}, {{t[0], t[1], t[2]}}, [&] {{ kern({casts}); }});")
+    return (f"namespace k{i} {{\n{header}\nvoid kern({params}) {{\n{consts}{body}\n}}\n"
+            f"void run(void** b, const unsigned* g, const unsigned* t) {{\n  {entry}\n}}\n}}\n"
             + "".join(f"#undef {d}\n" for d in _DEFINES))
 
 
@@ -81,7 +102,7 @@ _MAIN = r"""
 #include <cstdio>
 #include <cstdlib>
 #include <string>
-typedef void (*Run)(void**, uint3, uint3);
+typedef void (*Run)(void**, const unsigned*, const unsigned*);
 static Run RUNS[] = {RUN_TABLE};
 int main(int argc, char** argv) {
   const int id = std::atoi(argv[1]);
@@ -107,7 +128,7 @@ int main(int argc, char** argv) {
     sizes.push_back(bytes);
   }
   std::fclose(man);
-  RUNS[id](bufs.data(), uint3(g[0], g[1], g[2]), uint3(t[0], t[1], t[2]));
+  RUNS[id](bufs.data(), g, t);
   for (int j = 0; j < n_in + n_out; ++j) {
     FILE* f = std::fopen((dir + "/r" + std::to_string(j) + ".bin").c_str(), "wb");
     std::fwrite(bufs[j], 1, sizes[j], f);
@@ -118,13 +139,13 @@ int main(int argc, char** argv) {
 """
 
 
-def _build(tmp: Path, launches: list) -> Path:
-    src = '#include "metal_emu.h"\n' + "".join(_cpp_kernel(i, l) for i, l in enumerate(launches))
+def _build(kind: str, tmp: Path, launches: list) -> Path:
+    src = f'#include "{kind}_emu.h"\n' + "".join(_cpp_kernel(kind, i, l) for i, l in enumerate(launches))
     src += _MAIN.replace("RUN_TABLE", ", ".join(f"k{i}::run" for i in range(len(launches))))
-    (tmp / "emu.cpp").write_text(src)
-    exe = tmp / "emu"
+    (tmp / f"{kind}.cpp").write_text(src)
+    exe = tmp / f"{kind}_emu"
     r = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-literal-suffix",
-                        f"-I{Path(__file__).parent}", "-o", str(exe), str(tmp / "emu.cpp")],
+                        f"-I{Path(__file__).parent}", "-o", str(exe), str(tmp / f"{kind}.cpp")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return exe
@@ -198,9 +219,9 @@ CASES = [("f16", "float16", 1, 512, 768, 0.5), ("f16-m2", "float16", 2, 384, 512
          ("q8g32-m2", "q8g32", 2, 256, 512, 0.3)]
 
 
-def _cases(launches: list) -> list:
-    """Launch every Metal kernel on each case through the library's own launchers (recorded, not
-    run); return (launch index, label, reference outputs, check) in launch order."""
+def _cases(kind: str, launches: list) -> list:
+    """Launch every kernel of backend ``kind`` on each case through the library's own launchers
+    (recorded, not run); return (label, reference outputs, check) in launch order."""
     checks = []
     for label, wtype, m, k, n, s in CASES:
         dtype = mx.float16 if wtype.startswith("q") else getattr(mx, wtype)
@@ -210,40 +231,40 @@ def _cases(launches: list) -> list:
         wt = _weight(n, k, wtype, True, 3)
         ref_in = G.reference_sparse_input(xs.astype(mx.float32), _f32(wt))
         ws = G.workspace(n, bits=wt.bits if isinstance(wt, G.QWeight) else None)
-        G._launch_spin("metal", xs, wt, G.zero_threshold(dtype), ws)
+        G._launch_spin(kind, xs, wt, G.zero_threshold(dtype), ws)
         checks.append((f"spin {label}", [ref_in[0]], "spin"))
         t = mx.abs(_sparse((k,), 0.0, dtype, 4)) * 0.7
-        G._launch_spin("metal", x, wt, t.astype(dtype), ws)
+        G._launch_spin(kind, x, wt, t.astype(dtype), ws)
         checks.append((f"spin {label} per-channel t", [G.reference_sparse_input(x.astype(mx.float32), _f32(wt),
                                                                                 t.astype(mx.float32))[0]], "spin"))
         r = _sparse((m, n), 0.0, dtype, 5)
-        G._launch_spin("metal", xs, wt, G.zero_threshold(dtype), ws, residual=r)
+        G._launch_spin(kind, xs, wt, G.zero_threshold(dtype), ws, residual=r)
         checks.append((f"spin {label} residual", [(ref_in[0] + r.astype(mx.float32))], "spin"))
         gx, gy = mx.abs(_sparse((k,), 0.0, dtype, 6)) + 0.5, mx.abs(_sparse((n,), 0.0, dtype, 7)) + 0.5
-        G._launch_spin("metal", x, wt, G.zero_threshold(dtype), ws, xnorm=(gx, 1e-5))
+        G._launch_spin(kind, x, wt, G.zero_threshold(dtype), ws, xnorm=(gx, 1e-5))
         xn = mx.fast.rms_norm(x.astype(mx.float32), gx.astype(mx.float32), 1e-5)
         checks.append((f"spin {label} xnorm", [G.reference_sparse_input(xn, _f32(wt))[0]], "spin"))
-        G._launch_spin("metal", xs, wt, G.zero_threshold(dtype), ws, residual=r, ynorm=(gy, 1e-5))
+        G._launch_spin(kind, xs, wt, G.zero_threshold(dtype), ws, residual=r, ynorm=(gy, 1e-5))
         yr = ref_in[0] + r.astype(mx.float32)
         checks.append((f"spin {label} residual+ynorm",  # outputs y, dens, yn
                        [yr, None, mx.fast.rms_norm(yr, gy.astype(mx.float32), 1e-5)], "spin"))
         dims = 64
         rope = G.Rope(G.rope_inverse_frequencies(dims, 10000.0), dims, 256).at(G.rope_position(37))
-        assert G.rope_fits(rope, n, G.spin_tile(G.spin_words(m, wt.bits, "metal") if isinstance(wt, G.QWeight) else 0,
+        assert G.rope_fits(rope, n, G.spin_tile(G.spin_words(m, wt.bits, kind) if isinstance(wt, G.QWeight) else 0,
                                                  wt.bits if isinstance(wt, G.QWeight) else None))
-        G._launch_spin("metal", xs, wt, G.zero_threshold(dtype), ws, rope=rope)
+        G._launch_spin(kind, xs, wt, G.zero_threshold(dtype), ws, rope=rope)
         checks.append((f"spin {label} rope", [G.reference_rope(ref_in[0], rope)], "spin"))
         bits = wt.bits if isinstance(wt, G.QWeight) else None
-        tile = G.spin_tile(G.spin_words(m, bits, "metal") if bits else 0, bits)
+        tile = G.spin_tile(G.spin_words(m, bits, kind) if bits else 0, bits)
         if n > tile:  # the split launch: the first tile thresholded (q), the rest dense (k, v)
             t_half = G.scalar_threshold(0.5, dtype)
-            G._launch_spin("metal", x, wt, t_half, ws, nt=tile)
+            G._launch_spin(kind, x, wt, t_half, ws, nt=tile)
             checks.append((f"spin {label} split nt={tile}", [G.reference_sparse_input(
                 x.astype(mx.float32), _f32(wt), mx.array(0.5, dtype=dtype).astype(mx.float32), nt=tile)[0]], "split"))
         # sparse-output (up under CATS/CHESS) and the fused gate/up front
         w = _weight(n, k, wtype, False, 8)
         a = _sparse((m, n), s, dtype, 9)
-        G._launch_spout("metal", x, w, a)
+        G._launch_spout(kind, x, w, a)
         checks.append((f"spout {label}", [G.reference_gated_sparse_output(x.astype(mx.float32), _f32(w),
                                                                           a.astype(mx.float32))], "plain"))
         wg, wu = _weight(n, k, wtype, False, 10), _weight(n, k, wtype, False, 11)
@@ -252,19 +273,20 @@ def _cases(launches: list) -> list:
         act = mx.abs(G.silu(x.astype(mx.float32) @ _f32(wg).T))
         keep = mx.array(np.random.default_rng(12).random(n) < 0.5)
         tg = mx.where(keep, 0.5 * act.min(axis=0), 2.0 * act.max(axis=0) + 1e-3)
-        G._launch_gateup("metal", x, G.stack_gate_up(wg, wu), tg.astype(dtype))
+        G._launch_gateup(kind, x, G.stack_gate_up(wg, wu), tg.astype(dtype))
         checks.append((f"gateup {label}", [G.reference_gate_up(x.astype(mx.float32), _f32(wg), _f32(wu),
                                                                tg.astype(mx.float32))], "gate"))
     assert len(checks) == len(launches), (len(checks), len(launches))
     return checks
 
 
-def test_metal_kernels_run_in_the_emulator_match_the_reference(monkeypatch, tmp_path):
-    launches = _recording(monkeypatch)
-    checks = _cases(launches)
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+def test_kernels_run_in_the_emulator_match_the_reference(monkeypatch, tmp_path, kind):
+    launches = _recording(monkeypatch, kind)
+    checks = _cases(kind, launches)
     assert {l.name for l in launches} >= {"spin_f", "spin_q", "spin_f_res", "spin_q_res_ynorm", "spin_f_xnorm",
                                          "spin_q_rope", "spout_f", "spout_q", "gateup_f", "gateup_q"}
-    exe = _build(tmp_path, launches)
+    exe = _build(kind, tmp_path, launches)
     failures = []
     for i, (launch, (label, refs, kind)) in enumerate(zip(launches, checks)):
         outs, after = _run(exe, i, launch, tmp_path)
