@@ -16,7 +16,7 @@ from run to run.
 Each kernel text is checked against the reference on fresh inputs and timed in a chain on the GPU
 clock (weight copies rotated), shipped and variant alternated ``--rounds`` times. Before any GPU
 run (session 23), the same sum written into the Metal twin's epilogue passed all 45 launches of
-tests/test_metal_emulated.py (fp16/bf16/4/8-bit, 1-2 tokens, every spin variant, 2-4 chunk groups):
+tests/test_kernels_emulated.py (fp16/bf16/4/8-bit, 1-2 tokens, every spin variant, 2-4 chunk groups):
 the indexing holds. The CUDA text itself passed all 45 CUDA launches of that test in its CPU
 emulation of CUDA (session 23), and compiles for sm_90 (tests/test_kernels_cpu.py).
 """

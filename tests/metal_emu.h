@@ -1,5 +1,5 @@
 // A CPU emulation of the part of the Metal Shading Language the chess-mlx kernels use, so the CPU
-// suite can run the Metal twins (tests/test_metal_emulated.py) where no Apple GPU exists. The
+// suite can run the Metal twins (tests/test_kernels_emulated.py) where no Apple GPU exists. The
 // execution model (threadgroups as real threads, barriers, simdgroup collectives) is emu_core.h's;
 // here are Metal's names. `threadgroup T name[...];` storage is rewritten to `static` by the test;
 // `threadgroup` elsewhere (pointers, parameters) is erased, as are `device`, `thread` and
