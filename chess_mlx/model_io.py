@@ -74,22 +74,39 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     mx.eval(model.parameters())
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over parameter names, shapes and a deterministic sample of each tensor's values.
+class Fingerprint(str):
+    """A model's fingerprint: the hash of its weights sampled as float16 (what threshold files
+    store since their first version, and what compares equal), carrying ``coarse``, the same sample
+    as bfloat16. The float16 sample makes a float16 model and its float32 copy agree; it cannot
+    make a bfloat16 copy agree (bfloat16 keeps fewer mantissa bits, so `--dtype bfloat16` found the
+    shipped model's thresholds "calibrated for another model"). The bfloat16 sample can; it alone
+    would not make a float32-stored model agree with its float16 copy (rounding twice is not
+    rounding once). So files keep both and a model matches if either does (``thresholds.load``)."""
 
-    Floating tensors are sampled as float16 so a float16 model and its float32 copy agree.
-    """
-    h = hashlib.sha256()
+    coarse: str | None
+
+    def __new__(cls, fine: str, coarse: str | None = None) -> "Fingerprint":
+        obj = super().__new__(cls, fine)
+        obj.coarse = coarse
+        return obj
+
+
+def fingerprint(model: nn.Module) -> Fingerprint:
+    """sha256 over parameter names, shapes and a deterministic sample of each tensor's values, the
+    floating ones as float16 (the fingerprint) and as bfloat16 (its ``coarse`` twin)."""
+    fine, coarse = hashlib.sha256(), hashlib.sha256()
     for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
         flat = value.reshape(-1)
         n = flat.size
         idx = np.unique(np.concatenate([np.arange(min(n, 256)), np.linspace(0, n - 1, 1024).astype(np.int64)]))
         sample = flat[mx.array(idx)]
-        if mx.issubdtype(sample.dtype, mx.floating):
-            sample = sample.astype(mx.float16)
-        h.update(f"{name}:{tuple(value.shape)}:{'f' if mx.issubdtype(value.dtype, mx.floating) else value.dtype}".encode())
-        h.update(np.array(sample).tobytes())
-    return h.hexdigest()[:32]
+        floating = mx.issubdtype(sample.dtype, mx.floating)
+        head = f"{name}:{tuple(value.shape)}:{'f' if floating else value.dtype}".encode()
+        for h, dtype in ((fine, mx.float16), (coarse, mx.bfloat16)):
+            h.update(head)
+            values = sample.astype(dtype) if floating else sample
+            h.update(np.array(values.view(mx.uint16) if values.dtype == mx.bfloat16 else values).tobytes())
+    return Fingerprint(fine.hexdigest()[:32], coarse.hexdigest()[:32])
 
 
 def model_layers(model: nn.Module) -> list[nn.Module]:

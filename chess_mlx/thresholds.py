@@ -60,8 +60,13 @@ class Thresholds:
         for key, lv in self.levels.items():
             for name, arr in lv.items():
                 tensors[f"{key}/{name}"] = np.ascontiguousarray(arr, dtype=np.float32)
-        meta = dict(self.meta, format=FORMAT, version=VERSION, fingerprint=self.fingerprint,
+        meta = dict(self.meta, format=FORMAT, version=VERSION, fingerprint=str(self.fingerprint),
                     sparsities=self.sparsities)
+        coarse = getattr(self.fingerprint, "coarse", None)
+        if coarse:
+            meta["fingerprint_bf16"] = coarse
+        else:
+            meta.pop("fingerprint_bf16", None)
         st_path, js_path = folder / f"{STEM}.safetensors", folder / f"{STEM}.json"
         for path, write in ((st_path, lambda p: save_file(tensors, str(p))),
                             (js_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))):
@@ -103,10 +108,15 @@ def load(folder: Path, fingerprint: str | None = None) -> Thresholds:
         raise ChessError(f"threshold files in {folder} are unreadable: {str(e).splitlines()[0]}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ChessError(f"{js_path} is not a chess-mlx thresholds file of version {VERSION}")
-    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+    coarse = getattr(fingerprint, "coarse", None)
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint and not (
+            coarse and meta.get("fingerprint_bf16") == coarse):
+        older = "" if meta.get("fingerprint_bf16") else (
+            "; a file from before chess-mlx recorded a bfloat16 fingerprint also needs this for the same "
+            "weights loaded as bfloat16")
         raise ChessError(
             f"thresholds in {folder} were calibrated for another model "
-            f"(fingerprint {meta.get('fingerprint')}, this model is {fingerprint}); recalibrate"
+            f"(fingerprint {meta.get('fingerprint')}, this model is {fingerprint}); recalibrate{older}"
         )
     levels: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in tensors.items():
@@ -117,4 +127,6 @@ def load(folder: Path, fingerprint: str | None = None) -> Thresholds:
         missing = [t for t in LEVEL_TENSORS if t not in lv]
         if missing:
             raise ChessError(f"{st_path} level {key} lacks {', '.join(missing)}")
-    return Thresholds(levels, tensors["up_mean"], meta["fingerprint"], meta)
+    from .model_io import Fingerprint
+
+    return Thresholds(levels, tensors["up_mean"], Fingerprint(meta["fingerprint"], meta.get("fingerprint_bf16")), meta)

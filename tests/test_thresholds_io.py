@@ -48,3 +48,40 @@ def test_level_selection_errors():
     with pytest.raises(ChessError, match="needs calibrated thresholds"):
         set_method(model, "cats", None, 0.5)
     assert th.match(0.5) == 0.5
+
+
+def test_thresholds_follow_the_model_into_every_float_dtype(tmp_path):
+    """Calibrated on a float16-stored model (as the shipped one is) or a float32-stored one,
+    thresholds load for the same weights in float32, float16 and bfloat16 (bfloat16 used to be
+    refused as "another model": a float16 sample of bfloat16 weights differs), and files written
+    before the bfloat16 fingerprint existed still load in the dtypes they did; other weights are
+    refused in every dtype."""
+    import json
+
+    for stored in (mx.float16, mx.float32):
+        model, _ = tiny_model("llama", 9)
+        cast_floats(model, stored)
+        toks = mx.array(np.random.default_rng(2).integers(0, 256, size=(1, 32)))
+        th = calibrate(model, toks, [0.5])
+        th.save(tmp_path)
+        weights = dict(mlx_flatten(model.parameters()))
+        for dtype in (mx.float32, mx.float16, mx.bfloat16):
+            copy, _ = tiny_model("llama", 9)
+            copy.load_weights(list(weights.items()))
+            cast_floats(copy, dtype)
+            T.load(tmp_path, fingerprint(copy))
+            other, _ = tiny_model("llama", 10)
+            cast_floats(other, dtype)
+            with pytest.raises(ChessError, match="another model"):
+                T.load(tmp_path, fingerprint(other))
+    js = tmp_path / "chess_thresholds.json"  # an older file: no bfloat16 fingerprint
+    meta = json.loads(js.read_text())
+    del meta["fingerprint_bf16"]
+    js.write_text(json.dumps(meta))
+    T.load(tmp_path, fingerprint(model))  # the float32-stored model, as it was calibrated
+
+
+def mlx_flatten(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
