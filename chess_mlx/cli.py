@@ -212,6 +212,7 @@ def cmd_generate(args) -> int:
         import mlx.core as mx
 
         mx.random.seed(args.seed)
+    _warn_past_context(model, tokenizer, prompt, args.max_tokens)
     out = sys.stdout
     g = generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
                  sampler=make_sampler(args.temp, args.top_p),
@@ -219,6 +220,19 @@ def cmd_generate(args) -> int:
     out.write("\n")
     print(format_stats(g, method, state.sparsity))
     return 0
+
+
+def _warn_past_context(model, tokenizer, prompt: str, max_tokens: int) -> None:
+    """One line on stderr when prompt + reply can pass the model's context (generation goes on, as
+    mlx-lm's does, but positions past the trained length give unreliable text; ``chat`` drops old
+    turns or truncates instead)."""
+    limit = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
+    if not limit:
+        return
+    n = len(tokenizer.encode(prompt, add_special_tokens=False) if hasattr(tokenizer, "encode") else [])
+    if n + max_tokens > limit:
+        print(f"chess-mlx: warning: the prompt ({n} tokens) plus --max-tokens {max_tokens} pass the model's context "
+              f"of {limit} tokens; text past it is unreliable", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:

@@ -207,3 +207,13 @@ def test_result_files_with_nowhere_to_go_are_refused_before_any_work(capsys, tmp
              (["tasks-from-lmeval", "piqa", str(tmp_path / "f"), str(tmp_path)], "is a folder")]
     for argv, expected in cases:
         assert expected in _fails(capsys, argv)
+
+
+def test_generate_warns_when_prompt_and_reply_pass_the_context(capsys, tiny_dir):
+    """The tiny model's context is 512 positions: a prompt near it plus the reply passes it. The
+    run goes on (as mlx-lm's does) but says so in one line; a short prompt says nothing."""
+    assert main(["generate", str(tiny_dir), "--prompt", "a b " * 300, "--max-tokens", "4", "--raw"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the prompt (" in err and "pass the model's context of 512 tokens" in err
+    assert main(["generate", str(tiny_dir), "--prompt", "a b", "--max-tokens", "4", "--raw"]) == 0
+    assert "context" not in capsys.readouterr().err
