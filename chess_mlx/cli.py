@@ -41,34 +41,22 @@ def _whole(low: int, high: int | None = None):
     return parse
 
 
-def _temperature(text: str) -> float:
-    """An argparse type: a finite temperature >= 0 (0: greedy), the rule chat's settings apply."""
+def _sampling(field: str):
+    """An argparse type for one sampling setting (``temperature``, ``top_p``), checked by the rule
+    chat's settings apply (``Sampling``), so generate and chat refuse the same values."""
     from .sampling import Sampling
 
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    try:
-        Sampling(temperature=v)
-    except ChessError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return v
-
-
-def _top_p(text: str) -> float:
-    """An argparse type: top-p in (0, 1], the rule chat's settings apply."""
-    from .sampling import Sampling
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    try:
-        Sampling(top_p=v)
-    except ChessError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return v
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            Sampling(**{field: v})
+        except ChessError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return v
+    return parse
 
 
 def _output_file(option: str, value: str | None) -> Path | None:
@@ -527,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", help=f"one of {', '.join(M.METHODS)} (default: the calibrated one)")
     g.add_argument("--sparsity", help="calibrated level to use")
     g.add_argument("--max-tokens", type=_whole(1), default=128)
-    g.add_argument("--temp", type=_temperature, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=_top_p, default=1.0)
+    g.add_argument("--temp", type=_sampling("temperature"), default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_sampling("top_p"), default=1.0)
     g.add_argument("--seed", type=_whole(0, 2**64 - 1))
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
@@ -558,8 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--sparsity")
     h.add_argument("--system", help="system prompt")
     h.add_argument("--max-tokens", type=_whole(1), default=512)
-    h.add_argument("--temp", type=_temperature, default=0.0, help="0 = greedy")
-    h.add_argument("--top-p", type=_top_p, default=1.0)
+    h.add_argument("--temp", type=_sampling("temperature"), default=0.0, help="0 = greedy")
+    h.add_argument("--top-p", type=_sampling("top_p"), default=1.0)
     h.add_argument("--compare", action="store_true", help="start in compare mode (dense | sparse side by side)")
     h.add_argument("--save-dir", help="where ctrl+s saves conversations (default: the current folder)")
     h.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
