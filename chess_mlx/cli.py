@@ -442,7 +442,7 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     import mlx.core as mx
 
-    from .bench import MLX_LM, PRESETS, paired_ratios, random_model, run_bench
+    from .bench import MLX_LM, PRESETS, device_memory_bytes, paired_ratios, preset_weight_bytes, random_model, run_bench
     from .sparse_gemv import backend
 
     names = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
@@ -452,6 +452,11 @@ def cmd_bench(args) -> int:
     sparsity = M.parse_sparsity(args.sparsity)
     json_path = _output_file("--json", args.json)
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
+    need, have = preset_weight_bytes(args.preset, args.layers, dtype, args.quantize, args.group_size), device_memory_bytes()
+    if have and need > 0.8 * have:  # a laptop would swap for minutes or the process be killed
+        kind = f"{args.quantize}-bit" if args.quantize else str(dtype).split(".")[-1]
+        raise ChessError(f"the {args.preset} preset needs {need / 1e9:.1f} GB of {kind} weights and this device "
+                         f"has {have / 1e9:.1f} GB; use --quantize 4, fewer --layers, or --preset tiny")
     model = random_model(args.preset, args.layers, dtype, args.quantize, args.group_size)
     vocab = PRESETS[args.preset]["vocab_size"]
     label = f"{args.preset}{'' if not args.layers else f'/{args.layers}L'} {'%d-bit' % args.quantize if args.quantize else args.dtype or str(dtype).split('.')[-1]}"

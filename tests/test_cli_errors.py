@@ -238,3 +238,26 @@ def test_context_warning_counts_template_token_ids(capsys):
     assert "the prompt (14 tokens) plus --max-tokens 4 pass the model's context of 16" in capsys.readouterr().err
     _warn_past_context(model, None, list(range(10)), 4)
     assert capsys.readouterr().err == ""
+
+
+def test_bench_refuses_a_preset_the_device_cannot_hold(capsys, monkeypatch):
+    """The default preset (Llama-3-8B) is 16 GB in float16 and 32 GB in float32 (the CPU's type):
+    on a 16 GB laptop or this 24 GB CI machine the benchmark would swap for minutes or be killed.
+    It is refused in one line before any weight is made. The estimate is the model's real size."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    import chess_mlx.bench as bench
+
+    for dtype, bits in ((mx.float32, None), (mx.float16, 4)):
+        model = bench.random_model("tiny", None, dtype, bits, 64)
+        real = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if "norm" not in k)
+        assert bench.preset_weight_bytes("tiny", None, dtype, bits, 64) == real
+
+    def no_model(*a, **k):
+        raise AssertionError("a refused bench must not make its model")
+
+    monkeypatch.setattr(bench, "device_memory_bytes", lambda: 20e9)
+    monkeypatch.setattr(bench, "random_model", no_model)
+    msg = _fails(capsys, ["bench", "--dtype", "float32"])
+    assert "needs 32.1 GB of float32 weights and this device has 20.0 GB" in msg and "--quantize 4" in msg
