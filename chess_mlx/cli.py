@@ -117,7 +117,30 @@ def _load(args):
 
     folder = _model_dir(args.model)
     model, tokenizer, config = load_model(folder, getattr(args, "dtype", None))
+    _warn_near_memory(model)
     return folder, model, tokenizer, fingerprint(model)
+
+
+def _memory_note(model) -> str:
+    """What to tell when the weights take over 80% of what the device can give (on a Mac, Metal's
+    recommended working set): decoding then swaps and crawls, where a 4-bit copy would fit; else
+    ''."""
+    from mlx.utils import tree_flatten
+
+    from .bench import device_memory_bytes
+
+    have = device_memory_bytes()
+    need = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if have and need > 0.8 * have:
+        return (f"the weights take {need / 1e9:.1f} GB of this device's {have / 1e9:.1f} GB; expect swapping, "
+                "or convert a 4-bit copy (chess-mlx convert --quantize 4)")
+    return ""
+
+
+def _warn_near_memory(model) -> None:
+    note = _memory_note(model)
+    if note:
+        print(f"chess-mlx: warning: {note}", file=sys.stderr)
 
 
 def _thresholds_for(folder: Path, fp: str, needed: bool):
@@ -380,6 +403,7 @@ def cmd_chat(args) -> int:
         return 0
     from app.chat import ChatApp
 
+    notice = "; ".join(n for n in (notice, _memory_note(model)) if n)  # the app's first screen shows it
     app = ChatApp(session, sampling, startup_notice=notice, compare=args.compare, save_dir=save_dir,
                   model_name=folder.name)
     app.run()
