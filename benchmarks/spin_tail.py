@@ -15,10 +15,10 @@ from run to run.
 
 Each kernel text is checked against the reference on fresh inputs and timed in a chain on the GPU
 clock (weight copies rotated), shipped and variant alternated ``--rounds`` times. Before any GPU
-run (session 23), the same sum written into the Metal twin's epilogue passed all 45 launches of
-tests/test_kernels_emulated.py (fp16/bf16/4/8-bit, 1-2 tokens, every spin variant, 2-4 chunk groups):
-the indexing holds. The CUDA text itself passed all 45 CUDA launches of that test in its CPU
-emulation of CUDA (session 23), and compiles for sm_90 (tests/test_kernels_cpu.py).
+run (session 23), both texts (``TAIL_NEW`` for CUDA, ``METAL_TAIL_NEW`` for the Metal twin)
+passed all 45 launches of their backend in tests/test_kernels_emulated.py's CPU emulations
+(fp16/bf16/4/8-bit, 1-2 tokens, every spin variant, 2-4 chunk groups), and the CUDA text compiles
+for sm_90 (tests/test_kernels_cpu.py). Adopting it is replacing the OLD texts by the NEW ones.
 """
 
 from __future__ import annotations
@@ -78,12 +78,52 @@ TAIL_NEW = """  constexpr int Q4 = M * TILE / 4;  // float4 columns of the tile'
 """
 
 
+# The Metal twin of the same edit (metal/common.metal), for adoption in both twins; checked in the
+# CPU emulation of Metal (tests/test_kernels_emulated.py with this text), never on a GPU.
+METAL_TAIL_OLD = """  for (int i = int(tid); i < M * TILE; i += 256) {
+    const int m = i / TILE, n = tile * TILE + i % TILE;
+    if (n < N) {
+      float s = 0.0f;
+#pragma unroll(32)
+      for (int c = 0; c < CHUNKS; ++c) s += partial[(c * M + m) * N + n];
+"""
+
+METAL_TAIL_NEW = """  constexpr int Q4 = M * TILE / 4;  // float4 columns of the tile's partial rows
+  constexpr int GR = Q4 >= 256 ? 1 : (256 / Q4 > 8 ? 8 : 256 / Q4);  // chunk groups summed side by side
+  constexpr int CPG = (CHUNKS + GR - 1) / GR;
+  static_assert(TILE % 4 == 0 && N % 4 == 0 && GR * M * TILE <= 8 * TILE, "tail4 layout");
+  threadgroup float* gsum = &red[0][0];  // GR * M * TILE floats: group g's sums at [g * M * TILE, ...)
+  if (int(tid) < GR * Q4 || GR == 1) {
+    const int g = GR == 1 ? 0 : int(tid) / Q4;
+    for (int q = int(tid) % (GR == 1 ? 256 : Q4); q < Q4; q += (GR == 1 ? 256 : Q4)) {
+      const int i4 = 4 * q, m = i4 / TILE, n = tile * TILE + i4 % TILE;
+      float4 s4 = float4(0.0f);
+      if (n < N) {
+        const int c1 = (g + 1) * CPG < CHUNKS ? (g + 1) * CPG : CHUNKS;
+        for (int c = g * CPG; c < c1; ++c) {
+          const float4 v = *((const device float4*)(&partial[(c * M + m) * N + n]));
+          s4.x += v.x; s4.y += v.y; s4.z += v.z; s4.w += v.w;
+        }
+      }
+      ((threadgroup float4*)gsum)[g * Q4 + q] = s4;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int i = int(tid); i < M * TILE; i += 256) {
+    const int m = i / TILE, n = tile * TILE + i % TILE;
+    if (n < N) {
+      float s = 0.0f;
+      for (int g = 0; g < GR; ++g) s += gsum[g * M * TILE + i];
+"""
+
+
 def tail_kernel_source(kind: str, name: str) -> tuple[str, str]:
-    """``G.kernel_source`` with the tail4 last-block sum (CUDA only)."""
+    """``G.kernel_source`` with the tail4 last-block sum (both backends)."""
     header, body = G.kernel_source(kind, name)
-    if kind == "cuda" and name.startswith("spin"):
-        assert TAIL_OLD in header, "the shipped last-block sum changed: update spin_tail.TAIL_OLD"
-        header = header.replace(TAIL_OLD, TAIL_NEW)
+    if name.startswith("spin"):
+        old, new = (TAIL_OLD, TAIL_NEW) if kind == "cuda" else (METAL_TAIL_OLD, METAL_TAIL_NEW)
+        assert old in header, f"the shipped last-block sum changed: update spin_tail's {kind} text"
+        header = header.replace(old, new)
     return header, body
 
 
