@@ -99,8 +99,11 @@ class ChatSession:
 
     def _fit(self, max_tokens: int) -> tuple[list[int], Optional[str]]:
         """Prompt tokens for the current history, dropping old turns (and finally the head of the
-        last user message) so that prompt + reply fit the context."""
-        budget = max(16, self.context_limit - max_tokens)
+        last user message) so that prompt + reply fit the context. The reply's room is at most
+        half the context: a max-tokens setting near or past the context length used to leave the
+        prompt 16 tokens, dropping the whole conversation at every message; the reply is cut at
+        the context's end instead (``reply``)."""
+        budget = max(16, self.context_limit - min(max_tokens, self.context_limit // 2))
         notice = None
         while True:
             ids = self._template(self.messages)
@@ -138,6 +141,11 @@ class ChatSession:
         # Several sessions may share one model (compare mode): put this session's method in place.
         state = set_method(self.model, self.method, self.thresholds, self.sparsity)
         full, notice = self._fit(max_tokens)
+        room = max(1, self.context_limit - len(full))
+        if room < max_tokens:  # the setting passes the context: the reply ends where the context does
+            max_tokens = room
+            cut = f"the reply can use {room} tokens before the model's context of {self.context_limit} ends"
+            notice = f"{notice}; {cut}" if notice else cut
         if self._cache is None:
             self._cache, self._cached = make_cache(self.model), []
         common = 0

@@ -212,3 +212,16 @@ def test_transcript_has_every_turn_with_its_stats(tiny_calibrated, tmp_path):
     assert p1 != p2 and p1.read_text() == md == p2.read_text()
     with pytest.raises(ChessError, match="not a folder"):
         transcript.save(md, tmp_path / "missing")
+
+
+def test_max_tokens_past_the_context_keeps_the_conversation(tiny_calibrated):
+    """A max-tokens setting at or past the context length used to leave the prompt 16 tokens, so
+    every message dropped the whole conversation. Now the reply gets at most half the context,
+    older turns stay, and the reply stops where the context ends, with a notice."""
+    s = _session(tiny_calibrated)
+    s.context_limit = 200
+    _run(s, "first question here", 4)
+    reply = _run(s, "second question", 1000)
+    assert [m["role"] for m in s.messages][:2] == ["user", "assistant"] and len(s.messages) == 4
+    assert "the reply can use" in (reply.notice or "") and "context of 200" in reply.notice
+    assert reply.context_tokens + len(reply.tokens) <= 200
