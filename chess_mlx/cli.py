@@ -121,6 +121,19 @@ def _load(args):
     return folder, model, tokenizer, fingerprint(model)
 
 
+def context_length(model) -> int:
+    """The model's trained context (``max_position_embeddings``); 0 when the config does not say."""
+    return int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
+
+
+def _check_window(model, option: str, n: int) -> None:
+    """Refuse a measurement window longer than the model's context: positions past the trained
+    length give perplexities and activation statistics of a model that is no longer itself."""
+    limit = context_length(model)
+    if limit and n > limit:
+        raise ChessError(f"{option} {n} passes the model's context of {limit} tokens")
+
+
 def _memory_note(model) -> str:
     """What to tell when the weights take over 80% of what the device can give (on a Mac, Metal's
     recommended working set): decoding then swaps and crawls, where a 4-bit copy would fit; else
@@ -183,6 +196,7 @@ def cmd_calibrate(args) -> int:
     text_path = Path(args.text) if args.text else calibration_text_path()
     text = read_text(text_path, "calibration text")
     folder, model, tokenizer, _ = _load(args)
+    _check_window(model, "--seq-len", min(args.seq_len, args.tokens))
     tokens = token_sequences(tokenizer, text, args.tokens, args.seq_len, source=f"calibration text {text_path}")
     th = calibrate(model, tokens, levels, progress=_progress("calibrating"),
                    meta={"method": args.method, "calibration_text": text_path.name,
@@ -240,7 +254,7 @@ def _warn_past_context(model, tokenizer, prompt, max_tokens: int) -> None:
     """One line on stderr when prompt + reply can pass the model's context (generation goes on, as
     mlx-lm's does, but positions past the trained length give unreliable text; ``chat`` drops old
     turns or truncates instead)."""
-    limit = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
+    limit = context_length(model)
     if not limit:
         return
     # a chat template gives token ids already; raw text is encoded as generate will encode it
@@ -278,6 +292,7 @@ def cmd_eval(args) -> int:
         tokens = encode(tokenizer, text)[: args.tokens or None]
         if len(tokens) < 2:
             raise ChessError(f"{ppl_path} has fewer than two tokens")
+        _check_window(model, "--context", min(args.context, len(tokens)))
     runs = [(m, None) for m in method_list if m == M.DENSE]
     runs += [(m, s) for s in levels for m in method_list if m != M.DENSE]
     from tqdm import tqdm

@@ -132,6 +132,9 @@ def convert(src: str, out: Path, o: ConvertOptions, progress: Optional[Callable[
     try:
         _stage(progress, f"loading {src_path}")
         model, tokenizer, config = load_model(src_path, o.dtype)
+        limit = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
+        if limit and min(o.seq_len, o.calib_tokens) > limit:  # statistics past the trained length
+            raise ChessError(f"--seq-len {o.seq_len} passes the model's context of {limit} tokens")
         tokens = token_sequences(tokenizer, text, o.calib_tokens, o.seq_len, source=f"calibration text {calib_path}")
         source_fp = fingerprint(model)
         if o.quantize:

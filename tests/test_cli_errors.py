@@ -272,3 +272,19 @@ def test_loading_weights_near_the_device_memory_warns(capsys, monkeypatch, tiny_
     monkeypatch.setattr(bench, "device_memory_bytes", lambda: 1e12)
     assert main(["generate", str(tiny_dir), "--prompt", "hi", "--max-tokens", "2", "--raw"]) == 0
     assert "weights take" not in capsys.readouterr().err
+
+
+def test_windows_past_the_context_are_refused(capsys, tiny_dir, calib_text, tmp_path):
+    """The tiny model's context is 512: an eval window or calibration sequence longer than that
+    measures a model past its trained positions. Refused in one line, nothing written."""
+    before = _snapshot(tiny_dir)
+    assert "--seq-len 1024 passes the model's context of 512" in _fails(
+        capsys, ["calibrate", str(tiny_dir), "--text", str(calib_text), "--tokens", "1024", "--seq-len", "1024"])
+    assert "--context 1024 passes the model's context of 512" in _fails(
+        capsys, ["eval", str(tiny_dir), "--ppl", str(calib_text), "--context", "1024", "--methods", "dense"])
+    code = main(["convert", str(tiny_dir), str(tmp_path / "o"), "--calib", str(calib_text), "--calib-tokens", "1024",
+                 "--seq-len", "1024"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("[")]  # minus stages
+    assert code == 2 and err == ["chess-mlx: error: --seq-len 1024 passes the model's context of 512 tokens"]
+    assert _snapshot(tiny_dir) == before and not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
