@@ -43,27 +43,6 @@ def preset_weight_bytes(preset: str, layers: int | None, dtype, bits: int | None
     return int(params * per)
 
 
-def device_memory_bytes() -> int | None:
-    """Memory the device can give MLX: Metal's recommended working set (what macOS lets one process
-    wire before it swaps), else the device's total, else for the CPU the machine's RAM; None when
-    unknown (the benchmark then runs unchecked)."""
-    try:
-        info = mx.device_info()
-    except Exception:  # older MLX
-        info = {}
-    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
-        if info.get(key):
-            return int(info[key])
-    if mx.default_device() == mx.cpu:
-        import os
-
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
-
-
 def random_model(preset: str, layers: int | None = None, dtype=mx.float16, bits: int | None = None,
                  group_size: int = 64, seed: int = 0) -> nn.Module:
     from mlx_lm.models import llama

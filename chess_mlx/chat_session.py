@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import mlx.nn as nn
 
 from . import methods as M
+from .device_limits import context_length
 from .errors import ChessError
 from .generate import Step, stream
 from .sparse_layers import set_method, sparsify
@@ -48,7 +49,7 @@ class ChatSession:
         self.model, self.tokenizer, self.thresholds = model, tokenizer, thresholds
         self.system_prompt = system_prompt
         self.messages: list[dict] = []
-        self.context_limit = context_limit or int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 4096)
+        self.context_limit = context_limit or context_length(model) or 4096
         self.stop_event = threading.Event()
         self.last_fed = 0  # tokens fed to the model for the last reply (after cache reuse)
         self.turns: list[Turn] = []

@@ -121,37 +121,20 @@ def _load(args):
     return folder, model, tokenizer, fingerprint(model)
 
 
-def context_length(model) -> int:
-    """The model's trained context (``max_position_embeddings``); 0 when the config does not say."""
-    return int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
-
-
 def _check_window(model, option: str, n: int) -> None:
     """Refuse a measurement window longer than the model's context: positions past the trained
     length give perplexities and activation statistics of a model that is no longer itself."""
+    from .device_limits import context_length
+
     limit = context_length(model)
     if limit and n > limit:
         raise ChessError(f"{option} {n} passes the model's context of {limit} tokens")
 
 
-def _memory_note(model) -> str:
-    """What to tell when the weights take over 80% of what the device can give (on a Mac, Metal's
-    recommended working set): decoding then swaps and crawls, where a 4-bit copy would fit; else
-    ''."""
-    from mlx.utils import tree_flatten
-
-    from .bench import device_memory_bytes
-
-    have = device_memory_bytes()
-    need = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    if have and need > 0.8 * have:
-        return (f"the weights take {need / 1e9:.1f} GB of this device's {have / 1e9:.1f} GB; expect swapping, "
-                "or convert a 4-bit copy (chess-mlx convert --quantize 4)")
-    return ""
-
-
 def _warn_near_memory(model) -> None:
-    note = _memory_note(model)
+    from .device_limits import memory_note
+
+    note = memory_note(model)
     if note:
         print(f"chess-mlx: warning: {note}", file=sys.stderr)
 
@@ -254,6 +237,8 @@ def _warn_past_context(model, tokenizer, prompt, max_tokens: int) -> None:
     """One line on stderr when prompt + reply can pass the model's context (generation goes on, as
     mlx-lm's does, but positions past the trained length give unreliable text; ``chat`` drops old
     turns or truncates instead)."""
+    from .device_limits import context_length
+
     limit = context_length(model)
     if not limit:
         return
@@ -418,7 +403,9 @@ def cmd_chat(args) -> int:
         return 0
     from app.chat import ChatApp
 
-    notice = "; ".join(n for n in (notice, _memory_note(model)) if n)  # the app's first screen shows it
+    from .device_limits import memory_note
+
+    notice = "; ".join(n for n in (notice, memory_note(model)) if n)  # the app's first screen shows it
     app = ChatApp(session, sampling, startup_notice=notice, compare=args.compare, save_dir=save_dir,
                   model_name=folder.name)
     app.run()
@@ -481,7 +468,8 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     import mlx.core as mx
 
-    from .bench import MLX_LM, PRESETS, device_memory_bytes, paired_ratios, preset_weight_bytes, random_model, run_bench
+    from .bench import MLX_LM, PRESETS, paired_ratios, preset_weight_bytes, random_model, run_bench
+    from .device_limits import device_memory_bytes
     from .sparse_gemv import backend
 
     names = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))

@@ -30,6 +30,7 @@ import numpy as np
 from . import __version__
 from . import methods as M
 from .errors import ChessError
+from .device_limits import context_length
 from .model_io import cast_floats, fingerprint, load_model, read_config
 
 MANIFEST = "chess.json"
@@ -132,7 +133,7 @@ def convert(src: str, out: Path, o: ConvertOptions, progress: Optional[Callable[
     try:
         _stage(progress, f"loading {src_path}")
         model, tokenizer, config = load_model(src_path, o.dtype)
-        limit = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
+        limit = context_length(model)
         if limit and min(o.seq_len, o.calib_tokens) > limit:  # statistics past the trained length
             raise ChessError(f"--seq-len {o.seq_len} passes the model's context of {limit} tokens")
         tokens = token_sequences(tokenizer, text, o.calib_tokens, o.seq_len, source=f"calibration text {calib_path}")

@@ -248,6 +248,7 @@ def test_bench_refuses_a_preset_the_device_cannot_hold(capsys, monkeypatch):
     from mlx.utils import tree_flatten
 
     import chess_mlx.bench as bench
+    from chess_mlx import device_limits
 
     for dtype, bits in ((mx.float32, None), (mx.float16, 4)):
         model = bench.random_model("tiny", None, dtype, bits, 64)
@@ -257,19 +258,19 @@ def test_bench_refuses_a_preset_the_device_cannot_hold(capsys, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("a refused bench must not make its model")
 
-    monkeypatch.setattr(bench, "device_memory_bytes", lambda: 20e9)
+    monkeypatch.setattr(device_limits, "device_memory_bytes", lambda: 20e9)
     monkeypatch.setattr(bench, "random_model", no_model)
     msg = _fails(capsys, ["bench", "--dtype", "float32"])
     assert "needs 32.1 GB of float32 weights and this device has 20.0 GB" in msg and "--quantize 4" in msg
 
 
 def test_loading_weights_near_the_device_memory_warns(capsys, monkeypatch, tiny_dir):
-    import chess_mlx.bench as bench
+    from chess_mlx import device_limits
 
-    monkeypatch.setattr(bench, "device_memory_bytes", lambda: 1e5)  # the tiny model is larger
+    monkeypatch.setattr(device_limits, "device_memory_bytes", lambda: 1e5)  # the tiny model is larger
     assert main(["generate", str(tiny_dir), "--prompt", "hi", "--max-tokens", "2", "--raw"]) == 0
     assert "warning: the weights take" in capsys.readouterr().err
-    monkeypatch.setattr(bench, "device_memory_bytes", lambda: 1e12)
+    monkeypatch.setattr(device_limits, "device_memory_bytes", lambda: 1e12)
     assert main(["generate", str(tiny_dir), "--prompt", "hi", "--max-tokens", "2", "--raw"]) == 0
     assert "weights take" not in capsys.readouterr().err
 
