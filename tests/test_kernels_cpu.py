@@ -448,17 +448,29 @@ _INSTANCES = [
 ]
 
 
-def _mlx_style_kernel(idx: int, name, in_types, out_types, tmpl) -> str:
-    """The text MLX's cuda_kernel compiles for one launch: the launched header (only the helpers
-    the kernel uses, ``launch_source``), then the __global__ function around the launched body
-    (signature, constants). MLX compiles each kernel apart; here each gets a namespace of one
-    file, and a variant's define is undone after it."""
-    header, body = G.launch_source("cuda", name)
-    args = [f"const {_CUDA_TYPES[t]}* {n}" for n, t in zip(G._INPUTS[name], in_types)]
-    args += [f"{_CUDA_TYPES[t]}* {n}" for n, t in zip(G._OUTPUTS[name], out_types)]
-    consts = "".join(f"  using {k} = {_CUDA_TYPES[v]};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
+_METAL_TYPES = {"float16": "half", "bfloat16": "bfloat16_t", "uint32": "uint32_t", "float32": "float", "int32": "int"}
+# The thread-position arguments MLX's metal_kernel adds for the names a source uses (all of them here).
+_METAL_BUILTINS = ("uint3 threadgroup_position_in_grid, uint thread_index_in_simdgroup, "
+                   "uint simdgroup_index_in_threadgroup, uint3 thread_position_in_threadgroup, uint3 threadgroups_per_grid")
+
+
+def _mlx_style_kernel(idx: int, name, in_types, out_types, tmpl, kind: str = "cuda") -> str:
+    """The text MLX's cuda_kernel (or, with ``kind="metal"``, metal_kernel) compiles for one launch:
+    the launched header (only the helpers the kernel uses, ``launch_source``), then the kernel
+    function around the launched body (MLX's argument list: inputs const, outputs written, on Metal
+    in device memory and followed by the thread positions; template values as constants). MLX
+    compiles each kernel apart; here each gets a namespace of one file, and a variant's define is
+    undone after it."""
+    header, body = G.launch_source(kind, name)
+    types, space = (_CUDA_TYPES, "") if kind == "cuda" else (_METAL_TYPES, "device ")
+    args = [f"const {space}{types[t]}* {n}" for n, t in zip(G._INPUTS[name], in_types)]
+    args += [f"{space}{types[t]}* {n}" for n, t in zip(G._OUTPUTS[name], out_types)]
+    if kind == "metal":
+        args.append(_METAL_BUILTINS)
+    consts = "".join(f"  using {k} = {types[v]};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
                      for k, v in tmpl.items())
-    return (f"namespace k{idx} {{\n{header}\n__global__ void k{idx}_{name}({', '.join(args)}) {{\n{consts}\n"
+    qual = "__global__ " if kind == "cuda" else ""
+    return (f"namespace k{idx} {{\n{header}\n{qual}void k{idx}_{name}({', '.join(args)}) {{\n{consts}\n"
             f"{body}\n}}\n}}\n" + "".join(f"#undef {d}\n" for d in _DEFINES))
 
 
@@ -629,35 +641,17 @@ def test_spin_tail_probe_compiles_for_hopper(tmp_path, monkeypatch):
     assert nvcc_ptx(tmp_path, src).count(".entry") == len(spins)
 
 
-_METAL_TYPES = {"float16": "half", "bfloat16": "bfloat16_t", "uint32": "uint32_t", "float32": "float", "int32": "int"}
-# The thread-position arguments MLX's metal_kernel adds for the names a source uses (all of them here).
-_METAL_BUILTINS = ("uint3 threadgroup_position_in_grid, uint thread_index_in_simdgroup, "
-                   "uint simdgroup_index_in_threadgroup, uint3 thread_position_in_threadgroup, uint3 threadgroups_per_grid")
-
-
-def _metal_style_kernel(idx: int, name, in_types, out_types, tmpl) -> str:
-    """The Metal twin of ``_mlx_style_kernel``: the launched header and body (``launch_source``)
-    inside a function with MLX's argument list (inputs ``const device``, outputs ``device``, the
-    thread positions), template values as constants."""
-    header, body = G.launch_source("metal", name)
-    args = [f"const device {_METAL_TYPES[t]}* {n}" for n, t in zip(G._INPUTS[name], in_types)]
-    args += [f"device {_METAL_TYPES[t]}* {n}" for n, t in zip(G._OUTPUTS[name], out_types)]
-    consts = "".join(f"  using {k} = {_METAL_TYPES[v]};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
-                     for k, v in tmpl.items())
-    return (f"namespace k{idx} {{\n{header}\nvoid k{idx}_{name}({', '.join(args)}, {_METAL_BUILTINS}) {{\n"
-            f"{consts}\n{body}\n}}\n}}\n" + "".join(f"#undef {d}\n" for d in _DEFINES))
-
-
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 def test_metal_kernels_parse_and_type_check(tmp_path):
     """Every Metal kernel, as launched, at the same template values as the CUDA compile check,
-    passes g++ -fsyntax-only against tests/metal_shim.h (the Metal library as declarations): no
-    Apple toolchain reaches this project, so this is what catches an undeclared name, a wrong
-    argument count or a write through a const input in a Metal twin. Address spaces and Metal's own
-    rules are not checked."""
-    src = '#include "metal_shim.h"\n' + "".join(_metal_style_kernel(i, *inst) for i, inst in enumerate(_INSTANCES))
+    passes g++ -fsyntax-only against tests/metal_emu.h (the CPU emulation of Metal that
+    test_kernels_emulated.py runs on small shapes; here every instance is parsed and type-checked
+    at full size): no Apple toolchain reaches this project, so this is what catches an undeclared
+    name, a wrong argument count or a write through a const input in a Metal twin. Address spaces
+    and Metal's own rules are not checked."""
+    src = '#include "metal_emu.h"\n' + "".join(_mlx_style_kernel(i, *inst, kind="metal") for i, inst in enumerate(_INSTANCES))
     (tmp_path / "k.cpp").write_text(src)
-    r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wno-literal-suffix", f"-I{Path(__file__).parent}",
+    r = subprocess.run(["g++", "-std=c++20", "-fsyntax-only", "-Wno-literal-suffix", f"-I{Path(__file__).parent}",
                         str(tmp_path / "k.cpp")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert src.count("void k") == len(_INSTANCES) and "simd_sum" in src and "threadgroup_barrier" in src

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from chess_mlx import sparse_gemv as G
+from test_kernels_cpu import _METAL_BUILTINS  # MLX's thread-position arguments
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 
@@ -34,9 +35,6 @@ _TYPES = {
     "cuda": {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint32: "uint32_t",
              mx.int32: "int32_t"},
 }
-# The thread-position arguments MLX's metal_kernel adds for the names a source uses (all of them here).
-_METAL_BUILTINS = ("uint3 threadgroup_position_in_grid, uint thread_index_in_simdgroup, "
-                   "uint simdgroup_index_in_threadgroup, uint3 thread_position_in_threadgroup, uint3 threadgroups_per_grid")
 _DEFINES = sorted({d for _, defines in G.VARIANTS.values() for d in defines})
 # Shared / threadgroup storage (not a pointer): one copy per block, i.e. a static here (one block
 # runs at a time in the emulation)
