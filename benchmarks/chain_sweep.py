@@ -84,7 +84,7 @@ def sweep_spin_long(kcs: tuple = (512, 768, 1024, 1536, 2048), u: int = 4) -> No
         for s in (0.0, 0.5, 0.7):
             xs = K.sparse_vec(1, in_dim, s, dtype)
             mx.eval(xs)
-            ref = G.reference_sparse_input(xs, wts[0])
+            ref = G.reference_sparse_input(xs, wts[0])[0]
             for kc in kcs:
                 err = K.rel_err(G._launch_spin("cuda", xs, wts[0], G.zero_threshold(dtype), ws[0], kc=kc)[0], ref)
                 t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], G.zero_threshold(dtype),

@@ -155,7 +155,7 @@ def main() -> int:
             for s in (float(v) for v in args.levels.split(",")):
                 x = K.sparse_vec(1, k, s, dtype)
                 mx.eval(x)
-                ref = G.reference_sparse_input(x, wts[0])
+                ref = G.reference_sparse_input(x, wts[0])[0]
                 times: dict[str, list[float]] = {v: [] for v in texts}
                 errs: dict[str, float] = {}
                 for r in range(args.rounds):
