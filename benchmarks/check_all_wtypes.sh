@@ -3,6 +3,7 @@
 # side (each process spends most of its time compiling kernels on the CPU; one process for all six
 # types takes ~15 min on an H100 host, side by side they take ~3-5 min):
 #   bash benchmarks/check_all_wtypes.sh OUTDIR [TAG]
+# KERNELS="benchmarks/variant_check.py VARIANT kernels" checks a probe variant instead (variant_check.py).
 # Writes OUTDIR/check_<type>[_TAG].{txt,json} (kernels.py --skip-bench) and prints each type's
 # verdict; exits non-zero if any type failed or did not finish.
 set -uo pipefail
@@ -11,7 +12,7 @@ tag=${2:+_$2}
 mkdir -p "$out"
 types="float16 bfloat16 q4g64 q4g32 q8g64 q8g32"
 for w in $types; do
-  PYTHONFAULTHANDLER=1 timeout -s ABRT "${CHECK_TIMEOUT:-560}" python3 benchmarks/kernels.py --skip-bench --wtypes "$w" \
+  PYTHONFAULTHANDLER=1 timeout -s ABRT "${CHECK_TIMEOUT:-560}" python3 ${KERNELS:-benchmarks/kernels.py} --skip-bench --wtypes "$w" \
     --json "$out/check_${w}${tag}.json" > "$out/check_${w}${tag}.txt" 2>&1 &
 done
 rc=0
