@@ -1,0 +1,71 @@
+"""Pick the probe variants worth a whole check from sparse_input_probes.sh's outputs, so the check
+can follow the probes on the same warm GPU machine without a person in between:
+
+    python benchmarks/pick_variant.py OUTDIR   ->  prints e.g. ``tail4+kc1024`` or ``shipped``
+
+tail4 (OUTDIR/tail.txt): every row checked (``ALL OK``), the mean shipped/tail4 ratio at least
+1.02 and no row under 0.97. kcN (OUTDIR/long.txt): of the chunks past 512 rows, the one with the
+best mean speedup over kc=512 on the float16 shapes whose shipped chunk is 512, at least 1.02 on
+average at 50% and 70% sparsity, no row under 0.97 at any level, and no WRONG row. The variant is
+only a candidate: adoption waits for its whole check (check_all_wtypes.sh with variant_check.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+MIN_MEAN, MIN_ROW = 1.02, 0.97
+
+
+def _gmean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 0.0
+
+
+def tail_wins(text: str) -> bool:
+    """tail.txt rows: wtype, in->out, s, chunks, shipped us, tail4 us, ratio, errors."""
+    if "ALL OK" not in text:
+        return False
+    ratios = [float(m.group(1)) for m in re.finditer(r"^\S+\s+\d+->\d+\s+[\d.]+\s+\d+\s+[\d.]+\s+[\d.]+\s+([\d.]+)",
+                                                      text, re.M)]
+    return bool(ratios) and _gmean(ratios) >= MIN_MEAN and min(ratios) >= MIN_ROW
+
+
+def best_chunk(text: str) -> int | None:
+    """long.txt rows: ``spinlong-u4 float16 OUTxIN s=S kc=KC[*] T us  rel_err E[  WRONG]``."""
+    if "WRONG" in text:
+        return None
+    rows = re.findall(r"^spinlong-u\d+ float16 (\d+x\d+) s=([\d.]+) kc=(\d+)(\*?)\s+([\d.]+) us", text, re.M)
+    t = {(shape, float(s), int(kc)): float(us) for shape, s, kc, _, us in rows}
+    shipped512 = {shape for shape, _, kc, star, _ in rows if star and int(kc) == 512}
+    by_kc: dict[int, list[tuple[float, float]]] = defaultdict(list)  # kc -> (s, speedup over 512)
+    for (shape, s, kc), us in t.items():
+        if shape in shipped512 and kc > 512 and (shape, s, 512) in t:
+            by_kc[kc].append((s, t[(shape, s, 512)] / us))
+    best, best_mean = None, MIN_MEAN
+    for kc, pairs in sorted(by_kc.items()):
+        mid = [r for s, r in pairs if s in (0.5, 0.7)]
+        mean = _gmean(mid)
+        if mid and min(r for _, r in pairs) >= MIN_ROW and mean >= best_mean:
+            best, best_mean = kc, mean
+    return best
+
+
+def pick(out: Path) -> str:
+    parts = []
+    tail, long_ = out / "tail.txt", out / "long.txt"
+    if tail.exists() and tail_wins(tail.read_text()):
+        parts.append("tail4")
+    kc = best_chunk(long_.read_text()) if long_.exists() else None
+    if kc:
+        parts.append(f"kc{kc}")
+    return "+".join(parts) or "shipped"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__.split("\n\n")[1].strip())
+    print(pick(Path(sys.argv[1])))
