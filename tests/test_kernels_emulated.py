@@ -274,6 +274,12 @@ def _cases(kind: str, launches: list) -> list:
         G._launch_gateup(kind, x, G.stack_gate_up(wg, wu), tg.astype(dtype))
         checks.append((f"gateup {label}", [G.reference_gate_up(x.astype(mx.float32), _f32(wg), _f32(wu),
                                                                tg.astype(mx.float32))], "gate"))
+    # split-K chunks longer than any default (probe variant kcN, benchmarks/variant_check.py): 4
+    # rows per thread in the compaction, and a last chunk of 256 of its 1024 rows
+    for dtype in (mx.float16, mx.bfloat16):
+        xs, wt = _sparse((1, 2304), 0.5, dtype, 13), _weight(256, 2304, "float16", True, 14).astype(dtype)
+        G._launch_spin(kind, xs, wt, G.zero_threshold(dtype), G.workspace(256), kc=1024)
+        checks.append((f"spin {dtype} kc=1024", [G.reference_sparse_input(xs.astype(mx.float32), _f32(wt))[0]], "spin"))
     assert len(checks) == len(launches), (len(checks), len(launches))
     return checks
 
