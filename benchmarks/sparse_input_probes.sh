@@ -6,6 +6,7 @@
 # last-block sum against the shipped one); long / long8: chain_sweep.py --only spinlong with 4 / 8
 # rows in flight (float16 split-K chunks of 512-2048 rows). Each writes OUTDIR/<part>.txt; a part
 # that fails or runs past its time limit is reported and the next one still runs.
+# Session 24 (H100, RESULTS.md): none of balance, tail, long wins; long8 not run.
 set -uo pipefail
 out=${1:?usage: sparse_input_probes.sh OUTDIR [balance,tail,long,long8]}
 parts=${2:-balance,tail,long,long8}
