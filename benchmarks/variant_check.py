@@ -7,7 +7,8 @@ adopted in the sources:
 
 VARIANT: ``shipped`` (nothing changed); ``tail4`` (spin_tail.py's float4 last-block sum, both
 spin kernels); ``kcN`` (one-token half-weight sparse-input launches whose split-K chunk is the
-longest, 512 rows, take N rows instead, e.g. ``kc1024``: the FFN shapes; chain_sweep.py --only spinlong); several joined by ``+``.
+longest, 512 rows, take N rows instead, e.g. ``kc1024``: the FFN shapes; chain_sweep.py --only
+spinlong); several joined by ``+``. Neither won on the H100 (session 24), so none is adopted.
 check_all_wtypes.sh takes it as ``KERNELS="benchmarks/variant_check.py tail4 kernels"``.
 """
 

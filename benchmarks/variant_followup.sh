@@ -4,9 +4,9 @@
 #   bash benchmarks/variant_followup.sh OUTDIR          (next call, within the machine's warm time)
 # Reads the candidate from /root/probes/variant (kept on the machine between calls); if there is
 # one, times kernels.py's gemv set with the shipped kernels (unless SKIP_SHIPPED_TIMING) and with
-# the candidate, then runs every
-# weight type's whole check with the candidate (check_all_wtypes.sh through variant_check.py) and
-# packs the check's files into OUTDIR/check.tgz (a call returns at most 8 files).
+# the candidate, then runs every weight type's whole check with the candidate (check_all_wtypes.sh
+# through variant_check.py) and packs the check's files into OUTDIR/check.tgz (a call returns at
+# most 8 files).
 set -uo pipefail
 out=${1:?usage: variant_followup.sh OUTDIR}
 v=$(cat /root/probes/variant 2>/dev/null || echo none)
