@@ -61,3 +61,29 @@ def test_variant_check_kc_changes_one_token_float_launches_only(monkeypatch):
     assert G.spin_geometry(2, 14336, 4096)[2] == 512  # more tokens: shared memory would overflow
     assert G.spin_geometry(1, 14336, 4096, 4)[2] == 256  # quantized: untouched
     assert G.spin_partials(1, 14336, 4096) == 14 * 4096  # the scratch follows the chunk
+
+
+def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
+    """Session 24's first GPU call lost every probe at its first check (a changed return type of
+    the reference). Each probe's whole loop runs here with small shapes, its launches replaced by
+    the reference path and its timer by a constant: it proves the loops run, not the kernels."""
+    import mlx.core as mx
+
+    K, timer = bench_module("kernels"), bench_module("gpu_timer")
+    monkeypatch.setattr(G, "backend", lambda: "cuda")
+    monkeypatch.setattr(G, "_launch_spin", lambda kind, x, wt, t, ws, **kw: G.reference_sparse_input(x, wt, t)[:2])
+    monkeypatch.setattr(K, "time_op", lambda kind, op, x, calls=48: (mx.eval(op(x, 1)), 1e-6)[1])
+    monkeypatch.setattr(timer, "chain_time", lambda op, x, calls=48: (mx.eval(op(x, 1)), 1e-6)[1])
+    monkeypatch.setattr(K, "SHAPES", [(256, 512)])
+    monkeypatch.setattr(K, "L2_BYTES", 1)  # two weight copies, not hundreds
+    small = [(512, 256)]
+    for name, argv in (("spin_balance", ["--wtypes", "float16,q4g64"]),
+                       ("spin_tail", ["--wtypes", "float16,q4g64", "--rounds", "1"])):
+        probe = bench_module(name)
+        monkeypatch.setattr(probe, "SHAPES", small)
+        monkeypatch.setattr("sys.argv", [name, *argv])
+        assert probe.main() == 0, name
+    bench_module("chain_sweep").sweep_spin_long(kcs=(128, 256))
+    out = capsys.readouterr().out
+    assert "ALL OK" in out and "WRONG" not in out
+    assert out.count("spinlong-u4 float16 256x512") == 3 * 2  # three levels x two chunks
