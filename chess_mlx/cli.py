@@ -121,16 +121,6 @@ def _load(args):
     return folder, model, tokenizer, fingerprint(model)
 
 
-def _check_window(model, option: str, n: int) -> None:
-    """Refuse a measurement window longer than the model's context: positions past the trained
-    length give perplexities and activation statistics of a model that is no longer itself."""
-    from .device_limits import context_length
-
-    limit = context_length(model)
-    if limit and n > limit:
-        raise ChessError(f"{option} {n} passes the model's context of {limit} tokens")
-
-
 def _warn_near_memory(model) -> None:
     from .device_limits import memory_note
 
@@ -168,6 +158,7 @@ def cmd_setup(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
+    from .device_limits import check_window
     from .paths import calibration_text_path
     from .text import read_text, token_sequences
 
@@ -179,7 +170,7 @@ def cmd_calibrate(args) -> int:
     text_path = Path(args.text) if args.text else calibration_text_path()
     text = read_text(text_path, "calibration text")
     folder, model, tokenizer, _ = _load(args)
-    _check_window(model, "--seq-len", min(args.seq_len, args.tokens))
+    check_window(model, "--seq-len", min(args.seq_len, args.tokens))
     tokens = token_sequences(tokenizer, text, args.tokens, args.seq_len, source=f"calibration text {text_path}")
     th = calibrate(model, tokens, levels, progress=_progress("calibrating"),
                    meta={"method": args.method, "calibration_text": text_path.name,
@@ -250,6 +241,7 @@ def _warn_past_context(model, tokenizer, prompt, max_tokens: int) -> None:
 
 
 def cmd_eval(args) -> int:
+    from .device_limits import check_window
     from .evaluate import run_eval, write_outputs
     from .paths import assets_dir, heldout_text_path
     from .tasks import load_tasks
@@ -277,7 +269,7 @@ def cmd_eval(args) -> int:
         tokens = encode(tokenizer, text)[: args.tokens or None]
         if len(tokens) < 2:
             raise ChessError(f"{ppl_path} has fewer than two tokens")
-        _check_window(model, "--context", min(args.context, len(tokens)))
+        check_window(model, "--context", min(args.context, len(tokens)))
     runs = [(m, None) for m in method_list if m == M.DENSE]
     runs += [(m, s) for s in levels for m in method_list if m != M.DENSE]
     from tqdm import tqdm
@@ -469,18 +461,16 @@ def cmd_bench(args) -> int:
     import mlx.core as mx
 
     from .bench import MLX_LM, PRESETS, paired_ratios, preset_weight_bytes, random_model, run_bench
-    from .device_limits import device_memory_bytes
+    from .device_limits import memory_short
     from .sparse_gemv import backend
 
-    names = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
-    methods = [m if m == MLX_LM else M.check_method(m) for m in names]
-    if not methods:
-        raise ChessError(f"no method given in {args.methods!r}; choose from: {MLX_LM}, {', '.join(M.METHODS)}")
+    methods = M.parse_methods(args.methods, extra=(MLX_LM,))
     sparsity = M.parse_sparsity(args.sparsity)
     json_path = _output_file("--json", args.json)
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
-    need, have = preset_weight_bytes(args.preset, args.layers, dtype, args.quantize, args.group_size), device_memory_bytes()
-    if have and need > 0.8 * have:  # a laptop would swap for minutes or the process be killed
+    need = preset_weight_bytes(args.preset, args.layers, dtype, args.quantize, args.group_size)
+    have = memory_short(need)
+    if have:  # refused before any weight is made
         kind = f"{args.quantize}-bit" if args.quantize else str(dtype).split(".")[-1]
         raise ChessError(f"the {args.preset} preset needs {need / 1e9:.1f} GB of {kind} weights and this device "
                          f"has {have / 1e9:.1f} GB; use --quantize 4, fewer --layers, or --preset tiny")

@@ -30,7 +30,7 @@ import numpy as np
 from . import __version__
 from . import methods as M
 from .errors import ChessError
-from .device_limits import context_length
+from .device_limits import check_window
 from .model_io import cast_floats, fingerprint, load_model, read_config
 
 MANIFEST = "chess.json"
@@ -133,9 +133,7 @@ def convert(src: str, out: Path, o: ConvertOptions, progress: Optional[Callable[
     try:
         _stage(progress, f"loading {src_path}")
         model, tokenizer, config = load_model(src_path, o.dtype)
-        limit = context_length(model)
-        if limit and min(o.seq_len, o.calib_tokens) > limit:  # statistics past the trained length
-            raise ChessError(f"--seq-len {o.seq_len} passes the model's context of {limit} tokens")
+        check_window(model, "--seq-len", min(o.seq_len, o.calib_tokens))
         tokens = token_sequences(tokenizer, text, o.calib_tokens, o.seq_len, source=f"calibration text {calib_path}")
         source_fp = fingerprint(model)
         if o.quantize:

@@ -13,6 +13,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .errors import ChessError
+
+MEMORY_SHARE = 0.8  # weights past this share of the device's memory: a laptop swaps for minutes
+
 
 def device_memory_bytes() -> int | None:
     """Memory the device can give MLX: Metal's recommended working set (what macOS lets one process
@@ -33,17 +37,32 @@ def device_memory_bytes() -> int | None:
     return None
 
 
+def memory_short(need: float) -> int | None:
+    """The device's memory when ``need`` bytes of weights pass ``MEMORY_SHARE`` of it (decoding would
+    swap or the process be killed); None when they fit or the memory is unknown."""
+    have = device_memory_bytes()
+    return have if have and need > MEMORY_SHARE * have else None
+
+
 def context_length(model: nn.Module) -> int:
     """The model's trained context (``max_position_embeddings``); 0 when the config does not say."""
     return int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
 
 
+def check_window(model: nn.Module, option: str, n: int) -> None:
+    """Refuse a measurement window longer than the model's context: positions past the trained
+    length give perplexities and activation statistics of a model that is no longer itself."""
+    limit = context_length(model)
+    if limit and n > limit:
+        raise ChessError(f"{option} {n} passes the model's context of {limit} tokens")
+
+
 def memory_note(model: nn.Module) -> str:
-    """What to tell when the weights take over 80% of what the device can give: decoding then
+    """What to tell when the weights take over ``MEMORY_SHARE`` of what the device can give: decoding then
     swaps and crawls, where a 4-bit copy would fit; else ''."""
-    have = device_memory_bytes()
     need = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    if have and need > 0.8 * have:
+    have = memory_short(need)
+    if have:
         return (f"the weights take {need / 1e9:.1f} GB of this device's {have / 1e9:.1f} GB; expect swapping, "
                 "or convert a 4-bit copy (chess-mlx convert --quantize 4)")
     return ""

@@ -32,14 +32,16 @@ def check_method(name: str) -> str:
     return name
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, extra: tuple[str, ...] = ()) -> list[str]:
     """'dense, chess' -> ['dense', 'chess'], each checked, each once; an empty list is refused (an
-    eval of no method would print an empty table and succeed)."""
+    eval of no method would print an empty table and succeed). ``extra``: names a caller accepts
+    besides the methods (bench's 'mlx-lm')."""
     from .errors import ChessError
 
-    names = list(dict.fromkeys(check_method(m.strip()) for m in text.split(",") if m.strip()))
+    parts = (m.strip() for m in text.split(","))
+    names = list(dict.fromkeys(m if m in extra else check_method(m) for m in parts if m))
     if not names:
-        raise ChessError(f"no method given in {text!r}; choose from: {', '.join(METHODS)}")
+        raise ChessError(f"no method given in {text!r}; choose from: {', '.join((*extra, *METHODS))}")
     return names
 
 
