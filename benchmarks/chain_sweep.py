@@ -193,10 +193,11 @@ def main() -> None:
         sweep_gateup()
     if "split" in only:
         sweep_split()
+    rows = int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else None
     if "spinlong" in only:
-        sweep_spin_long(u=int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 4)
+        sweep_spin_long(u=rows or 4)
     if "spinqu" in only:
-        sweep_spin_q_rows(int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 8)
+        sweep_spin_q_rows(rows or 8)
 
 
 def sweep_spout() -> None:

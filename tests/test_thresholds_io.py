@@ -3,6 +3,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from chess_mlx import ChessError, calibrate, fingerprint, set_method
 from chess_mlx import thresholds as T
@@ -64,7 +65,7 @@ def test_thresholds_follow_the_model_into_every_float_dtype(tmp_path):
         toks = mx.array(np.random.default_rng(2).integers(0, 256, size=(1, 32)))
         th = calibrate(model, toks, [0.5])
         th.save(tmp_path)
-        weights = dict(mlx_flatten(model.parameters()))
+        weights = dict(tree_flatten(model.parameters()))
         for dtype in (mx.float32, mx.float16, mx.bfloat16):
             copy, _ = tiny_model("llama", 9)
             copy.load_weights(list(weights.items()))
@@ -79,9 +80,3 @@ def test_thresholds_follow_the_model_into_every_float_dtype(tmp_path):
     del meta["fingerprint_bf16"]
     js.write_text(json.dumps(meta))
     T.load(tmp_path, fingerprint(model))  # the float32-stored model, as it was calibrated
-
-
-def mlx_flatten(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
