@@ -9,6 +9,8 @@ VARIANT: ``shipped`` (nothing changed); ``tail4`` (spin_tail.py's float4 last-bl
 spin kernels); ``kcN`` (one-token half-weight sparse-input launches whose split-K chunk is the
 longest, 512 rows, take N rows instead, e.g. ``kc1024``: the FFN shapes; chain_sweep.py --only
 spinlong); several joined by ``+``. Neither won on the H100 (session 24), so none is adopted.
+``u8``, ``pfb``, ``pfl`` (spin_rounds.py's edits: 8 rows in flight, L2 prefetch of the active
+rows) join as one edit of the spin sources, e.g. ``u8+pfb``.
 check_all_wtypes.sh takes it as ``KERNELS="benchmarks/variant_check.py tail4 kernels"``.
 """
 
@@ -27,8 +29,13 @@ def apply(variant: str) -> None:
     """Put ``variant``'s kernel texts or geometry in place for this process."""
     from node_cost import launch_with
 
+    rounds = [p for p in variant.split("+") if p in ("u8", "pfb", "pfl")]
+    if rounds:
+        import spin_rounds
+
+        launch_with(spin_rounds.variant_launch_source("+".join(rounds)))
     for part in variant.split("+"):
-        if part == "shipped":
+        if part == "shipped" or part in rounds:
             continue
         if part == "tail4":
             import spin_tail
@@ -46,7 +53,7 @@ def apply(variant: str) -> None:
             G.spin_geometry = geometry
             launch_with(G.launch_source)
         else:
-            raise SystemExit(f"variant_check: unknown variant {part!r} (shipped, tail4, kcN)")
+            raise SystemExit(f"variant_check: unknown variant {part!r} (shipped, tail4, kcN, u8, pfb, pfl)")
 
 
 def main() -> int:

@@ -5,7 +5,10 @@ probes' real outputs of session 24 (where nothing won) and on those outputs turn
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
+
+import pytest
 
 from chess_mlx import sparse_gemv as G
 from test_kernels_cpu import bench_module
@@ -78,7 +81,8 @@ def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(K, "L2_BYTES", 1)  # two weight copies, not hundreds
     small = [(512, 256)]
     for name, argv in (("spin_balance", ["--wtypes", "float16,q4g64"]),
-                       ("spin_tail", ["--wtypes", "float16,q4g64", "--rounds", "1"])):
+                       ("spin_tail", ["--wtypes", "float16,q4g64", "--rounds", "1"]),
+                       ("spin_rounds", ["--wtypes", "float16,q4g64", "--rounds", "2"])):
         probe = bench_module(name)
         monkeypatch.setattr(probe, "SHAPES", small)
         monkeypatch.setattr("sys.argv", [name, *argv])
@@ -87,3 +91,40 @@ def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "ALL OK" in out and "WRONG" not in out
     assert out.count("spinlong-u4 float16 256x512") == 3 * 2  # three levels x two chunks
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
+    """benchmarks/spin_rounds.py's edits (rows in flight, L2 prefetch) still apply to the shipped
+    sources and give every spin kernel and fused variant, as launched, a kernel that compiles for
+    sm_90; the prefetch variants carry their instruction."""
+    import test_kernels_cpu as T
+
+    R = bench_module("spin_rounds")
+    spins = [inst for inst in T._INSTANCES if inst[0].startswith("spin")]
+    assert {inst[0] for inst in spins} == {n for n in G._INPUTS if n.startswith("spin")}
+    shipped = G.launch_source
+    for variant, needle in (("u8", None), ("pfb", "cp.async.bulk.prefetch.L2.global"),
+                            ("pfl+u8", "prefetch.global.L2")):
+        monkeypatch.setattr(G, "launch_source", R.variant_launch_source(variant))
+        src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+               "#include <cooperative_groups.h>\nnamespace chess_check {\n"
+               + "".join(T._mlx_style_kernel(i, *inst) for i, inst in enumerate(spins)) + "}\n")
+        monkeypatch.setattr(G, "launch_source", shipped)
+        ptx = T.nvcc_ptx(tmp_path, src)
+        assert ptx.count(".entry") == len(spins), variant
+        if needle:
+            assert ptx.count(needle) >= len(spins), variant
+    with pytest.raises(ValueError):
+        R.variant_kernel_source("u9", "cuda", "spin_f")
+
+
+def test_variant_check_applies_spin_rounds_edits(monkeypatch):
+    V = bench_module("variant_check")
+    monkeypatch.setattr(G, "launch_source", G.launch_source)  # restored after the test
+    ship_f, ship_q = G.launch_source("cuda", "spin_f")[1], G.launch_source("cuda", "spout_q")
+    V.apply("u8+pfb")
+    body = G.launch_source("cuda", "spin_f_res")[1]
+    assert "constexpr int U = 8;" in body and "ChessRowPrefetch<PFB>" in body and "PFB = 1" in body
+    assert "constexpr int U = 4;" in ship_f and "ChessRowPrefetch" not in ship_f
+    assert G.launch_source("cuda", "spout_q") == ship_q  # other kernels untouched
