@@ -128,3 +128,41 @@ def test_variant_check_applies_spin_rounds_edits(monkeypatch):
     assert "constexpr int U = 8;" in body and "ChessRowPrefetch<PFB>" in body and "PFB = 1" in body
     assert "constexpr int U = 4;" in ship_f and "ChessRowPrefetch" not in ship_f
     assert G.launch_source("cuda", "spout_q") == ship_q  # other kernels untouched
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_spin_stamps_text_compiles_for_hopper(tmp_path, monkeypatch):
+    """benchmarks/spin_stamps.py's stamped spin_f / spin_q (five clock reads, a ``stamps`` output)
+    still apply to the shipped sources and compile for sm_90, shipped and with spin_rounds' u8."""
+    import test_kernels_cpu as T
+
+    S, R = bench_module("spin_stamps"), bench_module("spin_rounds")
+    monkeypatch.setitem(T._CUDA_TYPES, "uint64", "unsigned long long")
+    for name in ("spin_f", "spin_q"):
+        monkeypatch.setitem(G._OUTPUTS, name, G._OUTPUTS[name] + ["stamps"])
+    insts = [(n, i, o + ["uint64"], tm) for n, i, o, tm in T._INSTANCES if n in ("spin_f", "spin_q")]
+    kernel_text = __import__("chess_mlx.kernel_text", fromlist=["launch_text"])
+    for base in (G.kernel_source, lambda kd, nm: R.variant_kernel_source("u8", kd, nm)):
+        monkeypatch.setattr(G, "launch_source", lambda kd, nm, b=base: kernel_text.launch_text(*S.stamped_source(kd, nm, b)))
+        src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\nnamespace chess_check {\n"
+               + "".join(T._mlx_style_kernel(i, *inst) for i, inst in enumerate(insts)) + "}\n")
+        ptx = T.nvcc_ptx(tmp_path, src)
+        assert ptx.count(".entry") == len(insts) and ptx.count("%globaltimer") >= 5 * len(insts)
+
+
+def test_spin_stamps_summary_of_known_stamps():
+    """The phase table from synthetic stamps: 128 blocks, phases 1/2/3 us, one last block of 4 us."""
+    import numpy as np
+
+    S = bench_module("spin_stamps")
+    launches = []
+    for shift in (0, 50_000):
+        t0 = shift + np.arange(128) * 10  # ramp 1.27 us
+        s = np.stack([t0, t0 + 1000, t0 + 3000, t0 + 6000, t0 + 6000], axis=1)
+        s[-1, 4] += 4000  # the last block's sum of the chunks
+        launches.append(s.reshape(-1).astype(np.uint64))
+    r = S.summarize(launches, 1)
+    assert abs(S.summarize(launches, 2)["tail"] - 2.0) < 1e-9  # two tiles: one with a 4 us sum, one without
+    assert abs(r["ramp"] - 1.27) < 1e-9 and abs(r["compact"] - 1.0) < 1e-9 and abs(r["loop"] - 2.0) < 1e-9
+    assert abs(r["count_in"] - 3.0) < 1e-9 and abs(r["tail"] - 4.0) < 1e-9
+    assert abs(r["span"] - (1.27 + 10.0)) < 1e-9
