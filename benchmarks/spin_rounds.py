@@ -45,6 +45,7 @@ from node_cost import launch_with  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]  # (in, out)
 VARIANTS = ("u8", "pfb", "pfl", "u8+pfb")
+TAIL_LOADS = 64  # tailb: partial loads in flight per thread in the last block's sum
 
 ROWS_OLD = "constexpr int U = 4;"
 
@@ -110,6 +111,64 @@ CALL_NEW = {
 }
 
 
+# tailb: the tile's last block sums the chunks' partials in batches of CB chunks for all R of a
+# thread's outputs at once (R * CB <= TAIL_LOADS loads in flight, all bounds compile-time), instead
+# of 32 chunks of one output at a time: 4-bit 4096 -> 4096 (2 outputs per thread, 64 chunks) waits
+# for 2 rounds of loads instead of 4 (its last-block sum takes 1.9 us, spin_stamps.py, session 25).
+# Each output still sums its chunks in order 0..C-1: the same float32 sums, bit for bit.
+TAIL_OLD = """  for (int i = threadIdx.x; i < M * TILE; i += 256) {
+    const int m = i / TILE, n = tile * TILE + i % TILE;
+    if (n < N) {
+      float s = 0.0f;
+#pragma unroll 32
+      for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
+"""
+TAIL_NEW = """  constexpr int TR = (M * TILE + 255) / 256;
+  constexpr int TCB0 = TAIL_LOADS / TR < 1 ? 1 : TAIL_LOADS / TR;
+  constexpr int TCB = TCB0 < CHUNKS ? TCB0 : CHUNKS;
+  float tsum[TR];
+#pragma unroll
+  for (int r = 0; r < TR; ++r) tsum[r] = 0.0f;
+#pragma unroll
+  for (int c0 = 0; c0 < CHUNKS; c0 += TCB) {
+    float tval[TR][TCB];
+#pragma unroll
+    for (int cc = 0; cc < TCB; ++cc)
+#pragma unroll
+      for (int r = 0; r < TR; ++r) {
+        const int i = (int)threadIdx.x + 256 * r, m = i / TILE, n = tile * TILE + i % TILE;
+        tval[r][cc] = (i < M * TILE && n < N && c0 + cc < CHUNKS) ? __ldcg(&partial[((size_t)(c0 + cc) * M + m) * N + n]) : 0.0f;
+      }
+#pragma unroll
+    for (int cc = 0; cc < TCB; ++cc)
+#pragma unroll
+      for (int r = 0; r < TR; ++r)
+        if (c0 + cc < CHUNKS) tsum[r] += tval[r][cc];
+  }
+#pragma unroll
+  for (int r = 0; r < TR; ++r) {
+    const int i = (int)threadIdx.x + 256 * r, m = i / TILE, n = tile * TILE + i % TILE;
+    if (i < M * TILE && n < N) {
+      float s = tsum[r];
+"""
+# relatom: thread 0 counts its block in with one atom.add.acq_rel.gpu instead of a fence, the
+# atomic and (in the last block) a second fence (session 10: 0.1-0.4 us on float16).
+SYNC_OLD = """    __threadfence();  // release: the block's partials (ordered before by the barrier) and its count
+    const bool last = atomicAdd(&sem[tile], 1) == CHUNKS - 1;
+    if (last) __threadfence();  // acquire: the other chunks' partials
+"""
+SYNC_NEW = """    int prev;
+#ifdef __CUDA_ARCH__
+    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(prev) : "l"(&sem[tile]) : "memory");
+#else
+    __threadfence();
+    prev = atomicAdd(&sem[tile], 1);
+    __threadfence();
+#endif
+    const bool last = prev == CHUNKS - 1;
+"""
+
+
 def _base(name: str) -> str:
     return "spin_q" if name.startswith("spin_q") else "spin_f"
 
@@ -125,6 +184,12 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
         if part == "u8":
             assert ROWS_OLD in body, "the shipped rows in flight changed: update spin_rounds"
             body = body.replace(ROWS_OLD, "constexpr int U = 8;")
+        elif part == "tailb":
+            assert TAIL_OLD in header, "the shipped last-block sum changed: update spin_rounds"
+            header = header.replace(TAIL_OLD, TAIL_NEW.replace("TAIL_LOADS", str(TAIL_LOADS)))
+        elif part == "relatom":
+            assert SYNC_OLD in header, "the shipped count-in changed: update spin_rounds"
+            header = header.replace(SYNC_OLD, SYNC_NEW)
         elif part in ("pfb", "pfl"):
             for old in (COMPACT_SIG_OLD, BALLOT_OLD):
                 assert old in header, "the shipped compaction changed: update spin_rounds"
@@ -133,7 +198,7 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
             body = (f"constexpr int PFB = {int(part == 'pfb')};\n"
                     + body.replace(CALL_OLD, CALL_NEW[_base(name)]))
         else:
-            raise ValueError(f"spin_rounds: unknown variant part {part!r} (u8, pfb, pfl)")
+            raise ValueError(f"spin_rounds: unknown variant part {part!r} (u8, pfb, pfl, tailb, relatom)")
     return header, body
 
 
