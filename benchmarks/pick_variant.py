@@ -6,7 +6,9 @@ can follow the probes on the same warm GPU machine without a person in between:
 tail4 (OUTDIR/tail.txt): every row checked (``ALL OK``), the mean shipped/tail4 ratio at least
 1.02 and no row under 0.97. kcN (OUTDIR/long.txt): of the chunks past 512 rows, the one with the
 best mean speedup over kc=512 on the float16 shapes whose shipped chunk is 512, at least 1.02 on
-average at 50% and 70% sparsity, no row under 0.97 at any level, and no WRONG row. The variant is
+average at 50% and 70% sparsity, no row under 0.97 at any level, and no WRONG row. spin_rounds.py's
+edits (OUTDIR/rounds.txt): of its variant columns, the one with the best mean shipped/variant ratio,
+by tail4's rule (every row checked, mean >= 1.02, no row under 0.97). The variant is
 only a candidate: adoption waits for its whole check (check_all_wtypes.sh with variant_check.py).
 """
 
@@ -54,8 +56,31 @@ def best_chunk(text: str) -> int | None:
     return best
 
 
+def best_rounds(text: str) -> str | None:
+    """rounds.txt: a header ``wtype in->out s kc shipped us <v> us ... x<v> ... max err``, then per
+    row the times of shipped and each variant and each variant's shipped/variant ratio."""
+    if "ALL OK" not in text:
+        return None
+    header = next((line for line in text.splitlines() if line.startswith("wtype")), "")
+    names = [tok[1:] for tok in header.split() if tok.startswith("x")]
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for line in text.splitlines():
+        tok = line.split()
+        if len(tok) >= 5 + 2 * len(names) and re.fullmatch(r"\d+->\d+", tok[1] if len(tok) > 1 else ""):
+            for v, r in zip(names, tok[5 + len(names):5 + 2 * len(names)]):
+                ratios[v].append(float(r))
+    best, best_mean = None, MIN_MEAN
+    for v, rs in ratios.items():
+        if min(rs) >= MIN_ROW and _gmean(rs) >= best_mean:
+            best, best_mean = v, _gmean(rs)
+    return best
+
+
 def pick(out: Path) -> str:
     parts = []
+    rounds = out / "rounds.txt"
+    if rounds.exists() and (v := best_rounds(rounds.read_text())):
+        parts.append(v)
     tail, long_ = out / "tail.txt", out / "long.txt"
     if tail.exists() and tail_wins(tail.read_text()):
         parts.append("tail4")

@@ -166,3 +166,26 @@ def test_spin_stamps_summary_of_known_stamps():
     assert abs(r["ramp"] - 1.27) < 1e-9 and abs(r["compact"] - 1.0) < 1e-9 and abs(r["loop"] - 2.0) < 1e-9
     assert abs(r["count_in"] - 3.0) < 1e-9 and abs(r["tail"] - 4.0) < 1e-9
     assert abs(r["span"] - (1.27 + 10.0)) < 1e-9
+
+
+def test_pick_variant_reads_spin_rounds_output(tmp_path):
+    """Session 25's real spin_rounds output (every variant lost) picks nothing; the same rows with
+    one variant's ratios made wins pick that variant, and a wrong row or one slow row picks nothing."""
+    P = bench_module("pick_variant")
+    text = (RESULTS / "spin_rounds_session25.txt").read_text()
+    assert P.best_rounds(text) is None
+    (tmp_path / "rounds.txt").write_text(text)
+    assert P.pick(tmp_path) == "shipped"
+    # every ratio of the pfl column (the third) becomes 1.05
+    def win(line: str, third: str = "1.050") -> str:
+        tok = line.split()
+        if len(tok) > 10 and "->" in tok[1] and tok[0] != "wtype":
+            tok[5 + 4 + 2] = third  # after 4 + 1 times: xu8, xpfb, xpfl
+        return " ".join(tok)
+    won = "\n".join(win(line) for line in text.splitlines())
+    assert P.best_rounds(won) == "pfl"
+    (tmp_path / "rounds.txt").write_text(won)
+    assert P.pick(tmp_path) == "pfl"
+    assert P.best_rounds(won.replace("ALL OK", "1 WRONG")) is None
+    one_slow = won.replace("1.050", "0.960", 1)
+    assert P.best_rounds(one_slow) is None
