@@ -4,8 +4,8 @@
 #   bash benchmarks/sparse_input_probes.sh OUTDIR [balance,tail,long,long8]
 # balance: spin_balance.py (what uneven split-K chunks cost); tail: spin_tail.py (the float4
 # last-block sum against the shipped one); long / long8: chain_sweep.py --only spinlong with 4 / 8
-# rows in flight (float16 split-K chunks of 512-2048 rows); rounds: spin_rounds.py (session 25:
-# the last-block sum in batches, one acq_rel atomic; ROUNDS_VARIANTS to choose). Each writes OUTDIR/<part>.txt; a part
+# rows in flight (float16 split-K chunks of 512-2048 rows); rounds: spin_rounds.py (ROUNDS_VARIANTS;
+# session 25: u8, pfb, pfl and tailb lost, relatom won and was adopted). Each writes OUTDIR/<part>.txt; a part
 # that fails or runs past its time limit is reported and the next one still runs.
 # Session 24 (H100, RESULTS.md): none of balance, tail, long wins; long8 not run.
 set -uo pipefail
@@ -25,5 +25,5 @@ run balance 120 python3 benchmarks/spin_balance.py
 run tail 200 python3 benchmarks/spin_tail.py
 run long 120 python3 benchmarks/chain_sweep.py --only spinlong
 run long8 120 python3 benchmarks/chain_sweep.py --only spinlong --rows 8
-run rounds 300 python3 benchmarks/spin_rounds.py --variants "${ROUNDS_VARIANTS:-tailb,relatom,tailb+relatom}"
+run rounds 300 python3 benchmarks/spin_rounds.py --variants "${ROUNDS_VARIANTS:-u8,pfb,tailb}"
 exit $rc

@@ -9,8 +9,9 @@ VARIANT: ``shipped`` (nothing changed); ``tail4`` (spin_tail.py's float4 last-bl
 spin kernels); ``kcN`` (one-token half-weight sparse-input launches whose split-K chunk is the
 longest, 512 rows, take N rows instead, e.g. ``kc1024``: the FFN shapes; chain_sweep.py --only
 spinlong); several joined by ``+``. Neither won on the H100 (session 24), so none is adopted.
-``u8``, ``pfb``, ``pfl`` (spin_rounds.py's edits: 8 rows in flight, L2 prefetch of the active
-rows) join as one edit of the spin sources, e.g. ``u8+pfb``.
+``u8``, ``pfb``, ``pfl``, ``tailb`` (spin_rounds.py's edits: 8 rows in flight, L2 prefetch of the
+active rows, the last-block sum in batches) join as one edit of the spin sources, e.g. ``u8+pfb``;
+its ``relatom`` was checked this way in session 25 and adopted.
 check_all_wtypes.sh takes it as ``KERNELS="benchmarks/variant_check.py tail4 kernels"``.
 """
 
@@ -29,7 +30,7 @@ def apply(variant: str) -> None:
     """Put ``variant``'s kernel texts or geometry in place for this process."""
     from node_cost import launch_with
 
-    rounds = [p for p in variant.split("+") if p in ("u8", "pfb", "pfl")]
+    rounds = [p for p in variant.split("+") if p in ("u8", "pfb", "pfl", "tailb")]
     if rounds:
         import spin_rounds
 
@@ -53,7 +54,7 @@ def apply(variant: str) -> None:
             G.spin_geometry = geometry
             launch_with(G.launch_source)
         else:
-            raise SystemExit(f"variant_check: unknown variant {part!r} (shipped, tail4, kcN, u8, pfb, pfl)")
+            raise SystemExit(f"variant_check: unknown variant {part!r} (shipped, tail4, kcN, u8, pfb, pfl, tailb)")
 
 
 def main() -> int:

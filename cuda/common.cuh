@@ -516,8 +516,14 @@ __device__ __forceinline__ float chess_rope_theta(const int* pos, const float* i
 // counts into sem[tiles] before they count in, so tile 0's last block holds the whole count and
 // writes dens[0] = non-zero inputs / (M*K). sem is a per-call-site int32 workspace of tiles + 1
 // zeros; each counter is reset by the block that consumed it, so the next launch finds zeros
-// again. Only thread 0 fences, after the block barrier (the pattern of cooperative groups' grid
-// sync): a fence per warp cost up to 40% of the kernel's time. The last block's serial tail is two
+// again. Only thread 0 synchronizes, after the block barrier (the pattern of cooperative groups'
+// grid sync): a fence per warp cost up to 40% of the kernel's time. It counts the block in with one
+// atom.add.acq_rel.gpu (release: the block's partials, ordered before it by the barrier, and its
+// count; acquire: the other chunks' partials, for the last block) instead of a fence, a relaxed
+// atomic and a second fence in the last block: 0.3-0.4 us less per launch, 1.01-1.07x on every
+// sparse-input shape at 50-90% (benchmarks/spin_rounds.py relatom, RESULTS.md session 25). The
+// Metal twin keeps fence + relaxed atomic + fence (Metal's device atomics are relaxed only). The
+// CPU emulation (no __CUDA_ARCH__) takes the fenced form. The last block's serial tail is two
 // round trips to L2 (count, partial loads) plus the y store: the cross-tile counter that used to
 // decide who writes dens added two more (session 10). The chunk count is a compile-time constant
 // so the in-order sum issues up to 32 partial loads together. All 256 threads must call it.
@@ -560,9 +566,15 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
   }
   if (threadIdx.x == 0) {
     if (tile == 0) atomicAdd(&sem[tiles], nnz);
-    __threadfence();  // release: the block's partials (ordered before by the barrier) and its count
-    const bool last = atomicAdd(&sem[tile], 1) == CHUNKS - 1;
-    if (last) __threadfence();  // acquire: the other chunks' partials
+    int prev;
+#ifdef __CUDA_ARCH__
+    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(prev) : "l"(&sem[tile]) : "memory");
+#else
+    __threadfence();
+    prev = atomicAdd(&sem[tile], 1);
+    __threadfence();
+#endif
+    const bool last = prev == CHUNKS - 1;
     *flag = last;
   }
   __syncthreads();

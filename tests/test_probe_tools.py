@@ -189,3 +189,13 @@ def test_pick_variant_reads_spin_rounds_output(tmp_path):
     assert P.best_rounds(won.replace("ALL OK", "1 WRONG")) is None
     one_slow = won.replace("1.050", "0.960", 1)
     assert P.best_rounds(one_slow) is None
+
+
+def test_shipped_count_in_is_the_text_checked_on_the_h100():
+    """Session 25 checked spin_rounds' relatom edit on the H100 (every weight type) and adopted it:
+    the shipped count-in must stay that text, and the probe refuses to apply it again."""
+    R = bench_module("spin_rounds")
+    header = G.read_source("cuda", "spin_f")[0]
+    assert R.SYNC_NEW in header and R.SYNC_OLD not in header
+    with pytest.raises(ValueError, match="adopted"):
+        R.variant_kernel_source("relatom", "cuda", "spin_f")
