@@ -18,7 +18,8 @@ done
 rc=0
 for job in $(jobs -p); do wait "$job" || rc=1; done
 for w in $types; do
-  echo "== $w: $(grep -E '^correctness' "$out/check_${w}${tag}.txt" || echo 'did not finish')"
+  f="$out/check_${w}${tag}.txt"  # a run that stopped says why in its last line (session 25: a refused variant)
+  echo "== $w: $(grep -E '^correctness' "$f" || echo "did not finish: $(tail -n 1 "$f")")"
   grep -E "FAIL|Error|Traceback" "$out/check_${w}${tag}.txt" | head -5
 done
 exit $rc

@@ -45,6 +45,7 @@ from node_cost import launch_with  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]  # (in, out)
 VARIANTS = ("u8", "pfb", "pfl", "u8+pfb")
+PARTS = ("u8", "pfb", "pfl", "tailb")  # the edits variant_kernel_source applies (joined by +)
 TAIL_LOADS = 64  # tailb: partial loads in flight per thread in the last block's sum
 
 ROWS_OLD = "constexpr int U = 4;"
@@ -200,7 +201,7 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
             body = (f"constexpr int PFB = {int(part == 'pfb')};\n"
                     + body.replace(CALL_OLD, CALL_NEW[_base(name)]))
         else:
-            raise ValueError(f"spin_rounds: unknown variant part {part!r} (u8, pfb, pfl, tailb, relatom)")
+            raise ValueError(f"spin_rounds: unknown variant part {part!r} ({', '.join(PARTS)})")
     return header, body
 
 

@@ -30,10 +30,10 @@ def apply(variant: str) -> None:
     """Put ``variant``'s kernel texts or geometry in place for this process."""
     from node_cost import launch_with
 
-    rounds = [p for p in variant.split("+") if p in ("u8", "pfb", "pfl", "tailb")]
-    if rounds:
-        import spin_rounds
+    import spin_rounds
 
+    rounds = [p for p in variant.split("+") if p in spin_rounds.PARTS]  # its own list: session 25 lost
+    if rounds:  # a call to a copy of it here that missed a new part
         launch_with(spin_rounds.variant_launch_source("+".join(rounds)))
     for part in variant.split("+"):
         if part == "shipped" or part in rounds:
@@ -54,7 +54,8 @@ def apply(variant: str) -> None:
             G.spin_geometry = geometry
             launch_with(G.launch_source)
         else:
-            raise SystemExit(f"variant_check: unknown variant {part!r} (shipped, tail4, kcN, u8, pfb, pfl, tailb)")
+            known = ", ".join(("shipped", "tail4", "kcN", *spin_rounds.PARTS))
+            raise SystemExit(f"variant_check: unknown variant {part!r} ({known})")
 
 
 def main() -> int:

@@ -199,3 +199,17 @@ def test_shipped_count_in_is_the_text_checked_on_the_h100():
     assert R.SYNC_NEW in header and R.SYNC_OLD not in header
     with pytest.raises(ValueError, match="adopted"):
         R.variant_kernel_source("relatom", "cuda", "spin_f")
+
+
+def test_variant_check_takes_every_spin_rounds_part(monkeypatch):
+    """Session 25's follow-up check died at once: variant_check kept its own copy of spin_rounds'
+    part names and missed a new one. Every part the probe applies must be one variant_check takes,
+    alone and joined, and an unknown one is refused with the list."""
+    V, R = bench_module("variant_check"), bench_module("spin_rounds")
+    monkeypatch.setattr(G, "launch_source", G.launch_source)
+    for part in R.PARTS:
+        V.apply(part)
+        R.variant_kernel_source(part, "cuda", "spin_q")  # and the probe applies it
+    V.apply("+".join(R.PARTS))
+    with pytest.raises(SystemExit, match="tailb"):
+        V.apply("nonsense")
