@@ -520,7 +520,7 @@ __device__ __forceinline__ float chess_rope_theta(const int* pos, const float* i
 // grid sync): a fence per warp cost up to 40% of the kernel's time. It counts the block in with one
 // atom.add.acq_rel.gpu (release: the block's partials, ordered before it by the barrier, and its
 // count; acquire: the other chunks' partials, for the last block) instead of a fence, a relaxed
-// atomic and a second fence in the last block: 0.3-0.4 us less per launch, 1.01-1.07x on every
+// atomic and a second fence in the last block: 0.3-0.5 us less per launch, 1.01-1.07x on every
 // sparse-input shape at 50-90% (benchmarks/spin_rounds.py relatom, RESULTS.md session 25). The
 // Metal twin keeps fence + relaxed atomic + fence (Metal's device atomics are relaxed only). The
 // CPU emulation (no __CUDA_ARCH__) takes the fenced form. The last block's serial tail is two

@@ -437,8 +437,8 @@ inline float chess_rope_theta(const device int* pos, const device float* inv_fre
 // dens[0]; every counter is reset by its consumer (sem >= tiles + 1 int32 zeros). Only thread 0
 // fences, after the threadgroup barrier: a device fence, a relaxed atomic, and a second fence in
 // the last threadgroup (the CUDA twin counts in with one acq_rel atomic instead, the same step in
-// CUDA's memory model; Metal's device atomics are relaxed only). The chunk count is a compile-time constant so the
-// in-order sum's loads can be issued together.
+// CUDA's memory model; Metal's device atomics are relaxed only). The chunk count is a
+// compile-time constant so the in-order sum's loads can be issued together.
 // Needs Metal 3.2 device-scope fences (atomic_thread_fence with thread_scope_device).
 // res: null, or the residual added to y after y's own rounding (the spin kernels' _res variants).
 // partial_in: the call site's float32 scratch of >= CHUNKS * M * N, an input written here (as the
