@@ -24,7 +24,12 @@ Each text is checked against the reference on fresh inputs and timed in a chain 
 (weight copies rotated), shipped and variants in alternating order for ``--rounds`` rounds; the
 table gives each variant's time and shipped / variant. The edits compile for sm_90
 (tests/test_probe_tools.py) and run in the CPU emulation of CUDA there (the prefetch is a no-op
-off the GPU).
+off the GPU). ``tailb`` and ``relatom`` (below) edit the epilogue the same way.
+
+Result (H100, session 25, RESULTS.md): u8, pfb, pfl and tailb lose (u8 and tailb raise the
+kernel's registers, so fewer blocks fit an SM; the prefetch makes float16 rows be read twice);
+relatom won on every shape (1.01-1.07x at 50-90%), passed every weight type's whole check, and is
+the shipped count-in since.
 """
 
 from __future__ import annotations
