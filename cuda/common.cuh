@@ -523,7 +523,8 @@ __device__ __forceinline__ float chess_rope_theta(const int* pos, const float* i
 // atomic and a second fence in the last block: 0.3-0.5 us less per launch, 1.01-1.07x on every
 // sparse-input shape at 50-90% (benchmarks/spin_rounds.py relatom, RESULTS.md session 25). The
 // Metal twin keeps fence + relaxed atomic + fence (Metal's device atomics are relaxed only). The
-// CPU emulation (no __CUDA_ARCH__) takes the fenced form. The last block's serial tail is two
+// CPU emulation (no __CUDA_ARCH__) takes the fenced form. acq_rel atomics need sm_70, the oldest
+// architecture MLX's CUDA backend builds for (ml-explore/mlx#2209). The last block's serial tail is two
 // round trips to L2 (count, partial loads) plus the y store: the cross-tile counter that used to
 // decide who writes dens added two more (session 10). The chunk count is a compile-time constant
 // so the in-order sum issues up to 32 partial loads together. All 256 threads must call it.
