@@ -46,7 +46,7 @@ import mlx.core as mx  # noqa: E402
 import kernels as K  # noqa: E402
 from chess_mlx import kernel_text  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
-from node_cost import launch_with  # noqa: E402
+from spin_tail import time_texts  # noqa: E402  (the shipped-vs-variant check and timing loop)
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]  # (in, out)
 VARIANTS = ("u8", "pfb", "pfl", "u8+pfb")
@@ -241,19 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             wts = K.weight_copies(n, k, wtype, transposed=True)
             _, _, kc = G.spin_geometry(1, k, n, bits, kind)
             for s in (float(v) for v in args.levels.split(",")):
-                x = K.sparse_vec(1, k, s, dtype)
-                mx.eval(x)
-                ref = G.reference_sparse_input(x, wts[0])[0]
-                times: dict[str, list[float]] = {v: [] for v in names}
-                errs: dict[str, float] = {}
-                for r in range(args.rounds):
-                    for v in (names if r % 2 == 0 else reversed(names)):
-                        launch_with(texts[v])
-                        op = K.spin_op(kind, wts)
-                        errs[v] = max(errs.get(v, 0.0), K.rel_err(op(x, 0), ref))
-                        times[v].append(K.time_op(kind, op, x) * 1e6)
-                launch_with(shipped)
-                best = {v: min(times[v]) for v in names}
+                best, errs = time_texts(kind, wts, k, s, dtype, texts, args.rounds)
                 ok = all(e < 1e-2 for e in errs.values())
                 bad += not ok
                 print(f"{wtype:8} {k:>5}->{n:<6} {s:4.2f} {kc:4d} " + " ".join(f"{best[v]:10.1f}" for v in names)

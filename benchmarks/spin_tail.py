@@ -135,6 +135,26 @@ def tail_launch_source(kind: str, name: str) -> tuple[str, str]:
     return kernel_text.launch_text(*tail_kernel_source(kind, name))
 
 
+def time_texts(kind: str, wts: list, k: int, s: float, dtype, texts: dict, rounds: int) -> tuple[dict, dict]:
+    """A fresh ``s``-sparse input of ``k`` channels through the sparse-input kernel with each of
+    ``texts`` (name -> a ``G.launch_source``; the first is the shipped one, restored after): each
+    checked against the reference and timed in a chain, in alternating order for ``rounds``
+    rounds. Returns (best us, worst rel. error) per name."""
+    x = K.sparse_vec(1, k, s, dtype)
+    mx.eval(x)
+    ref = G.reference_sparse_input(x, wts[0])[0]
+    times: dict[str, list[float]] = {v: [] for v in texts}
+    errs: dict[str, float] = {}
+    for r in range(rounds):
+        for v in (texts if r % 2 == 0 else reversed(list(texts))):
+            launch_with(texts[v])
+            op = K.spin_op(kind, wts)
+            errs[v] = max(errs.get(v, 0.0), K.rel_err(op(x, 0), ref))
+            times[v].append(K.time_op(kind, op, x) * 1e6)
+    launch_with(next(iter(texts.values())))
+    return {v: min(t) for v, t in times.items()}, errs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wtypes", default="float16,q4g64")
@@ -156,19 +176,8 @@ def main() -> int:
             wts = K.weight_copies(n, k, wtype, transposed=True)
             _, _, kc = G.spin_geometry(1, k, n, bits, kind)
             for s in (float(v) for v in args.levels.split(",")):
-                x = K.sparse_vec(1, k, s, dtype)
-                mx.eval(x)
-                ref = G.reference_sparse_input(x, wts[0])[0]
-                times: dict[str, list[float]] = {v: [] for v in texts}
-                errs: dict[str, float] = {}
-                for r in range(args.rounds):
-                    for v in (texts if r % 2 == 0 else reversed(list(texts))):
-                        launch_with(texts[v])
-                        op = K.spin_op(kind, wts)
-                        errs[v] = max(errs.get(v, 0.0), K.rel_err(op(x, 0), ref))
-                        times[v].append(K.time_op(kind, op, x) * 1e6)
-                launch_with(shipped)
-                a, b = (min(times[v]) for v in texts)
+                best, errs = time_texts(kind, wts, k, s, dtype, texts, args.rounds)
+                a, b = (best[v] for v in texts)
                 ok = all(e < 1e-2 for e in errs.values())
                 bad += not ok
                 print(f"{wtype:8} {k:>5}->{n:<6} {s:4.2f} {-(-k // kc):6d} {a:11.1f} {b:9.1f} {a / b:6.3f}  "
