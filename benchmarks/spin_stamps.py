@@ -20,6 +20,7 @@ far the last block ends after the median block, and the chain time of the same l
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -118,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if kind != "cuda":
         print("needs the CUDA backend", file=sys.stderr)
         return 2
-    base, shipped = G.kernel_source, G.launch_source
-    if args.variant != "shipped":
+    base = G.kernel_source
+    if args.variant != "shipped":  # the variant's texts for the stamped and the plain launches
         import spin_rounds
+        from node_cost import launch_with
 
-        def base(kind, name, _v=args.variant):
-            return spin_rounds.variant_kernel_source(_v, kind, name)
+        base = functools.partial(spin_rounds.variant_kernel_source, args.variant)
+        launch_with(spin_rounds.variant_launch_source(args.variant))
     mx.random.seed(0)
     print(f"variant {args.variant}")
     print(f"{'case':26} {'plain us':>8} {'stamped':>8} {'span':>6} {'ramp':>5} {'compact':>7} {'loop':>5} "
@@ -138,10 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         mx.eval(x)
         ref = G.reference_sparse_input(x, wts[0])[0]
         real = G._kernel
-        if args.variant != "shipped":
-            from node_cost import launch_with
-
-            launch_with(lambda kd, nm: kernel_text.launch_text(*base(kd, nm)))
         plain = K.time_op(kind, K.spin_op(kind, wts), x) * 1e6
         seen = install(base)
         try:
@@ -153,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             G._kernel = real
             G._kernel.cache_clear()
-            if args.variant != "shipped":
-                launch_with(shipped)
         ok = err < 1e-2
         bad += not ok
         print(f"{case:26} {plain:8.1f} {stamped:8.1f} {r['span']:6.1f} {r['ramp']:5.1f} {r['compact']:7.1f} "
