@@ -5,7 +5,7 @@
 # balance: spin_balance.py (what uneven split-K chunks cost); tail: spin_tail.py (the float4
 # last-block sum against the shipped one); long / long8: chain_sweep.py --only spinlong with 4 / 8
 # rows in flight (float16 split-K chunks of 512-2048 rows); rounds: spin_rounds.py (ROUNDS_VARIANTS;
-# session 25: u8, pfb, pfl and tailb lost, relatom won and was adopted). Each writes OUTDIR/<part>.txt; a part
+# session 25: u8, pfb, pfl and tailb lost, relatom won and was adopted; session 26: redf, redv, redi). Each writes OUTDIR/<part>.txt; a part
 # that fails or runs past its time limit is reported and the next one still runs.
 # Session 24 (H100, RESULTS.md): none of balance, tail, long wins; long8 not run.
 set -uo pipefail

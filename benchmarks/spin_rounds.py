@@ -1,7 +1,7 @@
 """Probe: the sparse-input kernels' dependent rounds of weight loads (rows in flight, L2 prefetch).
 
     python benchmarks/spin_rounds.py [--wtypes float16,q4g64] [--levels 0,0.5,0.7,0.9] [--rounds 2]
-        [--variants u8,pfb,pfl,u8+pfb,tailb]
+        [--variants u8,pfb,pfl,u8+pfb,tailb,redf,redv,redi]
 
 After its compaction, warp w of a sparse-input block takes the active rows w, w + 8, ... of its
 chunk, U = 4 rows at a time, each round waiting for its loads. Where a block's share is about one
@@ -24,7 +24,13 @@ Each text is checked against the reference on fresh inputs and timed in a chain 
 (weight copies rotated), shipped and variants in alternating order for ``--rounds`` rounds; the
 table gives each variant's time and shipped / variant. The edits compile for sm_90
 (tests/test_probe_tools.py) and run in the CPU emulation of CUDA there (the prefetch is a no-op
-off the GPU). ``tailb`` and ``relatom`` (below) edit the epilogue the same way.
+off the GPU). ``tailb`` and ``relatom`` (below) edit the epilogue the same way, and so do
+``redf`` / ``redv`` / ``redi`` (session 26): the split-K sum done by atomic reductions at L2 as the
+blocks finish, so the last block of a tile reads one value per output instead of one per chunk
+(float32 adds, scalar or 16 bytes at a time; or int64 fixed point, whose sum does not depend on
+the order). Before the GPU run all three passed every launch of tests/test_kernels_emulated.py's
+CUDA emulation and compile for sm_90 (spin_q 4-bit 4096 -> 4096: 54 registers shipped, redf and
+redi 55, redv 61).
 
 Result (H100, session 25, RESULTS.md): u8, pfb, pfl and tailb lose (u8 and tailb raise the
 kernel's registers, so fewer blocks fit an SM; the prefetch makes float16 rows be read twice);
@@ -50,7 +56,7 @@ from spin_tail import time_texts  # noqa: E402  (the shipped-vs-variant check an
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]  # (in, out)
 VARIANTS = ("u8", "pfb", "pfl", "u8+pfb")
-PARTS = ("u8", "pfb", "pfl", "tailb")  # the edits variant_kernel_source applies (joined by +)
+PARTS = ("u8", "pfb", "pfl", "tailb", "redf", "redv", "redi")  # the edits variant_kernel_source applies (joined by +)
 TAIL_LOADS = 64  # tailb: partial loads in flight per thread in the last block's sum
 
 ROWS_OLD = "constexpr int U = 4;"
@@ -157,6 +163,88 @@ TAIL_NEW = """  constexpr int TR = (M * TILE + 255) / 256;
     if (i < M * TILE && n < N) {
       float s = tsum[r];
 """
+# redf / redv / redi: no per-chunk partials and no last-block sum over them. Each chunk block adds its
+# tile's sums into one accumulator per output at L2 (atomic reductions, fire and forget) before it
+# counts in, and the tile's last block reads M * TILE accumulated values back (one round of loads
+# instead of CHUNKS / 32 rounds per output: 4-bit 4096 -> 4096 sums 64 chunks in 1.9 us,
+# spin_stamps.py, session 25), writes y, and zeroes them for the next launch (the workspace's
+# partial starts as zeros, G.workspace). redf: float32 adds, one per output (the shipped store
+# loop, atomicAdd instead of the store); redv: 16 bytes per reduction (red.add.v4.f32, sm_90: a
+# quarter of the operations, a few more registers). With float adds the order follows the blocks'
+# arrival, so y may differ in its last bit from run to run. redi: each block's sums rounded to int64 fixed point (2^-24 units:
+# |partial| < 5e11, resolution 6e-8) and added as integers: exact and order-free, so y is the same
+# on every run. All use partial[0, M * N) (redi: 8 bytes per output, CHUNKS >= 2).
+RED_STORE_OLD = """    for (int i = threadIdx.x; i < TILE; i += 256) {
+      float s = 0.0f;
+#pragma unroll
+      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
+      const int n = tile * TILE + i;
+      if (n < N) partial[((size_t)chunk * M + m) * N + n] = s;
+    }
+"""
+RED_STORE_NEW = {
+    "redf": """    for (int i = threadIdx.x; i < TILE; i += 256) {
+      float s = 0.0f;
+#pragma unroll
+      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
+      const int n = tile * TILE + i;
+      if (n < N) atomicAdd(&partial[(size_t)m * N + n], s);
+    }
+""",
+    "redv": """    static_assert(N % 4 == 0 && TILE % 4 == 0, "redv adds 4 outputs at a time");
+    for (int i = 4 * (int)threadIdx.x; i < TILE; i += 1024) {
+      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int w8 = 0; w8 < 8; ++w8) {
+        const float4 v = *reinterpret_cast<const float4*>(&red[w8][i]);
+        s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+      }
+      const int n = tile * TILE + i;
+      if (n < N) chess_red_add4(&partial[(size_t)m * N + n], s);
+    }
+""",
+    "redi": """    static_assert(CHUNKS >= 2, "redi keeps 8 bytes per output in the chunks' scratch");
+    for (int i = threadIdx.x; i < TILE; i += 256) {
+      float s = 0.0f;
+#pragma unroll
+      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
+      const int n = tile * TILE + i;
+      if (n < N) atomicAdd(reinterpret_cast<unsigned long long*>(partial) + (size_t)m * N + n,
+                           (unsigned long long)llrintf(s * 16777216.0f));
+    }
+""",
+}
+RED_SUM_OLD = """      float s = 0.0f;
+#pragma unroll 32
+      for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
+"""
+_RED_SUM_FLOAT = """      float s = __ldcg(&partial[(size_t)m * N + n]);
+      partial[(size_t)m * N + n] = 0.0f;  // zeros again for the next launch
+"""
+RED_SUM_NEW = {
+    "redf": _RED_SUM_FLOAT,
+    "redv": _RED_SUM_FLOAT,
+    "redi": """      long long* acc64 = reinterpret_cast<long long*>(partial);
+      float s = (float)__ldcg(&acc64[(size_t)m * N + n]) * (1.0f / 16777216.0f);
+      acc64[(size_t)m * N + n] = 0;  // zeros again for the next launch
+""",
+}
+RED_HELPER = r"""// redv: 4 float32 adds at L2 in one reduction (sm_90's vector red); one atomic each elsewhere.
+__device__ __forceinline__ void chess_red_add4(float* p, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
+               ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+#else
+  atomicAdd(p, v.x);
+  atomicAdd(p + 1, v.y);
+  atomicAdd(p + 2, v.z);
+  atomicAdd(p + 3, v.w);
+#endif
+}
+
+"""
+
+
 # relatom: thread 0 counts its block in with one atom.add.acq_rel.gpu instead of a fence, the
 # atomic and (in the last block) a second fence (session 10: 0.1-0.4 us on float16). Won on the
 # H100 in session 25 (1.01-1.07x at 50-90% on every shape; every weight type's whole check passed
@@ -196,6 +284,12 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
         elif part == "tailb":
             assert TAIL_OLD in header, "the shipped last-block sum changed: update spin_rounds"
             header = header.replace(TAIL_OLD, TAIL_NEW.replace("TAIL_LOADS", str(TAIL_LOADS)))
+        elif part in ("redf", "redv", "redi"):
+            for old in (RED_STORE_OLD, RED_SUM_OLD):
+                assert old in header, "the shipped epilogue changed: update spin_rounds"
+            header = header.replace(RED_STORE_OLD, RED_STORE_NEW[part]).replace(RED_SUM_OLD, RED_SUM_NEW[part])
+            if part == "redv":
+                header = RED_HELPER + header
         elif part == "relatom":
             raise ValueError("relatom was adopted in session 25 (cuda/common.cuh): it is the shipped count-in")
         elif part in ("pfb", "pfl"):

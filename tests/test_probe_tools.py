@@ -95,9 +95,9 @@ def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
-    """benchmarks/spin_rounds.py's edits (rows in flight, L2 prefetch) still apply to the shipped
-    sources and give every spin kernel and fused variant, as launched, a kernel that compiles for
-    sm_90; the prefetch variants carry their instruction."""
+    """benchmarks/spin_rounds.py's edits (rows in flight, L2 prefetch, L2 reductions) still apply
+    to the shipped sources and give every spin kernel and fused variant, as launched, a kernel that
+    compiles for sm_90; the prefetch and reduction variants carry their instruction."""
     import test_kernels_cpu as T
 
     R = bench_module("spin_rounds")
@@ -105,7 +105,8 @@ def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
     assert {inst[0] for inst in spins} == {n for n in G._INPUTS if n.startswith("spin")}
     shipped = G.launch_source
     for variant, needle in (("u8", None), ("pfb", "cp.async.bulk.prefetch.L2.global"),
-                            ("pfl+u8", "prefetch.global.L2")):
+                            ("pfl+u8", "prefetch.global.L2"), ("redf", "atom.global.add.f32"),
+                            ("redv", "red.relaxed.gpu.global.add.v4.f32"), ("redi", "atom.global.add.u64")):
         monkeypatch.setattr(G, "launch_source", R.variant_launch_source(variant))
         src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
                "#include <cooperative_groups.h>\nnamespace chess_check {\n"
@@ -189,6 +190,9 @@ def test_pick_variant_reads_spin_rounds_output(tmp_path):
     assert P.best_rounds(won.replace("ALL OK", "1 WRONG")) is None
     one_slow = won.replace("1.050", "0.960", 1)
     assert P.best_rounds(one_slow) is None
+    # the same winning column named as a float-atomic sum is never picked: its y may vary by run
+    assert P.best_rounds(won.replace(" xpfl ", " xredv ").replace(" pfl us ", " redv us ")) is None
+    assert P.best_rounds(won.replace(" xpfl ", " xredi ").replace(" pfl us ", " redi us ")) == "redi"
 
 
 def test_shipped_count_in_is_the_text_checked_on_the_h100():
