@@ -118,12 +118,16 @@ def sweep_split() -> None:
 
 
 def spin_q_cases():
-    """(wtype, bits, shape, s, run) for spin_q at 4 and 8 bits on 4096x4096 and down_proj's shape,
-    50% and 70%: ``run(kc, words)`` checks one launch geometry against the reference and times it
-    in a chain (None: the shipped choice), returning (relative error, seconds)."""
+    """(wtype, bits, shape, s, run, dense) for spin_q at 4 and 8 bits on 4096x4096 and down_proj's
+    shape, 50% and 70%: ``run(kc, words)`` checks one launch geometry against the reference and
+    times it in a chain (None: the shipped choice), returning (relative error, seconds); ``dense``
+    is MLX's quantized_matmul of the same shape in a chain (seconds), the 1.6x target's baseline."""
     for wtype in ("q4g64", "q8g32"):
         dtype, bits, _ = K.parse_wtype(wtype)
         for out_dim, in_dim in (K.SHAPES[2], K.SHAPES[0]):
+            dws = K.weight_copies(out_dim, in_dim, wtype)
+            dense = gpu_timer.chain_time(K.dense_op(dws), mx.random.normal((1, in_dim)).astype(dtype))
+            del dws
             wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
             ws = [G.workspace(out_dim) for _ in range(64)]
             for s in (0.5, 0.7):
@@ -138,20 +142,20 @@ def spin_q_cases():
                                                                           kc=kc, words=words)[0], xs)
                     return err, t
 
-                yield wtype, bits, (out_dim, in_dim), s, run
+                yield wtype, bits, (out_dim, in_dim), s, run, dense
 
 
 def sweep_spin_q() -> None:
     """spin_q words per lane (output tile width) x split-K chunk, 4-bit and 8-bit, on 4096x4096 and
     down_proj's shape; each configuration is also checked against the reference."""
-    for wtype, bits, (out_dim, in_dim), s, run in spin_q_cases():
+    for wtype, bits, (out_dim, in_dim), s, run, dense in spin_q_cases():
         ship_w, _, ship_kc = G.spin_geometry(1, in_dim, out_dim, bits)
         for words in (1, 2, 4):
             for kc in (64, 128, 256):
                 err, t = run(kc, words)
                 mark = "*" if (words, kc) == (ship_w, ship_kc) else " "
                 print(f"spinq {wtype} {out_dim}x{in_dim} s={s} words={words} kc={kc}{mark} {t * 1e6:6.1f} us  "
-                      f"rel_err {err:.1e}", flush=True)
+                      f"dense {dense * 1e6:6.1f} us  {dense / t:4.2f}x  rel_err {err:.1e}", flush=True)
 
 
 def sweep_spin_q_rows(u: int = 8) -> None:
@@ -165,7 +169,7 @@ def sweep_spin_q_rows(u: int = 8) -> None:
                                   output_names=G._OUTPUTS["spin_q"], header=header,
                                   source=body.replace("constexpr int U = 4;", f"constexpr int U = {u};"))
     shipped = G._kernel
-    for wtype, _, (out_dim, in_dim), s, run in spin_q_cases():
+    for wtype, _, (out_dim, in_dim), s, run, _ in spin_q_cases():
         ship = run()[1]
         G._kernel = lambda kind, name: variant if name == "spin_q" else shipped(kind, name)
         try:
