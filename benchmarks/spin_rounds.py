@@ -1,7 +1,7 @@
 """Probe: the sparse-input kernels' dependent rounds of weight loads (rows in flight, L2 prefetch).
 
     python benchmarks/spin_rounds.py [--wtypes float16,q4g64] [--levels 0,0.5,0.7,0.9] [--rounds 2]
-        [--variants u8,pfb,pfl,u8+pfb,tailb,redf,redv,redi]
+        [--variants u8,pfb,pfl,u8+pfb,tailb,redf,redv,redi,redp]
 
 After its compaction, warp w of a sparse-input block takes the active rows w, w + 8, ... of its
 chunk, U = 4 rows at a time, each round waiting for its loads. Where a block's share is about one
@@ -25,12 +25,12 @@ Each text is checked against the reference on fresh inputs and timed in a chain 
 table gives each variant's time and shipped / variant. The edits compile for sm_90
 (tests/test_probe_tools.py) and run in the CPU emulation of CUDA there (the prefetch is a no-op
 off the GPU). ``tailb`` and ``relatom`` (below) edit the epilogue the same way, and so do
-``redf`` / ``redv`` / ``redi`` (session 26): the split-K sum done by atomic reductions at L2 as the
+``redf`` / ``redv`` / ``redi`` / ``redp`` (session 26): the split-K sum done by atomic reductions at L2 as the
 blocks finish, so the last block of a tile reads one value per output instead of one per chunk
 (float32 adds, scalar or 16 bytes at a time; or int64 fixed point, whose sum does not depend on
-the order). Before the GPU run all three passed every launch of tests/test_kernels_emulated.py's
+the order, as one 64-bit or two 32-bit atomics). Before the GPU run all four passed every launch of tests/test_kernels_emulated.py's
 CUDA emulation and compile for sm_90 (spin_q 4-bit 4096 -> 4096: 54 registers shipped, redf and
-redi 55, redv 61).
+redi 55, redv 61, redp 55).
 
 Result (H100, session 25, RESULTS.md): u8, pfb, pfl and tailb lose (u8 and tailb raise the
 kernel's registers, so fewer blocks fit an SM; the prefetch makes float16 rows be read twice);
@@ -56,7 +56,7 @@ from spin_tail import time_texts  # noqa: E402  (the shipped-vs-variant check an
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]  # (in, out)
 VARIANTS = ("u8", "pfb", "pfl", "u8+pfb")
-PARTS = ("u8", "pfb", "pfl", "tailb", "redf", "redv", "redi")  # the edits variant_kernel_source applies (joined by +)
+PARTS = ("u8", "pfb", "pfl", "tailb", "redf", "redv", "redi", "redp")  # the edits variant_kernel_source applies (joined by +)
 TAIL_LOADS = 64  # tailb: partial loads in flight per thread in the last block's sum
 
 ROWS_OLD = "constexpr int U = 4;"
@@ -173,7 +173,11 @@ TAIL_NEW = """  constexpr int TR = (M * TILE + 255) / 256;
 # quarter of the operations, a few more registers). With float adds the order follows the blocks'
 # arrival, so y may differ in its last bit from run to run. redi: each block's sums rounded to int64 fixed point (2^-24 units:
 # |partial| < 5e11, resolution 6e-8) and added as integers: exact and order-free, so y is the same
-# on every run. All use partial[0, M * N) (redi: 8 bytes per output, CHUNKS >= 2).
+# on every run. redp: the same integer split into two 32-bit counters, q = hi * 2^20 + lo with lo
+# the low 20 bits (a uint32 sum of up to 4096 chunks cannot wrap) and hi an int32 (|partial| and
+# |y| < 2^27): Metal has 32-bit device atomic adds only, so this is the form a Metal twin could
+# share; its y equals redi's bit for bit (the same exact integer, rounded once). All use
+# partial[0, M * N) (redi and redp: 8 bytes per output, so CHUNKS >= 2).
 RED_STORE_OLD = """    for (int i = threadIdx.x; i < TILE; i += 256) {
       float s = 0.0f;
 #pragma unroll
@@ -213,6 +217,20 @@ RED_STORE_NEW = {
                            (unsigned long long)llrintf(s * 16777216.0f));
     }
 """,
+    "redp": """    static_assert(CHUNKS >= 2 && CHUNKS <= 4096, "redp keeps 8 bytes per output in the chunks' scratch");
+    for (int i = threadIdx.x; i < TILE; i += 256) {
+      float s = 0.0f;
+#pragma unroll
+      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
+      const int n = tile * TILE + i;
+      if (n < N) {
+        const long long q = llrintf(s * 16777216.0f);
+        unsigned* acc32 = reinterpret_cast<unsigned*>(partial);
+        atomicAdd(acc32 + (size_t)m * N + n, (unsigned)(q & 0xFFFFF));
+        atomicAdd(reinterpret_cast<int*>(acc32) + (size_t)(M + m) * N + n, (int)(q >> 20));
+      }
+    }
+""",
 }
 RED_SUM_OLD = """      float s = 0.0f;
 #pragma unroll 32
@@ -227,6 +245,13 @@ RED_SUM_NEW = {
     "redi": """      long long* acc64 = reinterpret_cast<long long*>(partial);
       float s = (float)__ldcg(&acc64[(size_t)m * N + n]) * (1.0f / 16777216.0f);
       acc64[(size_t)m * N + n] = 0;  // zeros again for the next launch
+""",
+    "redp": """      unsigned* acc32 = reinterpret_cast<unsigned*>(partial);
+      const long long q = (long long)__ldcg(reinterpret_cast<const int*>(acc32) + (size_t)(M + m) * N + n) * 1048576
+                          + (long long)__ldcg(acc32 + (size_t)m * N + n);
+      float s = (float)q * (1.0f / 16777216.0f);
+      acc32[(size_t)m * N + n] = 0u;  // zeros again for the next launch
+      acc32[(size_t)(M + m) * N + n] = 0u;
 """,
 }
 RED_HELPER = r"""// redv: 4 float32 adds at L2 in one reduction (sm_90's vector red); one atomic each elsewhere.
@@ -284,7 +309,7 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
         elif part == "tailb":
             assert TAIL_OLD in header, "the shipped last-block sum changed: update spin_rounds"
             header = header.replace(TAIL_OLD, TAIL_NEW.replace("TAIL_LOADS", str(TAIL_LOADS)))
-        elif part in ("redf", "redv", "redi"):
+        elif part in ("redf", "redv", "redi", "redp"):
             for old in (RED_STORE_OLD, RED_SUM_OLD):
                 assert old in header, "the shipped epilogue changed: update spin_rounds"
             header = header.replace(RED_STORE_OLD, RED_STORE_NEW[part]).replace(RED_SUM_OLD, RED_SUM_NEW[part])

@@ -106,7 +106,8 @@ def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
     shipped = G.launch_source
     for variant, needle in (("u8", None), ("pfb", "cp.async.bulk.prefetch.L2.global"),
                             ("pfl+u8", "prefetch.global.L2"), ("redf", "atom.global.add.f32"),
-                            ("redv", "red.relaxed.gpu.global.add.v4.f32"), ("redi", "atom.global.add.u64")):
+                            ("redv", "red.relaxed.gpu.global.add.v4.f32"), ("redi", "atom.global.add.u64"),
+                            ("redp", "atom.global.add.u32")):
         monkeypatch.setattr(G, "launch_source", R.variant_launch_source(variant))
         src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
                "#include <cooperative_groups.h>\nnamespace chess_check {\n"
