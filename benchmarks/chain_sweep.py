@@ -11,8 +11,9 @@ reference. ``spinq``: spin_q words per lane x chunk, also checked. ``spinqu`` (n
 set): spin_q with 8 (``--rows U``: U) rows in flight per warp instead of 4. ``split`` (not in the
 default set): the split-K chunk of CHESS+attention's split launch over ``[Wq^T | Wk^T | Wv^T]``,
 each also checked. ``spinlong`` (not in the default set): float16 spin_f with split-K chunks of
-512-2048 rows, each also checked. ``--only spout,spoutq,spin,spinq,gateup,spinqu,split,spinlong``
-picks sections (default: all but spinqu, split and spinlong).
+512-2048 rows, each also checked. ``splitw`` (not in the default set): the split launch's tile
+width at 4 and 8 bits. ``--only spout,spoutq,spin,spinq,gateup,spinqu,split,splitw,spinlong``
+picks sections (default: all but spinqu, split, splitw and spinlong).
 """
 
 from __future__ import annotations
@@ -117,6 +118,34 @@ def sweep_split() -> None:
                       f"  err {err:.1e}", flush=True)
 
 
+def sweep_split_words() -> None:
+    """The split launch's tile width at 4 and 8 bits (session 26: ``spin_q_words`` gives it the
+    narrow tile, 384 blocks either way, a rule measured on 4096 -> 4096 and down_proj only):
+    (words, chunk) of the narrow and the wide tile, each with 128- and 256-row chunks, each checked
+    and timed in a chain; the shipped choice is marked *."""
+    nq, nkv = K.QKV
+    n = nq + 2 * nkv
+    for wtype in ("q4g64", "q8g32"):
+        dtype, bits, _ = K.parse_wtype(wtype)
+        wts = K.weight_copies(n, nq, wtype, transposed=True)
+        ws = [G.workspace(n) for _ in range(64)]
+        ship = G.spin_geometry(1, nq, n, bits)
+        wide = G.spin_words(1, bits)
+        x = mx.random.normal((1, nq)).astype(dtype)
+        for s in (0.5, 0.7):
+            t = mx.array([mx.sort(mx.abs(x.astype(mx.float32))[0])[int(s * nq)].item()], dtype=dtype)
+            ref = G.reference_sparse_input(x, wts[0], t, nt=nq)[0]
+            mx.eval(t, ref)
+            for words in (wide // 2, wide):
+                for kc in (128, 256):
+                    err = K.rel_err(G._launch_spin("cuda", x, wts[0], t, ws[0], kc=kc, words=words, nt=nq)[0], ref)
+                    tm = gpu_timer.chain_time(lambda xi, i: G._launch_spin(
+                        "cuda", xi, wts[i % len(wts)], t, ws[i % len(ws)], kc=kc, words=words, nt=nq)[0], x)
+                    mark = "*" if (words, kc) == (ship[0], ship[2]) else " "
+                    print(f"splitw {wtype} {n}x{nq} s={s} words={words} kc={kc}{mark} {tm * 1e6:6.1f} us  err {err:.1e}",
+                          flush=True)
+
+
 def spin_q_cases():
     """(wtype, bits, shape, s, run, dense) for spin_q at 4 and 8 bits on 4096x4096 and down_proj's
     shape, 50% and 70%: ``run(kc, words)`` checks one launch geometry against the reference and
@@ -197,6 +226,8 @@ def main() -> None:
         sweep_gateup()
     if "split" in only:
         sweep_split()
+    if "splitw" in only:
+        sweep_split_words()
     rows = int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else None
     if "spinlong" in only:
         sweep_spin_long(u=rows or 4)

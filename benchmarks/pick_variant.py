@@ -1,17 +1,16 @@
 """Pick the probe variants worth a whole check from sparse_input_probes.sh's outputs, so the check
 can follow the probes on the same warm GPU machine without a person in between:
 
-    python benchmarks/pick_variant.py OUTDIR   ->  prints e.g. ``tail4+kc1024`` or ``shipped``
+    python benchmarks/pick_variant.py OUTDIR   ->  prints e.g. ``u8+kc1024`` or ``shipped``
 
-tail4 (OUTDIR/tail.txt): every row checked (``ALL OK``), the mean shipped/tail4 ratio at least
-1.02 and no row under 0.97. kcN (OUTDIR/long.txt): of the chunks past 512 rows, the one with the
-best mean speedup over kc=512 on the float16 shapes whose shipped chunk is 512, at least 1.02 on
-average at 50% and 70% sparsity, no row under 0.97 at any level, and no WRONG row. spin_rounds.py's
-edits (OUTDIR/rounds.txt): of its variant columns, the one with the best mean shipped/variant ratio,
-by tail4's rule (every row checked, mean >= 1.02, no row under 0.97), leaving out the parts whose
-output may change from run to run (NONDETERMINISTIC: float atomics in the split-K sum; a user's
-greedy decode must repeat itself). The variant is only a candidate: adoption waits for its whole
-check (check_all_wtypes.sh with variant_check.py).
+spin_rounds.py's edits (OUTDIR/rounds.txt): of its variant columns, the one with the best mean
+shipped/variant ratio, if every row was checked (``ALL OK``), the mean ratio is at least 1.02 and
+no row is under 0.97, leaving out the parts whose output may change from run to run
+(NONDETERMINISTIC: float atomics in the split-K sum; a user's greedy decode must repeat itself).
+kcN (OUTDIR/long.txt): of the chunks past 512 rows, the one with the best mean speedup over
+kc=512 on the float16 shapes whose shipped chunk is 512, at least 1.02 on average at 50% and 70%
+sparsity, no row under 0.97 at any level, and no WRONG row. The variant is only a candidate:
+adoption waits for its whole check (check_all_wtypes.sh with variant_check.py).
 """
 
 from __future__ import annotations
@@ -28,15 +27,6 @@ NONDETERMINISTIC = ("redf", "redv")  # spin_rounds parts that add floats in the 
 
 def _gmean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 0.0
-
-
-def tail_wins(text: str) -> bool:
-    """tail.txt rows: wtype, in->out, s, chunks, shipped us, tail4 us, ratio, errors."""
-    if "ALL OK" not in text:
-        return False
-    ratios = [float(m.group(1)) for m in re.finditer(r"^\S+\s+\d+->\d+\s+[\d.]+\s+\d+\s+[\d.]+\s+[\d.]+\s+([\d.]+)",
-                                                      text, re.M)]
-    return bool(ratios) and _gmean(ratios) >= MIN_MEAN and min(ratios) >= MIN_ROW
 
 
 def best_chunk(text: str) -> int | None:
@@ -86,9 +76,7 @@ def pick(out: Path) -> str:
     rounds = out / "rounds.txt"
     if rounds.exists() and (v := best_rounds(rounds.read_text())):
         parts.append(v)
-    tail, long_ = out / "tail.txt", out / "long.txt"
-    if tail.exists() and tail_wins(tail.read_text()):
-        parts.append("tail4")
+    long_ = out / "long.txt"
     kc = best_chunk(long_.read_text()) if long_.exists() else None
     if kc:
         parts.append(f"kc{kc}")

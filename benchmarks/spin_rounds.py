@@ -1,7 +1,7 @@
 """Probe: the sparse-input kernels' dependent rounds of weight loads (rows in flight, L2 prefetch).
 
     python benchmarks/spin_rounds.py [--wtypes float16,q4g64] [--levels 0,0.5,0.7,0.9] [--rounds 2]
-        [--variants u8,pfb,pfl,u8+pfb,tailb,redf,redv,redi,redp]
+        [--variants u8,pfb,pfl,u8+pfb]
 
 After its compaction, warp w of a sparse-input block takes the active rows w, w + 8, ... of its
 chunk, U = 4 rows at a time, each round waiting for its loads. Where a block's share is about one
@@ -24,18 +24,19 @@ Each text is checked against the reference on fresh inputs and timed in a chain 
 (weight copies rotated), shipped and variants in alternating order for ``--rounds`` rounds; the
 table gives each variant's time and shipped / variant. The edits compile for sm_90
 (tests/test_probe_tools.py) and run in the CPU emulation of CUDA there (the prefetch is a no-op
-off the GPU). ``tailb`` and ``relatom`` (below) edit the epilogue the same way, and so do
-``redf`` / ``redv`` / ``redi`` / ``redp`` (session 26): the split-K sum done by atomic reductions at L2 as the
-blocks finish, so the last block of a tile reads one value per output instead of one per chunk
-(float32 adds, scalar or 16 bytes at a time; or int64 fixed point, whose sum does not depend on
-the order, as one 64-bit or two 32-bit atomics). Before the GPU run all four passed every launch of tests/test_kernels_emulated.py's
-CUDA emulation and compile for sm_90 (spin_q 4-bit 4096 -> 4096: 54 registers shipped, redf and
-redi 55, redv 61, redp 55).
+off the GPU).
 
-Result (H100, session 25, RESULTS.md): u8, pfb, pfl and tailb lose (u8 and tailb raise the
-kernel's registers, so fewer blocks fit an SM; the prefetch makes float16 rows be read twice);
-relatom won on every shape (1.01-1.07x at 50-90%), passed every weight type's whole check, and is
-the shipped count-in since.
+Results (H100, RESULTS.md): session 25: u8, pfb, pfl and a batched last-block sum (tailb) lost (u8
+and tailb raise the kernel's registers, so fewer blocks fit an SM; the prefetch makes float16 rows
+be read twice); one acq_rel atomic to count a block in (relatom) won on every shape and is the
+shipped count-in since. Session 26: the split-K sum by atomic reductions at L2 as the blocks
+finish, so a tile's last block reads one total per output instead of one partial per chunk:
+float32 adds (redf, redv: scalar or 16 bytes at a time; their sum follows the blocks' arrival) or
+int64 fixed point, exact and order-free (redi; redp: as two 32-bit words). All four won on the
+4-bit shapes; redi at 50-90%: 1.12-1.17x on 14336 -> 4096, 1.10-1.14x on 4096 -> 4096,
+1.02-1.03x on 4096 -> 14336, 0.995-1.055x on float16. redi, the fastest deterministic one, passed every
+weight type's whole check and is the shipped sum since. Those edits are gone with the text they
+edited: relatom and redi are refused as adopted, tailb, redf, redv and redp as retired.
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ import mlx.core as mx  # noqa: E402
 import kernels as K  # noqa: E402
 from chess_mlx import kernel_text  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
-from spin_tail import time_texts  # noqa: E402  (the shipped-vs-variant check and timing loop)
+from node_cost import launch_with  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]  # (in, out)
 VARIANTS = ("u8", "pfb", "pfl", "u8+pfb")
-PARTS = ("u8", "pfb", "pfl", "tailb", "redf", "redv", "redi", "redp")  # the edits variant_kernel_source applies (joined by +)
-TAIL_LOADS = 64  # tailb: partial loads in flight per thread in the last block's sum
+PARTS = ("u8", "pfb", "pfl")  # the edits variant_kernel_source applies (joined by +)
+ADOPTED = {"relatom": 25, "redi": 26}  # parts now in the shipped sources (session)
+RETIRED = ("tailb", "redf", "redv", "redp")  # parts whose shipped text redi replaced (session 26)
 
 ROWS_OLD = "constexpr int U = 4;"
 
@@ -123,174 +125,6 @@ CALL_NEW = {
 }
 
 
-# tailb: the tile's last block sums the chunks' partials in batches of CB chunks for all R of a
-# thread's outputs at once (R * CB <= TAIL_LOADS loads in flight, all bounds compile-time), instead
-# of 32 chunks of one output at a time: 4-bit 4096 -> 4096 (2 outputs per thread, 64 chunks) waits
-# for 2 rounds of loads instead of 4 (its last-block sum takes 1.9 us, spin_stamps.py, session 25).
-# Each output still sums its chunks in order 0..C-1: the same float32 sums, bit for bit.
-TAIL_OLD = """  for (int i = threadIdx.x; i < M * TILE; i += 256) {
-    const int m = i / TILE, n = tile * TILE + i % TILE;
-    if (n < N) {
-      float s = 0.0f;
-#pragma unroll 32
-      for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
-"""
-TAIL_NEW = """  constexpr int TR = (M * TILE + 255) / 256;
-  constexpr int TCB0 = TAIL_LOADS / TR < 1 ? 1 : TAIL_LOADS / TR;
-  constexpr int TCB = TCB0 < CHUNKS ? TCB0 : CHUNKS;
-  float tsum[TR];
-#pragma unroll
-  for (int r = 0; r < TR; ++r) tsum[r] = 0.0f;
-#pragma unroll
-  for (int c0 = 0; c0 < CHUNKS; c0 += TCB) {
-    float tval[TR][TCB];
-#pragma unroll
-    for (int cc = 0; cc < TCB; ++cc)
-#pragma unroll
-      for (int r = 0; r < TR; ++r) {
-        const int i = (int)threadIdx.x + 256 * r, m = i / TILE, n = tile * TILE + i % TILE;
-        tval[r][cc] = (i < M * TILE && n < N && c0 + cc < CHUNKS) ? __ldcg(&partial[((size_t)(c0 + cc) * M + m) * N + n]) : 0.0f;
-      }
-#pragma unroll
-    for (int cc = 0; cc < TCB; ++cc)
-#pragma unroll
-      for (int r = 0; r < TR; ++r)
-        if (c0 + cc < CHUNKS) tsum[r] += tval[r][cc];
-  }
-#pragma unroll
-  for (int r = 0; r < TR; ++r) {
-    const int i = (int)threadIdx.x + 256 * r, m = i / TILE, n = tile * TILE + i % TILE;
-    if (i < M * TILE && n < N) {
-      float s = tsum[r];
-"""
-# redf / redv / redi: no per-chunk partials and no last-block sum over them. Each chunk block adds its
-# tile's sums into one accumulator per output at L2 (atomic reductions, fire and forget) before it
-# counts in, and the tile's last block reads M * TILE accumulated values back (one round of loads
-# instead of CHUNKS / 32 rounds per output: 4-bit 4096 -> 4096 sums 64 chunks in 1.9 us,
-# spin_stamps.py, session 25), writes y, and zeroes them for the next launch (the workspace's
-# partial starts as zeros, G.workspace). redf: float32 adds, one per output (the shipped store
-# loop, atomicAdd instead of the store); redv: 16 bytes per reduction (red.add.v4.f32, sm_90: a
-# quarter of the operations, a few more registers). With float adds the order follows the blocks'
-# arrival, so y may differ in its last bit from run to run. redi: each block's sums rounded to int64 fixed point (2^-24 units:
-# |partial| < 5e11, resolution 6e-8) and added as integers: exact and order-free, so y is the same
-# on every run. redp: the same integer split into two 32-bit counters, q = hi * 2^20 + lo with lo
-# the low 20 bits (a uint32 sum of up to 4096 chunks cannot wrap) and hi an int32 (|partial| and
-# |y| < 2^27): Metal has 32-bit device atomic adds only, so this is the form a Metal twin could
-# share; its y equals redi's bit for bit (the same exact integer, rounded once). All use
-# partial[0, M * N) (redi and redp: 8 bytes per output, so CHUNKS >= 2).
-RED_STORE_OLD = """    for (int i = threadIdx.x; i < TILE; i += 256) {
-      float s = 0.0f;
-#pragma unroll
-      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
-      const int n = tile * TILE + i;
-      if (n < N) partial[((size_t)chunk * M + m) * N + n] = s;
-    }
-"""
-RED_STORE_NEW = {
-    "redf": """    for (int i = threadIdx.x; i < TILE; i += 256) {
-      float s = 0.0f;
-#pragma unroll
-      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
-      const int n = tile * TILE + i;
-      if (n < N) atomicAdd(&partial[(size_t)m * N + n], s);
-    }
-""",
-    "redv": """    static_assert(N % 4 == 0 && TILE % 4 == 0, "redv adds 4 outputs at a time");
-    for (int i = 4 * (int)threadIdx.x; i < TILE; i += 1024) {
-      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-      for (int w8 = 0; w8 < 8; ++w8) {
-        const float4 v = *reinterpret_cast<const float4*>(&red[w8][i]);
-        s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-      }
-      const int n = tile * TILE + i;
-      if (n < N) chess_red_add4(&partial[(size_t)m * N + n], s);
-    }
-""",
-    "redi": """    static_assert(CHUNKS >= 2, "redi keeps 8 bytes per output in the chunks' scratch");
-    for (int i = threadIdx.x; i < TILE; i += 256) {
-      float s = 0.0f;
-#pragma unroll
-      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
-      const int n = tile * TILE + i;
-      if (n < N) atomicAdd(reinterpret_cast<unsigned long long*>(partial) + (size_t)m * N + n,
-                           (unsigned long long)llrintf(s * 16777216.0f));
-    }
-""",
-    "redp": """    static_assert(CHUNKS >= 2 && CHUNKS <= 4096, "redp keeps 8 bytes per output in the chunks' scratch");
-    for (int i = threadIdx.x; i < TILE; i += 256) {
-      float s = 0.0f;
-#pragma unroll
-      for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
-      const int n = tile * TILE + i;
-      if (n < N) {
-        const long long q = llrintf(s * 16777216.0f);
-        unsigned* acc32 = reinterpret_cast<unsigned*>(partial);
-        atomicAdd(acc32 + (size_t)m * N + n, (unsigned)(q & 0xFFFFF));
-        atomicAdd(reinterpret_cast<int*>(acc32) + (size_t)(M + m) * N + n, (int)(q >> 20));
-      }
-    }
-""",
-}
-RED_SUM_OLD = """      float s = 0.0f;
-#pragma unroll 32
-      for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
-"""
-_RED_SUM_FLOAT = """      float s = __ldcg(&partial[(size_t)m * N + n]);
-      partial[(size_t)m * N + n] = 0.0f;  // zeros again for the next launch
-"""
-RED_SUM_NEW = {
-    "redf": _RED_SUM_FLOAT,
-    "redv": _RED_SUM_FLOAT,
-    "redi": """      long long* acc64 = reinterpret_cast<long long*>(partial);
-      float s = (float)__ldcg(&acc64[(size_t)m * N + n]) * (1.0f / 16777216.0f);
-      acc64[(size_t)m * N + n] = 0;  // zeros again for the next launch
-""",
-    "redp": """      unsigned* acc32 = reinterpret_cast<unsigned*>(partial);
-      const long long q = (long long)__ldcg(reinterpret_cast<const int*>(acc32) + (size_t)(M + m) * N + n) * 1048576
-                          + (long long)__ldcg(acc32 + (size_t)m * N + n);
-      float s = (float)q * (1.0f / 16777216.0f);
-      acc32[(size_t)m * N + n] = 0u;  // zeros again for the next launch
-      acc32[(size_t)(M + m) * N + n] = 0u;
-""",
-}
-RED_HELPER = r"""// redv: 4 float32 adds at L2 in one reduction (sm_90's vector red); one atomic each elsewhere.
-__device__ __forceinline__ void chess_red_add4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
-               ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
-#else
-  atomicAdd(p, v.x);
-  atomicAdd(p + 1, v.y);
-  atomicAdd(p + 2, v.z);
-  atomicAdd(p + 3, v.w);
-#endif
-}
-
-"""
-
-
-# relatom: thread 0 counts its block in with one atom.add.acq_rel.gpu instead of a fence, the
-# atomic and (in the last block) a second fence (session 10: 0.1-0.4 us on float16). Won on the
-# H100 in session 25 (1.01-1.07x at 50-90% on every shape; every weight type's whole check passed
-# with it) and adopted: SYNC_NEW is now cuda/common.cuh's text (a test checks it), so the part is
-# refused here.
-SYNC_OLD = """    __threadfence();  // release: the block's partials (ordered before by the barrier) and its count
-    const bool last = atomicAdd(&sem[tile], 1) == CHUNKS - 1;
-    if (last) __threadfence();  // acquire: the other chunks' partials
-"""
-SYNC_NEW = """    int prev;
-#ifdef __CUDA_ARCH__
-    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(prev) : "l"(&sem[tile]) : "memory");
-#else
-    __threadfence();
-    prev = atomicAdd(&sem[tile], 1);
-    __threadfence();
-#endif
-    const bool last = prev == CHUNKS - 1;
-"""
-
-
 def _base(name: str) -> str:
     return "spin_q" if name.startswith("spin_q") else "spin_f"
 
@@ -306,17 +140,10 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
         if part == "u8":
             assert ROWS_OLD in body, "the shipped rows in flight changed: update spin_rounds"
             body = body.replace(ROWS_OLD, "constexpr int U = 8;")
-        elif part == "tailb":
-            assert TAIL_OLD in header, "the shipped last-block sum changed: update spin_rounds"
-            header = header.replace(TAIL_OLD, TAIL_NEW.replace("TAIL_LOADS", str(TAIL_LOADS)))
-        elif part in ("redf", "redv", "redi", "redp"):
-            for old in (RED_STORE_OLD, RED_SUM_OLD):
-                assert old in header, "the shipped epilogue changed: update spin_rounds"
-            header = header.replace(RED_STORE_OLD, RED_STORE_NEW[part]).replace(RED_SUM_OLD, RED_SUM_NEW[part])
-            if part == "redv":
-                header = RED_HELPER + header
-        elif part == "relatom":
-            raise ValueError("relatom was adopted in session 25 (cuda/common.cuh): it is the shipped count-in")
+        elif part in ADOPTED:
+            raise ValueError(f"{part} was adopted in session {ADOPTED[part]} (cuda/common.cuh): it is the shipped text")
+        elif part in RETIRED:
+            raise ValueError(f"{part} edited the chunk-partial sum that session 26's fixed-point totals replaced")
         elif part in ("pfb", "pfl"):
             for old in (COMPACT_SIG_OLD, BALLOT_OLD):
                 assert old in header, "the shipped compaction changed: update spin_rounds"
@@ -334,6 +161,26 @@ def variant_launch_source(variant: str):
     def text(kind: str, name: str) -> tuple[str, str]:
         return kernel_text.launch_text(*variant_kernel_source(variant, kind, name))
     return text
+
+
+def time_texts(kind: str, wts: list, k: int, s: float, dtype, texts: dict, rounds: int) -> tuple[dict, dict]:
+    """A fresh ``s``-sparse input of ``k`` channels through the sparse-input kernel with each of
+    ``texts`` (name -> a ``G.launch_source``; the first is the shipped one, restored after): each
+    checked against the reference and timed in a chain, in alternating order for ``rounds``
+    rounds. Returns (best us, worst rel. error) per name."""
+    x = K.sparse_vec(1, k, s, dtype)
+    mx.eval(x)
+    ref = G.reference_sparse_input(x, wts[0])[0]
+    times: dict[str, list[float]] = {v: [] for v in texts}
+    errs: dict[str, float] = {}
+    for r in range(rounds):
+        for v in (texts if r % 2 == 0 else reversed(list(texts))):
+            launch_with(texts[v])
+            op = K.spin_op(kind, wts)
+            errs[v] = max(errs.get(v, 0.0), K.rel_err(op(x, 0), ref))
+            times[v].append(K.time_op(kind, op, x) * 1e6)
+    launch_with(next(iter(texts.values())))
+    return {v: min(t) for v, t in times.items()}, errs
 
 
 def main(argv: list[str] | None = None) -> int:

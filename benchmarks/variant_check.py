@@ -5,14 +5,14 @@ adopted in the sources:
     python benchmarks/variant_check.py VARIANT kernels [kernels.py arguments]
     python benchmarks/variant_check.py VARIANT cli [chess-mlx arguments]
 
-VARIANT: ``shipped`` (nothing changed); ``tail4`` (spin_tail.py's float4 last-block sum, both
-spin kernels); ``kcN`` (one-token half-weight sparse-input launches whose split-K chunk is the
-longest, 512 rows, take N rows instead, e.g. ``kc1024``: the FFN shapes; chain_sweep.py --only
-spinlong); several joined by ``+``. Neither won on the H100 (session 24), so none is adopted.
-``u8``, ``pfb``, ``pfl``, ``tailb`` (spin_rounds.py's edits: 8 rows in flight, L2 prefetch of the
-active rows, the last-block sum in batches) join as one edit of the spin sources, e.g. ``u8+pfb``;
-its ``relatom`` was checked this way in session 25 and adopted.
-check_all_wtypes.sh takes it as ``KERNELS="benchmarks/variant_check.py tail4 kernels"``.
+VARIANT: ``shipped`` (nothing changed); ``kcN`` (one-token half-weight sparse-input launches whose
+split-K chunk is the longest, 512 rows, take N rows instead, e.g. ``kc1024``: the FFN shapes;
+chain_sweep.py --only spinlong; lost on the H100 in session 24); ``u8``, ``pfb``, ``pfl``
+(spin_rounds.py's edits: 8 rows in flight, L2 prefetch of the active rows) join as one edit of
+the spin sources, e.g. ``u8+pfb``; several joined by ``+``. Checked this way and adopted:
+spin_rounds' ``relatom`` (session 25) and ``redi`` (session 26); the float4 last-block sum
+(``tail4``, session 24) and the other edits of the chunk-partial sum went with that sum.
+check_all_wtypes.sh takes it as ``KERNELS="benchmarks/variant_check.py u8 kernels"``.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ def apply(variant: str) -> None:
     for part in variant.split("+"):
         if part == "shipped" or part in rounds:
             continue
-        if part == "tail4":
-            import spin_tail
-
-            launch_with(spin_tail.tail_launch_source)
+        if part in spin_rounds.ADOPTED or part in spin_rounds.RETIRED:
+            try:
+                spin_rounds.variant_kernel_source(part, "cuda", "spin_f")
+            except ValueError as e:  # why it no longer applies
+                raise SystemExit(f"variant_check: {e}") from None
         elif part.startswith("kc") and part[2:].isdigit():
             longest, shipped = int(part[2:]), G.spin_geometry
 
@@ -54,7 +55,7 @@ def apply(variant: str) -> None:
             G.spin_geometry = geometry
             launch_with(G.launch_source)
         else:
-            known = ", ".join(("shipped", "tail4", "kcN", *spin_rounds.PARTS))
+            known = ", ".join(("shipped", "kcN", *spin_rounds.PARTS))
             raise SystemExit(f"variant_check: unknown variant {part!r} ({known})")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The second half of a probe session on the same warm GPU machine (sparse_input_probes.sh first):
-#   bash benchmarks/sparse_input_probes.sh /root/probes tail,long && python3 benchmarks/pick_variant.py /root/probes > /root/probes/variant
+#   bash benchmarks/sparse_input_probes.sh /root/probes long,rounds && python3 benchmarks/pick_variant.py /root/probes > /root/probes/variant
 #   bash benchmarks/variant_followup.sh OUTDIR          (next call, within the machine's warm time)
 # Reads the candidate from /root/probes/variant (kept on the machine between calls); if there is
 # one, times kernels.py's gemv set with the shipped kernels (unless SKIP_SHIPPED_TIMING) and with

@@ -438,9 +438,33 @@ def spin_geometry(m: int, k: int, n: int, bits: Optional[int] = None, kind: str 
     """(words per lane, tiles, split-K chunk) of a spin_f (``bits`` None, words 0) or spin_q
     launch on (m, k) x (k, n); ``words`` and ``kc`` override the defaults (probes), and the default
     chunk follows the tile count that the words give."""
-    words = 0 if bits is None else words or spin_words(m, bits, kind)
+    words = 0 if bits is None else words or spin_q_words(m, k, n, bits, kind)
     tiles = -(-n // spin_tile(words, bits))
     return words, tiles, kc or split_k_chunk(k, tiles, quantized=bits is not None)
+
+
+SPIN_BLOCKS_PER_SM = 4  # spin_q blocks an H100 SM holds at once (256 threads of <= 64 registers)
+
+
+def spin_q_words(m: int, k: int, n: int, bits: int, kind: str = "cuda") -> int:
+    """Words per lane of a spin_q launch: ``spin_words``, halved for one token where the narrower
+    tile's grid (with its ``split_k_chunk``) still starts in one wave of SPIN_BLOCKS_PER_SM blocks
+    per SM. With the split-K sum in fixed-point reductions (session 26) a chunk's blocks no longer
+    pay for partials the last block must sum, and a narrow tile with longer chunks wins at the
+    same block count: chained sweep on the H100 (``chain_sweep.py --only spinq``), 4096 -> 4096
+    at 50% / 70%, 4-bit 7.2 / 6.5 us with 1 word and 128-row chunks against 7.9 / 6.9 with 2 words
+    and 64 rows (MLX's ``quantized_matmul``: 12.2), 8-bit 8.1 / 7.0 with 2 words and 128 rows
+    against 9.0 / 7.3 with 4 and 64. On down_proj's 14336 inputs the narrow grid would need two
+    waves (896 blocks) and loses (4-bit 15.3 against 12.7 us at 50%), so it keeps ``spin_words``.
+    ``split_fits`` and ``rope_fits`` callers check against the wider ``spin_words`` tile, which
+    the narrow one divides."""
+    words = spin_words(m, bits, kind)
+    if m == 1 and words > 1:
+        narrow = words // 2
+        tiles = -(-n // spin_tile(narrow, bits))
+        if tiles * -(-k // split_k_chunk(k, tiles, quantized=True)) <= SPIN_BLOCKS_PER_SM * H100_SMS:
+            return narrow
+    return words
 
 
 def spin_threadgroup_bytes(m: int, kc: int, words: int = 0, bits: Optional[int] = None) -> int:
@@ -477,13 +501,21 @@ def kernel_supports(kind: str, x: mx.array, w, transposed: bool) -> bool:
         if w.bits not in (4, 8) or w.group_size not in (32, 64) or w.scales.dtype != x.dtype:
             return False
         if transposed:
-            return m <= 4 and w.cols % (128 // w.bits) == 0 and k_x == w.rows
+            return (m <= 4 and w.cols % (128 // w.bits) == 0 and k_x == w.rows
+                    and _spin_chunks(m, k_x, w.cols, w.bits, kind) <= SPIN_MAX_CHUNKS)
         return k_x == w.cols and w.cols % (128 // w.bits) == 0
     if w.dtype != x.dtype:
         return False
     k = w.shape[0] if transposed else w.shape[1]
     n = w.shape[1] if transposed else w.shape[0]
-    return k_x == k and k % 8 == 0 and n % 8 == 0
+    return (k_x == k and k % 8 == 0 and n % 8 == 0
+            and (not transposed or _spin_chunks(m, k, n, None, kind) <= SPIN_MAX_CHUNKS))
+
+
+def _spin_chunks(m: int, k: int, n: int, bits: Optional[int], kind: str) -> int:
+    """Split-K chunks of a default spin launch (the kernels' fixed-point sum takes at most
+    SPIN_MAX_CHUNKS: inputs beyond 511 * 512 rows for float weights go to the reference path)."""
+    return -(-k // spin_geometry(m, k, n, bits, kind)[2])
 
 
 def rows(x: mx.array) -> int:
@@ -538,18 +570,19 @@ class Workspace:
     (RESULTS.md session 16 §5); the density tokens fit session 15's hangs with the recorder on.
     Nothing reads a layer's y on the host.
 
-    ``partial`` is the site's float32 split-K scratch (>= chunks * tokens * outputs), written and
-    read by each launch and kept between them (an output would be allocated at every launch:
-    ~2 us of MLX's encoding each, RESULTS.md session 18); the token orders it as it orders
-    ``sem``."""
+    ``partial`` is the site's split-K scratch (``spin_partials``: three 32-bit words per token and
+    output), zeros before and after every launch: the blocks add their chunks' sums into it in
+    fixed point and the last block of a tile reads the totals and zeroes them. It is kept between
+    launches (an output would be allocated at every launch: ~2 us of MLX's encoding each,
+    RESULTS.md session 18); the token orders it as it orders ``sem``."""
 
     sem: mx.array
     last: mx.array
     partial: mx.array
 
     def hold(self, size: int) -> None:
-        """Grow the scratch to at least ``size`` floats (a lazy fill; a launch overwrites what it
-        reads, so nothing old need be kept)."""
+        """Grow the scratch to at least ``size`` floats: fresh zeros (every launch leaves its
+        totals at zero, so nothing old need be kept)."""
         if self.partial.size < size:
             self.partial = mx.zeros((size,), dtype=mx.float32)
 
@@ -572,9 +605,14 @@ def workspace(n_out: int, like: Optional[mx.array] = None, bits: Optional[int] =
 
 
 def spin_partials(m: int, k: int, n: int, bits: Optional[int] = None) -> int:
-    """Float32 elements of a spin launch's split-K scratch: chunks x tokens x outputs."""
-    _, _, kc = spin_geometry(m, k, n, bits, backend())
-    return -(-k // kc) * m * n
+    """Float32 elements of a spin launch's split-K scratch: three 32-bit words per token and
+    output, whatever the chunk (the kernels add the chunks' sums into one fixed-point total per
+    output: an int64 on CUDA, three 32-bit words on Metal; common.cuh's chess_fixed)."""
+    return SPIN_SCRATCH_WORDS * m * n
+
+
+SPIN_SCRATCH_WORDS = 3
+SPIN_MAX_CHUNKS = 511  # chess_max_chunks() of the kernels: the fixed-point totals' headroom
 
 
 SCALAR_SLOTS = 8
@@ -683,7 +721,9 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
     # the kernel indexes sem[0 .. tiles] (and sem[tiles + 1] with a fused output norm)
     if ws.sem.dtype != mx.int32 or ws.sem.size < tiles + 1 + (ynorm is not None):
         raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
-    ws.hold(chunks * m * n)  # grows only a workspace made without the site's input, or for fewer tokens
+    if chunks > SPIN_MAX_CHUNKS:
+        raise ValueError(f"{chunks} split-K chunks of {kc} rows: the kernels sum at most {SPIN_MAX_CHUNKS}")
+    ws.hold(spin_partials(m, k, n))  # grows only a workspace made without the site's input, or for fewer tokens
     site = [ws.sem, ws.partial, ws.last]
     if quantized:
         name, inputs = "spin_q", [x, t, wt.w, wt.kernel_sb(), *site]

@@ -508,30 +508,57 @@ __device__ __forceinline__ float chess_rope_theta(const int* pos, const float* i
   return (scale * static_cast<float>(pos[0])) * inv_freq[RT ? d / 2 : d % (RD / 2)];
 }
 
+// The split-K sum in fixed point (chess_spin_finish): a chunk's partial sum v of an output becomes
+// the integer round(v * 2^24), clamped to |v| <= 2^30 (a NaN to -2^30), so that up to
+// chess_max_chunks() of them add up in an int64 without overflow. Integer adds are exact and order-
+// free: y is the same bits on every run however the blocks arrive, and the Metal twin, which adds
+// the same integers as three 32-bit words (Metal has no 64-bit atomic add), gives the same y for
+// the same launch geometry.
+// Resolution 2^-24 (6e-8) per partial; a |partial| beyond 2^30, never met by a model's
+// activations, saturates, and so does a NaN: the output then overflows instead of staying NaN.
+// sparse_gemv.SPIN_MAX_CHUNKS is chess_max_chunks() (longer inputs take the reference path).
+__host__ __device__ constexpr int chess_max_chunks() { return 511; }
+
+__device__ __forceinline__ long long chess_fixed(float v) {
+  constexpr float ONE = 16777216.0f, MAX = 1073741824.0f;  // 2^24, 2^30
+  return llrintf(fminf(fmaxf(v, -MAX), MAX) * ONE);
+}
+
+__device__ __forceinline__ float chess_unfixed(long long q) {
+  return static_cast<float>(q) * (1.0f / 16777216.0f);
+}
+
 // Sparse-input epilogue, one launch for what used to be two (fewer graph nodes per token is what
 // decode speed depends on, benchmarks/RESULTS.md): the 8 warps' accumulators of one output tile
-// (lane owns VPL consecutive outputs, plus a per-lane scalar) are summed through red[8][TILE] into
-// partial[chunk, m, :]; the last of the tile's CHUNKS chunk blocks to arrive (counted in
-// sem[tile]) sums the chunks in order 0..C-1 into y. The tile-0 blocks add their non-zero input
-// counts into sem[tiles] before they count in, so tile 0's last block holds the whole count and
-// writes dens[0] = non-zero inputs / (M*K). sem is a per-call-site int32 workspace of tiles + 1
-// zeros; each counter is reset by the block that consumed it, so the next launch finds zeros
-// again. Only thread 0 synchronizes, after the block barrier (the pattern of cooperative groups'
-// grid sync): a fence per warp cost up to 40% of the kernel's time. It counts the block in with one
-// atom.add.acq_rel.gpu (release: the block's partials, ordered before it by the barrier, and its
-// count; acquire: the other chunks' partials, for the last block) instead of a fence, a relaxed
-// atomic and a second fence in the last block: 0.3-0.5 us less per launch, 1.01-1.07x on every
-// sparse-input shape at 50-90% (benchmarks/spin_rounds.py relatom, RESULTS.md session 25). The
-// Metal twin keeps fence + relaxed atomic + fence (Metal's device atomics are relaxed only). The
-// CPU emulation (no __CUDA_ARCH__) takes the fenced form. acq_rel atomics need sm_70, the oldest
-// architecture MLX's CUDA backend builds for (ml-explore/mlx#2209). The last block's serial tail is two
-// round trips to L2 (count, partial loads) plus the y store: the cross-tile counter that used to
-// decide who writes dens added two more (session 10). The chunk count is a compile-time constant
-// so the in-order sum issues up to 32 partial loads together. All 256 threads must call it.
+// (lane owns VPL consecutive outputs, plus a per-lane scalar) are summed through red[8][TILE]; each
+// chunk block adds its sums, in fixed point (chess_fixed), into one int64 per output at L2 (an
+// atomic reduction: fire and forget), and the last of the tile's CHUNKS chunk blocks to arrive
+// (counted in sem[tile]) reads the M * TILE totals back, writes y and zeroes the totals for the next
+// launch. Until session 26 each block stored its float partials (CHUNKS * M * N floats) and the
+// last block summed them in chunk order: with 64 chunks (4-bit 4096 -> 4096) that sum took 1.9 us
+// of the launch's 8.6 (benchmarks/spin_stamps.py); the reductions gave 1.10-1.17x on 4-bit 4096 ->
+// 4096 and 14336 -> 4096 at 50-90%, 1.02-1.03x on 4096 -> 14336 and 0.995-1.055x on float16
+// (benchmarks/spin_rounds.py redi, RESULTS.md session 26). The tile-0 blocks add
+// their non-zero input counts into sem[tiles] before they count in, so tile 0's last block holds
+// the whole count and writes dens[0] = non-zero inputs / (M*K). sem is a per-call-site int32
+// workspace of tiles + 1 zeros; each counter, and each total, is reset by the block that consumed
+// it, so the next launch finds zeros again. Only thread 0 synchronizes, after the block barrier
+// (the pattern of cooperative groups' grid sync): a fence per warp cost up to 40% of the kernel's
+// time. It counts the block in with one atom.add.acq_rel.gpu (release: the block's reductions,
+// ordered before it by the barrier, and its count; acquire: the other chunks' reductions, for the
+// last block) instead of a fence, a relaxed atomic and a second fence in the last block: 0.3-0.5 us
+// less per launch, 1.01-1.07x on every sparse-input shape at 50-90% (benchmarks/spin_rounds.py
+// relatom, RESULTS.md session 25). The Metal twin keeps fence + relaxed atomic + fence (Metal's
+// device atomics are relaxed only). The CPU emulation (no __CUDA_ARCH__) takes the fenced form.
+// acq_rel atomics need sm_70, the oldest architecture MLX's CUDA backend builds for
+// (ml-explore/mlx#2209). The last block's serial tail is two round trips to L2 (count, totals) plus
+// the y store: the cross-tile counter that used to decide who writes dens added two more
+// (session 10). All 256 threads must call it.
 // res: null, or the residual added to y after y's own rounding (the spin kernels' _res variants).
-// partial_in: the call site's float32 scratch of >= CHUNKS * M * N (an input: MLX would allocate
-// an output at every launch, ~2 us of host time each, RESULTS.md session 18); every element this
-// launch reads it writes first, and the workspace token orders the launches that share it.
+// partial_in: the call site's scratch of >= 3 * M * N float32 zeros (this kernel uses the first
+// 2 * M * N as M * N int64 totals; the Metal twin all of it), zeros again when the launch ends (an
+// input: MLX would allocate an output at every launch, ~2 us of host time each, RESULTS.md session
+// 18); the workspace token orders the launches that share it.
 // RD, RN, RT, theta: a rotary embedding of y's first RN outputs (the _rope variants; RN = 0: none),
 // heads of RD outputs, traditional (adjacent pairs) if RT, else halves (MLX's rope); theta is this
 // thread's angle (chess_rope_theta). Each pair lies inside one tile (RD divides 256 and TILE).
@@ -543,7 +570,8 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
                                                   float theta = 0.0f) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
-  float* partial = const_cast<float*>(partial_in);
+  static_assert(CHUNKS <= chess_max_chunks(), "the fixed-point totals have headroom for 511 chunks");
+  unsigned long long* sums = reinterpret_cast<unsigned long long*>(const_cast<float*>(partial_in));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile = blockIdx.x, chunk = blockIdx.y;
   const int tiles = gridDim.x;
@@ -561,7 +589,7 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
 #pragma unroll
       for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
       const int n = tile * TILE + i;
-      if (n < N) partial[((size_t)chunk * M + m) * N + n] = s;
+      if (n < N) atomicAdd(sums + (size_t)m * N + n, (unsigned long long)chess_fixed(s));  // a reduction at L2
     }
     __syncthreads();
   }
@@ -585,9 +613,8 @@ __device__ __forceinline__ void chess_spin_finish(const float (*acc)[VPL], const
   for (int i = threadIdx.x; i < M * TILE; i += 256) {
     const int m = i / TILE, n = tile * TILE + i % TILE;
     if (n < N) {
-      float s = 0.0f;
-#pragma unroll 32
-      for (int c = 0; c < CHUNKS; ++c) s += __ldcg(&partial[((size_t)c * M + m) * N + n]);
+      float s = chess_unfixed(__ldcg(reinterpret_cast<const long long*>(sums) + (size_t)m * N + n));
+      sums[(size_t)m * N + n] = 0ull;  // zeros again for the next launch at this site
       if (res) s = static_cast<float>(static_cast<T>(s)) + static_cast<float>(res[(size_t)m * N + n]);
       if (RN > 0) rot[i] = static_cast<float>(static_cast<T>(s));
       else y[(size_t)m * N + n] = static_cast<T>(s);

@@ -430,19 +430,37 @@ inline float chess_rope_theta(const device int* pos, const device float* inv_fre
   return (scale * float(pos[0])) * inv_freq[RT ? d / 2 : d % (RD / 2)];
 }
 
+// The split-K sum in fixed point (twin of the CUDA one): round(v * 2^24) of a partial clamped to
+// |v| <= 2^30 (a NaN to -2^30), exact and order-free. Metal has no 64-bit atomic add, so each
+// integer q = hi * 2^40 + mid * 2^20 + lo is added as three 32-bit words: lo and mid (20 bits each,
+// unsigned: 511 chunks cannot carry out of 32 bits) and hi (signed, |hi| <= 2^14 per partial).
+// Their totals give the same int64 as the CUDA twin's one 64-bit add, so the same y for the same
+// launch geometry.
+constexpr int chess_max_chunks() { return 511; }
+
+inline long chess_fixed(float v) {
+  constexpr float ONE = 16777216.0f, MAX = 1073741824.0f;  // 2^24, 2^30
+  return static_cast<long>(rint(fmin(fmax(v, -MAX), MAX) * ONE));
+}
+
+inline float chess_unfixed(long q) {
+  return static_cast<float>(q) * (1.0f / 16777216.0f);
+}
+
 // Sparse-input epilogue (twin of the CUDA one): the 8 simdgroups' accumulators of one output tile
-// through red[8][TILE] (16-byte stores) into partial[chunk, m, :]; the tile's last chunk
-// threadgroup (counted in sem[tile]) sums the chunks in order into y; the tile-0 threadgroups add
-// their non-zero counts into sem[tiles] before counting in, so tile 0's last threadgroup writes
-// dens[0]; every counter is reset by its consumer (sem >= tiles + 1 int32 zeros). Only thread 0
-// fences, after the threadgroup barrier: a device fence, a relaxed atomic, and a second fence in
-// the last threadgroup (the CUDA twin counts in with one acq_rel atomic instead, the same step in
-// CUDA's memory model; Metal's device atomics are relaxed only). The chunk count is a
-// compile-time constant so the in-order sum's loads can be issued together.
+// through red[8][TILE] (16-byte stores); each chunk threadgroup adds its sums in fixed point
+// (chess_fixed, three relaxed 32-bit atomic adds per output) into partial, and the tile's last
+// chunk threadgroup (counted in sem[tile]) reads the totals back into y and zeroes them; the
+// tile-0 threadgroups add their non-zero counts into sem[tiles] before counting in, so tile 0's
+// last threadgroup writes dens[0]; every counter and total is reset by its consumer (sem >= tiles
+// + 1 int32 zeros). Only thread 0 fences, after the threadgroup barrier: a device fence, a relaxed
+// atomic, and a second fence in the last threadgroup (the CUDA twin counts in with one acq_rel
+// atomic instead, the same step in CUDA's memory model; Metal's device atomics are relaxed only).
 // Needs Metal 3.2 device-scope fences (atomic_thread_fence with thread_scope_device).
 // res: null, or the residual added to y after y's own rounding (the spin kernels' _res variants).
-// partial_in: the call site's float32 scratch of >= CHUNKS * M * N, an input written here (as the
-// CUDA twin; the workspace token orders the launches that share it).
+// partial_in: the call site's scratch of >= 3 * M * N float32 zeros (lo, mid, hi words), zeros again
+// when the launch ends (an input, as the CUDA twin; the workspace token orders the launches that
+// share it).
 // RD, RN, RT, theta: a rotary embedding of y's first RN outputs (the _rope variants; RN = 0: none),
 // as the CUDA twin.
 template <typename T, int M, int N, int K, int KC, int VPL, int RD = 0, int RN = 0, int RT = 0>
@@ -454,8 +472,10 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
                               float eps = 0.0f, float theta = 0.0f) {
   constexpr int TILE = 32 * VPL;
   constexpr int CHUNKS = (K + KC - 1) / KC;
+  static_assert(CHUNKS <= chess_max_chunks(), "the fixed-point totals have headroom for 511 chunks");
   device atomic_int* sem = (device atomic_int*)(sem_in);
-  device float* partial = (device float*)(partial_in);
+  device atomic_uint* words = (device atomic_uint*)(partial_in);
+  device atomic_int* high = (device atomic_int*)(partial_in);
   for (int m = 0; m < M; ++m) {
     threadgroup float4* dst = (threadgroup float4*)(&red[warp][lane * VPL]);
     for (int q = 0; q < VPL / 4; ++q)
@@ -465,7 +485,12 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
       float s = 0.0f;
       for (int w8 = 0; w8 < 8; ++w8) s += red[w8][i];
       const int n = tile * TILE + i;
-      if (n < N) partial[(chunk * M + m) * N + n] = s;
+      if (n < N) {  // the fixed-point partial as three 32-bit adds: low 20 bits, next 20, the signed rest
+        const long q = chess_fixed(s);
+        atomic_fetch_add_explicit(&words[m * N + n], uint(q & 0xFFFFF), memory_order_relaxed);
+        atomic_fetch_add_explicit(&words[(M + m) * N + n], uint((q >> 20) & 0xFFFFF), memory_order_relaxed);
+        atomic_fetch_add_explicit(&high[(2 * M + m) * N + n], int(q >> 40), memory_order_relaxed);
+      }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
@@ -484,9 +509,13 @@ inline void chess_spin_finish(thread const float (*acc)[VPL], thread const float
   for (int i = int(tid); i < M * TILE; i += 256) {
     const int m = i / TILE, n = tile * TILE + i % TILE;
     if (n < N) {
-      float s = 0.0f;
-#pragma unroll(32)
-      for (int c = 0; c < CHUNKS; ++c) s += partial[(c * M + m) * N + n];
+      device uint* w32 = (device uint*)(partial_in);
+      const long q = long(((device int*)w32)[(2 * M + m) * N + n]) * 1099511627776l  // hi * 2^40
+                     + long(w32[(M + m) * N + n]) * 1048576l + long(w32[m * N + n]);  // + mid * 2^20 + lo
+      float s = chess_unfixed(q);
+      w32[m * N + n] = 0u;  // zeros again for the next launch at this site
+      w32[(M + m) * N + n] = 0u;
+      w32[(2 * M + m) * N + n] = 0u;
       if (res) s = float(static_cast<T>(s)) + float(res[m * N + n]);
       if (RN > 0) rot[i] = float(static_cast<T>(s));
       else y[m * N + n] = static_cast<T>(s);

@@ -10,6 +10,7 @@
 #include "emu_core.h"
 
 #define __device__
+#define __host__
 #define __global__
 #define __forceinline__ inline
 #define __restrict__

@@ -139,6 +139,10 @@ inline int atomic_fetch_add_explicit(atomic_int* p, int x, memory_order) { retur
 inline int atomic_exchange_explicit(atomic_int* p, int x, memory_order) { return __atomic_exchange_n(&p->v, x, __ATOMIC_SEQ_CST); }
 inline int atomic_load_explicit(atomic_int* p, memory_order) { return __atomic_load_n(&p->v, __ATOMIC_SEQ_CST); }
 inline void atomic_store_explicit(atomic_int* p, int x, memory_order) { __atomic_store_n(&p->v, x, __ATOMIC_SEQ_CST); }
+struct atomic_uint {
+  uint v;
+};
+inline uint atomic_fetch_add_explicit(atomic_uint* p, uint x, memory_order) { return __atomic_fetch_add(&p->v, x, __ATOMIC_SEQ_CST); }
 inline void atomic_thread_fence(mem_flags, memory_order, thread_scope) { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // The Metal entry point of a recorded launch: the thread-position arguments from the emulator's.

@@ -9,7 +9,7 @@ recorded instead of run, and executed by a C++ program that compiles the launche
 the emulation (blocks / threadgroups as real threads with barriers, warp and simdgroup
 collectives, atomics). Every output must be written (outputs start as NaN), match the reference
 path within the GPU check's tolerance, the density must be exact, and a sparse-input launch must
-leave its workspace counters at zero. The emulation says nothing about speed, and nothing about
+leave its workspace counters and its split-K totals at zero. The emulation says nothing about speed, and nothing about
 races between blocks that a GPU runs side by side: the H100 check stays the authority for CUDA.
 """
 
@@ -304,6 +304,9 @@ def test_kernels_run_in_the_emulator_match_the_reference(monkeypatch, tmp_path, 
             sem = np.array(after[G._INPUTS[launch.name].index("sem")])
             if sem.any():
                 failures.append(f"{label}: workspace counters not reset ({sem[:4]})")
+            scratch = np.array(after[G._INPUTS[launch.name].index("partial")])
+            if not np.array(launch.inputs[G._INPUTS[launch.name].index("partial")]).any() and scratch.any():
+                failures.append(f"{label}: split-K totals not zeroed ({np.count_nonzero(scratch)} words left)")
         if kind == "spin":
             density = float(outs[1].item())
             x = np.array(launch.inputs[0].astype(mx.float32))

@@ -1,6 +1,6 @@
 """The probe session's decision tools (benchmarks/pick_variant.py, variant_check.py): a GPU call
 runs them without a person in between, so their rule and their patching are checked here, on the
-probes' real outputs of session 24 (where nothing won) and on those outputs turned into wins."""
+probes' real outputs of sessions 24 and 25 (where nothing won) and on those outputs turned into wins."""
 
 from __future__ import annotations
 
@@ -16,18 +16,9 @@ from test_kernels_cpu import bench_module
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def _probe_dir(tmp_path: Path, tail: str, long_: str) -> Path:
-    (tmp_path / "tail.txt").write_text(tail)
+def _probe_dir(tmp_path: Path, long_: str) -> Path:
     (tmp_path / "long.txt").write_text(long_)
     return tmp_path
-
-
-def _swap_tail(text: str) -> str:
-    """The tail probe's rows with shipped and tail4 times swapped (so tail4 wins where it lost)."""
-    def row(m: re.Match) -> str:
-        a, b = float(m.group(2)), float(m.group(3))
-        return f"{m.group(1)}{b:11.1f} {a:9.1f} {b / a:6.3f}"
-    return re.sub(r"^(\S+\s+\d+->\d+\s+[\d.]+\s+\d+ )\s*([\d.]+)\s+([\d.]+)\s+[\d.]+", row, text, flags=re.M)
 
 
 def _faster_chunk(text: str, kc: int, factor: float) -> str:
@@ -39,17 +30,14 @@ def _faster_chunk(text: str, kc: int, factor: float) -> str:
 
 def test_pick_variant_keeps_the_shipped_kernels_on_session_24s_losses(tmp_path):
     P = bench_module("pick_variant")
-    tail = (RESULTS / "spin_tail_session24.txt").read_text()
     long_ = (RESULTS / "spin_long_session24.txt").read_text()
-    assert P.pick(_probe_dir(tmp_path, tail, long_)) == "shipped"
+    assert P.pick(_probe_dir(tmp_path, long_)) == "shipped"
     # the same rows as wins are picked: the parser reads the files the probes write
-    swapped = _swap_tail(tail)
-    assert swapped != tail and P.tail_wins(swapped)
     assert P.best_chunk(_faster_chunk(long_, 1024, 1.2)) == 1024
-    assert P.pick(_probe_dir(tmp_path, swapped, _faster_chunk(long_, 1024, 1.2))) == "tail4+kc1024"
+    assert P.pick(_probe_dir(tmp_path, _faster_chunk(long_, 1024, 1.2))) == "kc1024"
     # a chunk still slower after a 1% gain is not picked, nor a run with a wrong row
     assert P.best_chunk(_faster_chunk(long_, 768, 1.01)) is None
-    assert not P.tail_wins(swapped.replace("ALL OK", "1 WRONG"))
+    assert P.best_chunk(_faster_chunk(long_, 1024, 1.2) + "\nspinlong-u4 float16 4096x14336 s=0.5 kc=1024 1.0 us  WRONG") is None
 
 
 def test_variant_check_kc_changes_one_token_float_launches_only(monkeypatch):
@@ -63,7 +51,7 @@ def test_variant_check_kc_changes_one_token_float_launches_only(monkeypatch):
     assert G.spin_geometry(1, 4096, 4096)[2] == 128  # halved by the shipped rule: untouched
     assert G.spin_geometry(2, 14336, 4096)[2] == 512  # more tokens: shared memory would overflow
     assert G.spin_geometry(1, 14336, 4096, 4)[2] == 256  # quantized: untouched
-    assert G.spin_partials(1, 14336, 4096) == 14 * 4096  # the scratch follows the chunk
+    assert G.spin_partials(1, 14336, 4096) == 3 * 4096  # fixed-point totals: the scratch ignores the chunk
 
 
 def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
@@ -81,7 +69,6 @@ def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(K, "L2_BYTES", 1)  # two weight copies, not hundreds
     small = [(512, 256)]
     for name, argv in (("spin_balance", ["--wtypes", "float16,q4g64"]),
-                       ("spin_tail", ["--wtypes", "float16,q4g64", "--rounds", "1"]),
                        ("spin_rounds", ["--wtypes", "float16,q4g64", "--rounds", "2"])):
         probe = bench_module(name)
         monkeypatch.setattr(probe, "SHAPES", small)
@@ -95,9 +82,10 @@ def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
-    """benchmarks/spin_rounds.py's edits (rows in flight, L2 prefetch, L2 reductions) still apply
-    to the shipped sources and give every spin kernel and fused variant, as launched, a kernel that
-    compiles for sm_90; the prefetch and reduction variants carry their instruction."""
+    """benchmarks/spin_rounds.py's edits (rows in flight, L2 prefetch) still apply to the shipped
+    sources and give every spin kernel and fused variant, as launched, a kernel that compiles for
+    sm_90; the prefetch variants carry their instruction. The shipped kernels add their split-K
+    totals with 64-bit integer atomics."""
     import test_kernels_cpu as T
 
     R = bench_module("spin_rounds")
@@ -105,9 +93,7 @@ def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
     assert {inst[0] for inst in spins} == {n for n in G._INPUTS if n.startswith("spin")}
     shipped = G.launch_source
     for variant, needle in (("u8", None), ("pfb", "cp.async.bulk.prefetch.L2.global"),
-                            ("pfl+u8", "prefetch.global.L2"), ("redf", "atom.global.add.f32"),
-                            ("redv", "red.relaxed.gpu.global.add.v4.f32"), ("redi", "atom.global.add.u64"),
-                            ("redp", "atom.global.add.u32")):
+                            ("pfl+u8", "prefetch.global.L2")):
         monkeypatch.setattr(G, "launch_source", R.variant_launch_source(variant))
         src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
                "#include <cooperative_groups.h>\nnamespace chess_check {\n"
@@ -119,6 +105,10 @@ def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
             assert ptx.count(needle) >= len(spins), variant
     with pytest.raises(ValueError):
         R.variant_kernel_source("u9", "cuda", "spin_f")
+    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\nnamespace chess_check {\n"
+           + "".join(T._mlx_style_kernel(i, *inst) for i, inst in enumerate(spins)) + "}\n")
+    ptx = T.nvcc_ptx(tmp_path, src)
+    assert ptx.count("atom.global.add.u64") >= len(spins) and ptx.count("atom.add.acq_rel.gpu.s32") >= len(spins)
 
 
 def test_variant_check_applies_spin_rounds_edits(monkeypatch):
@@ -196,14 +186,23 @@ def test_pick_variant_reads_spin_rounds_output(tmp_path):
     assert P.best_rounds(won.replace(" xpfl ", " xredi ").replace(" pfl us ", " redi us ")) == "redi"
 
 
-def test_shipped_count_in_is_the_text_checked_on_the_h100():
-    """Session 25 checked spin_rounds' relatom edit on the H100 (every weight type) and adopted it:
-    the shipped count-in must stay that text, and the probe refuses to apply it again."""
-    R = bench_module("spin_rounds")
+def test_adopted_and_retired_probe_edits_are_refused():
+    """spin_rounds' edits that the H100 check made shipped text (relatom, session 25; redi, session
+    26) are refused as adopted, and those of the chunk-partial sum that redi replaced as retired,
+    each with its reason; the shipped epilogue is the adopted one: one acq_rel count-in and
+    fixed-point totals, no loop over the chunks' partials."""
+    R, V = bench_module("spin_rounds"), bench_module("variant_check")
     header = G.read_source("cuda", "spin_f")[0]
-    assert R.SYNC_NEW in header and R.SYNC_OLD not in header
-    with pytest.raises(ValueError, match="adopted"):
-        R.variant_kernel_source("relatom", "cuda", "spin_f")
+    assert 'asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;"' in header
+    assert "chess_fixed(s)" in header and "c < CHUNKS" not in header
+    for part in R.ADOPTED:
+        with pytest.raises(ValueError, match="adopted"):
+            R.variant_kernel_source(part, "cuda", "spin_f")
+        with pytest.raises(SystemExit, match="adopted"):
+            V.apply(part)
+    for part in R.RETIRED:
+        with pytest.raises(ValueError, match="replaced"):
+            R.variant_kernel_source(part, "cuda", "spin_q")
 
 
 def test_variant_check_takes_every_spin_rounds_part(monkeypatch):
@@ -216,5 +215,5 @@ def test_variant_check_takes_every_spin_rounds_part(monkeypatch):
         V.apply(part)
         R.variant_kernel_source(part, "cuda", "spin_q")  # and the probe applies it
     V.apply("+".join(R.PARTS))
-    with pytest.raises(SystemExit, match="tailb"):
+    with pytest.raises(SystemExit, match="pfl"):
         V.apply("nonsense")
