@@ -448,21 +448,24 @@ SPIN_BLOCKS_PER_SM = 4  # spin_q blocks an H100 SM holds at once (256 threads of
 
 def spin_q_words(m: int, k: int, n: int, bits: int, kind: str = "cuda") -> int:
     """Words per lane of a spin_q launch: ``spin_words``, halved for one token where the narrower
-    tile's grid (with its ``split_k_chunk``) still starts in one wave of SPIN_BLOCKS_PER_SM blocks
-    per SM. With the split-K sum in fixed-point reductions (session 26) a chunk's blocks no longer
-    pay for partials the last block must sum, and a narrow tile with longer chunks wins at the
-    same block count: chained sweep on the H100 (``chain_sweep.py --only spinq``), 4096 -> 4096
-    at 50% / 70%, 4-bit 7.2 / 6.5 us with 1 word and 128-row chunks against 7.9 / 6.9 with 2 words
-    and 64 rows (MLX's ``quantized_matmul``: 12.2), 8-bit 8.1 / 7.0 with 2 words and 128 rows
-    against 9.0 / 7.3 with 4 and 64. On down_proj's 14336 inputs the narrow grid would need two
-    waves (896 blocks) and loses (4-bit 15.3 against 12.7 us at 50%), so it keeps ``spin_words``.
-    ``split_fits`` and ``rope_fits`` callers check against the wider ``spin_words`` tile, which
-    the narrow one divides."""
+    tile's grid (with its ``split_k_chunk``) fills one wave of SPIN_BLOCKS_PER_SM blocks per SM
+    (7/8 of it or more, but no more). With the split-K sum in fixed-point reductions (session 26)
+    a chunk's blocks no longer pay for partials the last block must sum, and a narrow tile with
+    longer chunks wins at the same block count when they fill the wave: chained sweep on the H100
+    (``chain_sweep.py --only spinq``), 4096 -> 4096 (512 blocks) at 50% / 70%, 4-bit 7.2 / 6.5 us
+    with 1 word and 128-row chunks against 7.9 / 6.9 with 2 words and 64 rows (MLX's
+    ``quantized_matmul``: 12.2), 8-bit 8.1 / 7.0 with 2 words and 128 rows against 9.0 / 7.3 with
+    4 and 64. At half a wave it lost (4-bit, 256 blocks: 8.1 us with 1 word and 256 rows against
+    7.7 with 2 and 128), and on down_proj's 14336 inputs the narrow grid would need two waves (896
+    blocks; 4-bit 15.3 against 12.7 us at 50%). The split launch (q with k and v, 4096 -> 6144: 384
+    blocks) is not measured yet and keeps ``spin_words``. ``split_fits`` and ``rope_fits`` callers
+    check against the wider ``spin_words`` tile, which the narrow one divides."""
     words = spin_words(m, bits, kind)
     if m == 1 and words > 1:
         narrow = words // 2
         tiles = -(-n // spin_tile(narrow, bits))
-        if tiles * -(-k // split_k_chunk(k, tiles, quantized=True)) <= SPIN_BLOCKS_PER_SM * H100_SMS:
+        blocks = tiles * -(-k // split_k_chunk(k, tiles, quantized=True))
+        if 7 * SPIN_BLOCKS_PER_SM * H100_SMS <= 8 * blocks <= 8 * SPIN_BLOCKS_PER_SM * H100_SMS:
             return narrow
     return words
 

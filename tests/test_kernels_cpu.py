@@ -194,16 +194,17 @@ def test_launch_geometry():
     # what a launch uses: (words per lane, tiles, split-K chunk); overrides move the default chunk
     assert G.spin_geometry(1, 14336, 4096) == (0, 16, 512)
     assert G.spin_geometry(1, 14336, 4096, 4) == (2, 8, 256)
-    # one token, the narrow tile where its grid starts in one wave (session 26's sweep): 512 blocks
+    # one token, the narrow tile where its grid fills one wave (session 26's sweep): 512 blocks
     # on 4096 -> 4096, while down_proj's 14336 inputs would need 896 and keep the wide tile
     assert G.spin_geometry(1, 4096, 4096, 4) == (1, 16, 128)
     assert G.spin_geometry(1, 4096, 4096, 8) == (2, 16, 128)
     assert G.spin_geometry(1, 14336, 4096, 8) == (4, 8, 256)
     assert G.spin_geometry(2, 4096, 4096, 4) == (2, 8, 64)  # more tokens: spin_words as it is
-    # q with k and v (4096 -> 6144): 384 blocks either way, the narrow tile with 256-row chunks;
-    # Qwen2-7B's down_proj (18944 -> 3584): the narrow grid would be 1036 blocks
-    assert G.spin_geometry(1, 4096, 6144, 4) == (1, 24, 256) and G.spin_geometry(1, 4096, 6144, 8) == (2, 24, 256)
+    # q with k and v (4096 -> 6144): the narrow grid would be 384 blocks, under 7/8 of a wave (not
+    # measured yet); Qwen2-7B's down_proj (18944 -> 3584): 1036 blocks; small shapes: a few blocks
+    assert G.spin_geometry(1, 4096, 6144, 4) == (2, 12, 128) and G.spin_geometry(1, 4096, 6144, 8) == (4, 12, 128)
     assert G.spin_geometry(1, 18944, 3584, 4) == (2, 7, 256) and G.spin_geometry(1, 18944, 3584, 8) == (4, 7, 256)
+    assert G.spin_geometry(1, 512, 1024, 4) == (2, 2, 64)
     assert G.spin_geometry(1, 4096, 4096, 4, words=2) == (2, 8, 64)
     assert G.spin_geometry(1, 4096, 4096, 4, kc=64) == (1, 16, 64)
     assert [G.spout_rows_per_warp(m, 4096, 14336) for m in (1, 2, 4, 8)] == [8, 4, 4, 2]

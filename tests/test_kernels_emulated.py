@@ -280,6 +280,13 @@ def _cases(kind: str, launches: list) -> list:
         xs, wt = _sparse((1, 2304), 0.5, dtype, 13), _weight(256, 2304, "float16", True, 14).astype(dtype)
         G._launch_spin(kind, xs, wt, G.zero_threshold(dtype), G.workspace(256), kc=1024)
         checks.append((f"spin {dtype} kc=1024", [G.reference_sparse_input(xs.astype(mx.float32), _f32(wt))[0]], "spin"))
+    # one token, the narrow tile with longer chunks (spin_q_words: 4096 -> 4096 on a GPU): 4-bit 1 word
+    # per lane (256-output tiles), 8-bit 2 words, 128-row chunks
+    for wtype, words in (("q4g64", 1), ("q8g32", 2)):
+        xs, wt = _sparse((1, 512), 0.5, mx.float16, 15), _weight(512, 512, wtype, True, 16)
+        G._launch_spin(kind, xs, wt, G.zero_threshold(mx.float16), G.workspace(512), kc=128, words=words)
+        checks.append((f"spin {wtype} words={words} kc=128", [G.reference_sparse_input(xs.astype(mx.float32),
+                                                                                       _f32(wt))[0]], "spin"))
     assert len(checks) == len(launches), (len(checks), len(launches))
     return checks
 
