@@ -15,6 +15,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -91,13 +92,18 @@ auto warp_collective(T v, F f) {
 // kern(group position, lane, warp, thread position, groups) for every thread of a launch of
 // `grid` threads in groups of `tg` (MLX's metal_kernel and cuda_kernel both count the grid in
 // threads; an edge group is cut to the grid).
+// CHESS_EMU_REVERSE set: the groups run in the reverse order (a kernel whose result must not
+// depend on which block finishes last is run both ways).
 template <class F>
 void launch(Dim grid, Dim tg, F kern) {
   if (tg.y != 1 || tg.z != 1) throw "chess_emu: one-dimensional groups only";
   const Dim groups{(grid.x + tg.x - 1) / tg.x, (grid.y + tg.y - 1) / tg.y, (grid.z + tg.z - 1) / tg.z};
-  for (unsigned gz = 0; gz < groups.z; ++gz)
-    for (unsigned gy = 0; gy < groups.y; ++gy)
-      for (unsigned gx = 0; gx < groups.x; ++gx) {
+  const bool rev = std::getenv("CHESS_EMU_REVERSE") != nullptr;
+  for (unsigned iz = 0; iz < groups.z; ++iz)
+    for (unsigned iy = 0; iy < groups.y; ++iy)
+      for (unsigned ix = 0; ix < groups.x; ++ix) {
+        const unsigned gx = rev ? groups.x - 1 - ix : ix, gy = rev ? groups.y - 1 - iy : iy,
+                       gz = rev ? groups.z - 1 - iz : iz;
         const int n = (int)std::min(tg.x, grid.x - gx * tg.x);
         Group g(n);
         std::vector<std::thread> ts;

@@ -9,12 +9,14 @@ recorded instead of run, and executed by a C++ program that compiles the launche
 the emulation (blocks / threadgroups as real threads with barriers, warp and simdgroup
 collectives, atomics). Every output must be written (outputs start as NaN), match the reference
 path within the GPU check's tolerance, the density must be exact, and a sparse-input launch must
-leave its workspace counters and its split-K totals at zero. The emulation says nothing about speed, and nothing about
+leave its workspace counters and its split-K totals at zero and give the same bits with its
+blocks run in the reverse order. The emulation says nothing about speed, and nothing about
 races between blocks that a GPU runs side by side: the H100 check stays the authority for CUDA.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -162,9 +164,10 @@ def _from_bytes(data: bytes, dtype, shape) -> mx.array:
     return mx.array(np.frombuffer(data, np_t).reshape(shape))
 
 
-def _run(exe: Path, i: int, launch: Launch, tmp: Path) -> tuple[list, list]:
-    """(outputs, inputs after the run) of launch ``i`` in the emulator."""
-    d = tmp / f"l{i}"
+def _run(exe: Path, i: int, launch: Launch, tmp: Path, reverse: bool = False) -> tuple[list, list]:
+    """(outputs, inputs after the run) of launch ``i`` in the emulator; ``reverse``: its blocks in
+    the reverse order."""
+    d = tmp / f"l{i}{'r' if reverse else ''}"
     d.mkdir()
     sizes = []
     for j, a in enumerate(launch.inputs):
@@ -174,7 +177,8 @@ def _run(exe: Path, i: int, launch: Launch, tmp: Path) -> tuple[list, list]:
     out_sizes = [int(np.prod(s, dtype=np.int64)) * dt.size for s, dt in zip(launch.out_shapes, launch.out_dtypes)]
     grid, tg = launch.grid, launch.tg
     (d / "manifest.txt").write_text(" ".join(map(str, [*grid, *tg, len(sizes), len(out_sizes), *sizes, *out_sizes])))
-    r = subprocess.run([str(exe), str(i), str(d)], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "CHESS_EMU_REVERSE": "1"} if reverse else None
+    r = subprocess.run([str(exe), str(i), str(d)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, (launch.name, r.returncode, r.stderr[-2000:])
     n_in = len(sizes)
     outs = [_from_bytes((d / f"r{n_in + j}.bin").read_bytes(), dt, s)
@@ -314,6 +318,11 @@ def test_kernels_run_in_the_emulator_match_the_reference(monkeypatch, tmp_path, 
             scratch = np.array(after[G._INPUTS[launch.name].index("partial")])
             if not np.array(launch.inputs[G._INPUTS[launch.name].index("partial")]).any() and scratch.any():
                 failures.append(f"{label}: split-K totals not zeroed ({np.count_nonzero(scratch)} words left)")
+            # the blocks in the reverse order (another block of each tile finishes last, the chunks
+            # add up in another order): the fixed-point totals must give the same bits
+            if launch.grid[1] > 1 and not np.array_equal(_np(_run(exe, i, launch, tmp_path, reverse=True)[0][0]),
+                                                          _np(outs[0])):
+                failures.append(f"{label}: y depends on the order the blocks run in")
         if kind == "spin":
             density = float(outs[1].item())
             x = np.array(launch.inputs[0].astype(mx.float32))
