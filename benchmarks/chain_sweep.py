@@ -95,55 +95,60 @@ def sweep_spin_long(kcs: tuple = (512, 768, 1024, 1536, 2048), u: int = 4) -> No
     launch_with(shipped)
 
 
-def sweep_split() -> None:
-    """Split-K chunk of the split launch (q thresholded, k and v dense; Llama-3-8B: 4096 -> 4096 +
-    2 x 1024): its 24 output tiles make the default chunk 128 rows, 768 blocks, about 1.2 waves of
-    5 resident blocks per SM. Each chunk checked against the reference and timed in a chain."""
+def split_cases(wtypes: tuple[str, ...], levels: tuple[float, ...]):
+    """(wtype, bits, s, run) for the split launch (q thresholded, k and v dense; Llama-3-8B: 4096
+    -> 4096 + 2 x 1024) at each sparsity of q's input: ``run(kc, words)`` checks one launch
+    geometry against the reference and times it in a chain, returning (relative error, seconds)."""
     nq, nkv = K.QKV
-    for wtype in ("float16", "q4g64"):
+    for wtype in wtypes:
         dtype, bits, _ = K.parse_wtype(wtype)
         wts = K.weight_copies(nq + 2 * nkv, nq, wtype, transposed=True)
         ws = [G.workspace(nq + 2 * nkv) for _ in range(64)]
-        ship = G.spin_geometry(1, nq, nq + 2 * nkv, bits)[2]
         x = mx.random.normal((1, nq)).astype(dtype)
-        for s in (0.0, 0.5, 0.7):
+        for s in levels:
             t = mx.array([mx.sort(mx.abs(x.astype(mx.float32))[0])[int(s * nq)].item()], dtype=dtype)
             ref = G.reference_sparse_input(x, wts[0], t, nt=nq)[0]
             mx.eval(t, ref)
-            for kc in ((32, 64, 128, 256) if bits else (64, 128, 256, 512)):
-                err = K.rel_err(G._launch_spin("cuda", x, wts[0], t, ws[0], kc=kc, nt=nq)[0], ref)
-                tm = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], t, ws[i % len(ws)],
-                                                                       kc=kc, nt=nq)[0], x)
-                print(f"split {wtype} {nq + 2 * nkv}x{nq} s={s} kc={kc}{'*' if kc == ship else ' '} {tm * 1e6:6.1f} us"
-                      f"  err {err:.1e}", flush=True)
+
+            def run(kc=None, words=None, x=x, t=t, ref=ref, wts=wts, ws=ws):
+                err = K.rel_err(G._launch_spin("cuda", x, wts[0], t, ws[0], kc=kc, words=words, nt=nq)[0], ref)
+                tm = gpu_timer.chain_time(lambda xi, i: G._launch_spin(
+                    "cuda", xi, wts[i % len(wts)], t, ws[i % len(ws)], kc=kc, words=words, nt=nq)[0], x)
+                return err, tm
+
+            yield wtype, bits, s, run
+
+
+def sweep_split() -> None:
+    """Split-K chunk of the split launch: its 24 output tiles make the default chunk 128 rows, 768
+    blocks, about 1.2 waves of 5 resident blocks per SM. Each chunk checked against the reference
+    and timed in a chain."""
+    nq, nkv = K.QKV
+    for wtype, bits, s, run in split_cases(("float16", "q4g64"), (0.0, 0.5, 0.7)):
+        ship = G.spin_geometry(1, nq, nq + 2 * nkv, bits)[2]
+        for kc in ((32, 64, 128, 256) if bits else (64, 128, 256, 512)):
+            err, tm = run(kc)
+            print(f"split {wtype} {nq + 2 * nkv}x{nq} s={s} kc={kc}{'*' if kc == ship else ' '} {tm * 1e6:6.1f} us"
+                  f"  err {err:.1e}", flush=True)
 
 
 def sweep_split_words() -> None:
-    """The split launch's tile width at 4 and 8 bits (session 26: ``spin_q_words`` gives it the
-    narrow tile, 384 blocks either way, a rule measured on 4096 -> 4096 and down_proj only):
-    (words, chunk) of the narrow and the wide tile, each with 128- and 256-row chunks, each checked
-    and timed in a chain; the shipped choice is marked *."""
+    """The split launch's tile width at 4 and 8 bits (``spin_q_words`` keeps the wide tile there:
+    its narrow grid, 384 blocks, fills under 7/8 of a wave, and narrow tiles were measured on
+    4096 -> 4096 and down_proj only, session 26): (words, chunk) of the narrow and the wide tile,
+    each with 128- and 256-row chunks, each checked and timed in a chain; the shipped choice is
+    marked *."""
     nq, nkv = K.QKV
     n = nq + 2 * nkv
-    for wtype in ("q4g64", "q8g32"):
-        dtype, bits, _ = K.parse_wtype(wtype)
-        wts = K.weight_copies(n, nq, wtype, transposed=True)
-        ws = [G.workspace(n) for _ in range(64)]
+    for wtype, bits, s, run in split_cases(("q4g64", "q8g32"), (0.5, 0.7)):
         ship = G.spin_geometry(1, nq, n, bits)
         wide = G.spin_words(1, bits)
-        x = mx.random.normal((1, nq)).astype(dtype)
-        for s in (0.5, 0.7):
-            t = mx.array([mx.sort(mx.abs(x.astype(mx.float32))[0])[int(s * nq)].item()], dtype=dtype)
-            ref = G.reference_sparse_input(x, wts[0], t, nt=nq)[0]
-            mx.eval(t, ref)
-            for words in (wide // 2, wide):
-                for kc in (128, 256):
-                    err = K.rel_err(G._launch_spin("cuda", x, wts[0], t, ws[0], kc=kc, words=words, nt=nq)[0], ref)
-                    tm = gpu_timer.chain_time(lambda xi, i: G._launch_spin(
-                        "cuda", xi, wts[i % len(wts)], t, ws[i % len(ws)], kc=kc, words=words, nt=nq)[0], x)
-                    mark = "*" if (words, kc) == (ship[0], ship[2]) else " "
-                    print(f"splitw {wtype} {n}x{nq} s={s} words={words} kc={kc}{mark} {tm * 1e6:6.1f} us  err {err:.1e}",
-                          flush=True)
+        for words in (wide // 2, wide):
+            for kc in (128, 256):
+                err, tm = run(kc, words)
+                mark = "*" if (words, kc) == (ship[0], ship[2]) else " "
+                print(f"splitw {wtype} {n}x{nq} s={s} words={words} kc={kc}{mark} {tm * 1e6:6.1f} us  err {err:.1e}",
+                      flush=True)
 
 
 def spin_q_cases():
