@@ -12,8 +12,9 @@ set): spin_q with 8 (``--rows U``: U) rows in flight per warp instead of 4. ``sp
 default set): the split-K chunk of CHESS+attention's split launch over ``[Wq^T | Wk^T | Wv^T]``,
 each also checked. ``spinlong`` (not in the default set): float16 spin_f with split-K chunks of
 512-2048 rows, each also checked. ``splitw`` (not in the default set): the split launch's tile
-width at 4 and 8 bits. ``--only spout,spoutq,spin,spinq,gateup,spinqu,split,splitw,spinlong``
-picks sections (default: all but spinqu, split, splitw and spinlong).
+width at 4 and 8 bits. ``spinf`` (not in the default set): float16 spin_f with 64-512-row chunks at
+sparsity 0, 0.5 and 0.7. ``--only spout,spoutq,spin,spinf,spinq,gateup,spinqu,split,splitw,spinlong``
+picks sections (default: all but spinf, spinqu, split, splitw and spinlong).
 """
 
 from __future__ import annotations
@@ -31,25 +32,31 @@ import kernels as K  # noqa: E402
 from chess_mlx import sparse_gemv as G  # noqa: E402
 
 
-def sweep_spin() -> None:
+def sweep_spin(wtypes: tuple[str, ...] = ("float16", "q4g64", "q8g32"), levels: tuple[float, ...] = (0.5, 0.7),
+               half_kcs: tuple[int, ...] = (128, 256, 512)) -> None:
     """Split-K chunk of the sparse-input kernels on every shape: the chunk sets how many blocks
     share the launch's fixed costs (compaction, epilogue, tail) and how many partials the last
-    block sums."""
-    for wtype in ("float16", "q4g64", "q8g32"):
+    block sums. ``spinf`` runs it on float16 alone at sparsity 0 too, with 64-row chunks: since the
+    sum is a fixed-point reduction (session 26) a chunk's block no longer writes partials that the
+    last block must read, so shorter chunks may pay on 4096 -> 4096."""
+    for wtype in wtypes:
         dtype, bits, _ = K.parse_wtype(wtype)
         for out_dim, in_dim in K.SHAPES:
             wts = K.weight_copies(out_dim, in_dim, wtype, transposed=True)
             ws = [G.workspace(out_dim) for _ in range(64)]
             quant = wtype != "float16"
             ship = G.spin_geometry(1, in_dim, out_dim, bits)[2]
-            for s in (0.5, 0.7):
+            z = G.zero_threshold(dtype)
+            for s in levels:
                 xs = K.sparse_vec(1, in_dim, s, dtype)
-                mx.eval(xs)
-                for kc in ((32, 64, 128, 256) if quant else (128, 256, 512)):
-                    t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], G.zero_threshold(dtype),
+                ref = G.reference_sparse_input(xs, wts[0])[0]
+                mx.eval(xs, ref)
+                for kc in ((32, 64, 128, 256) if quant else half_kcs):
+                    err = K.rel_err(G._launch_spin("cuda", xs, wts[0], z, ws[0], kc=kc)[0], ref)
+                    t = gpu_timer.chain_time(lambda xi, i: G._launch_spin("cuda", xi, wts[i % len(wts)], z,
                                                                           ws[i % len(ws)], kc=kc)[0], xs)
-                    print(f"spin {wtype} {out_dim}x{in_dim} s={s} kc={kc}{'*' if kc == ship else ' '} {t * 1e6:6.1f} us",
-                          flush=True)
+                    print(f"spin {wtype} {out_dim}x{in_dim} s={s} kc={kc}{'*' if kc == ship else ' '} {t * 1e6:6.1f} us"
+                          f"  err {err:.1e}{'' if err < 1e-2 else '  WRONG'}", flush=True)
 
 
 def _spin_f_rows(u: int):
@@ -225,6 +232,8 @@ def main() -> None:
         sweep_spout_q()
     if "spin" in only:
         sweep_spin()
+    if "spinf" in only:
+        sweep_spin(("float16",), (0.0, 0.5, 0.7), (64, 128, 256, 512))
     if "spinq" in only:
         sweep_spin_q()
     if "gateup" in only:

@@ -74,10 +74,13 @@ def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
         monkeypatch.setattr(probe, "SHAPES", small)
         monkeypatch.setattr("sys.argv", [name, *argv])
         assert probe.main() == 0, name
-    bench_module("chain_sweep").sweep_spin_long(kcs=(128, 256))
+    sweep = bench_module("chain_sweep")
+    sweep.sweep_spin_long(kcs=(128, 256))
+    sweep.sweep_spin(("float16",), (0.0, 0.5), (64, 128))  # the spinf section's loop
     out = capsys.readouterr().out
     assert "ALL OK" in out and "WRONG" not in out
     assert out.count("spinlong-u4 float16 256x512") == 3 * 2  # three levels x two chunks
+    assert out.count("spin float16 256x512") == 2 * 2 and "err " in out
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
