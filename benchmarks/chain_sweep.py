@@ -35,10 +35,11 @@ from chess_mlx import sparse_gemv as G  # noqa: E402
 def sweep_spin(wtypes: tuple[str, ...] = ("float16", "q4g64", "q8g32"), levels: tuple[float, ...] = (0.5, 0.7),
                half_kcs: tuple[int, ...] = (128, 256, 512)) -> None:
     """Split-K chunk of the sparse-input kernels on every shape: the chunk sets how many blocks
-    share the launch's fixed costs (compaction, epilogue, tail) and how many partials the last
-    block sums. ``spinf`` runs it on float16 alone at sparsity 0 too, with 64-row chunks: since the
-    sum is a fixed-point reduction (session 26) a chunk's block no longer writes partials that the
-    last block must read, so shorter chunks may pay on 4096 -> 4096."""
+    share the launch's fixed costs (compaction, count-in, the last block's epilogue). ``spinf``
+    runs it on float16 alone at sparsity 0 too, with 64-row chunks: since the sum is a fixed-point
+    reduction (session 26) a block no longer writes partials that the last block must read, so
+    shorter chunks might have paid on 4096 -> 4096. They did not (H200, session 27: the shipped
+    ``split_k_chunk`` fastest in every row, 64 rows 15-48% slower)."""
     for wtype in wtypes:
         dtype, bits, _ = K.parse_wtype(wtype)
         for out_dim, in_dim in K.SHAPES:
