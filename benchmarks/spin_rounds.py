@@ -129,6 +129,15 @@ def _base(name: str) -> str:
     return "spin_q" if name.startswith("spin_q") else "spin_f"
 
 
+def refusal(part: str) -> str | None:
+    """Why ``part`` no longer applies to the shipped sources (adopted or retired), or None."""
+    if part in ADOPTED:
+        return f"{part} was adopted in session {ADOPTED[part]} (cuda/common.cuh): it is the shipped text"
+    if part in RETIRED:
+        return f"{part} edited the chunk-partial sum that session 26's fixed-point totals replaced"
+    return None
+
+
 def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]:
     """``G.kernel_source`` with ``variant``'s edits (parts joined by ``+``) in the spin kernels."""
     header, body = G.kernel_source(kind, name)
@@ -140,10 +149,8 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
         if part == "u8":
             assert ROWS_OLD in body, "the shipped rows in flight changed: update spin_rounds"
             body = body.replace(ROWS_OLD, "constexpr int U = 8;")
-        elif part in ADOPTED:
-            raise ValueError(f"{part} was adopted in session {ADOPTED[part]} (cuda/common.cuh): it is the shipped text")
-        elif part in RETIRED:
-            raise ValueError(f"{part} edited the chunk-partial sum that session 26's fixed-point totals replaced")
+        elif why := refusal(part):
+            raise ValueError(why)
         elif part in ("pfb", "pfl"):
             for old in (COMPACT_SIG_OLD, BALLOT_OLD):
                 assert old in header, "the shipped compaction changed: update spin_rounds"

@@ -38,11 +38,8 @@ def apply(variant: str) -> None:
     for part in variant.split("+"):
         if part == "shipped" or part in rounds:
             continue
-        if part in spin_rounds.ADOPTED or part in spin_rounds.RETIRED:
-            try:
-                spin_rounds.variant_kernel_source(part, "cuda", "spin_f")
-            except ValueError as e:  # why it no longer applies
-                raise SystemExit(f"variant_check: {e}") from None
+        if why := spin_rounds.refusal(part):
+            raise SystemExit(f"variant_check: {why}")
         elif part.startswith("kc") and part[2:].isdigit():
             longest, shipped = int(part[2:]), G.spin_geometry
 
