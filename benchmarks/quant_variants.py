@@ -124,7 +124,7 @@ def run() -> None:
             words, u, kc = _parse(v)
             tiles, chunks = -(-n // (32 * words * 8)), -(-k // kc)
             ws = G.workspace(tiles * 256)  # >= tiles + 2 counters
-            ws.hold(G.spin_partials(1, k, n))
+            ws.hold(G.spin_partials(1, n))
             mx.eval(ws.partial)
             timed(label, "qvar_spin_u", lambda: spin[u](
                 inputs=[x, t, wt.w, wt.sb, ws.sem, ws.partial, ws.last],

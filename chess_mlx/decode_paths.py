@@ -161,8 +161,7 @@ def _one_token_scratch(ws: G.Workspace, wt) -> G.Workspace:
     """``ws`` with a split-K scratch large enough for one-token launches on ``wt``. A bound input
     is fixed once traced, so a scratch the launch had to grow would be a fill node replayed at
     every token (the layers' workspaces come sized; this covers any other)."""
-    k, n, bits = (wt.rows, wt.cols, wt.bits) if isinstance(wt, G.QWeight) else (*wt.shape, None)
-    ws.hold(G.spin_partials(1, k, n, bits))
+    ws.hold(G.spin_partials(1, wt.cols if isinstance(wt, G.QWeight) else wt.shape[1]))
     mx.eval(ws.partial)
     return ws
 

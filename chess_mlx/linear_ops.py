@@ -124,7 +124,7 @@ def kernel_workspace(proj: nn.Module, like: mx.array, n_out: Optional[int] = Non
     name, n = (WORKSPACES[0], proj["weight"].shape[0]) if n_out is None else (WORKSPACES[1], n_out)
     ws = getattr(proj, name, None)
     if ws is None or ws.sem.size < -(-n // G.SPIN_MIN_TILE) + 2:
-        ws = G.workspace(n, like, proj.bits if "scales" in proj else None)
+        ws = G.workspace(n, like)
         setattr(proj, name, ws)
     return ws
 

@@ -593,21 +593,22 @@ class Workspace:
 SPIN_MIN_TILE = 128  # outputs per block of the narrowest spin launch: spin_q, 8 bits, one word per lane
 
 
-def workspace(n_out: int, like: Optional[mx.array] = None, bits: Optional[int] = None) -> Workspace:
+def workspace(n_out: int, like: Optional[mx.array] = None) -> Workspace:
     """A fresh workspace for one sparse-input call site (see ``Workspace``): zeroed counters and a
     placeholder first token. Given the site's input ``like``, the placeholder has the shape and
     dtype of the launches' y, so a compiled path traced with it replays for every later token
     instead of tracing again at the second one, and the split-K scratch is sized for launches on
-    inputs of that shape (float weights, or ``bits``-bit ones); otherwise the first launch sizes it."""
+    inputs of that shape (any weight type: it holds one total per output); otherwise the first
+    launch sizes it."""
     first = mx.zeros((), dtype=mx.float32) if like is None else mx.zeros((*like.shape[:-1], n_out), dtype=like.dtype)
-    size = 1 if like is None else spin_partials(rows(like), like.shape[-1], n_out, bits)
+    size = 1 if like is None else spin_partials(rows(like), n_out)
     ws = Workspace(mx.zeros((-(-n_out // SPIN_MIN_TILE) + 2,), dtype=mx.int32), first,
                    mx.zeros((size,), dtype=mx.float32))
     mx.eval(ws.sem, ws.last, ws.partial)
     return ws
 
 
-def spin_partials(m: int, k: int, n: int, bits: Optional[int] = None) -> int:
+def spin_partials(m: int, n: int) -> int:
     """Float32 elements of a spin launch's split-K scratch: three 32-bit words per token and
     output, whatever the chunk (the kernels add the chunks' sums into one fixed-point total per
     output: an int64 on CUDA, three 32-bit words on Metal; common.cuh's chess_fixed)."""
@@ -726,7 +727,7 @@ def _launch_spin(kind: str, x: mx.array, wt, t: mx.array, ws: Workspace,
         raise ValueError(f"workspace too small: {ws.sem.size} counters for {tiles} tiles")
     if chunks > SPIN_MAX_CHUNKS:
         raise ValueError(f"{chunks} split-K chunks of {kc} rows: the kernels sum at most {SPIN_MAX_CHUNKS}")
-    ws.hold(spin_partials(m, k, n))  # grows only a workspace made without the site's input, or for fewer tokens
+    ws.hold(spin_partials(m, n))  # grows only a workspace made without the site's input, or for fewer tokens
     site = [ws.sem, ws.partial, ws.last]
     if quantized:
         name, inputs = "spin_q", [x, t, wt.w, wt.kernel_sb(), *site]

@@ -232,7 +232,7 @@ def _cases(kind: str, launches: list) -> list:
         # sparse-input: plain, a per-channel threshold, the residual, both norms, the rope
         wt = _weight(n, k, wtype, True, 3)
         ref_in = G.reference_sparse_input(xs.astype(mx.float32), _f32(wt))
-        ws = G.workspace(n, bits=wt.bits if isinstance(wt, G.QWeight) else None)
+        ws = G.workspace(n)
         G._launch_spin(kind, xs, wt, G.zero_threshold(dtype), ws)
         checks.append((f"spin {label}", [ref_in[0]], "spin"))
         t = mx.abs(_sparse((k,), 0.0, dtype, 4)) * 0.7

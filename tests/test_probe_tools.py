@@ -51,7 +51,7 @@ def test_variant_check_kc_changes_one_token_float_launches_only(monkeypatch):
     assert G.spin_geometry(1, 4096, 4096)[2] == 128  # halved by the shipped rule: untouched
     assert G.spin_geometry(2, 14336, 4096)[2] == 512  # more tokens: shared memory would overflow
     assert G.spin_geometry(1, 14336, 4096, 4)[2] == 256  # quantized: untouched
-    assert G.spin_partials(1, 14336, 4096) == 3 * 4096  # fixed-point totals: the scratch ignores the chunk
+    assert G.spin_partials(1, 4096) == 3 * 4096  # fixed-point totals: the scratch ignores the chunk
 
 
 def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
