@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 import json
 import math
 import platform
@@ -384,10 +385,9 @@ def spin_op(kind: str, wts: list, t=None, spaces: int = 64, nt=None):
                                         ws[i % spaces], nt=nt)[0]
 
 
-def bench_gate_up(kind: str, bw: float) -> list[dict]:
+def bench_gate_up(kind: str, bw: float) -> Iterator[dict]:
     """The fused FFN front vs MLX's two dense GEMVs (gate and up, quantized_matmul for 4-bit) on
     the Llama-3-8B FFN shape."""
-    rows = []
     out_dim, in_dim = SHAPES[1]
     for wtype in ("float16", "bfloat16", "q4g64"):
         dtype = parse_wtype(wtype)[0]
@@ -403,16 +403,14 @@ def bench_gate_up(kind: str, bw: float) -> list[dict]:
             t = time_op(kind, lambda xi, i: G._launch_gateup(kind, xi, stacked[i % copies], ts[i % copies]), x)
             dens = mx.mean((G.reference_gate_up(x, *pairs[0], ts[0]) != 0).astype(mx.float32)).item()
             read = pairs[0][0].nbytes * (1 + dens)
-            rows.append(dict(kernel="gate_up", wtype=wtype, shape=f"2x{out_dim}x{in_dim}", sparsity=s, us=t * 1e6,
-                             dense_us=t_dense * 1e6, speedup=t_dense / t, bytes_read=read, bw_fraction=(read / t) / bw))
-    return rows
+            yield dict(kernel="gate_up", wtype=wtype, shape=f"2x{out_dim}x{in_dim}", sparsity=s, us=t * 1e6,
+                       dense_us=t_dense * 1e6, speedup=t_dense / t, bytes_read=read, bw_fraction=(read / t) / bw)
 
 
-def bench_qkv(kind: str, bw: float, quick: bool) -> list[dict]:
+def bench_qkv(kind: str, bw: float, quick: bool) -> Iterator[dict]:
     """The attention head's products under CHESS+attention on the Llama-3-8B shapes: one split
     launch over ``[Wq^T | Wk^T | Wv^T]`` (q's input thresholded) against q's own sparse-input
     launch followed by the dense ``[Wk; Wv]`` product, and against the dense ``[Wq; Wk; Wv]``."""
-    rows = []
     nq, nkv = QKV
     for wtype in ["float16", "q4g64"] if quick else WTYPES:
         dtype = parse_wtype(wtype)[0]
@@ -429,10 +427,9 @@ def bench_qkv(kind: str, bw: float, quick: bool) -> list[dict]:
             q_op, kv_op = spin_op(kind, qs, t), dense_op(kvs)
             t_two = time_op(kind, lambda xi, i: (q_op(xi, i), kv_op(xi, i)), x)
             read = dens * qs[0].nbytes + kvs[0].nbytes
-            rows.append(dict(kernel="qkv_split", wtype=wtype, shape=f"{n}x{nq}", sparsity=s, us=t_split * 1e6,
-                             dense_us=t_dense * 1e6, speedup=t_dense / t_split, two_launch_us=t_two * 1e6,
-                             bytes_read=read, bw_fraction=(read / t_split) / bw))
-    return rows
+            yield dict(kernel="qkv_split", wtype=wtype, shape=f"{n}x{nq}", sparsity=s, us=t_split * 1e6,
+                       dense_us=t_dense * 1e6, speedup=t_dense / t_split, two_launch_us=t_two * 1e6,
+                       bytes_read=read, bw_fraction=(read / t_split) / bw)
 
 
 def equal_bytes_dense(kind: str, out_dim: int, in_dim: int, wtype: str, dens: float, axis: int) -> float:
@@ -447,8 +444,7 @@ def equal_bytes_dense(kind: str, out_dim: int, in_dim: int, wtype: str, dens: fl
     return time_op(kind, dense_op(weight_copies(*shape, wtype)), x)
 
 
-def bench(kind: str, bw: float, quick: bool) -> list[dict]:
-    rows = []
+def bench(kind: str, bw: float, quick: bool) -> Iterator[dict]:
     wtypes = ["float16", "q4g64"] if quick else WTYPES
     for wtype in wtypes:
         dtype = parse_wtype(wtype)[0]
@@ -475,7 +471,7 @@ def bench(kind: str, bw: float, quick: bool) -> list[dict]:
                         t_eq = equal_bytes_dense(kind, out_dim, in_dim, wtype, dens, axis)
                         row.update(equal_bytes_dense_us=t_eq * 1e6, vs_equal_bytes=t_eq / t,
                                    equal_bytes_bw_fraction=(read / t_eq) / bw)
-                    rows.append(row)
+                    yield row
         # crossover in the decode batch
         out_dim, in_dim = SHAPES[0]
         ws = [make_weight(out_dim, in_dim, wtype, transposed=False) for _ in range(2)]
@@ -491,8 +487,7 @@ def bench(kind: str, bw: float, quick: bool) -> list[dict]:
                        sparse_output_us=t_out * 1e6)
             if G.kernel_supports(kind, xs, wts[0], transposed=True):
                 row["sparse_input_us"] = time_op(kind, spin_op(kind, wts), xs) * 1e6
-            rows.append(row)
-    return rows
+            yield row
 
 
 def main() -> int:
@@ -532,20 +527,26 @@ def main() -> int:
     if not args.skip_bench:
         bw = copy_bandwidth()
         print(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s")
-        rows = ((bench(kind, bw, args.quick) if "gemv" in benches else [])
-                + (bench_gate_up(kind, bw) if "gate_up" in benches else [])
-                + (bench_qkv(kind, bw, args.quick) if "qkv" in benches else []))
+        rows: list[dict] = []
         result.update(copy_bw=bw, bench=rows)
         print("eqB: MLX's dense product over the same bytes (us, % of copy bandwidth); x eqB: its time / the kernel's")
         print(f"{'kernel':<14}{'weights':<9}{'shape':<12}{'s':>5}{'us':>9}{'dense':>9}{'x':>6}{'bw%':>6}"
               f"{'eqB':>8}{'eqB%':>6}{'x eqB':>7}")
-        for r in rows:
+        timings = ((bench(kind, bw, args.quick) if "gemv" in benches else iter(()),
+                    bench_gate_up(kind, bw) if "gate_up" in benches else iter(()),
+                    bench_qkv(kind, bw, args.quick) if "qkv" in benches else iter(())))
+        for r in (r for part in timings for r in part):
+            # each row as it is timed (and the JSON so far): a call cut short by its time limit
+            # still leaves the rows it finished (session 28 lost a whole table to one)
+            rows.append(r)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1, default=str))
             if r["kernel"] in ("crossover", "qkv_split"):
                 continue
             eq = (f"{r['equal_bytes_dense_us']:>8.1f}{100 * r['equal_bytes_bw_fraction']:>6.0f}{r['vs_equal_bytes']:>7.2f}"
                   if "equal_bytes_dense_us" in r else "")
             print(f"{r['kernel']:<14}{r['wtype']:<9}{r['shape']:<12}{r['sparsity']:>5}{r['us']:>9.1f}"
-                  f"{r['dense_us']:>9.1f}{r['speedup']:>6.2f}{100 * r['bw_fraction']:>6.0f}{eq}")
+                  f"{r['dense_us']:>9.1f}{r['speedup']:>6.2f}{100 * r['bw_fraction']:>6.0f}{eq}", flush=True)
         print("q, k, v under CHESS+attention: one split launch vs q's launch + the [Wk; Wv] product:")
         for r in rows:
             if r["kernel"] == "qkv_split":
