@@ -56,8 +56,8 @@ from chess_mlx import sparse_gemv as G  # noqa: E402
 from node_cost import launch_with  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]  # (in, out)
-VARIANTS = ("u8", "pfb", "pfl", "u8+pfb")
-PARTS = ("u8", "pfb", "pfl")  # the edits variant_kernel_source applies (joined by +)
+VARIANTS = ("u8", "pfb", "pfl", "u8+pfb")  # the default run (hs: float weights only)
+PARTS = ("u8", "pfb", "pfl", "hs")  # the edits variant_kernel_source applies (joined by +)
 ADOPTED = {"relatom": 25, "redi": 26}  # parts now in the shipped sources (session)
 RETIRED = ("tailb", "redf", "redv", "redp")  # parts whose shipped text redi replaced (session 26)
 
@@ -100,6 +100,114 @@ struct ChessRowPrefetch {
 };
 
 """
+
+# Head start (``hs``, spin_f only): chess_compact with one addition. Right after its first ballot,
+# before the block's barriers, each warp takes the first U active rows of its own 32-input window
+# and issues their loads (the lane's 16 bytes of the row, as the main loop would), with the inputs
+# shuffled from the lanes that read them; those rows leave the block's list. The kernel adds them
+# before its main loop, which then has one round fewer to wait for after the barriers.
+HS_HELPER = r"""
+template <int M, int K, int KC, int TPC, int U, int N, typename T, typename TT>
+__device__ __forceinline__ int chess_compact_hs(const T* x, const TT* t, const T* g, float eps, float* nsum, bool thr,
+                                                int k_begin, int* idx, float* xsh, int* wcount, int* wnnz, int* nnz,
+                                                const T* wtn, bool in_range, uint4 (&hw)[U], float (&hx)[U][M],
+                                                int& hn) {
+  constexpr int P = (KC + 255) / 256;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float v[P][M], gv[P], tv[P];
+  bool valid[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int i = 256 * p + (int)threadIdx.x;
+    const int j = k_begin + i;
+    valid[p] = i < KC && j < K;
+#pragma unroll
+    for (int m = 0; m < M; ++m) v[p][m] = valid[p] ? static_cast<float>(x[(size_t)m * K + j]) : 0.0f;
+    gv[p] = valid[p] && g != nullptr ? static_cast<float>(g[j]) : 0.0f;
+    tv[p] = valid[p] && thr ? static_cast<float>(t[TPC ? j : 0]) : 0.0f;
+  }
+  float rs[M];
+  chess_rms_scales<T, M, K>(x, g, eps, nsum, rs);
+#pragma unroll
+  for (int p = 0; p < P; ++p)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xv = v[p][m];
+      if (g != nullptr) xv = static_cast<float>(static_cast<T>(gv[p] * static_cast<float>(static_cast<T>(xv * rs[m]))));
+      v[p][m] = !valid[p] ? 0.0f : !thr ? xv : fabsf(xv) >= tv[p] ? xv : 0.0f;
+    }
+  bool act[P];
+  unsigned bal[P];
+  hn = 0;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    int mine = 0;
+#pragma unroll
+    for (int m = 0; m < M; ++m) mine += v[p][m] != 0.0f;
+    act[p] = mine > 0;
+    bal[p] = __ballot_sync(0xffffffffu, act[p]);
+    if (p == 0) {
+      unsigned rest = bal[0];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (rest != 0u) {
+          const int b = __ffs(rest) - 1;
+          rest &= rest - 1u;
+#pragma unroll
+          for (int m = 0; m < M; ++m) hx[u][m] = __shfl_sync(0xffffffffu, v[0][m], b);
+          if (in_range) hw[u] = *reinterpret_cast<const uint4*>(wtn + (size_t)(k_begin + 32 * warp + b) * N);
+          hn = u + 1;
+        }
+      }
+      bal[0] = rest;
+      act[0] = ((rest >> lane) & 1u) != 0u;
+    }
+    const int wsum = __reduce_add_sync(0xffffffffu, mine);
+    if (lane == 0) {
+      wcount[8 * p + warp] = __popc(bal[p]);
+      wnnz[8 * p + warp] = wsum;
+    }
+  }
+  __syncthreads();
+  int total = 0, elems = 0;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    int off = total;
+    for (int w = 0; w < warp; ++w) off += wcount[8 * p + w];
+    if (act[p]) {
+      const int slot = off + __popc(bal[p] & ((1u << lane) - 1u));
+      idx[slot] = k_begin + 256 * p + (int)threadIdx.x;
+#pragma unroll
+      for (int m = 0; m < M; ++m) xsh[m * KC + slot] = v[p][m];
+    }
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      total += wcount[8 * p + w];
+      elems += wnnz[8 * p + w];
+    }
+  }
+  __syncthreads();
+  *nnz = elems;
+  return total;
+}
+"""
+HS_CALL_OLD = "const int total = chess_compact<M, K, KC, TPC>(x, t, xg, eps, wss, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz);"
+HS_CALL_NEW = ("uint4 hw[U];\nfloat hx[U][M];\nint hn;\n"
+               "const int total = chess_compact_hs<M, K, KC, TPC, U, N>(x, t, xg, eps, wss, thr, chunk * KC, idx, xsh, "
+               "wcount, wnnz, &nnz, wt + n0, in_range, hw, hx, hn);")
+HS_LOOP_OLD = "for (int i0 = warp; i0 < total; i0 += 8 * U) {"
+HS_LOOP_NEW = """#pragma unroll
+for (int u = 0; u < U; ++u) {
+  if (u < hn && in_range) {
+    float wf[8];
+    chess_unpack8<T>(hw[u], wf);
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[m][e] += hx[u][m] * wf[e];
+  }
+}
+""" + HS_LOOP_OLD
 
 COMPACT_SIG_OLD = """template <int M, int K, int KC, int TPC, typename T, typename TT>
 __device__ __forceinline__ int chess_compact(const T* x, const TT* t, const T* g, float eps, float* nsum, bool thr,
@@ -151,6 +259,12 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
             body = body.replace(ROWS_OLD, "constexpr int U = 8;")
         elif why := refusal(part):
             raise ValueError(why)
+        elif part == "hs":
+            if _base(name) != "spin_f":
+                raise ValueError("hs edits spin_f (float weights) only")
+            assert HS_CALL_OLD in body and HS_LOOP_OLD in body, "the shipped spin_f changed: update spin_rounds"
+            header = header + HS_HELPER
+            body = body.replace(HS_CALL_OLD, HS_CALL_NEW).replace(HS_LOOP_OLD, HS_LOOP_NEW)
         elif part in ("pfb", "pfl"):
             for old in (COMPACT_SIG_OLD, BALLOT_OLD):
                 assert old in header, "the shipped compaction changed: update spin_rounds"
@@ -203,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shipped = G.launch_source
     names = ["shipped", *args.variants.split(",")]
+    if any("hs" in v.split("+") for v in names) and any(K.parse_wtype(w)[1] for w in args.wtypes.split(",")):
+        ap.error("hs edits the float16/bfloat16 kernel only: give --wtypes float16,bfloat16")
     texts = {v: (shipped if v == "shipped" else variant_launch_source(v)) for v in names}
     mx.random.seed(0)
     bad = 0

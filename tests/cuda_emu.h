@@ -67,6 +67,11 @@ template <class T>
 T __shfl_xor_sync(unsigned, T v, int mask) {
   return chess_emu::warp_collective(v, [mask](const T* vals, const bool*, int me) { return vals[me ^ mask]; });
 }
+template <class T>
+T __shfl_sync(unsigned, T v, int src) {
+  return chess_emu::warp_collective(v, [src](const T* vals, const bool*, int) { return vals[src & 31]; });
+}
+inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
 inline unsigned __ballot_sync(unsigned, bool pred) {
   return chess_emu::warp_collective(pred, [](const bool* vals, const bool* live, int) {
     unsigned r = 0;

@@ -106,6 +106,16 @@ def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
         assert ptx.count(".entry") == len(spins), variant
         if needle:
             assert ptx.count(needle) >= len(spins), variant
+    # hs (head start) edits the float kernels only: every spin_f instance compiles with it
+    floats = [inst for inst in spins if inst[0].startswith("spin_f")]
+    monkeypatch.setattr(G, "launch_source", R.variant_launch_source("hs"))
+    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\nnamespace chess_check {\n"
+           + "".join(T._mlx_style_kernel(i, *inst) for i, inst in enumerate(floats)) + "}\n")
+    monkeypatch.setattr(G, "launch_source", shipped)
+    ptx = T.nvcc_ptx(tmp_path, src)
+    assert ptx.count(".entry") == len(floats) and "shfl.sync.idx" in ptx
+    with pytest.raises(ValueError, match="spin_f"):
+        R.variant_kernel_source("hs", "cuda", "spin_q")
     with pytest.raises(ValueError):
         R.variant_kernel_source("u9", "cuda", "spin_f")
     src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\nnamespace chess_check {\n"
@@ -220,3 +230,41 @@ def test_variant_check_takes_every_spin_rounds_part(monkeypatch):
     V.apply("+".join(R.PARTS))
     with pytest.raises(SystemExit, match="pfl"):
         V.apply("nonsense")
+
+
+def test_kernel_timings_leave_their_rows_when_cut_short(monkeypatch, tmp_path, capsys):
+    """benchmarks/kernels.py prints each timing row and rewrites its JSON as the row is timed, so a
+    GPU call stopped by its time limit keeps what it finished (session 28 lost a whole table when
+    the rows were printed only at the end). Launches here are the reference path, the timer a
+    counter that stops the run at its 12th call."""
+    import json
+
+    import mlx.core as mx
+
+    K = bench_module("kernels")
+    calls = {"n": 0}
+
+    def timer(kind, op, x, calls_=48):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise TimeoutError("the call's time limit")
+        mx.eval(op(x, 1))
+        return 1e-6 * calls["n"]
+    monkeypatch.setattr(G, "backend", lambda: "cuda")
+    monkeypatch.setattr(G, "_launch_spin", lambda kind, x, wt, t, ws, **kw: G.reference_sparse_input(x, wt, t)[:2])
+    monkeypatch.setattr(G, "_launch_spout", lambda kind, x, w, a: G.reference_gated_sparse_output(x, w, a))
+    monkeypatch.setattr(K, "time_op", timer)
+    monkeypatch.setattr(K, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(K, "SHAPES", [(256, 512)])
+    monkeypatch.setattr(K, "L2_BYTES", 1)
+    out = tmp_path / "gemv.json"
+    monkeypatch.setattr("sys.argv", ["kernels", "--quick", "--skip-check", "--benches", "gemv", "--json", str(out)])
+    with pytest.raises(TimeoutError):
+        K.main()
+    rows = json.loads(out.read_text())["bench"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sparse_")]
+    # timer calls: dense (1), then per level sparse-output and sparse-input, and for s > 0 the
+    # same-bytes dense of each: levels 0 (2-3), 0.5 (4-7), 0.7 (8-11); 0.9 stops at its first
+    assert [r["kernel"] for r in rows] == ["sparse_output", "sparse_input"] * 3
+    assert [r["sparsity"] for r in rows] == [0.0, 0.0, 0.5, 0.5, 0.7, 0.7] and len(printed) == 6
+    assert rows[0]["us"] == pytest.approx(2.0) and rows[1]["us"] == pytest.approx(3.0)
