@@ -105,7 +105,10 @@ struct ChessRowPrefetch {
 # before the block's barriers, each warp takes the first U active rows of its own 32-input window
 # and issues their loads (the lane's 16 bytes of the row, as the main loop would), with the inputs
 # shuffled from the lanes that read them; those rows leave the block's list. The kernel adds them
-# before its main loop, which then has one round fewer to wait for after the barriers.
+# before its main loop, which then has one round fewer to wait for after the barriers. A chunk of
+# KC < 256 rows (4096 -> 4096: 128; the split launch: 64) leaves warps without inputs of their own:
+# there the 256 / KC copies of each window (warp w reads the inputs of warp w % (KC / 32)) take
+# the window's active rows U after U, copy c the c-th U of them, and only copy 0 lists the rest.
 HS_HELPER = r"""
 template <int M, int K, int KC, int TPC, int U, int N, typename T, typename TT>
 __device__ __forceinline__ int chess_compact_hs(const T* x, const TT* t, const T* g, float eps, float* nsum, bool thr,
@@ -113,12 +116,14 @@ __device__ __forceinline__ int chess_compact_hs(const T* x, const TT* t, const T
                                                 const T* wtn, bool in_range, uint4 (&hw)[U], float (&hx)[U][M],
                                                 int& hn) {
   constexpr int P = (KC + 255) / 256;
+  constexpr int COPIES = P == 1 && KC % 32 == 0 && 256 % KC == 0 ? 256 / KC : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int copy = warp / (8 / COPIES);
   float v[P][M], gv[P], tv[P];
   bool valid[P];
 #pragma unroll
   for (int p = 0; p < P; ++p) {
-    const int i = 256 * p + (int)threadIdx.x;
+    const int i = 256 * p + (COPIES > 1 ? (int)threadIdx.x % KC : (int)threadIdx.x);
     const int j = k_begin + i;
     valid[p] = i < KC && j < K;
 #pragma unroll
@@ -147,7 +152,9 @@ __device__ __forceinline__ int chess_compact_hs(const T* x, const TT* t, const T
     act[p] = mine > 0;
     bal[p] = __ballot_sync(0xffffffffu, act[p]);
     if (p == 0) {
+      const int window = k_begin + (COPIES > 1 ? 32 * (warp % (8 / COPIES)) : 32 * warp);
       unsigned rest = bal[0];
+      for (int r = 0; r < copy * U; ++r) rest &= rest - 1u;  // the rows of the copies before this one
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (rest != 0u) {
@@ -155,12 +162,15 @@ __device__ __forceinline__ int chess_compact_hs(const T* x, const TT* t, const T
           rest &= rest - 1u;
 #pragma unroll
           for (int m = 0; m < M; ++m) hx[u][m] = __shfl_sync(0xffffffffu, v[0][m], b);
-          if (in_range) hw[u] = *reinterpret_cast<const uint4*>(wtn + (size_t)(k_begin + 32 * warp + b) * N);
+          if (in_range) hw[u] = *reinterpret_cast<const uint4*>(wtn + (size_t)(window + b) * N);
           hn = u + 1;
         }
       }
-      bal[0] = rest;
-      act[0] = ((rest >> lane) & 1u) != 0u;
+      unsigned left = bal[0];
+      for (int r = 0; r < COPIES * U; ++r) left &= left - 1u;  // every copy's head start
+      bal[0] = copy == 0 ? left : 0u;
+      act[0] = ((bal[0] >> lane) & 1u) != 0u;
+      if (copy != 0) mine = 0;  // a copy's inputs are counted once, by copy 0
     }
     const int wsum = __reduce_add_sync(0xffffffffu, mine);
     if (lane == 0) {
