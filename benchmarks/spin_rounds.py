@@ -1,7 +1,7 @@
 """Probe: the sparse-input kernels' dependent rounds of weight loads (rows in flight, L2 prefetch).
 
     python benchmarks/spin_rounds.py [--wtypes float16,q4g64] [--levels 0,0.5,0.7,0.9] [--rounds 2]
-        [--variants u8,pfb,pfl,u8+pfb]
+        [--variants u8,pfb,pfl,u8+pfb]   (hs: with --wtypes float16,bfloat16 only)
 
 After its compaction, warp w of a sparse-input block takes the active rows w, w + 8, ... of its
 chunk, U = 4 rows at a time, each round waiting for its loads. Where a block's share is about one
@@ -104,7 +104,7 @@ struct ChessRowPrefetch {
 
 """
 
-# Head start (``hs``, spin_f only): chess_compact with one addition. Right after its first ballot,
+# Head start (``hs``, spin_f only; spin_q stays as shipped): chess_compact with one addition. Right after its first ballot,
 # before the block's barriers, each warp takes the first U active rows of its own 32-input window
 # and issues their loads (the lane's 16 bytes of the row, as the main loop would), with the inputs
 # shuffled from the lanes that read them; those rows leave the block's list. The kernel adds them
@@ -112,49 +112,37 @@ struct ChessRowPrefetch {
 # KC < 256 rows (4096 -> 4096: 128; the split launch: 64) leaves warps without inputs of their own:
 # there the 256 / KC copies of each window (warp w reads the inputs of warp w % (KC / 32)) take
 # the window's active rows U after U, copy c the c-th U of them, and only copy 0 lists the rest.
-HS_HELPER = r"""
-template <int M, int K, int KC, int TPC, int U, int N, typename T, typename TT>
+def hs_helper(header: str) -> str:
+    """chess_compact_hs: the shipped chess_compact of ``header``, renamed, with the head start's
+    edits (so the probe follows any change to the shipped compaction, or refuses to apply)."""
+    begin = header.index(COMPACT_SIG_OLD)
+    end = header.index("\n}\n", begin) + 3
+    fn = header[begin:end]
+    edits = (
+        (COMPACT_SIG_OLD, HS_SIG),
+        ("  constexpr int P = (KC + 255) / 256;\n  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n",
+         "  constexpr int P = (KC + 255) / 256;\n"
+         "  constexpr int COPIES = P == 1 && KC % 32 == 0 && 256 % KC == 0 ? 256 / KC : 1;\n"
+         "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n"
+         "  const int copy = warp / (8 / COPIES);\n"),
+        ("    const int i = 256 * p + (int)threadIdx.x;\n",
+         "    const int i = 256 * p + (COPIES > 1 ? (int)threadIdx.x % KC : (int)threadIdx.x);\n"),
+        (BALLOT_OLD, BALLOT_OLD + HS_TAKE),
+    )
+    for old, new in edits:
+        assert fn.count(old) == 1, "the shipped compaction changed: update spin_rounds hs"
+        fn = fn.replace(old, new)
+    return "\n" + fn
+
+
+HS_SIG = """template <int M, int K, int KC, int TPC, int U, int N, typename T, typename TT>
 __device__ __forceinline__ int chess_compact_hs(const T* x, const TT* t, const T* g, float eps, float* nsum, bool thr,
                                                 int k_begin, int* idx, float* xsh, int* wcount, int* wnnz, int* nnz,
                                                 const T* wtn, bool in_range, uint4 (&hw)[U], float (&hx)[U][M],
-                                                int& hn) {
-  constexpr int P = (KC + 255) / 256;
-  constexpr int COPIES = P == 1 && KC % 32 == 0 && 256 % KC == 0 ? 256 / KC : 1;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int copy = warp / (8 / COPIES);
-  float v[P][M], gv[P], tv[P];
-  bool valid[P];
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    const int i = 256 * p + (COPIES > 1 ? (int)threadIdx.x % KC : (int)threadIdx.x);
-    const int j = k_begin + i;
-    valid[p] = i < KC && j < K;
-#pragma unroll
-    for (int m = 0; m < M; ++m) v[p][m] = valid[p] ? static_cast<float>(x[(size_t)m * K + j]) : 0.0f;
-    gv[p] = valid[p] && g != nullptr ? static_cast<float>(g[j]) : 0.0f;
-    tv[p] = valid[p] && thr ? static_cast<float>(t[TPC ? j : 0]) : 0.0f;
-  }
-  float rs[M];
-  chess_rms_scales<T, M, K>(x, g, eps, nsum, rs);
-#pragma unroll
-  for (int p = 0; p < P; ++p)
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float xv = v[p][m];
-      if (g != nullptr) xv = static_cast<float>(static_cast<T>(gv[p] * static_cast<float>(static_cast<T>(xv * rs[m]))));
-      v[p][m] = !valid[p] ? 0.0f : !thr ? xv : fabsf(xv) >= tv[p] ? xv : 0.0f;
-    }
-  bool act[P];
-  unsigned bal[P];
-  hn = 0;
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    int mine = 0;
-#pragma unroll
-    for (int m = 0; m < M; ++m) mine += v[p][m] != 0.0f;
-    act[p] = mine > 0;
-    bal[p] = __ballot_sync(0xffffffffu, act[p]);
-    if (p == 0) {
+                                                int& hn) {"""
+# after the first ballot: this warp's head start, and the rows every copy took leave the list
+HS_TAKE = """    if (p == 0) {
+      hn = 0;
       const int window = k_begin + (COPIES > 1 ? 32 * (warp % (8 / COPIES)) : 32 * warp);
       unsigned rest = bal[0];
       for (int r = 0; r < copy * U; ++r) rest &= rest - 1u;  // the rows of the copies before this one
@@ -175,34 +163,6 @@ __device__ __forceinline__ int chess_compact_hs(const T* x, const TT* t, const T
       act[0] = ((bal[0] >> lane) & 1u) != 0u;
       if (copy != 0) mine = 0;  // a copy's inputs are counted once, by copy 0
     }
-    const int wsum = __reduce_add_sync(0xffffffffu, mine);
-    if (lane == 0) {
-      wcount[8 * p + warp] = __popc(bal[p]);
-      wnnz[8 * p + warp] = wsum;
-    }
-  }
-  __syncthreads();
-  int total = 0, elems = 0;
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    int off = total;
-    for (int w = 0; w < warp; ++w) off += wcount[8 * p + w];
-    if (act[p]) {
-      const int slot = off + __popc(bal[p] & ((1u << lane) - 1u));
-      idx[slot] = k_begin + 256 * p + (int)threadIdx.x;
-#pragma unroll
-      for (int m = 0; m < M; ++m) xsh[m * KC + slot] = v[p][m];
-    }
-#pragma unroll
-    for (int w = 0; w < 8; ++w) {
-      total += wcount[8 * p + w];
-      elems += wnnz[8 * p + w];
-    }
-  }
-  __syncthreads();
-  *nnz = elems;
-  return total;
-}
 """
 HS_CALL_OLD = "const int total = chess_compact<M, K, KC, TPC>(x, t, xg, eps, wss, thr, chunk * KC, idx, xsh, wcount, wnnz, &nnz);"
 HS_CALL_NEW = ("uint4 hw[U];\nfloat hx[U][M];\nint hn;\n"
@@ -274,9 +234,9 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
             raise ValueError(why)
         elif part == "hs":
             if _base(name) != "spin_f":
-                raise ValueError("hs edits spin_f (float weights) only")
+                continue  # float weights only: the quantized kernels stay as shipped
             assert HS_CALL_OLD in body and HS_LOOP_OLD in body, "the shipped spin_f changed: update spin_rounds"
-            header = header + HS_HELPER
+            header = header + hs_helper(header)
             body = body.replace(HS_CALL_OLD, HS_CALL_NEW).replace(HS_LOOP_OLD, HS_LOOP_NEW)
         elif part in ("pfb", "pfl"):
             for old in (COMPACT_SIG_OLD, BALLOT_OLD):

@@ -7,9 +7,10 @@ adopted in the sources:
 
 VARIANT: ``shipped`` (nothing changed); ``kcN`` (one-token half-weight sparse-input launches whose
 split-K chunk is the longest, 512 rows, take N rows instead, e.g. ``kc1024``: the FFN shapes;
-chain_sweep.py --only spinlong; lost on the H100 in session 24); ``u8``, ``pfb``, ``pfl``
-(spin_rounds.py's edits: 8 rows in flight, L2 prefetch of the active rows) join as one edit of
-the spin sources, e.g. ``u8+pfb``; several joined by ``+``. Checked this way and adopted:
+chain_sweep.py --only spinlong; lost on the H100 in session 24); ``u8``, ``pfb``, ``pfl``, ``hs``
+(spin_rounds.py's edits: 8 rows in flight, L2 prefetch of the active rows, a head start for the
+float kernels' first loads) join as one edit of the spin sources, e.g. ``u8+pfb``; several joined
+by ``+``. Checked this way and adopted:
 spin_rounds' ``relatom`` (session 25) and ``redi`` (session 26); the float4 last-block sum
 (``tail4``, session 24) and the other edits of the chunk-partial sum went with that sum.
 check_all_wtypes.sh takes it as ``KERNELS="benchmarks/variant_check.py u8 kernels"``.
