@@ -20,7 +20,8 @@
    input thresholded, k and v dense; checked in 1. as ``sparse_input_split``) against q's own
    launch plus the dense ``[Wk; Wv]`` product, and against the dense ``[Wq; Wk; Wv]`` product.
 
-``--benches`` picks the timings (gemv, gate_up, qkv); ``--wtypes`` the weight types checked.
+``--benches`` picks the timings (gemv, gate_up, qkv); ``--wtypes`` the weight types checked and
+timed (e.g. ``--skip-check --benches gemv --wtypes float16``: one type's table in about a minute).
 """
 
 from __future__ import annotations
@@ -385,11 +386,11 @@ def spin_op(kind: str, wts: list, t=None, spaces: int = 64, nt=None):
                                         ws[i % spaces], nt=nt)[0]
 
 
-def bench_gate_up(kind: str, bw: float) -> Iterator[dict]:
+def bench_gate_up(kind: str, bw: float, only: list[str] | None = None) -> Iterator[dict]:
     """The fused FFN front vs MLX's two dense GEMVs (gate and up, quantized_matmul for 4-bit) on
     the Llama-3-8B FFN shape."""
     out_dim, in_dim = SHAPES[1]
-    for wtype in ("float16", "bfloat16", "q4g64"):
+    for wtype in [w for w in ("float16", "bfloat16", "q4g64") if only is None or w in only]:
         dtype = parse_wtype(wtype)[0]
         pairs = list(zip(weight_copies(out_dim, in_dim, wtype, per_call=2), weight_copies(out_dim, in_dim, wtype, per_call=2)))
         copies = len(pairs)
@@ -407,12 +408,12 @@ def bench_gate_up(kind: str, bw: float) -> Iterator[dict]:
                        dense_us=t_dense * 1e6, speedup=t_dense / t, bytes_read=read, bw_fraction=(read / t) / bw)
 
 
-def bench_qkv(kind: str, bw: float, quick: bool) -> Iterator[dict]:
+def bench_qkv(kind: str, bw: float, quick: bool, only: list[str] | None = None) -> Iterator[dict]:
     """The attention head's products under CHESS+attention on the Llama-3-8B shapes: one split
     launch over ``[Wq^T | Wk^T | Wv^T]`` (q's input thresholded) against q's own sparse-input
     launch followed by the dense ``[Wk; Wv]`` product, and against the dense ``[Wq; Wk; Wv]``."""
     nq, nkv = QKV
-    for wtype in ["float16", "q4g64"] if quick else WTYPES:
+    for wtype in only or (["float16", "q4g64"] if quick else WTYPES):
         dtype = parse_wtype(wtype)[0]
         n = nq + 2 * nkv
         stacked = weight_copies(n, nq, wtype, transposed=True)  # the split launch's layout
@@ -444,9 +445,8 @@ def equal_bytes_dense(kind: str, out_dim: int, in_dim: int, wtype: str, dens: fl
     return time_op(kind, dense_op(weight_copies(*shape, wtype)), x)
 
 
-def bench(kind: str, bw: float, quick: bool) -> Iterator[dict]:
-    wtypes = ["float16", "q4g64"] if quick else WTYPES
-    for wtype in wtypes:
+def bench(kind: str, bw: float, quick: bool, only: list[str] | None = None) -> Iterator[dict]:
+    for wtype in only or (["float16", "q4g64"] if quick else WTYPES):
         dtype = parse_wtype(wtype)[0]
         for out_dim, in_dim in SHAPES:
             ws = weight_copies(out_dim, in_dim, wtype)
@@ -496,7 +496,8 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-check", action="store_true", help="timing only (kernels unchanged since their last check)")
-    ap.add_argument("--wtypes", help="comma-separated weight types to check, e.g. q4g64 (default: all)")
+    ap.add_argument("--wtypes", help="comma-separated weight types to check and time, e.g. q4g64 (default: all; "
+                    "timed with --quick: float16, q4g64)")
     ap.add_argument("--benches", default="gemv,gate_up,qkv", help="which timings: some of gemv, gate_up, qkv")
     args = ap.parse_args()
     benches = args.benches.split(",")
@@ -532,9 +533,9 @@ def main() -> int:
         print("eqB: MLX's dense product over the same bytes (us, % of copy bandwidth); x eqB: its time / the kernel's")
         print(f"{'kernel':<14}{'weights':<9}{'shape':<12}{'s':>5}{'us':>9}{'dense':>9}{'x':>6}{'bw%':>6}"
               f"{'eqB':>8}{'eqB%':>6}{'x eqB':>7}")
-        timings = ((bench(kind, bw, args.quick) if "gemv" in benches else iter(()),
-                    bench_gate_up(kind, bw) if "gate_up" in benches else iter(()),
-                    bench_qkv(kind, bw, args.quick) if "qkv" in benches else iter(())))
+        timings = ((bench(kind, bw, args.quick, only) if "gemv" in benches else iter(()),
+                    bench_gate_up(kind, bw, only) if "gate_up" in benches else iter(()),
+                    bench_qkv(kind, bw, args.quick, only) if "qkv" in benches else iter(())))
         for r in (r for part in timings for r in part):
             # each row as it is timed (and the JSON so far): a call cut short by its time limit
             # still leaves the rows it finished (session 28 lost a whole table to one)

@@ -257,7 +257,8 @@ def test_kernel_timings_leave_their_rows_when_cut_short(monkeypatch, tmp_path, c
     monkeypatch.setattr(K, "SHAPES", [(256, 512)])
     monkeypatch.setattr(K, "L2_BYTES", 1)
     out = tmp_path / "gemv.json"
-    monkeypatch.setattr("sys.argv", ["kernels", "--quick", "--skip-check", "--benches", "gemv", "--json", str(out)])
+    monkeypatch.setattr("sys.argv", ["kernels", "--quick", "--skip-check", "--benches", "gemv", "--wtypes", "bfloat16",
+                                     "--json", str(out)])
     with pytest.raises(TimeoutError):
         K.main()
     rows = json.loads(out.read_text())["bench"]
@@ -266,4 +267,5 @@ def test_kernel_timings_leave_their_rows_when_cut_short(monkeypatch, tmp_path, c
     # same-bytes dense of each: levels 0 (2-3), 0.5 (4-7), 0.7 (8-11); 0.9 stops at its first
     assert [r["kernel"] for r in rows] == ["sparse_output", "sparse_input"] * 3
     assert [r["sparsity"] for r in rows] == [0.0, 0.0, 0.5, 0.5, 0.7, 0.7] and len(printed) == 6
+    assert {r["wtype"] for r in rows} == {"bfloat16"}  # --wtypes picks the timed types too
     assert rows[0]["us"] == pytest.approx(2.0) and rows[1]["us"] == pytest.approx(3.0)
