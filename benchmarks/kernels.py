@@ -390,7 +390,7 @@ def bench_gate_up(kind: str, bw: float, only: list[str] | None = None) -> Iterat
     """The fused FFN front vs MLX's two dense GEMVs (gate and up, quantized_matmul for 4-bit) on
     the Llama-3-8B FFN shape."""
     out_dim, in_dim = SHAPES[1]
-    for wtype in [w for w in ("float16", "bfloat16", "q4g64") if only is None or w in only]:
+    for wtype in only or ("float16", "bfloat16", "q4g64"):
         dtype = parse_wtype(wtype)[0]
         pairs = list(zip(weight_copies(out_dim, in_dim, wtype, per_call=2), weight_copies(out_dim, in_dim, wtype, per_call=2)))
         copies = len(pairs)
