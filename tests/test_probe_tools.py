@@ -54,19 +54,26 @@ def test_variant_check_kc_changes_one_token_float_launches_only(monkeypatch):
     assert G.spin_partials(1, 4096) == 3 * 4096  # fixed-point totals: the scratch ignores the chunk
 
 
+def _kernels_on_reference(monkeypatch):
+    """benchmarks/kernels.py as the probes' CPU tests run it: the backend said to be CUDA, the
+    sparse-input launches the reference path, one small shape and two weight copies (not hundreds)."""
+    K = bench_module("kernels")
+    monkeypatch.setattr(G, "backend", lambda: "cuda")
+    monkeypatch.setattr(G, "_launch_spin", lambda kind, x, wt, t, ws, **kw: G.reference_sparse_input(x, wt, t)[:2])
+    monkeypatch.setattr(K, "SHAPES", [(256, 512)])
+    monkeypatch.setattr(K, "L2_BYTES", 1)
+    return K
+
+
 def test_probe_main_loops_run_on_the_cpu(monkeypatch, capsys):
     """Session 24's first GPU call lost every probe at its first check (a changed return type of
     the reference). Each probe's whole loop runs here with small shapes, its launches replaced by
     the reference path and its timer by a constant: it proves the loops run, not the kernels."""
     import mlx.core as mx
 
-    K, timer = bench_module("kernels"), bench_module("gpu_timer")
-    monkeypatch.setattr(G, "backend", lambda: "cuda")
-    monkeypatch.setattr(G, "_launch_spin", lambda kind, x, wt, t, ws, **kw: G.reference_sparse_input(x, wt, t)[:2])
+    K, timer = _kernels_on_reference(monkeypatch), bench_module("gpu_timer")
     monkeypatch.setattr(K, "time_op", lambda kind, op, x, calls=48: (mx.eval(op(x, 1)), 1e-6)[1])
     monkeypatch.setattr(timer, "chain_time", lambda op, x, calls=48: (mx.eval(op(x, 1)), 1e-6)[1])
-    monkeypatch.setattr(K, "SHAPES", [(256, 512)])
-    monkeypatch.setattr(K, "L2_BYTES", 1)  # two weight copies, not hundreds
     small = [(512, 256)]
     for name, argv in (("spin_balance", ["--wtypes", "float16,q4g64"]),
                        ("spin_rounds", ["--wtypes", "float16,q4g64", "--rounds", "2"])):
@@ -95,31 +102,30 @@ def test_spin_rounds_variants_compile_for_hopper(tmp_path, monkeypatch):
     spins = [inst for inst in T._INSTANCES if inst[0].startswith("spin")]
     assert {inst[0] for inst in spins} == {n for n in G._INPUTS if n.startswith("spin")}
     shipped = G.launch_source
-    for variant, needle in (("u8", None), ("pfb", "cp.async.bulk.prefetch.L2.global"),
-                            ("pfl+u8", "prefetch.global.L2")):
-        monkeypatch.setattr(G, "launch_source", R.variant_launch_source(variant))
+
+    def ptx_of(insts: list, variant: str | None = None) -> str:
+        """The PTX of ``insts`` as launched, with ``variant``'s texts (None: the shipped ones)."""
+        monkeypatch.setattr(G, "launch_source", R.variant_launch_source(variant) if variant else shipped)
         src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
                "#include <cooperative_groups.h>\nnamespace chess_check {\n"
-               + "".join(T._mlx_style_kernel(i, *inst) for i, inst in enumerate(spins)) + "}\n")
+               + "".join(T._mlx_style_kernel(i, *inst) for i, inst in enumerate(insts)) + "}\n")
         monkeypatch.setattr(G, "launch_source", shipped)
-        ptx = T.nvcc_ptx(tmp_path, src)
+        return T.nvcc_ptx(tmp_path, src)
+
+    for variant, needle in (("u8", None), ("pfb", "cp.async.bulk.prefetch.L2.global"),
+                            ("pfl+u8", "prefetch.global.L2")):
+        ptx = ptx_of(spins, variant)
         assert ptx.count(".entry") == len(spins), variant
         if needle:
             assert ptx.count(needle) >= len(spins), variant
     # hs (head start) edits the float kernels only: every spin_f instance compiles with it
     floats = [inst for inst in spins if inst[0].startswith("spin_f")]
-    monkeypatch.setattr(G, "launch_source", R.variant_launch_source("hs"))
-    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\nnamespace chess_check {\n"
-           + "".join(T._mlx_style_kernel(i, *inst) for i, inst in enumerate(floats)) + "}\n")
-    monkeypatch.setattr(G, "launch_source", shipped)
-    ptx = T.nvcc_ptx(tmp_path, src)
+    ptx = ptx_of(floats, "hs")
     assert ptx.count(".entry") == len(floats) and "shfl.sync.idx" in ptx
     assert R.variant_kernel_source("hs", "cuda", "spin_q") == G.kernel_source("cuda", "spin_q")  # float only
     with pytest.raises(ValueError):
         R.variant_kernel_source("u9", "cuda", "spin_f")
-    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\nnamespace chess_check {\n"
-           + "".join(T._mlx_style_kernel(i, *inst) for i, inst in enumerate(spins)) + "}\n")
-    ptx = T.nvcc_ptx(tmp_path, src)
+    ptx = ptx_of(spins)
     assert ptx.count("atom.global.add.u64") >= len(spins) and ptx.count("atom.add.acq_rel.gpu.s32") >= len(spins)
 
 
@@ -240,7 +246,7 @@ def test_kernel_timings_leave_their_rows_when_cut_short(monkeypatch, tmp_path, c
 
     import mlx.core as mx
 
-    K = bench_module("kernels")
+    K = _kernels_on_reference(monkeypatch)
     calls = {"n": 0}
 
     def timer(kind, op, x, calls_=48):
@@ -249,13 +255,9 @@ def test_kernel_timings_leave_their_rows_when_cut_short(monkeypatch, tmp_path, c
             raise TimeoutError("the call's time limit")
         mx.eval(op(x, 1))
         return 1e-6 * calls["n"]
-    monkeypatch.setattr(G, "backend", lambda: "cuda")
-    monkeypatch.setattr(G, "_launch_spin", lambda kind, x, wt, t, ws, **kw: G.reference_sparse_input(x, wt, t)[:2])
     monkeypatch.setattr(G, "_launch_spout", lambda kind, x, w, a: G.reference_gated_sparse_output(x, w, a))
     monkeypatch.setattr(K, "time_op", timer)
     monkeypatch.setattr(K, "copy_bandwidth", lambda: 1e12)
-    monkeypatch.setattr(K, "SHAPES", [(256, 512)])
-    monkeypatch.setattr(K, "L2_BYTES", 1)
     out = tmp_path / "gemv.json"
     monkeypatch.setattr("sys.argv", ["kernels", "--quick", "--skip-check", "--benches", "gemv", "--wtypes", "bfloat16",
                                      "--json", str(out)])
