@@ -1,7 +1,8 @@
 """Probe: the sparse-input kernels' dependent rounds of weight loads (rows in flight, L2 prefetch).
 
     python benchmarks/spin_rounds.py [--wtypes float16,q4g64] [--levels 0,0.5,0.7,0.9] [--rounds 2]
-        [--variants u8,pfb,pfl,u8+pfb]   (hs: with --wtypes float16,bfloat16 only)
+        [--variants u8,pfb,pfl,u8+pfb]   (hs: with --wtypes float16,bfloat16 only;
+        pfb, pfl and hs each rewrite the compaction, so a variant joins at most one of them)
 
 After its compaction, warp w of a sparse-input block takes the active rows w, w + 8, ... of its
 chunk, U = 4 rows at a time, each round waiting for its loads. Where a block's share is about one
@@ -210,6 +211,17 @@ def _base(name: str) -> str:
     return "spin_q" if name.startswith("spin_q") else "spin_f"
 
 
+COMPACTION_EDITS = ("pfb", "pfl", "hs")  # each rewrites chess_compact, so a variant joins at most one
+
+
+def clash(variant: str) -> str | None:
+    """Why the parts of ``variant`` cannot be joined, or None."""
+    both = [p for p in variant.split("+") if p in COMPACTION_EDITS]
+    if len(both) > 1:
+        return f"{' and '.join(both)} each rewrite the compaction (chess_compact): join at most one of them"
+    return None
+
+
 def refusal(part: str) -> str | None:
     """Why ``part`` no longer applies to the shipped sources (adopted or retired), or None."""
     if part in ADOPTED:
@@ -226,6 +238,8 @@ def variant_kernel_source(variant: str, kind: str, name: str) -> tuple[str, str]
         return header, body
     if kind != "cuda":
         raise ValueError("spin_rounds edits the CUDA sources only")
+    if why := clash(variant):
+        raise ValueError(why)
     for part in variant.split("+"):
         if part == "u8":
             assert ROWS_OLD in body, "the shipped rows in flight changed: update spin_rounds"
@@ -284,12 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args(argv)
+    names = ["shipped", *args.variants.split(",")]
+    for v in names:
+        if why := clash(v):
+            ap.error(why)
     kind = G.backend()
     if kind != "cuda":
         print("needs the CUDA backend", file=sys.stderr)
         return 2
     shipped = G.launch_source
-    names = ["shipped", *args.variants.split(",")]
     if any("hs" in v.split("+") for v in names) and any(K.parse_wtype(w)[1] for w in args.wtypes.split(",")):
         ap.error("hs edits the float16/bfloat16 kernel only: give --wtypes float16,bfloat16")
     texts = {v: (shipped if v == "shipped" else variant_launch_source(v)) for v in names}

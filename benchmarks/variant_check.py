@@ -33,6 +33,8 @@ def apply(variant: str) -> None:
 
     import spin_rounds
 
+    if why := spin_rounds.clash(variant):
+        raise SystemExit(f"variant_check: {why}")
     rounds = [p for p in variant.split("+") if p in spin_rounds.PARTS]  # its own list: session 25 lost
     if rounds:  # a call to a copy of it here that missed a new part
         launch_with(spin_rounds.variant_launch_source("+".join(rounds)))

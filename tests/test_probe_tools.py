@@ -232,9 +232,15 @@ def test_variant_check_takes_every_spin_rounds_part(monkeypatch):
     for part in R.PARTS:
         V.apply(part)
         R.variant_kernel_source(part, "cuda", "spin_q")  # and the probe applies it
-    V.apply("+".join(R.PARTS))
+    V.apply("+".join(p for p in R.PARTS if p not in R.COMPACTION_EDITS[1:]))
     with pytest.raises(SystemExit, match="pfl"):
         V.apply("nonsense")
+    # two edits of the compaction are refused with one sentence, not a bare assertion at launch
+    for joined in ("pfb+pfl", "u8+hs+pfb", "pfl+hs"):
+        with pytest.raises(SystemExit, match="join at most one"):
+            V.apply(joined)
+        with pytest.raises(ValueError, match="join at most one"):
+            R.variant_kernel_source(joined, "cuda", "spin_f")
 
 
 def test_kernel_timings_leave_their_rows_when_cut_short(monkeypatch, tmp_path, capsys):
