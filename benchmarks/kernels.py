@@ -408,12 +408,12 @@ def bench_gate_up(kind: str, bw: float, only: list[str] | None = None) -> Iterat
                        dense_us=t_dense * 1e6, speedup=t_dense / t, bytes_read=read, bw_fraction=(read / t) / bw)
 
 
-def bench_qkv(kind: str, bw: float, quick: bool, only: list[str] | None = None) -> Iterator[dict]:
+def bench_qkv(kind: str, bw: float, wtypes: list[str]) -> Iterator[dict]:
     """The attention head's products under CHESS+attention on the Llama-3-8B shapes: one split
     launch over ``[Wq^T | Wk^T | Wv^T]`` (q's input thresholded) against q's own sparse-input
     launch followed by the dense ``[Wk; Wv]`` product, and against the dense ``[Wq; Wk; Wv]``."""
     nq, nkv = QKV
-    for wtype in only or (["float16", "q4g64"] if quick else WTYPES):
+    for wtype in wtypes:
         dtype = parse_wtype(wtype)[0]
         n = nq + 2 * nkv
         stacked = weight_copies(n, nq, wtype, transposed=True)  # the split launch's layout
@@ -445,8 +445,8 @@ def equal_bytes_dense(kind: str, out_dim: int, in_dim: int, wtype: str, dens: fl
     return time_op(kind, dense_op(weight_copies(*shape, wtype)), x)
 
 
-def bench(kind: str, bw: float, quick: bool, only: list[str] | None = None) -> Iterator[dict]:
-    for wtype in only or (["float16", "q4g64"] if quick else WTYPES):
+def bench(kind: str, bw: float, wtypes: list[str]) -> Iterator[dict]:
+    for wtype in wtypes:
         dtype = parse_wtype(wtype)[0]
         for out_dim, in_dim in SHAPES:
             ws = weight_copies(out_dim, in_dim, wtype)
@@ -533,9 +533,10 @@ def main() -> int:
         print("eqB: MLX's dense product over the same bytes (us, % of copy bandwidth); x eqB: its time / the kernel's")
         print(f"{'kernel':<14}{'weights':<9}{'shape':<12}{'s':>5}{'us':>9}{'dense':>9}{'x':>6}{'bw%':>6}"
               f"{'eqB':>8}{'eqB%':>6}{'x eqB':>7}")
-        timings = ((bench(kind, bw, args.quick, only) if "gemv" in benches else iter(()),
+        timed = only or (["float16", "q4g64"] if args.quick else WTYPES)  # gate_up keeps its own three
+        timings = ((bench(kind, bw, timed) if "gemv" in benches else iter(()),
                     bench_gate_up(kind, bw, only) if "gate_up" in benches else iter(()),
-                    bench_qkv(kind, bw, args.quick, only) if "qkv" in benches else iter(())))
+                    bench_qkv(kind, bw, timed) if "qkv" in benches else iter(())))
         for r in (r for part in timings for r in part):
             # each row as it is timed (and the JSON so far): a call cut short by its time limit
             # still leaves the rows it finished (session 28 lost a whole table to one)
