@@ -302,13 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     for v in names:
         if why := clash(v):
             ap.error(why)
+    if any("hs" in v.split("+") for v in names) and any(K.parse_wtype(w)[1] for w in args.wtypes.split(",")):
+        ap.error("hs edits the float16/bfloat16 kernel only: give --wtypes float16,bfloat16")
     kind = G.backend()
     if kind != "cuda":
         print("needs the CUDA backend", file=sys.stderr)
         return 2
     shipped = G.launch_source
-    if any("hs" in v.split("+") for v in names) and any(K.parse_wtype(w)[1] for w in args.wtypes.split(",")):
-        ap.error("hs edits the float16/bfloat16 kernel only: give --wtypes float16,bfloat16")
     texts = {v: (shipped if v == "shipped" else variant_launch_source(v)) for v in names}
     mx.random.seed(0)
     bad = 0
