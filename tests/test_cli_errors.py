@@ -289,3 +289,24 @@ def test_windows_past_the_context_are_refused(capsys, tiny_dir, calib_text, tmp_
     assert code == 2 and err == ["chess-mlx: error: --seq-len 1024 passes the model's context of 512 tokens"]
     assert _snapshot(tiny_dir) == before and not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    """`--help` is the first manual a user reads: every argument of every command has a help text,
+    and an option with a non-trivial default names it (as '%(default)s' or in words)."""
+    import argparse
+
+    from chess_mlx.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help text"
+            trivial = action.default is None or isinstance(action, argparse._StoreTrueAction)
+            if not trivial:
+                assert "default" in action.help, f"{where} does not say its default ({action.default!r})"
+        command.format_help()  # every '%(default)s' expands
