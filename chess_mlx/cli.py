@@ -515,6 +515,17 @@ _MODEL_HELP = "model folder (default: the shipped model)"
 _DTYPE_HELP = "float type to run in (default: float32 on the CPU, else float16)"
 
 
+def _add_run_dtype(p: argparse.ArgumentParser) -> None:
+    """--dtype for the commands that run a model (load_model's default_dtype when left out)."""
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=_DTYPE_HELP)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    """--temp and --top-p, shared by generate and chat so their checks and defaults stay one."""
+    p.add_argument("--temp", type=_sampling("temperature"), default=0.0, help="sampling temperature (default: 0 = greedy)")
+    p.add_argument("--top-p", type=_sampling("top_p"), default=1.0, help="nucleus sampling mass (default: 1 = off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="chess-mlx", description="CHESS activation sparsity for MLX language models")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -528,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_setup)
 
     c = sub.add_parser("calibrate", help="measure activation statistics and write thresholds")
-    c.add_argument("model", nargs="?", help="model folder (default: the shipped model)")
+    c.add_argument("model", nargs="?", help=_MODEL_HELP)
     c.add_argument("--method", default=M.CHESS, help="default method recorded with the thresholds "
                    "(all methods are calibrated at once)")
     c.add_argument("--sparsity", default="0.5", help="target level(s), e.g. 0.5 or 0.3,0.5,0.7 (default: %(default)s)")
@@ -536,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", type=_whole(1), default=4096, help="calibration tokens (default: %(default)s)")
     c.add_argument("--seq-len", type=_whole(1), default=512, help="tokens per calibration sequence (default: %(default)s)")
     c.add_argument("--out", help="folder for the threshold files (default: the model folder)")
-    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=_DTYPE_HELP)
+    _add_run_dtype(c)
     c.set_defaults(func=cmd_calibrate)
 
     g = sub.add_parser("generate", help="generate text and print sparsity / speed statistics")
@@ -545,11 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", help=f"one of {', '.join(M.METHODS)} (default: the calibrated one)")
     g.add_argument("--sparsity", help="calibrated level to use")
     g.add_argument("--max-tokens", type=_whole(1), default=128, help="stop after N new tokens (default: %(default)s)")
-    g.add_argument("--temp", type=_sampling("temperature"), default=0.0, help="sampling temperature (default: 0 = greedy)")
-    g.add_argument("--top-p", type=_sampling("top_p"), default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    _add_sampling(g)
     g.add_argument("--seed", type=_whole(0, 2**64 - 1), help="sampling seed, for a repeatable reply")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=_DTYPE_HELP)
+    _add_run_dtype(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="perplexity and multiple-choice accuracy of dense vs sparse methods")
@@ -566,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=_whole(2), default=512, help="tokens per scored window (default: %(default)s)")
     e.add_argument("--json", help="also write the results here")
     e.add_argument("--out", help="folder for results.json, results.csv and quality_vs_sparsity.png")
-    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=_DTYPE_HELP)
+    _add_run_dtype(e)
     e.set_defaults(func=cmd_eval)
 
     h = sub.add_parser("chat", help="the chat app (or, with --prompt, one reply printed for scripts)")
@@ -576,11 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--sparsity", help="calibrated level to use")
     h.add_argument("--system", help="system prompt")
     h.add_argument("--max-tokens", type=_whole(1), default=512, help="longest reply in tokens (default: %(default)s)")
-    h.add_argument("--temp", type=_sampling("temperature"), default=0.0, help="sampling temperature (default: 0 = greedy)")
-    h.add_argument("--top-p", type=_sampling("top_p"), default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    _add_sampling(h)
     h.add_argument("--compare", action="store_true", help="start in compare mode (dense | sparse side by side)")
     h.add_argument("--save-dir", help="where ctrl+s saves conversations (default: the current folder)")
-    h.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=_DTYPE_HELP)
+    _add_run_dtype(h)
     h.set_defaults(func=cmd_chat)
 
     v = sub.add_parser("convert", help="(quantize +) calibrate a model folder into a folder chat/generate load")
