@@ -526,6 +526,11 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=_sampling("top_p"), default=1.0, help="nucleus sampling mass (default: 1 = off)")
 
 
+def _add_seq_len(p: argparse.ArgumentParser) -> None:
+    """--seq-len for the commands that calibrate (setup, calibrate, convert): one default for all."""
+    p.add_argument("--seq-len", type=_whole(1), default=512, help="tokens per calibration sequence (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="chess-mlx", description="CHESS activation sparsity for MLX language models")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -535,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rebuild even if present")
     s.add_argument("--sparsity", default="0.3,0.5,0.7", help="levels to calibrate (default: %(default)s)")
     s.add_argument("--tokens", type=_whole(1), default=4096, help="calibration tokens (default: %(default)s)")
-    s.add_argument("--seq-len", type=_whole(1), default=512, help="tokens per calibration sequence (default: %(default)s)")
+    _add_seq_len(s)
     s.set_defaults(func=cmd_setup)
 
     c = sub.add_parser("calibrate", help="measure activation statistics and write thresholds")
@@ -545,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", default="0.5", help="target level(s), e.g. 0.5 or 0.3,0.5,0.7 (default: %(default)s)")
     c.add_argument("--text", help="calibration text file (default: the shipped one)")
     c.add_argument("--tokens", type=_whole(1), default=4096, help="calibration tokens (default: %(default)s)")
-    c.add_argument("--seq-len", type=_whole(1), default=512, help="tokens per calibration sequence (default: %(default)s)")
+    _add_seq_len(c)
     c.add_argument("--out", help="folder for the threshold files (default: the model folder)")
     _add_run_dtype(c)
     c.set_defaults(func=cmd_calibrate)
@@ -601,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sparsity", default="0.5", help="level(s), e.g. 0.3,0.5,0.7 (default: %(default)s)")
     v.add_argument("--calib", help="calibration text file (default: the shipped one)")
     v.add_argument("--calib-tokens", type=_whole(1), default=4096, help="calibration tokens (default: %(default)s)")
-    v.add_argument("--seq-len", type=_whole(1), default=512, help="tokens per calibration sequence (default: %(default)s)")
+    _add_seq_len(v)
     v.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="float type of the written weights (default: %(default)s)")
     v.add_argument("--force", action="store_true", help="replace an existing OUT")
     v.set_defaults(func=cmd_convert)
@@ -621,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=_whole(1), help="fewer layers than the preset (for quick runs)")
     b.add_argument("--quantize", type=int, choices=[4, 8], help="4 or 8 bits (default: float weights)")
     b.add_argument("--group-size", type=int, default=64, choices=[32, 64], help="quantization group size (default: %(default)s)")
-    b.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help=_DTYPE_HELP)
+    _add_run_dtype(b)
     b.add_argument("--methods", default="mlx-lm,dense,chess,chess-attn,teal",
                    help="methods, and 'mlx-lm': dense as mlx-lm itself decodes (chess-mlx's decode paths off) (default: %(default)s)")
     b.add_argument("--sparsity", default="0.5", help="sparsity level (default: %(default)s)")
