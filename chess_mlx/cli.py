@@ -250,8 +250,14 @@ def cmd_eval(args) -> int:
     method_list = M.parse_methods(args.methods)
     levels = M.parse_sparsities(args.sparsity)
     json_path, out_dir = _output_file("--json", args.json), _output_folder("--out", args.out)
+    if args.ppl is None and args.tasks is None:  # neither asked for: both, on the shipped text and tasks
+        args.ppl = args.tasks = ""
+    if args.tasks is None and (args.limit is not None or args.strict):
+        raise ChessError(f"{'--limit' if args.limit is not None else '--strict'} applies to the tasks: add --tasks")
+    if args.ppl is None and args.tokens is not None:
+        raise ChessError("--tokens applies to the perplexity text: add --ppl")
     ppl_path = None
-    if args.ppl is not None or args.tasks is None:
+    if args.ppl is not None:
         ppl_path = Path(args.ppl) if args.ppl else heldout_text_path()
         text = read_text(ppl_path, "perplexity text")
     tasks = None
@@ -570,14 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity and multiple-choice accuracy of dense vs sparse methods")
     e.add_argument("model", nargs="?", help=_MODEL_HELP)
     e.add_argument("--ppl", nargs="?", const="", default=None,
-                   help="perplexity on a text file (default: the shipped held-out text)")
+                   help="perplexity on a text file (default: the shipped held-out text; "
+                        "with neither --ppl nor --tasks, both run)")
     e.add_argument("--tasks", nargs="?", const="", default=None,
-                   help="JSONL task file or folder of them (default: the shipped tasks)")
-    e.add_argument("--limit", type=_whole(1), help="at most N items per task")
+                   help="zero-shot accuracy on a JSONL task file or folder of them (default: the shipped tasks)")
+    e.add_argument("--limit", type=_whole(1), help="at most N items per task (default: all)")
     e.add_argument("--strict", action="store_true", help="refuse malformed task lines instead of skipping")
     e.add_argument("--methods", default="dense,cats,chess", help=f"comma list of {', '.join(M.METHODS)} (default: %(default)s)")
     e.add_argument("--sparsity", default="0.5", help="calibrated level(s), e.g. 0.3,0.5,0.7 (default: %(default)s)")
-    e.add_argument("--tokens", type=_whole(2), help="score only the first N tokens")
+    e.add_argument("--tokens", type=_whole(2), help="score only the first N tokens of the perplexity text (default: all)")
     e.add_argument("--context", type=_whole(2), default=512, help="tokens per scored window (default: %(default)s)")
     e.add_argument("--json", help="also write the results here")
     e.add_argument("--out", help="folder for results.json, results.csv and quality_vs_sparsity.png")

@@ -128,3 +128,18 @@ def test_shipped_model_quality_vs_sparsity_one_command(shipped_model_dir, tmp_pa
             assert math.isfinite(by[(m, s)]["ppl"]) and by[(m, s)]["ppl_ffn_sparsity"] > 0.2
     assert (out / "results.csv").read_text().count("\n") == 14
     assert (out / "quality_vs_sparsity.png").stat().st_size > 10_000
+
+
+def test_eval_with_neither_flag_runs_perplexity_and_tasks(tmp_path, tiny_dir):
+    """``chess-mlx eval`` alone used to score perplexity only, and silently ignored --limit; the
+    command is "perplexity and zero-shot accuracy", so with neither --ppl nor --tasks it runs both,
+    the same numbers as asking for both on the shipped text and tasks."""
+    common = ["--methods", "dense", "--limit", "3", "--tokens", "96", "--context", "48"]
+    both, default = tmp_path / "both.json", tmp_path / "default.json"
+    assert main(["eval", str(tiny_dir), "--ppl", "--tasks", *common, "--json", str(both)]) == 0
+    assert main(["eval", str(tiny_dir), *common, "--json", str(default)]) == 0
+    a, b = (json.loads(f.read_text()) for f in (both, default))
+    assert b["meta"]["ppl_tokens"] == 96 and b["meta"]["tasks"] == ["devils_definitions"]
+    (ra,), (rb,) = a["results"], b["results"]
+    assert math.isfinite(rb["ppl"]) and rb["tasks"]["devils_definitions"]["n"] == 3
+    assert rb["ppl"] == ra["ppl"] and rb["tasks"] == ra["tasks"]
