@@ -432,7 +432,7 @@ def cmd_convert(args) -> int:
 
     signal.signal(signal.SIGINT, on_sigint)
 
-    opts = ConvertOptions(quantize=args.quantize, group_size=args.group_size, method=args.method,
+    opts = ConvertOptions(quantize=args.quantize, group_size=_group_size(args), method=args.method,
                           sparsities=M.parse_sparsities(args.sparsity), calib=args.calib,
                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, dtype=args.dtype,
                           force=args.force)
@@ -463,6 +463,13 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _group_size(args) -> int:
+    """--group-size, 64 when left out; refused without --quantize, where it would silently do nothing."""
+    if args.group_size is not None and not args.quantize:
+        raise ChessError("--group-size applies to quantized weights: add --quantize 4 or 8")
+    return args.group_size or 64
+
+
 def cmd_bench(args) -> int:
     import mlx.core as mx
 
@@ -474,13 +481,14 @@ def cmd_bench(args) -> int:
     sparsity = M.parse_sparsity(args.sparsity)
     json_path = _output_file("--json", args.json)
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
-    need = preset_weight_bytes(args.preset, args.layers, dtype, args.quantize, args.group_size)
+    group_size = _group_size(args)
+    need = preset_weight_bytes(args.preset, args.layers, dtype, args.quantize, group_size)
     have = memory_short(need)
     if have:  # refused before any weight is made
         kind = f"{args.quantize}-bit" if args.quantize else str(dtype).split(".")[-1]
         raise ChessError(f"the {args.preset} preset needs {need / 1e9:.1f} GB of {kind} weights and this device "
                          f"has {have / 1e9:.1f} GB; use --quantize 4, fewer --layers, or --preset tiny")
-    model = random_model(args.preset, args.layers, dtype, args.quantize, args.group_size)
+    model = random_model(args.preset, args.layers, dtype, args.quantize, group_size)
     vocab = PRESETS[args.preset]["vocab_size"]
     label = f"{args.preset}{'' if not args.layers else f'/{args.layers}L'} {'%d-bit' % args.quantize if args.quantize else args.dtype or str(dtype).split('.')[-1]}"
     print(f"decode benchmark: {label}, sparsity {sparsity:g}, {args.tokens} tokens x {args.runs} runs, "
@@ -608,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("src", help="Hugging Face or MLX model folder (or a hub repo id, when online)")
     v.add_argument("out", help="output folder (must not exist unless --force)")
     v.add_argument("--quantize", type=int, choices=[4, 8], help="MLX affine quantization bits (default: keep float weights)")
-    v.add_argument("--group-size", type=int, default=64, choices=[32, 64], help="quantization group size (default: %(default)s)")
+    v.add_argument("--group-size", type=int, choices=[32, 64], help="quantization group size (default: 64)")
     v.add_argument("--method", default=M.CHESS, help="default method recorded (all are calibrated)")
     v.add_argument("--sparsity", default="0.5", help="level(s), e.g. 0.3,0.5,0.7 (default: %(default)s)")
     v.add_argument("--calib", help="calibration text file (default: the shipped one)")
@@ -632,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", choices=["llama3-8b", "tiny"], default="llama3-8b", help="model shape (default: %(default)s)")
     b.add_argument("--layers", type=_whole(1), help="fewer layers than the preset (for quick runs)")
     b.add_argument("--quantize", type=int, choices=[4, 8], help="4 or 8 bits (default: float weights)")
-    b.add_argument("--group-size", type=int, default=64, choices=[32, 64], help="quantization group size (default: %(default)s)")
+    b.add_argument("--group-size", type=int, choices=[32, 64], help="quantization group size (default: 64)")
     _add_run_dtype(b)
     b.add_argument("--methods", default="mlx-lm,dense,chess,chess-attn,teal",
                    help="methods, and 'mlx-lm': dense as mlx-lm itself decodes (chess-mlx's decode paths off) (default: %(default)s)")

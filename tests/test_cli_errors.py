@@ -189,6 +189,8 @@ def test_bad_pipeline_depth_is_refused_before_any_work(capsys, monkeypatch, tiny
     (["bench", "--preset", "tiny", "--tokens", "0"], "argument --tokens: must be >= 1, not 0"),
     (["bench", "--preset", "tiny", "--layers", "0"], "argument --layers: must be >= 1, not 0"),
     (["bench", "--preset", "tiny", "--group-size", "16"], "argument --group-size: invalid choice: 16"),
+    (["bench", "--preset", "tiny", "--group-size", "32"], "--group-size applies to quantized weights: add --quantize 4 or 8"),
+    (["convert", "a", "b", "--group-size", "32"], "--group-size applies to quantized weights: add --quantize 4 or 8"),
     (["bench", "--preset", "tiny", "--methods", ","], "no method given in ','"),
 ])
 def test_bad_numbers_are_refused_before_any_work(capsys, argv, expected):
