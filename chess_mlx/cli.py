@@ -180,10 +180,25 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+_DENSE_LEVEL = "--sparsity applies to a sparse method; the method here is dense (pick one with --method)"
+
+
+def _check_method_args(args) -> None:
+    """--method and --sparsity of generate and chat, refused before the model loads."""
+    if args.method is not None:
+        M.check_method(args.method)
+    if args.sparsity is not None:
+        M.parse_sparsity(args.sparsity)
+        if args.method == M.DENSE:
+            raise ChessError(_DENSE_LEVEL)
+
+
 def _method_and_level(args, th) -> tuple[str, float | None]:
     method = args.method or (th.meta.get("method") if th is not None else None) or M.DENSE
     M.check_method(method)
     sparsity = None if args.sparsity is None else M.parse_sparsity(args.sparsity)
+    if method == M.DENSE and sparsity is not None:  # would silently run dense at every level
+        raise ChessError(_DENSE_LEVEL)
     if method != M.DENSE and th is None:
         raise ChessError(f"method {method!r} needs thresholds; run 'chess-mlx calibrate' first")
     if method != M.DENSE and sparsity is None and len(th.sparsities) > 1:
@@ -199,10 +214,7 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip():
         raise ChessError("the prompt is empty")
-    if args.method is not None:
-        M.check_method(args.method)
-    if args.sparsity is not None:
-        M.parse_sparsity(args.sparsity)
+    _check_method_args(args)
     folder, model, tokenizer, fp = _load(args)
     th = _thresholds_for(folder, fp, needed=args.method not in (None, M.DENSE))
     method, sparsity = _method_and_level(args, th)
@@ -362,10 +374,7 @@ def cmd_chat(args) -> int:
     save_dir = Path(args.save_dir) if args.save_dir else Path.cwd()
     if not save_dir.is_dir():
         raise ChessError(f"--save-dir {save_dir} is not a folder")
-    if args.method is not None:
-        M.check_method(args.method)
-    if args.sparsity is not None:
-        M.parse_sparsity(args.sparsity)
+    _check_method_args(args)
     if args.prompt is not None and not args.prompt.strip():
         raise ChessError("the prompt is empty")
     folder, model, tokenizer, fp = _load(args)

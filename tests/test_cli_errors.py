@@ -315,3 +315,12 @@ def test_every_option_says_what_it_does_and_its_default():
             if not trivial:
                 assert "default" in action.help, f"{where} does not say its default ({action.default!r})"
         command.format_help()  # every '%(default)s' expands
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_sparsity_level_for_the_dense_method_is_refused(capsys, tiny_dir, command):
+    """``--method dense --sparsity 0.5`` used to drop the level without a word and run dense, so a
+    script looping over levels got the same dense numbers at each."""
+    msg = _fails(capsys, [command, str(tiny_dir), "--prompt", "hi", "--max-tokens", "2",
+                          "--method", "dense", "--sparsity", "0.5"])
+    assert "--sparsity applies to a sparse method" in msg
