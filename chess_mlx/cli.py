@@ -473,10 +473,11 @@ def cmd_info(args) -> int:
 
 
 def _group_size(args) -> int:
-    """--group-size, 64 when left out; refused without --quantize, where it would silently do nothing."""
+    """--group-size (_add_group_size), its default when left out; refused without --quantize, where
+    it would silently do nothing."""
     if args.group_size is not None and not args.quantize:
         raise ChessError("--group-size applies to quantized weights: add --quantize 4 or 8")
-    return args.group_size or 64
+    return args.group_size or _GROUP_SIZE
 
 
 def cmd_bench(args) -> int:
@@ -547,6 +548,14 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     """--temp and --top-p, shared by generate and chat so their checks and defaults stay one."""
     p.add_argument("--temp", type=_sampling("temperature"), default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--top-p", type=_sampling("top_p"), default=1.0, help="nucleus sampling mass (default: 1 = off)")
+
+
+_GROUP_SIZE = 64  # MLX's own default quantization group
+
+
+def _add_group_size(p: argparse.ArgumentParser) -> None:
+    """--group-size for convert and bench; left as None so _group_size can tell it was given."""
+    p.add_argument("--group-size", type=int, choices=[32, 64], help=f"quantization group size (default: {_GROUP_SIZE})")
 
 
 def _add_seq_len(p: argparse.ArgumentParser) -> None:
@@ -625,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("src", help="Hugging Face or MLX model folder (or a hub repo id, when online)")
     v.add_argument("out", help="output folder (must not exist unless --force)")
     v.add_argument("--quantize", type=int, choices=[4, 8], help="MLX affine quantization bits (default: keep float weights)")
-    v.add_argument("--group-size", type=int, choices=[32, 64], help="quantization group size (default: 64)")
+    _add_group_size(v)
     v.add_argument("--method", default=M.CHESS, help="default method recorded (all are calibrated)")
     v.add_argument("--sparsity", default="0.5", help="level(s), e.g. 0.3,0.5,0.7 (default: %(default)s)")
     v.add_argument("--calib", help="calibration text file (default: the shipped one)")
@@ -649,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", choices=["llama3-8b", "tiny"], default="llama3-8b", help="model shape (default: %(default)s)")
     b.add_argument("--layers", type=_whole(1), help="fewer layers than the preset (for quick runs)")
     b.add_argument("--quantize", type=int, choices=[4, 8], help="4 or 8 bits (default: float weights)")
-    b.add_argument("--group-size", type=int, choices=[32, 64], help="quantization group size (default: 64)")
+    _add_group_size(b)
     _add_run_dtype(b)
     b.add_argument("--methods", default="mlx-lm,dense,chess,chess-attn,teal",
                    help="methods, and 'mlx-lm': dense as mlx-lm itself decodes (chess-mlx's decode paths off) (default: %(default)s)")
