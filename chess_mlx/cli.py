@@ -214,18 +214,22 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip():
         raise ChessError("the prompt is empty")
+    if args.system is not None and args.raw:
+        raise ChessError("--system needs the chat template, and --raw sends the prompt without it")
     _check_method_args(args)
     folder, model, tokenizer, fp = _load(args)
     th = _thresholds_for(folder, fp, needed=args.method not in (None, M.DENSE))
     method, sparsity = _method_and_level(args, th)
     state = set_method(model, method, th, sparsity)
     prompt = args.prompt
-    if not args.raw and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    if args.seed is not None:
-        import mlx.core as mx
-
-        mx.random.seed(args.seed)
+    templated = not args.raw and getattr(tokenizer, "chat_template", None)
+    if args.system is not None and not templated:
+        raise ChessError(f"--system needs a chat template; the tokenizer of {folder} has none")
+    if templated:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = tokenizer.apply_chat_template(system + [{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True)
+    _seed(args)
     _warn_past_context(model, tokenizer, prompt, args.max_tokens)
     out = sys.stdout
     g = generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
@@ -393,6 +397,7 @@ def cmd_chat(args) -> int:
         raise ChessError("--compare needs calibrated thresholds; this model folder has none "
                          "(run 'chess-mlx calibrate' or 'chess-mlx convert')")
     session = ChatSession(model, tokenizer, th, method, sparsity, system_prompt=args.system or "")
+    _seed(args)
     if args.prompt is not None:
         replies = []
 
@@ -548,6 +553,15 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     """--temp and --top-p, shared by generate and chat so their checks and defaults stay one."""
     p.add_argument("--temp", type=_sampling("temperature"), default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--top-p", type=_sampling("top_p"), default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    p.add_argument("--seed", type=_whole(0, 2**64 - 1), help="sampling seed, for repeatable replies")
+
+
+def _seed(args) -> None:
+    """Seed MLX's global generator once, before the first token (chat: the whole session)."""
+    if args.seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)
 
 
 _GROUP_SIZE = 64  # MLX's own default quantization group
@@ -594,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsity", help="calibrated level to use")
     g.add_argument("--max-tokens", type=_whole(1), default=128, help="stop after N new tokens (default: %(default)s)")
     _add_sampling(g)
-    g.add_argument("--seed", type=_whole(0, 2**64 - 1), help="sampling seed, for a repeatable reply")
+    g.add_argument("--system", help="system prompt (needs the model's chat template)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     _add_run_dtype(g)
     g.set_defaults(func=cmd_generate)

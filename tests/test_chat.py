@@ -225,3 +225,46 @@ def test_max_tokens_past_the_context_keeps_the_conversation(tiny_calibrated):
     assert [m["role"] for m in s.messages][:2] == ["user", "assistant"] and len(s.messages) == 4
     assert "the reply can use" in (reply.notice or "") and "context of 200" in reply.notice
     assert reply.context_tokens + len(reply.tokens) <= 200
+
+
+def test_seed_makes_sampled_replies_repeatable_in_chat_and_generate(tiny_calibrated):
+    """``--seed`` was a generate option only: a sampled ``chat --prompt`` reply could not be
+    repeated. Both commands now take it from one place; the same seed gives the same text, another
+    seed (at temperature 1 on a random model, near-uniform over 257 tokens) another text."""
+    def run(cmd, seed):
+        r = subprocess.run([sys.executable, "-m", "chess_mlx", cmd, str(tiny_calibrated), "--prompt", "hi",
+                            "--method", "chess", "--max-tokens", "12", "--temp", "1", "--seed", str(seed)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.rsplit("\n[", 1)[0]  # the reply, without the stats line
+
+    for cmd in ("chat", "generate"):
+        first = run(cmd, 7)
+        assert run(cmd, 7) == first, cmd
+        assert run(cmd, 8) != first, cmd
+
+
+def test_generate_system_prompt_goes_through_the_chat_template(tmp_path, capsys):
+    """``generate --system`` puts a system message before the user's in the model's template, so the
+    prompt is exactly the template's tokens for both messages; a tokenizer without a template is
+    refused in one line (the prompt would be sent as raw text and the system prompt lost)."""
+    import json
+
+    from mlx_lm import load
+
+    d = save_tiny(tmp_path / "templated")
+    cfg_path = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\\n{% endfor %}"
+                            "{% if add_generation_prompt %}<assistant>{% endif %}")
+    cfg_path.write_text(json.dumps(cfg))
+    _, tok = load(str(d))
+    msgs = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "hello"}]
+    want = len(tok.apply_chat_template(msgs, add_generation_prompt=True))
+    assert want > len(tok.apply_chat_template(msgs[1:], add_generation_prompt=True))
+    assert main(["generate", str(d), "--prompt", "hello", "--system", "Answer in French.", "--max-tokens", "2"]) == 0
+    assert f"prompt {want} tok" in capsys.readouterr().out.splitlines()[-1]
+    plain = save_tiny(tmp_path / "plain")
+    assert main(["generate", str(plain), "--prompt", "hello", "--system", "x", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--system needs a chat template" in err, err
