@@ -206,12 +206,20 @@ def _method_and_level(args, th) -> tuple[str, float | None]:
     return method, sparsity
 
 
+def _stdin_prompt(args) -> None:
+    """``--prompt -`` reads the prompt from standard input, as mlx-lm's generate does (for long
+    prompts and pipes)."""
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read().rstrip("\n")
+
+
 def cmd_generate(args) -> int:
     from mlx_lm.sample_utils import make_sampler
 
     from .generate import format_stats, generate
     from .sparse_layers import set_method
 
+    _stdin_prompt(args)
     if not args.prompt.strip():
         raise ChessError("the prompt is empty")
     if args.system is not None and args.raw:
@@ -379,6 +387,7 @@ def cmd_chat(args) -> int:
     if not save_dir.is_dir():
         raise ChessError(f"--save-dir {save_dir} is not a folder")
     _check_method_args(args)
+    _stdin_prompt(args)
     if args.prompt is not None and not args.prompt.strip():
         raise ChessError("the prompt is empty")
     folder, model, tokenizer, fp = _load(args)
@@ -603,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text and print sparsity / speed statistics")
     g.add_argument("model", nargs="?", help=_MODEL_HELP)
-    g.add_argument("--prompt", required=True, help="the user message")
+    g.add_argument("--prompt", required=True, help="the user message ('-': read it from standard input)")
     g.add_argument("--method", help=f"one of {', '.join(M.METHODS)} (default: the calibrated one)")
     g.add_argument("--sparsity", help="calibrated level to use")
     g.add_argument("--max-tokens", type=_whole(1), default=128, help="stop after N new tokens (default: %(default)s)")
@@ -633,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("chat", help="the chat app (or, with --prompt, one reply printed for scripts)")
     h.add_argument("model", nargs="?", help=_MODEL_HELP)
-    h.add_argument("--prompt", help="answer this prompt non-interactively and exit")
+    h.add_argument("--prompt", help="answer this prompt non-interactively and exit ('-': read it from standard input)")
     h.add_argument("--method", help=f"one of {', '.join(M.METHODS)} (default: the calibrated one)")
     h.add_argument("--sparsity", help="calibrated level to use")
     h.add_argument("--system", help="system prompt")

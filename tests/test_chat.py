@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,22 @@ def test_generate_system_prompt_goes_through_the_chat_template(tmp_path, capsys)
     assert main(["generate", str(plain), "--prompt", "hello", "--system", "x", "--max-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--system needs a chat template" in err, err
+
+
+def test_prompt_dash_reads_standard_input(tiny_calibrated):
+    """``--prompt -`` (mlx-lm's convention) reads the prompt from a pipe: the reply and the prompt's
+    token count equal those of the same text given inline; an empty pipe is refused in one line."""
+    text = "a prompt long enough\nto span two lines"
+
+    def run(cmd, prompt, stdin=""):
+        return subprocess.run([sys.executable, "-m", "chess_mlx", cmd, str(tiny_calibrated), "--prompt", prompt,
+                               "--method", "chess", "--max-tokens", "6"], input=stdin, capture_output=True,
+                              text=True, timeout=120)
+
+    for cmd in ("generate", "chat"):
+        inline, piped = run(cmd, text), run(cmd, "-", text + "\n")
+        assert inline.returncode == 0 and piped.returncode == 0, piped.stderr
+        strip_speed = lambda out: re.sub(r"[\d.]+ tok/s|TTFT [\d.]+ s|peak mem [\d.]+ GB", "", out)  # noqa: E731
+        assert strip_speed(piped.stdout) == strip_speed(inline.stdout), cmd
+        empty = run(cmd, "-", "\n")
+        assert empty.returncode == 2 and empty.stderr.strip() == "chess-mlx: error: the prompt is empty", empty.stderr
