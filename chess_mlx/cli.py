@@ -559,7 +559,7 @@ def _add_run_dtype(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    """--temp and --top-p, shared by generate and chat so their checks and defaults stay one."""
+    """--temp, --top-p and --seed, shared by generate and chat so their checks and defaults stay one."""
     p.add_argument("--temp", type=_sampling("temperature"), default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--top-p", type=_sampling("top_p"), default=1.0, help="nucleus sampling mass (default: 1 = off)")
     p.add_argument("--seed", type=_whole(0, 2**64 - 1), help="sampling seed, for repeatable replies")
