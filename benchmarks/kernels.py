@@ -14,7 +14,8 @@
    On CUDA each op runs in a chain, as a model's layers do, and is timed on the GPU's own clock
    (``gpu_timer.py``: kernel plus one launch gap, no host time, free clocks); elsewhere (Metal) by
    host-timed batches of independent calls. Achieved bandwidth = bytes the kernel really reads /
-   time, as a fraction of the measured copy bandwidth (read + write of a 2 GiB array).
+   time, as a fraction of the measured copy bandwidth (read + write of 1-2 GiB; on CUDA timed on
+   the GPU clock like the kernels since session 32, before that host-timed, which spread ~10%).
 3. Crossover: decode batch M = 1, 2, 4, 8 tokens (independent 50% masks) vs dense.
 4. The attention head under CHESS+attention: the split launch over ``[Wq^T | Wk^T | Wv^T]`` (q's
    input thresholded, k and v dense; checked in 1. as ``sparse_input_split``) against q's own
@@ -355,7 +356,18 @@ def time_op(kind: str, op, x: mx.array, calls: int = 48) -> float:
     return timeit([lambda i=i: op(x, i) for i in range(64)])
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(kind: str = "") -> float:
+    """Bytes read + written per second by a copy of 1-2 GiB. On CUDA timed on the GPU clock in a
+    chain like the kernels (two 1 GiB copies alternating): host-timed, the same copy read 2.60-2.90
+    TB/s in one process on session 32's H100 and 2.91-2.93 on the GPU clock, so the kernels'
+    fractions moved by 10% with the denominator's noise alone."""
+    if kind == "cuda":
+        scaled_abs = mx.compile(lambda b, s: mx.abs(b * s))  # one fused pass that reads x_i (orders the chain)
+        srcs = [mx.random.normal((1 << 29,)).astype(mx.float16) for _ in range(2)]
+        mx.eval(srcs)
+        x = mx.ones((1, 8), dtype=mx.float16)
+        t = gpu_timer.chain_time(lambda xi, i: scaled_abs(srcs[i % 2], xi[0, :1]), x, calls=12)
+        return 2 * srcs[0].nbytes / t
     a = mx.random.normal((1 << 30,)).astype(mx.float16)  # 2 GiB
     mx.eval(a)
     t = timeit([lambda: mx.abs(a)], reps=5, batch=4)
@@ -526,7 +538,7 @@ def main() -> int:
               "device": mx.device_info() if hasattr(mx, "device_info") else platform.node(),
               "checks": checks}
     if not args.skip_bench:
-        bw = copy_bandwidth()
+        bw = copy_bandwidth(kind)
         print(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s")
         rows: list[dict] = []
         result.update(copy_bw=bw, bench=rows)

@@ -208,7 +208,7 @@ def main() -> None:
         configs = [(nw, wpr) for nw in (1, 2, 4) for wpr in (1, 2, 4) if wpr <= nw]
     if unroll:
         configs = [(2,), (4,), (8,)]
-    bw = K.copy_bandwidth()
+    bw = K.copy_bandwidth(K.G.backend())
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     dtype = mx.float16
     for out_dim, in_dim in K.SHAPES:
