@@ -263,7 +263,7 @@ def test_kernel_timings_leave_their_rows_when_cut_short(monkeypatch, tmp_path, c
         return 1e-6 * calls["n"]
     monkeypatch.setattr(G, "_launch_spout", lambda kind, x, w, a: G.reference_gated_sparse_output(x, w, a))
     monkeypatch.setattr(K, "time_op", timer)
-    monkeypatch.setattr(K, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(K, "copy_bandwidth", lambda kind: 1e12)
     out = tmp_path / "gemv.json"
     monkeypatch.setattr("sys.argv", ["kernels", "--quick", "--skip-check", "--benches", "gemv", "--wtypes", "bfloat16",
                                      "--json", str(out)])
