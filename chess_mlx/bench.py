@@ -1,7 +1,8 @@
-"""Decode speed, dense vs sparse methods, on a model of a real architecture's shape.
+"""Decode speed, dense vs sparse methods, on a model of a real architecture's shape, or on a model
+folder with its own thresholds.
 
-Weights are random (no checkpoint needed) and thresholds are calibrated on random tokens: speed
-depends on shapes and sparsity, not on what the weights mean. Decoding is what ``chess-mlx
+A preset's weights are random (no checkpoint needed) and its thresholds are calibrated on random
+tokens: speed depends on shapes and sparsity, not on what the weights mean. Decoding is what ``chess-mlx
 generate`` and ``chat`` run: ``pipelined.generate_step`` (mlx-lm's KV cache and steps, graph
 building and encoding on two threads; ``CHESS_MLX_PIPELINE=0``: mlx-lm's ``generate_step``),
 greedy, with no EOS stop.
@@ -82,10 +83,10 @@ def bench_prompt(prompt_len: int, vocab: int, seed: int) -> mx.array:
 
 
 def decode_speed(model: nn.Module, n_tokens: int = 128, prompt_len: int = 32, runs: int = 3,
-                 vocab: int = 512, seed: int = 1, warmup: bool = True) -> list[float]:
-    """Tokens/s of greedy decode after a short prompt, one number per run (after one untimed
-    run that warms up kernels and allocations, unless ``warmup`` is False)."""
-    prompt = bench_prompt(prompt_len, vocab, seed)
+                 vocab: int = 512, seed: int = 1, warmup: bool = True, prompt: mx.array | None = None) -> list[float]:
+    """Tokens/s of greedy decode after a short prompt (``prompt``, else random ids), one number per
+    run (after one untimed run that warms up kernels and allocations, unless ``warmup`` is False)."""
+    prompt = bench_prompt(prompt_len, vocab, seed) if prompt is None else prompt
     out = []
     for _ in range(runs + int(warmup)):
         gen = pipelined.generate_step(prompt, model, max_tokens=n_tokens, sampler=lambda lp: mx.argmax(lp, axis=-1))
@@ -124,9 +125,10 @@ def greedy_ahead(model: nn.Module, prompt: mx.array, n_tokens: int) -> tuple[mx.
     return out, time.perf_counter() - t0
 
 
-def ahead_speed(model: nn.Module, n_tokens: int, prompt_len: int = 32, vocab: int = 512, seed: int = 1) -> float:
+def ahead_speed(model: nn.Module, n_tokens: int, prompt_len: int = 32, vocab: int = 512, seed: int = 1,
+                prompt: mx.array | None = None) -> float:
     """Tokens/s of one ``greedy_ahead`` run on the bench's prompt."""
-    _, dt = greedy_ahead(model, bench_prompt(prompt_len, vocab, seed), n_tokens)
+    _, dt = greedy_ahead(model, bench_prompt(prompt_len, vocab, seed) if prompt is None else prompt, n_tokens)
     return n_tokens / dt
 
 
@@ -153,33 +155,38 @@ def _as_method(model: nn.Module, method: str, th, sparsity: float):
 
 
 def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int, n_tokens: int = 128,
-              runs: int = 3, calib_tokens: int = 1024, progress=None, ahead: int = 0) -> list[DecodeResult]:
+              runs: int = 3, calib_tokens: int = 1024, progress=None, ahead: int = 0, th=None,
+              prompt: mx.array | None = None) -> list[DecodeResult]:
     """Median tokens/s of each method, runs interleaved method by method; with ``ahead`` > 0 also
-    the speed with the graph built ahead (``greedy_ahead`` of that many tokens) after each run."""
+    the speed with the graph built ahead (``greedy_ahead`` of that many tokens) after each run.
+    ``th``: a model folder's own thresholds; without them (a random model) they are calibrated on
+    random tokens. ``prompt``: token ids of real text for a trained model, whose activations (and
+    so sparsity) on random ids are not those of use; the FFN sparsity is then the mean over its tokens."""
     state = sparsify(model)
-    tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
-                               key=mx.random.key(7))
-    th = calibrate(model, tokens, [sparsity]) if any(m not in (DENSE, MLX_LM) for m in methods) else None
+    if th is None and any(m not in (DENSE, MLX_LM) for m in methods):
+        tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
+                                   key=mx.random.key(7))
+        th = calibrate(model, tokens, [sparsity])
     ffn: dict[str, float] = {}
     for m in methods:  # measured sparsity of one decode token, and a warm-up run, per method
         with _as_method(model, m, th, sparsity):
             state.recorder.enabled = True
-            model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)))
+            model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)) if prompt is None else prompt[None])
             calls = state.recorder.pop()
             state.recorder.enabled = False
             ffn[m] = 0.0 if not calls else float(1 - calls[-1].density[:, -1].mean())
-            decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab)
+            decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab, prompt=prompt)
             if ahead:
-                ahead_speed(model, ahead, vocab=vocab)  # warm-up: a graph of this size once
+                ahead_speed(model, ahead, vocab=vocab, prompt=prompt)  # warm-up: a graph of this size once
     # Runs interleave the methods, so a slow spell of the (shared) host CPU hits all of them alike.
     speeds: dict[str, list[float]] = {m: [] for m in methods}
     aheads: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(runs):
         for m in methods:
             with _as_method(model, m, th, sparsity):
-                speeds[m] += decode_speed(model, n_tokens=n_tokens, runs=1, vocab=vocab, warmup=False)
+                speeds[m] += decode_speed(model, n_tokens=n_tokens, runs=1, vocab=vocab, warmup=False, prompt=prompt)
                 if ahead:
-                    aheads[m].append(ahead_speed(model, ahead, vocab=vocab))
+                    aheads[m].append(ahead_speed(model, ahead, vocab=vocab, prompt=prompt))
     results = []
     for m in methods:
         results.append(DecodeResult(m, statistics.median(speeds[m]), speeds[m], ffn[m],

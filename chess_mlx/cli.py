@@ -494,6 +494,40 @@ def _group_size(args) -> int:
     return args.group_size or _GROUP_SIZE
 
 
+_PRESET = "llama3-8b"
+
+
+def _bench_folder(args, methods: list[str], sparsity: float):
+    """A model folder for ``bench``: (model, vocabulary size, label, its thresholds or None, a
+    prompt of 32 tokens of the shipped held-out text or None). The random-model options are refused
+    with it (they would be silently ignored), and so are sparse methods without thresholds or at an
+    uncalibrated level, before any timing."""
+    import mlx.core as mx
+
+    from .bench import MLX_LM
+    from .paths import heldout_text_path
+
+    given = [o for o, v in (("--preset", args.preset), ("--layers", args.layers), ("--quantize", args.quantize),
+                            ("--group-size", args.group_size)) if v is not None]
+    if given:
+        raise ChessError(f"{', '.join(given)} shape the random model; a model folder is timed as it is "
+                         "(quantize it with 'chess-mlx convert')")
+    folder, model, tokenizer, fp = _load(args)
+    sparse = [m for m in methods if m not in (M.DENSE, MLX_LM)]
+    th = _thresholds_for(folder, fp, needed=bool(sparse))
+    if sparse:
+        th.match(sparsity)
+    vocab = int(model.model.embed_tokens.weight.shape[0])
+    q = getattr(model.model.layers[0].mlp.up_proj, "bits", None)
+    kind = f"{q}-bit" if q else str(model.model.embed_tokens.weight.dtype).split(".")[-1]
+    text = heldout_text_path()
+    prompt = None
+    if text.is_file():  # a trained model's sparsity on random ids is not that of text
+        with text.open(encoding="utf-8") as f:
+            prompt = mx.array(tokenizer.encode(f.read(4000))[:32])
+    return model, vocab, f"{folder.name} {kind}", th, prompt
+
+
 def cmd_bench(args) -> int:
     import mlx.core as mx
 
@@ -504,17 +538,22 @@ def cmd_bench(args) -> int:
     methods = M.parse_methods(args.methods, extra=(MLX_LM,))
     sparsity = M.parse_sparsity(args.sparsity)
     json_path = _output_file("--json", args.json)
-    dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
-    group_size = _group_size(args)
-    need = preset_weight_bytes(args.preset, args.layers, dtype, args.quantize, group_size)
-    have = memory_short(need)
-    if have:  # refused before any weight is made
-        kind = f"{args.quantize}-bit" if args.quantize else str(dtype).split(".")[-1]
-        raise ChessError(f"the {args.preset} preset needs {need / 1e9:.1f} GB of {kind} weights and this device "
-                         f"has {have / 1e9:.1f} GB; use --quantize 4, fewer --layers, or --preset tiny")
-    model = random_model(args.preset, args.layers, dtype, args.quantize, group_size)
-    vocab = PRESETS[args.preset]["vocab_size"]
-    label = f"{args.preset}{'' if not args.layers else f'/{args.layers}L'} {'%d-bit' % args.quantize if args.quantize else args.dtype or str(dtype).split('.')[-1]}"
+    if args.model is not None:
+        model, vocab, label, th, prompt = _bench_folder(args, methods, sparsity)
+    else:
+        args.preset = args.preset or _PRESET
+        dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
+        group_size = _group_size(args)
+        need = preset_weight_bytes(args.preset, args.layers, dtype, args.quantize, group_size)
+        have = memory_short(need)
+        if have:  # refused before any weight is made
+            kind = f"{args.quantize}-bit" if args.quantize else str(dtype).split(".")[-1]
+            raise ChessError(f"the {args.preset} preset needs {need / 1e9:.1f} GB of {kind} weights and this device "
+                             f"has {have / 1e9:.1f} GB; use --quantize 4, fewer --layers, or --preset tiny")
+        model = random_model(args.preset, args.layers, dtype, args.quantize, group_size)
+        vocab = PRESETS[args.preset]["vocab_size"]
+        label = f"{args.preset}{'' if not args.layers else f'/{args.layers}L'} {'%d-bit' % args.quantize if args.quantize else args.dtype or str(dtype).split('.')[-1]}"
+        th = prompt = None
     print(f"decode benchmark: {label}, sparsity {sparsity:g}, {args.tokens} tokens x {args.runs} runs, "
           f"kernels: {backend()}", flush=True)
     def show(m, r):
@@ -523,7 +562,7 @@ def cmd_bench(args) -> int:
               f"FFN sparsity {r.ffn_sparsity:.0%}{ahead})", flush=True)
 
     results = run_bench(model, methods, sparsity, vocab, n_tokens=args.tokens, runs=args.runs, progress=show,
-                        ahead=args.ahead)
+                        ahead=args.ahead, th=th, prompt=prompt)
     base = next((r.tokens_per_s for r in results if r.method == M.DENSE), None)
     paired = paired_ratios(results)
     paired_ahead = paired_ratios(results, ahead=True)
@@ -677,8 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("folder", help="a folder written by convert, calibrate or setup")
     i.set_defaults(func=cmd_info)
 
-    b = sub.add_parser("bench", help="decode tokens/s, dense vs sparse, on a random model of a real shape")
-    b.add_argument("--preset", choices=["llama3-8b", "tiny"], default="llama3-8b", help="model shape (default: %(default)s)")
+    b = sub.add_parser("bench", help="decode tokens/s, dense vs sparse, on a random model of a real shape "
+                       "or on a model folder")
+    b.add_argument("model", nargs="?", help="model folder to time with its own thresholds (default: a random "
+                   "model of --preset's shape)")
+    b.add_argument("--preset", choices=["llama3-8b", "tiny"], help=f"random model's shape (default: {_PRESET})")
     b.add_argument("--layers", type=_whole(1), help="fewer layers than the preset (for quick runs)")
     b.add_argument("--quantize", type=int, choices=[4, 8], help="4 or 8 bits (default: float weights)")
     _add_group_size(b)

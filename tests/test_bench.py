@@ -97,3 +97,49 @@ def test_mlx_lm_baseline_runs_with_chess_mlx_decode_paths_off(monkeypatch):
     assert seen == [("dense", False, False, False), ("dense", True, True, True)] * 2
     assert pipelined.enabled() and fused_attention.enabled() and block_step.enabled()
     assert set(bench.paired_ratios(res, base="mlx-lm")) == {"mlx-lm", "dense"}
+
+
+def test_bench_times_a_model_folder_with_its_own_thresholds_on_text(tmp_path, monkeypatch, capsys):
+    """``chess-mlx bench FOLDER`` times a real model folder: its own calibrated level (no random
+    calibration), a prompt of held-out text (a trained model's activations on random ids are not
+    those of use), and the FFN sparsity of that level on it. The random-model options, sparse
+    methods without thresholds and uncalibrated levels are refused in one line before any timing."""
+    import json
+
+    from chess_mlx.cli import main
+    from chess_mlx.model_io import load_model
+    from chess_mlx.paths import heldout_text_path
+    from tiny import save_tiny
+
+    d = save_tiny(tmp_path / "m")
+    text = tmp_path / "calib.txt"
+    text.write_text(heldout_text_path().read_text(encoding="utf-8")[:6000])
+    assert main(["calibrate", str(d), "--text", str(text), "--tokens", "512", "--seq-len", "64",
+                 "--sparsity", "0.3,0.7"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(bench, "calibrate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("calibrated")))
+    prompts = []
+    real = bench.decode_speed
+    monkeypatch.setattr(bench, "decode_speed", lambda *a, **k: prompts.append(k["prompt"]) or real(*a, **k))
+    sparsity = {}
+    for level in ("0.3", "0.7"):
+        out = tmp_path / f"bench{level}.json"
+        assert main(["bench", str(d), "--methods", "dense,chess", "--sparsity", level, "--runs", "1", "--tokens", "3",
+                     "--ahead", "0", "--json", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["model"] == "m float32" and [r["method"] for r in res["results"]] == ["dense", "chess"]
+        assert res["results"][0]["ffn_sparsity"] == 0.0
+        sparsity[level] = res["results"][1]["ffn_sparsity"]
+    assert abs(sparsity["0.3"] - 0.3) < 0.1 and abs(sparsity["0.7"] - 0.7) < 0.1, sparsity
+    _, tok, _ = load_model(d)
+    want = tok.encode(heldout_text_path().read_text(encoding="utf-8")[:4000])[:32]
+    assert prompts and all(p.tolist() == want for p in prompts)
+    plain = save_tiny(tmp_path / "plain")
+    for argv, msg in (([str(d), "--preset", "tiny", "--layers", "1"], "--preset, --layers shape the random model"),
+                      ([str(d), "--quantize", "4"], "--quantize shape the random model"),
+                      ([str(plain), "--methods", "dense,chess"], "no calibrated thresholds in"),
+                      ([str(d), "--methods", "chess", "--sparsity", "0.5"], "sparsity 0.5 is not calibrated; available: 0.3, 0.7")):
+        assert main(["bench", *argv, "--runs", "1", "--tokens", "2", "--ahead", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and msg in err, err
+    assert main(["bench", str(plain), "--methods", "dense", "--runs", "1", "--tokens", "2", "--ahead", "0"]) == 0
