@@ -510,7 +510,8 @@ def _bench_folder(args, methods: list[str], sparsity: float):
     given = [o for o, v in (("--preset", args.preset), ("--layers", args.layers), ("--quantize", args.quantize),
                             ("--group-size", args.group_size)) if v is not None]
     if given:
-        raise ChessError(f"{', '.join(given)} shape the random model; a model folder is timed as it is "
+        raise ChessError(f"{', '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the random model; "
+                         "a model folder is timed as it is "
                          "(quantize it with 'chess-mlx convert')")
     folder, model, tokenizer, fp = _load(args)
     sparse = [m for m in methods if m not in (M.DENSE, MLX_LM)]

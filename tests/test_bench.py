@@ -136,7 +136,7 @@ def test_bench_times_a_model_folder_with_its_own_thresholds_on_text(tmp_path, mo
     assert prompts and all(p.tolist() == want for p in prompts)
     plain = save_tiny(tmp_path / "plain")
     for argv, msg in (([str(d), "--preset", "tiny", "--layers", "1"], "--preset, --layers shape the random model"),
-                      ([str(d), "--quantize", "4"], "--quantize shape the random model"),
+                      ([str(d), "--quantize", "4"], "--quantize shapes the random model"),
                       ([str(plain), "--methods", "dense,chess"], "no calibrated thresholds in"),
                       ([str(d), "--methods", "chess", "--sparsity", "0.5"], "sparsity 0.5 is not calibrated; available: 0.3, 0.7")):
         assert main(["bench", *argv, "--runs", "1", "--tokens", "2", "--ahead", "0"]) == 2
