@@ -23,6 +23,7 @@ from . import block_step, fused_attention, pipelined
 from .calibrate import calibrate
 from .methods import DENSE
 from .sparse_layers import set_method, sparsify
+from .stats import CallStats, TokenStats, summarize
 
 PRESETS = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -75,6 +76,8 @@ class DecodeResult:
     ffn_sparsity: float
     ahead_tokens_per_s: float = 0.0  # graph built ahead (``greedy_ahead``); 0 when not measured
     ahead_runs: list[float] = field(default_factory=list)
+    attn_sparsity: float = 0.0  # of the thresholded attention inputs (q_proj, o_proj)
+    bytes_fraction: float = 1.0  # weight bytes a token reads / dense: what the speed-up is bounded by
 
 
 def bench_prompt(prompt_len: int, vocab: int, seed: int) -> mx.array:
@@ -167,14 +170,14 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
         tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
                                    key=mx.random.key(7))
         th = calibrate(model, tokens, [sparsity])
-    ffn: dict[str, float] = {}
+    measured: dict[str, TokenStats] = {}
     for m in methods:  # measured sparsity of one decode token, and a warm-up run, per method
         with _as_method(model, m, th, sparsity):
             state.recorder.enabled = True
             model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)) if prompt is None else prompt[None])
             calls = state.recorder.pop()
             state.recorder.enabled = False
-            ffn[m] = 0.0 if not calls else float(1 - calls[-1].density[:, -1].mean())
+            measured[m] = summarize(calls[-1] if calls else CallStats.dense(state.recorder.n_layers), state.weight_bytes)
             decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab, prompt=prompt)
             if ahead:
                 ahead_speed(model, ahead, vocab=vocab, prompt=prompt)  # warm-up: a graph of this size once
@@ -189,8 +192,10 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
                     aheads[m].append(ahead_speed(model, ahead, vocab=vocab, prompt=prompt))
     results = []
     for m in methods:
-        results.append(DecodeResult(m, statistics.median(speeds[m]), speeds[m], ffn[m],
-                                    statistics.median(aheads[m]) if aheads[m] else 0.0, aheads[m]))
+        st = measured[m]
+        results.append(DecodeResult(m, statistics.median(speeds[m]), speeds[m], st.ffn_sparsity,
+                                    statistics.median(aheads[m]) if aheads[m] else 0.0, aheads[m],
+                                    st.attn_sparsity, st.bytes_fraction))
         if progress:
             progress(m, results[-1])
     set_method(model, DENSE)

@@ -560,7 +560,8 @@ def cmd_bench(args) -> int:
     def show(m, r):
         ahead = f"; graph built ahead {r.ahead_tokens_per_s:.1f} tok/s" if r.ahead_runs else ""
         print(f"  {m:<11} {r.tokens_per_s:8.1f} tok/s  (runs {min(r.runs):.1f}-{max(r.runs):.1f}; "
-              f"FFN sparsity {r.ffn_sparsity:.0%}{ahead})", flush=True)
+              f"FFN sparsity {r.ffn_sparsity:.0%}, attn {r.attn_sparsity:.0%}, weights/token {r.bytes_fraction:.0%}"
+              f"{ahead})", flush=True)
 
     results = run_bench(model, methods, sparsity, vocab, n_tokens=args.tokens, runs=args.runs, progress=show,
                         ahead=args.ahead, th=th, prompt=prompt)

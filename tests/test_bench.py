@@ -102,7 +102,8 @@ def test_mlx_lm_baseline_runs_with_chess_mlx_decode_paths_off(monkeypatch):
 def test_bench_times_a_model_folder_with_its_own_thresholds_on_text(tmp_path, monkeypatch, capsys):
     """``chess-mlx bench FOLDER`` times a real model folder: its own calibrated level (no random
     calibration), a prompt of held-out text (a trained model's activations on random ids are not
-    those of use), and the FFN sparsity of that level on it. The random-model options, sparse
+    those of use), and the FFN and attention sparsity of that level on it, with the weight bytes a
+    token reads checked against the parameters' sizes. The random-model options, sparse
     methods without thresholds and uncalibrated levels are refused in one line before any timing."""
     import json
 
@@ -121,17 +122,30 @@ def test_bench_times_a_model_folder_with_its_own_thresholds_on_text(tmp_path, mo
     prompts = []
     real = bench.decode_speed
     monkeypatch.setattr(bench, "decode_speed", lambda *a, **k: prompts.append(k["prompt"]) or real(*a, **k))
+    model, tok, _ = load_model(d)
+    # Weight bytes a token reads, from the parameters (every layer has the same shapes): the head
+    # always, each projection in proportion to the inputs or outputs it keeps.
+    layer = model.model.layers[0]
+    nb = {p: getattr(layer.self_attn if p in "qkvo" else layer.mlp, f"{p}_proj").weight.nbytes
+          for p in ("q", "k", "v", "o", "gate", "up", "down")}
+    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
+    n_layers = len(model.model.layers)
+    total = n_layers * sum(nb.values()) + head.weight.nbytes
     sparsity = {}
     for level in ("0.3", "0.7"):
         out = tmp_path / f"bench{level}.json"
-        assert main(["bench", str(d), "--methods", "dense,chess", "--sparsity", level, "--runs", "1", "--tokens", "3",
-                     "--ahead", "0", "--json", str(out)]) == 0
-        res = json.loads(out.read_text())
-        assert res["model"] == "m float32" and [r["method"] for r in res["results"]] == ["dense", "chess"]
-        assert res["results"][0]["ffn_sparsity"] == 0.0
-        sparsity[level] = res["results"][1]["ffn_sparsity"]
+        assert main(["bench", str(d), "--methods", "dense,chess,chess-attn", "--sparsity", level, "--runs", "1",
+                     "--tokens", "3", "--ahead", "0", "--json", str(out)]) == 0
+        res = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+        assert json.loads(out.read_text())["model"] == "m float32" and list(res) == ["dense", "chess", "chess-attn"]
+        assert res["dense"]["ffn_sparsity"] == res["dense"]["attn_sparsity"] == 0.0
+        assert res["dense"]["bytes_fraction"] == 1.0 and res["chess"]["attn_sparsity"] == 0.0
+        assert res["chess-attn"]["attn_sparsity"] > 0.1
+        for r in (res["chess"], res["chess-attn"]):
+            saved = n_layers * (r["ffn_sparsity"] * (nb["up"] + nb["down"]) + r["attn_sparsity"] * (nb["q"] + nb["o"]))
+            assert abs(r["bytes_fraction"] - (1 - saved / total)) < 1e-6, (r, saved / total)
+        sparsity[level] = res["chess"]["ffn_sparsity"]
     assert abs(sparsity["0.3"] - 0.3) < 0.1 and abs(sparsity["0.7"] - 0.7) < 0.1, sparsity
-    _, tok, _ = load_model(d)
     want = tok.encode(heldout_text_path().read_text(encoding="utf-8")[:4000])[:32]
     assert prompts and all(p.tolist() == want for p in prompts)
     plain = save_tiny(tmp_path / "plain")
