@@ -555,7 +555,8 @@ def cmd_bench(args) -> int:
         vocab = PRESETS[args.preset]["vocab_size"]
         label = f"{args.preset}{'' if not args.layers else f'/{args.layers}L'} {'%d-bit' % args.quantize if args.quantize else args.dtype or str(dtype).split('.')[-1]}"
         th = prompt = None
-    print(f"decode benchmark: {label}, sparsity {sparsity:g}, {args.tokens} tokens x {args.runs} runs, "
+    level = f"sparsity {sparsity:g}, " if any(m not in (M.DENSE, MLX_LM) for m in methods) else ""
+    print(f"decode benchmark: {label}, {level}{args.tokens} tokens x {args.runs} runs, "
           f"kernels: {backend()}", flush=True)
     def show(m, r):
         ahead = f"; graph built ahead {r.ahead_tokens_per_s:.1f} tok/s" if r.ahead_runs else ""

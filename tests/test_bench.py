@@ -157,3 +157,5 @@ def test_bench_times_a_model_folder_with_its_own_thresholds_on_text(tmp_path, mo
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and msg in err, err
     assert main(["bench", str(plain), "--methods", "dense", "--runs", "1", "--tokens", "2", "--ahead", "0"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]  # no level is named where no method uses one
+    assert header.startswith("decode benchmark: plain float32, 2 tokens x 1 runs"), header
