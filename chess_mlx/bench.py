@@ -142,6 +142,11 @@ MLX_LM = "mlx-lm"
 _SWITCHES = (pipelined, fused_attention, block_step)
 
 
+def needs_thresholds(methods: list[str]) -> bool:
+    """Whether any of ``methods`` is sparse (everything but dense and the mlx-lm baseline)."""
+    return any(m not in (DENSE, MLX_LM) for m in methods)
+
+
 @contextmanager
 def _as_method(model: nn.Module, method: str, th, sparsity: float):
     """Set ``method`` on the model for a timing; ``MLX_LM`` is dense with chess-mlx's decode paths off."""
@@ -166,7 +171,7 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
     random tokens. ``prompt``: token ids of real text for a trained model, whose activations (and
     so sparsity) on random ids are not those of use; the FFN sparsity is then the mean over its tokens."""
     state = sparsify(model)
-    if th is None and any(m not in (DENSE, MLX_LM) for m in methods):
+    if th is None and needs_thresholds(methods):
         tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
                                    key=mx.random.key(7))
         th = calibrate(model, tokens, [sparsity])

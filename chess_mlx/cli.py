@@ -504,7 +504,7 @@ def _bench_folder(args, methods: list[str], sparsity: float):
     uncalibrated level, before any timing."""
     import mlx.core as mx
 
-    from .bench import MLX_LM
+    from .bench import needs_thresholds
     from .paths import heldout_text_path
 
     given = [o for o, v in (("--preset", args.preset), ("--layers", args.layers), ("--quantize", args.quantize),
@@ -514,8 +514,8 @@ def _bench_folder(args, methods: list[str], sparsity: float):
                          "a model folder is timed as it is "
                          "(quantize it with 'chess-mlx convert')")
     folder, model, tokenizer, fp = _load(args)
-    sparse = [m for m in methods if m not in (M.DENSE, MLX_LM)]
-    th = _thresholds_for(folder, fp, needed=bool(sparse))
+    sparse = needs_thresholds(methods)
+    th = _thresholds_for(folder, fp, needed=sparse)
     if sparse:
         th.match(sparsity)
     vocab = int(model.model.embed_tokens.weight.shape[0])
@@ -532,7 +532,7 @@ def _bench_folder(args, methods: list[str], sparsity: float):
 def cmd_bench(args) -> int:
     import mlx.core as mx
 
-    from .bench import MLX_LM, PRESETS, paired_ratios, preset_weight_bytes, random_model, run_bench
+    from .bench import MLX_LM, PRESETS, needs_thresholds, paired_ratios, preset_weight_bytes, random_model, run_bench
     from .device_limits import memory_short
     from .sparse_gemv import backend
 
@@ -555,7 +555,7 @@ def cmd_bench(args) -> int:
         vocab = PRESETS[args.preset]["vocab_size"]
         label = f"{args.preset}{'' if not args.layers else f'/{args.layers}L'} {'%d-bit' % args.quantize if args.quantize else args.dtype or str(dtype).split('.')[-1]}"
         th = prompt = None
-    level = f"sparsity {sparsity:g}, " if any(m not in (M.DENSE, MLX_LM) for m in methods) else ""
+    level = f"sparsity {sparsity:g}, " if needs_thresholds(methods) else ""
     print(f"decode benchmark: {label}, {level}{args.tokens} tokens x {args.runs} runs, "
           f"kernels: {backend()}", flush=True)
     def show(m, r):
