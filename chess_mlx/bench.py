@@ -45,14 +45,20 @@ def preset_weight_bytes(preset: str, layers: int | None, dtype, bits: int | None
     return int(params * per)
 
 
+def preset_config(preset: str, layers: int | None = None) -> dict:
+    """The mlx-lm Llama config of a preset: what ``random_model`` builds, and what a folder of
+    that model (``benchmarks/random_folder.py``) writes as its config.json."""
+    cfg = dict(PRESETS[preset], model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    return cfg
+
+
 def random_model(preset: str, layers: int | None = None, dtype=mx.float16, bits: int | None = None,
                  group_size: int = 64, seed: int = 0) -> nn.Module:
     from mlx_lm.models import llama
 
-    cfg = dict(PRESETS[preset], model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=False)
-    if layers:
-        cfg["num_hidden_layers"] = layers
-    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    model = llama.Model(llama.ModelArgs.from_dict(preset_config(preset, layers)))
     mx.random.seed(seed)
     new = []
     for name, p in tree_flatten(model.parameters()):

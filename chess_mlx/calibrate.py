@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .errors import ChessError
 from .methods import DENSE, level_key
 from .model_io import fingerprint, model_layers
 from .sparse_layers import set_method, sparse_modules, sparsify
@@ -88,6 +89,16 @@ class _LayerStats:
         }
 
 
+def _check_finite(th: dict[str, np.ndarray], layer: int, dtype: mx.Dtype) -> None:
+    """A non-finite activation makes every quantile after it NaN or inf: refuse rather than write
+    thresholds that silently switch a layer fully on or fully off."""
+    bad = [name for name, v in th.items() if not np.isfinite(v).all()]
+    if bad:
+        hint = "; float16 may overflow on this model: try --dtype bfloat16" if dtype == mx.float16 else ""
+        raise ChessError(f"calibration: block {layer}'s activations are not finite (inf or NaN) on the "
+                         f"calibration text ({', '.join(sorted(bad))}){hint}")
+
+
 def calibrate(
     model: nn.Module,
     tokens: mx.array,
@@ -122,6 +133,7 @@ def calibrate(
         finally:
             projs["q"].ctl.collector = projs["o"].ctl.collector = mlp.ctl.collector = None
         per_layer.append(stats.thresholds(levels))
+        _check_finite(per_layer[-1], li, hidden[0].dtype)
         if progress is not None:
             progress(li + 1, len(layers))
     out_levels = {}

@@ -59,9 +59,23 @@ def load_model(path: Path | str, dtype: str | None = None):
         model, tokenizer = load(str(path))
     except Exception as e:  # mlx-lm raises bare ValueError/FileNotFoundError/... on bad folders
         raise ChessError(f"could not load model from {path}: {str(e).splitlines()[0]}") from None
+    check_vocab(model, tokenizer, path)
     target = getattr(mx, dtype) if dtype else default_dtype()
     cast_floats(model, target)
     return model, tokenizer, config
+
+
+def check_vocab(model: nn.Module, tokenizer, path: Path) -> None:
+    """Refuse a tokenizer that can emit ids past the model's embedding rows: MLX does not bounds-check
+    a gather, so such an id reads memory that is not the table (NaN thresholds, a crash), never a
+    clear error. Added tokens past the rows are let through (some checkpoints add a pad token they
+    never embed); the base vocabulary is what plain text encodes to."""
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    rows = getattr(getattr(embed, "weight", None), "shape", (None,))[0]
+    n = getattr(tokenizer, "vocab_size", None)
+    if isinstance(rows, int) and isinstance(n, int) and n > rows:
+        raise ChessError(f"{path}: the tokenizer has {n} tokens but the model's embedding only {rows} rows; "
+                         "the tokenizer files do not belong to these weights")
 
 
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:

@@ -327,3 +327,30 @@ def test_a_sparsity_level_for_the_dense_method_is_refused(capsys, tiny_dir, comm
     msg = _fails(capsys, [command, str(tiny_dir), "--prompt", "hi", "--max-tokens", "2",
                           "--method", "dense", "--sparsity", "0.5"])
     assert "--sparsity applies to a sparse method" in msg
+
+
+@pytest.mark.parametrize("command", ["convert", "calibrate", "generate", "bench"])
+def test_a_tokenizer_with_more_tokens_than_the_embedding_is_refused(capsys, tmp_path, calib_text, command):
+    # The byte tokenizer encodes to ids 0-255; a 200-row embedding would be gathered out of bounds
+    # (NaN thresholds from convert, a segfault from bench on the CPU), so loading refuses it.
+    d = save_tiny(tmp_path / "m", vocab_size=200)
+    before = _snapshot(d)
+    argv = {"convert": ["convert", str(d), str(tmp_path / "out"), "--calib", str(calib_text), "--calib-tokens", "64"],
+            "calibrate": ["calibrate", str(d), "--text", str(calib_text), "--tokens", "64"],
+            "generate": ["generate", str(d), "--prompt", "hi", "--max-tokens", "2"],
+            "bench": ["bench", str(d), "--methods", "dense", "--runs", "1", "--tokens", "2", "--ahead", "0"]}[command]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    msg = err.strip().splitlines()[-1]  # convert's "[1/4] loading" progress line may come first
+    assert msg.startswith("chess-mlx: error: ") and "256 tokens" in msg and "200 rows" in msg, err
+    assert _snapshot(d) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name not in ("m", "calib.txt")] == []
+
+
+def test_added_tokens_past_the_embedding_still_load(tmp_path):
+    # <|endoftext|> is id 256, past a 256-row table: an added token plain text never encodes to.
+    from chess_mlx.model_io import load_model
+
+    model, tok, _ = load_model(save_tiny(tmp_path / "m", vocab_size=256))
+    assert model.model.embed_tokens.weight.shape[0] == 256 and len(tok._tokenizer) == 257

@@ -151,3 +151,17 @@ def test_weight_names_unchanged_by_sparsify():
     sparsify(model)
     after = sorted(k for k, _ in tree_flatten(model.parameters()))
     assert before == after
+
+
+def test_non_finite_activations_stop_calibration_with_the_block_named():
+    # An inf weight in block 1's up_proj makes that block's activations inf/NaN: every quantile of
+    # it would be NaN, and saved NaN thresholds switch a layer silently fully on or off.
+    from chess_mlx.errors import ChessError
+
+    model, _ = tiny_model("llama", seed=3)
+    w = np.array(model.model.layers[1].mlp.up_proj.weight)
+    w[0, 0] = np.inf
+    model.model.layers[1].mlp.up_proj.weight = mx.array(w)
+    tokens = mx.array(np.random.default_rng(0).integers(0, 256, (2, 16)))
+    with pytest.raises(ChessError, match=r"block 1's activations are not finite"):
+        calibrate(model, tokens, [0.5])
