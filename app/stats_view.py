@@ -23,6 +23,7 @@ def stats_text(label: str, step: Optional[Step], reply: Optional[Reply], context
         "",
         f"tokens/s        {step.generation_tps:8.1f}",
         f"TTFT            {step.ttft:8.2f} s",
+        *([f"setup (once)    {step.setup_s:8.2f} s"] if step.setup_s > 0 else []),
         f"prompt tok/s    {step.prompt_tps:8.1f}",
         f"generated       {step.generation_tokens:8d}",
         f"context         {context:8d} / {context_limit}",

@@ -9,7 +9,7 @@ picks dense, CATS, CHESS, CHESS+attention or TEAL at any time, without reloading
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
@@ -282,6 +282,7 @@ class ChessState:
     weight_bytes: WeightBytes
     method: str = DENSE
     sparsity: float | None = None
+    warm: set = field(default_factory=set)  # methods whose decode path has run (generate.warm_up)
 
 
 def sparsify(model: nn.Module) -> ChessState:

@@ -19,6 +19,7 @@ def reply_stats(r: Reply) -> str:
         f"{r.last.generation_tokens} tokens",
         f"{r.last.generation_tps:.1f} tok/s",
         f"TTFT {r.last.ttft:.2f} s",
+        *([f"setup {r.last.setup_s:.2f} s (once)"] if r.last.setup_s > 0 else []),
         f"prompt {r.last.prompt_tps:.1f} tok/s",
         f"FFN sparsity {s.ffn_sparsity:.1%}",
         f"attn sparsity {s.attn_sparsity:.1%}",

@@ -288,3 +288,33 @@ def test_prompt_dash_reads_standard_input(tiny_calibrated):
         assert strip_speed(piped.stdout) == strip_speed(inline.stdout), cmd
         empty = run(cmd, "-", "\n")
         assert empty.returncode == 2 and empty.stderr.strip() == "chess-mlx: error: the prompt is empty", empty.stderr
+
+
+def test_one_time_setup_runs_once_per_method_outside_ttft_and_leaves_the_reply_alone(tiny_calibrated):
+    # A fresh process compiles the kernels at their first launch (seconds on CUDA); stream() runs the
+    # method once on a throwaway cache first and reports that as setup_s, apart from TTFT.
+    from app.stats_view import stats_text
+    from chess_mlx.generate import format_stats, from_steps, stream, warm_up
+    from chess_mlx.sparse_layers import set_method, sparsify
+
+    s = _session(tiny_calibrated, "chess")
+    model, tok, wb = s.model, s.tokenizer, sparsify(s.model).weight_bytes
+    first = list(stream(model, tok, "Hello there, tiny model", max_tokens=6))
+    second = list(stream(model, tok, "Hello there, tiny model", max_tokens=6))
+    assert first[0].setup_s > 0 and {st.setup_s for st in first} == {first[0].setup_s}
+    assert {st.setup_s for st in second} == {0.0}
+    # the throwaway run left neither state nor recorded densities behind: the same tokens and the
+    # same per-token sparsity as the warm model's
+    assert [st.token for st in first] == [st.token for st in second]
+    assert [st.stats.ffn_sparsity for st in first] == [st.stats.ffn_sparsity for st in second]
+    assert 0 < first[0].stats.ffn_sparsity < 1
+    assert "one-time setup" in format_stats(from_steps(iter(first), wb), "chess", 0.5)
+    assert "one-time setup" not in format_stats(from_steps(iter(second), wb), "chess", 0.5)
+    assert "setup (once)" in stats_text("x", first[0], None, 512)
+    assert "setup (once)" not in stats_text("x", second[0], None, 512)
+    # another level of the same method compiles nothing new; another method does
+    set_method(model, "chess", s.thresholds, 0.3)
+    assert warm_up(model) == 0.0
+    set_method(model, "chess-attn", s.thresholds, 0.5)
+    assert warm_up(model) > 0 and warm_up(model) == 0.0
+    assert sparsify(model).recorder.pop() == []
