@@ -31,7 +31,8 @@ from . import __version__
 from . import methods as M
 from .errors import ChessError
 from .device_limits import check_window
-from .model_io import cast_floats, fingerprint, load_model, read_config
+from .model_io import (cast_floats, evaluate_by_layer, fingerprint, fingerprint_of, fingerprint_parts, load_model,
+                       read_config)
 
 MANIFEST = "chess.json"
 # Set by the CLI's SIGINT handler: a library may swallow the KeyboardInterrupt, so convert also
@@ -132,15 +133,17 @@ def convert(src: str, out: Path, o: ConvertOptions, progress: Optional[Callable[
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         _stage(progress, f"loading {src_path}")
-        model, tokenizer, config = load_model(src_path, o.dtype)
+        model, tokenizer, config = load_model(src_path, o.dtype, lazy=True)
         check_window(model, "--seq-len", min(o.seq_len, o.calib_tokens))
         tokens = token_sequences(tokenizer, text, o.calib_tokens, o.seq_len, source=f"calibration text {calib_path}")
-        source_fp = fingerprint(model)
+        source_parts = fingerprint_parts(model)  # lazy samples of the source, read with each block below
         if o.quantize:
             if "quantization" in config:
                 raise ChessError(f"{src_path} is already quantized; convert it without --quantize")
             _stage(progress, f"quantizing to {o.quantize}-bit, group size {o.group_size}")
             model, config = quantize_model(model, config, o.group_size, o.quantize)
+        evaluate_by_layer(model, {name: sample for name, _, sample in source_parts})
+        source_fp = fingerprint_of(source_parts)
         model_fp = fingerprint(model)
 
         _stage(progress, "writing weights, config and tokenizer")

@@ -49,19 +49,21 @@ def default_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.float16
 
 
-def load_model(path: Path | str, dtype: str | None = None):
-    """Load (model, tokenizer, config) from a local folder; float weights cast to ``dtype``."""
+def load_model(path: Path | str, dtype: str | None = None, lazy: bool = False):
+    """Load (model, tokenizer, config) from a local folder; float weights cast to ``dtype``.
+    ``lazy``: nothing is read yet (``evaluate_by_layer`` reads it), so a converter never holds the
+    source and its converted copy whole at once."""
     from mlx_lm.utils import load
 
     path = Path(path)
     config = read_config(path)
     try:
-        model, tokenizer = load(str(path))
+        model, tokenizer = load(str(path), lazy=lazy)
     except Exception as e:  # mlx-lm raises bare ValueError/FileNotFoundError/... on bad folders
         raise ChessError(f"could not load model from {path}: {str(e).splitlines()[0]}") from None
     check_vocab(model, tokenizer, path)
     target = getattr(mx, dtype) if dtype else default_dtype()
-    cast_floats(model, target)
+    cast_floats(model, target, evaluate=not lazy)
     return model, tokenizer, config
 
 
@@ -78,14 +80,29 @@ def check_vocab(model: nn.Module, tokenizer, path: Path) -> None:
                          "the tokenizer files do not belong to these weights")
 
 
-def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+def cast_floats(model: nn.Module, dtype: mx.Dtype, evaluate: bool = True) -> None:
     """Cast floating parameters only; quantized (integer) weights keep their type."""
     params = tree_flatten(model.parameters())
     model.load_weights(
         [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in params],
         strict=False,
     )
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
+
+
+def evaluate_by_layer(model: nn.Module, extra: dict[str, mx.array] | None = None) -> None:
+    """Evaluate a lazily loaded (and perhaps lazily quantized) model one block at a time, with the
+    ``extra`` arrays named by the parameter they read (fingerprint samples): each block's source
+    weights are read, turned into what the model now holds, and let go before the next block, so
+    the peak is the result plus one source block (an 8B float16 -> 4-bit conversion held 20 GB
+    read whole)."""
+    extra = dict(extra or {})
+    for i, layer in enumerate(model_layers(model)):
+        prefix = f"model.layers.{i}."
+        mine = [extra.pop(k) for k in [k for k in extra if k.startswith(prefix)]]
+        mx.eval(layer.parameters(), mine)
+    mx.eval(model.parameters(), list(extra.values()))
 
 
 class Fingerprint(str):
@@ -105,17 +122,32 @@ class Fingerprint(str):
         return obj
 
 
-def fingerprint(model: nn.Module) -> Fingerprint:
-    """sha256 over parameter names, shapes and a deterministic sample of each tensor's values, the
-    floating ones as float16 (the fingerprint) and as bfloat16 (its ``coarse`` twin)."""
-    fine, coarse = hashlib.sha256(), hashlib.sha256()
+FingerprintParts = list[tuple[str, tuple, mx.array]]
+
+
+def fingerprint_parts(model: nn.Module) -> FingerprintParts:
+    """(name, shape, sample) of every parameter, the samples lazy: taken before a lazy model is
+    quantized, they let ``fingerprint_of`` hash the source without it being held whole."""
+    parts = []
     for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
         flat = value.reshape(-1)
         n = flat.size
         idx = np.unique(np.concatenate([np.arange(min(n, 256)), np.linspace(0, n - 1, 1024).astype(np.int64)]))
-        sample = flat[mx.array(idx)]
+        parts.append((name, tuple(value.shape), flat[mx.array(idx)]))
+    return parts
+
+
+def fingerprint(model: nn.Module) -> Fingerprint:
+    """sha256 over parameter names, shapes and a deterministic sample of each tensor's values, the
+    floating ones as float16 (the fingerprint) and as bfloat16 (its ``coarse`` twin)."""
+    return fingerprint_of(fingerprint_parts(model))
+
+
+def fingerprint_of(parts: FingerprintParts) -> Fingerprint:
+    fine, coarse = hashlib.sha256(), hashlib.sha256()
+    for name, shape, sample in parts:
         floating = mx.issubdtype(sample.dtype, mx.floating)
-        head = f"{name}:{tuple(value.shape)}:{'f' if floating else value.dtype}".encode()
+        head = f"{name}:{shape}:{'f' if floating else sample.dtype}".encode()
         for h, dtype in ((fine, mx.float16), (coarse, mx.bfloat16)):
             h.update(head)
             values = sample.astype(dtype) if floating else sample
