@@ -102,7 +102,10 @@ def evaluate_by_layer(model: nn.Module, extra: dict[str, mx.array] | None = None
         prefix = f"model.layers.{i}."
         mine = [extra.pop(k) for k in [k for k in extra if k.startswith(prefix)]]
         mx.eval(layer.parameters(), mine)
-    mx.eval(model.parameters(), list(extra.values()))
+    # the rest one tensor at a time: the embedding and the head are each a block's size or more
+    for name, value in tree_flatten(model.parameters()):
+        mx.eval(value, [extra.pop(name)] if name in extra else [])
+    mx.eval(list(extra.values()))
 
 
 class Fingerprint(str):
