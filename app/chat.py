@@ -24,7 +24,7 @@ from chess_mlx.chat_session import ChatSession, Reply
 from chess_mlx.compare import CompareSession
 from chess_mlx.errors import ChessError, out_of_memory
 from chess_mlx import mlx_thread
-from chess_mlx.generate import Step
+from chess_mlx.generate import Step, needs_warm_up, warm_up
 from chess_mlx.sampling import Sampling
 
 from .screens import CompareScreen, HelpScreen, SettingsScreen, SystemPromptScreen
@@ -262,10 +262,30 @@ class ChatApp(App):
             target.set_method(method, level)
         except ChessError as e:
             self.notify(str(e), severity="error")
+        else:
+            self._prepare(target)
         if self._in_compare():
             self._compare_screen.refresh_titles()
         else:
             self._main().query_one("#stats", Static).update(self._stats(self.last_step, self.last_reply))
+
+    def _prepare(self, target: ChatSession) -> None:
+        """Run a method the process has not run yet once, on the generation thread, as soon as it
+        is chosen (``generate.warm_up``: its kernels compile, seconds on CUDA), so its first reply's
+        TTFT is the prompt's. Sending waits until it is done, with a notice saying why."""
+        if not needs_warm_up(target.model):
+            return
+        self.generating = True
+        self.notify(f"preparing {target.label}: its kernels compile once per process...", timeout=4)
+        self.run_worker(mlx_thread.shared().run(partial(self._warm, target.model)), exclusive=True, group="gen")
+
+    def _warm(self, model) -> None:
+        try:
+            warm_up(model)
+        except (RuntimeError, MemoryError) as e:
+            self._out_of_memory(e)
+        finally:
+            self.call_from_thread(setattr, self, "generating", False)
 
     def action_next_method(self) -> None:
         if self.generating:

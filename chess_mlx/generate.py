@@ -55,6 +55,12 @@ def _token_ids(tokenizer, prompt) -> mx.array:
 WARM_PROMPT, WARM_STEPS = 8, 3  # a multi-token prefill chunk, and decode steps past the pipeline's depth
 
 
+def needs_warm_up(model: nn.Module) -> bool:
+    """Whether the model's current method has not run in this process yet (``warm_up`` would run it)."""
+    state = sparsify(model)
+    return state.method not in state.warm
+
+
 def warm_up(model: nn.Module) -> float:
     """Run the model's current method once on a throwaway cache, unless it already ran in this
     process; returns the seconds it took (0 when it had run).
@@ -64,9 +70,9 @@ def warm_up(model: nn.Module) -> float:
     CHESS+attn on a Llama-3-8B model, RESULTS.md session 33), and builds the kernels' transposed
     weights and MLX's compiled paths. Inside a reply that would read as time to first token; here
     it is done once, timed, and reported as setup."""
-    state = sparsify(model)
-    if state.method in state.warm:
+    if not needs_warm_up(model):
         return 0.0
+    state = sparsify(model)
     rec = state.recorder
     was = rec.enabled
     rec.enabled = False

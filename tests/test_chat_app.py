@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from test_chat import ROOT, _session, tiny_calibrated  # noqa: F401  (fixture)
@@ -58,8 +59,29 @@ async def _shipped_flow(folder: Path) -> dict:
         seen["tokens"] = app.last_step.generation_tokens
         seen["painted"] = list(seen["painted"])  # this reply's paints only
         app._paint = paint
-        await pilot.press("f2")
-        seen["method_after_f2"] = app.session.method
+        # the new method runs once as soon as it is chosen (held open here so the test sees it);
+        # a message sent meanwhile stays in the input
+        import app.chat as chat_mod
+        from chess_mlx.generate import needs_warm_up
+
+        release = threading.Event()
+        warm = chat_mod.warm_up
+        chat_mod.warm_up = lambda model: (release.wait(30), warm(model))[1]
+        try:
+            await pilot.press("f2")
+            seen["method_after_f2"] = app.session.method
+            seen["preparing"] = app.generating
+            seen["notice"] = _notes(app)[-1]
+            inp.value = "sent while preparing"
+            await pilot.press("enter")
+            seen["kept_input"] = inp.value
+        finally:
+            release.set()
+            chat_mod.warm_up = warm
+        await _until(pilot, lambda: not app.generating)
+        seen["warm_before_send"] = not needs_warm_up(app.session.model)
+        seen["replies_after_prepare"] = app.replies
+        inp.value = ""
         # Esc stops a long reply at once and keeps what was generated
         app.sampling = Sampling(max_tokens=100_000)
         inp.value = "tell me everything"
@@ -69,6 +91,7 @@ async def _shipped_flow(folder: Path) -> dict:
         await _until(pilot, lambda: not app.generating)
         seen["stopped_at"] = app.last_step.generation_tokens
         seen["stopped_text"] = app.query(Markdown).last()._markdown
+        seen["stopped_stats"] = _text(app.query_one("#stats", Static))
         # compare mode: dense | chess-attn columns, a verdict line
         app.sampling = Sampling(max_tokens=24)
         await pilot.press("f4")
@@ -98,6 +121,10 @@ def test_pilot_on_the_shipped_model(shipped_model_dir):
     assert len(seen["reply"].strip()) > 3 and seen["tokens"] > 0
     assert "tokens/s" in seen["stats"] and "FFN sparsity" in seen["stats"] and "chess @ 0.5" in seen["stats"]
     assert seen["method_after_f2"] == "chess-attn"
+    assert seen["preparing"] and "preparing chess-attn @ 0.5" in seen["notice"]
+    assert seen["kept_input"] == "sent while preparing" and seen["replies_after_prepare"] == 1
+    assert seen["warm_before_send"]
+    assert "setup (once)" not in seen["stopped_stats"]  # the reply after the switch had nothing left to set up
     assert 0 < seen["stopped_at"] < 100_000 and "(stopped)" in seen["stopped_text"]
     assert seen["screen"] == "CompareScreen" and seen["back"] == "Screen"
     c = seen["cmp"]
