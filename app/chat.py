@@ -87,7 +87,9 @@ class ChatApp(App):
         self.model_name = model_name
         self.compare: Optional[CompareSession] = None
         self._compare_screen: Optional[CompareScreen] = None
-        self.generating = False
+        self.generating = False  # a reply, or a method's one-time preparation, is running
+        self.preparing = False
+        self._pending: Optional[str] = None  # a message sent while preparing, sent when it is done
         self.last_step: Optional[Step] = None
         self.last_reply: Optional[Reply] = None
         self.replies = 0  # finished replies (chat) and finished comparisons
@@ -117,6 +119,7 @@ class ChatApp(App):
             self.notify(self.startup_notice, severity="warning", timeout=10)
         if self.start_in_compare:
             self.action_compare()
+        self._prepare(self.session)
 
     def _show_sampling(self) -> None:
         self.sub_title = f"{self.model_name}  ·  {self.sampling.describe()}".strip(" ·")
@@ -140,6 +143,11 @@ class ChatApp(App):
         if event.input.id != "prompt":
             return
         text = event.value
+        if self.preparing and self._pending is None and text.strip() and not self._in_compare():
+            event.input.value = ""
+            self._main().query_one("#log").mount(Static(f"> {text}", classes="user"))
+            self._pending = text  # sent as soon as the method is ready (_warmed)
+            return
         if not text.strip() or self.generating:
             return  # empty prompts are ignored; one reply at a time
         event.input.value = ""
@@ -270,12 +278,13 @@ class ChatApp(App):
             self._main().query_one("#stats", Static).update(self._stats(self.last_step, self.last_reply))
 
     def _prepare(self, target: ChatSession) -> None:
-        """Run a method the process has not run yet once, on the generation thread, as soon as it
-        is chosen (``generate.warm_up``: its kernels compile, seconds on CUDA), so its first reply's
-        TTFT is the prompt's. Sending waits until it is done, with a notice saying why."""
+        """Run a method the process has not run yet once, on the generation thread, when the app
+        starts and as soon as a method is chosen (``generate.warm_up``: its kernels compile,
+        seconds on CUDA), so its first reply's TTFT is the prompt's. A message sent meanwhile is
+        shown and sent when it is done."""
         if not needs_warm_up(target.model):
             return
-        self.generating = True
+        self.generating = self.preparing = True
         self.notify(f"preparing {target.label}: its kernels compile once per process...", timeout=4)
         self.run_worker(mlx_thread.shared().run(partial(self._warm, target.model)), exclusive=True, group="gen")
 
@@ -285,7 +294,13 @@ class ChatApp(App):
         except (RuntimeError, MemoryError) as e:
             self._out_of_memory(e)
         finally:
-            self.call_from_thread(setattr, self, "generating", False)
+            self.call_from_thread(self._warmed)
+
+    def _warmed(self) -> None:
+        self.generating = self.preparing = False
+        text, self._pending = self._pending, None
+        if text is not None:
+            self._start(text)
 
     def action_next_method(self) -> None:
         if self.generating:

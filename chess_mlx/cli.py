@@ -427,21 +427,10 @@ def cmd_chat(args) -> int:
     from .device_limits import memory_note
 
     notice = "; ".join(n for n in (notice, memory_note(model)) if n)  # the app's first screen shows it
-    _warm_in_app_thread(model, session.label)
     app = ChatApp(session, sampling, startup_notice=notice, compare=args.compare, save_dir=save_dir,
                   model_name=folder.name)
     app.run()
     _exit_without_teardown(app.return_code or 0)
-
-
-def _warm_in_app_thread(model, label: str) -> None:
-    """Compile the starting method's kernels before the app shows, on the app's generation thread
-    (MLX keeps ``mx.compile``'s cache per thread), so the first reply's TTFT is its prompt's."""
-    from . import mlx_thread
-    from .generate import warm_up
-
-    print(f"chess-mlx: preparing {label} (kernels compile once per process)...", file=sys.stderr, flush=True)
-    mlx_thread.shared().submit(lambda: warm_up(model)).result()
 
 
 def _exit_without_teardown(code: int) -> NoReturn:

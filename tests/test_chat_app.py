@@ -47,6 +47,8 @@ async def _shipped_flow(folder: Path) -> dict:
 
     app._paint = recording_paint
     async with app.run_test(size=(120, 40)) as pilot:
+        seen["prepared_at_start"] = "preparing chess @ 0.5" in " ".join(_notes(app))
+        await _until(pilot, lambda: not app.preparing)
         seen["stats_before"] = _text(app.query_one("#stats", Static))
         await pilot.press("enter")  # empty prompt: ignored
         assert not app.generating and app.replies == 0
@@ -60,9 +62,8 @@ async def _shipped_flow(folder: Path) -> dict:
         seen["painted"] = list(seen["painted"])  # this reply's paints only
         app._paint = paint
         # the new method runs once as soon as it is chosen (held open here so the test sees it);
-        # a message sent meanwhile stays in the input
+        # a message sent meanwhile is shown at once and sent when the method is ready
         import app.chat as chat_mod
-        from chess_mlx.generate import needs_warm_up
 
         release = threading.Event()
         warm = chat_mod.warm_up
@@ -70,18 +71,18 @@ async def _shipped_flow(folder: Path) -> dict:
         try:
             await pilot.press("f2")
             seen["method_after_f2"] = app.session.method
-            seen["preparing"] = app.generating
+            seen["preparing"] = app.preparing and app.generating
             seen["notice"] = _notes(app)[-1]
             inp.value = "sent while preparing"
             await pilot.press("enter")
-            seen["kept_input"] = inp.value
+            await pilot.pause(0.2)
+            seen["while_preparing"] = (inp.value, app._pending, app.replies, len(app.session.messages))
         finally:
             release.set()
             chat_mod.warm_up = warm
-        await _until(pilot, lambda: not app.generating)
-        seen["warm_before_send"] = not needs_warm_up(app.session.model)
-        seen["replies_after_prepare"] = app.replies
-        inp.value = ""
+        await _until(pilot, lambda: app.replies >= 2)
+        seen["pending_reply"] = app.last_reply
+        seen["pending_stats"] = _text(app.query_one("#stats", Static))
         # Esc stops a long reply at once and keeps what was generated
         app.sampling = Sampling(max_tokens=100_000)
         inp.value = "tell me everything"
@@ -99,7 +100,7 @@ async def _shipped_flow(folder: Path) -> dict:
         seen["screen"] = type(app.screen).__name__
         app.screen.query_one("#cmp-prompt").value = "Name three colours."
         await pilot.press("enter")
-        await _until(pilot, lambda: app.replies >= 3)
+        await _until(pilot, lambda: app.replies >= 4)  # first, pending, stopped, compare
         await pilot.pause()
         seen["verdict"] = _text(app.screen.query_one("#verdict"))
         seen["cmp_stats"] = [_text(app.screen.query_one(f"#stats-{s}")) for s in ("dense", "sparse")]
@@ -121,10 +122,13 @@ def test_pilot_on_the_shipped_model(shipped_model_dir):
     assert len(seen["reply"].strip()) > 3 and seen["tokens"] > 0
     assert "tokens/s" in seen["stats"] and "FFN sparsity" in seen["stats"] and "chess @ 0.5" in seen["stats"]
     assert seen["method_after_f2"] == "chess-attn"
+    assert seen["prepared_at_start"]
     assert seen["preparing"] and "preparing chess-attn @ 0.5" in seen["notice"]
-    assert seen["kept_input"] == "sent while preparing" and seen["replies_after_prepare"] == 1
-    assert seen["warm_before_send"]
-    assert "setup (once)" not in seen["stopped_stats"]  # the reply after the switch had nothing left to set up
+    n_before = 2  # the first exchange's user message and reply
+    assert seen["while_preparing"] == ("", "sent while preparing", 1, n_before)  # shown, not yet sent
+    r = seen["pending_reply"]
+    assert r.label == "chess-attn @ 0.5" and r.tokens and r.last.setup_s == 0.0
+    assert "setup (once)" not in seen["pending_stats"] and "setup (once)" not in seen["stats"]
     assert 0 < seen["stopped_at"] < 100_000 and "(stopped)" in seen["stopped_text"]
     assert seen["screen"] == "CompareScreen" and seen["back"] == "Screen"
     c = seen["cmp"]
@@ -141,6 +145,7 @@ async def _dialogs_flow(folder: Path, save_dir: Path) -> dict:
     app = ChatApp(_session(folder, "chess"), Sampling(max_tokens=6), save_dir=save_dir, model_name="tiny")
     seen: dict = {}
     async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: not app.preparing)
         await pilot.press("ctrl+s")  # nothing to save yet
         await pilot.pause()
         seen["empty_save"] = _notes(app)[-1]
@@ -221,7 +226,7 @@ async def _bad_input_flow(plain: Path, calibrated: Path) -> dict:
     seen: dict = {}
     app = ChatApp(_session(plain), Sampling(max_tokens=4), startup_notice="no thresholds; starting dense")
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause()
+        await _until(pilot, lambda: not app.preparing)
         await pilot.press("f2")
         await pilot.press("f4")
         await pilot.pause()

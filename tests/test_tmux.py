@@ -54,7 +54,7 @@ def test_chat_in_a_real_terminal(shipped_model_dir, tmp_path):
         reply = " ".join(line.split("│")[0] for line in lines[asked + 1: asked + 6]).strip()
         assert len(reply) > 3, screen  # the reply is on screen under the prompt
         assert "chess @ 0.5" in screen
-        # the method ran once before the app showed (cli._warm_in_app_thread): no setup in this reply
+        # the app ran the method once when it started (ChatApp._prepare): no setup in this reply
         assert "TTFT" in screen and "setup (once)" not in screen, screen
         _tmux("send-keys", "-t", name, "C-q")
         deadline = time.monotonic() + 30
