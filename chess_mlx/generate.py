@@ -66,8 +66,8 @@ def warm_up(model: nn.Module) -> float:
     process; returns the seconds it took (0 when it had run).
 
     Why: a fresh process compiles each custom kernel at its first launch (NVRTC on CUDA, about
-    1.5 s a kernel on an H100, and MLX keeps no copy across processes: 2.9 s for CHESS, 5.9 s for
-    CHESS+attn on a Llama-3-8B model, RESULTS.md session 33), and builds the kernels' transposed
+    1.5 s a kernel on an H100, and MLX keeps no copy across processes: about 3 s for CHESS and
+    6 s for CHESS+attn on a Llama-3-8B model, RESULTS.md session 33), and builds the kernels' transposed
     weights and MLX's compiled paths. Inside a reply that would read as time to first token; here
     it is done once, timed, and reported as setup."""
     if not needs_warm_up(model):
