@@ -210,6 +210,9 @@ class ChatApp(App):
     # -- compare ------------------------------------------------------------------------------
     def start_compare(self, text: str) -> bool:
         """Called by the compare screen's input; False when the prompt was not taken."""
+        if self.preparing:
+            self.notify("the method is still being prepared; send again in a moment", severity="warning")
+            return False
         if self.generating or self.compare is None or not text.strip():
             return False
         self._compare_screen.begin(text)

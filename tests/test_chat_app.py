@@ -342,10 +342,30 @@ def test_quit_in_the_middle_of_a_reply_exits_cleanly(shipped_model_dir):
 def test_compare_flag_starts_in_compare_mode(tiny_calibrated):  # noqa: F811
     from app.chat import ChatApp
 
+    import app.chat as chat_mod
+
     async def go():
         app = ChatApp(_session(tiny_calibrated, "cats"), Sampling(max_tokens=4), compare=True)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await pilot.pause()
-            return type(app.screen).__name__, app.compare.sparse.label
+        release, warm = threading.Event(), chat_mod.warm_up
+        chat_mod.warm_up = lambda model: (release.wait(30), warm(model))[1]  # the start's preparation, held
+        try:
+            async with app.run_test(size=(120, 40)) as pilot:
+                await pilot.pause()
+                screen = type(app.screen).__name__, app.compare.sparse.label
+                inp = app.screen.query_one("#cmp-prompt")
+                inp.value = "too early"
+                await pilot.press("enter")
+                early = inp.value, _notes(app)[-1]
+                release.set()
+                await _until(pilot, lambda: not app.preparing)
+                await pilot.press("enter")
+                await _until(pilot, lambda: app.replies >= 1)
+                return screen, early, inp.value, app.compare.last is not None
+        finally:
+            release.set()
+            chat_mod.warm_up = warm
 
-    assert asyncio.run(go()) == ("CompareScreen", "cats @ 0.5")
+    screen, early, after, compared = asyncio.run(go())
+    assert screen == ("CompareScreen", "cats @ 0.5")
+    assert early[0] == "too early" and "still being prepared" in early[1]  # kept, with a reason
+    assert after == "" and compared
