@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from . import block_step, fused_attention, pipelined
 from .calibrate import calibrate
+from .generate import warm_up
 from .methods import DENSE
 from .sparse_layers import set_method, sparsify
 from .stats import CallStats, TokenStats, summarize
@@ -84,6 +85,7 @@ class DecodeResult:
     ahead_runs: list[float] = field(default_factory=list)
     attn_sparsity: float = 0.0  # of the thresholded attention inputs (q_proj, o_proj)
     bytes_fraction: float = 1.0  # weight bytes a token reads / dense: what the speed-up is bounded by
+    setup_s: float = 0.0  # the method's one-time setup in this process (generate.warm_up: kernel compiles)
 
 
 def bench_prompt(prompt_len: int, vocab: int, seed: int) -> mx.array:
@@ -182,8 +184,10 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
                                    key=mx.random.key(7))
         th = calibrate(model, tokens, [sparsity])
     measured: dict[str, TokenStats] = {}
-    for m in methods:  # measured sparsity of one decode token, and a warm-up run, per method
+    setups: dict[str, float] = {}
+    for m in methods:  # one-time setup, measured sparsity of one decode token, and a warm-up run, per method
         with _as_method(model, m, th, sparsity):
+            setups[m] = warm_up(model)
             state.recorder.enabled = True
             model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)) if prompt is None else prompt[None])
             calls = state.recorder.pop()
@@ -206,7 +210,7 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
         st = measured[m]
         results.append(DecodeResult(m, statistics.median(speeds[m]), speeds[m], st.ffn_sparsity,
                                     statistics.median(aheads[m]) if aheads[m] else 0.0, aheads[m],
-                                    st.attn_sparsity, st.bytes_fraction))
+                                    st.attn_sparsity, st.bytes_fraction, setups[m]))
         if progress:
             progress(m, results[-1])
     set_method(model, DENSE)

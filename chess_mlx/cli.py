@@ -562,7 +562,7 @@ def cmd_bench(args) -> int:
         ahead = f"; graph built ahead {r.ahead_tokens_per_s:.1f} tok/s" if r.ahead_runs else ""
         print(f"  {m:<11} {r.tokens_per_s:8.1f} tok/s  (runs {min(r.runs):.1f}-{max(r.runs):.1f}; "
               f"FFN sparsity {r.ffn_sparsity:.0%}, attn {r.attn_sparsity:.0%}, weights/token {r.bytes_fraction:.0%}"
-              f"{ahead})", flush=True)
+              f"{ahead}; one-time setup {r.setup_s:.2f} s)", flush=True)
 
     results = run_bench(model, methods, sparsity, vocab, n_tokens=args.tokens, runs=args.runs, progress=show,
                         ahead=args.ahead, th=th, prompt=prompt)

@@ -55,10 +55,17 @@ def _token_ids(tokenizer, prompt) -> mx.array:
 WARM_PROMPT, WARM_STEPS = 8, 3  # a multi-token prefill chunk, and decode steps past the pipeline's depth
 
 
+def _warm_key(model: nn.Module) -> tuple:
+    """What a one-time setup belongs to: the method, and which of chess-mlx's decode paths are on
+    (``bench``'s mlx-lm row is dense with them off; it compiles other things than dense)."""
+    from . import block_step, fused_attention
+
+    return (sparsify(model).method, pipelined.enabled(), fused_attention.enabled(), block_step.enabled())
+
+
 def needs_warm_up(model: nn.Module) -> bool:
     """Whether the model's current method has not run in this process yet (``warm_up`` would run it)."""
-    state = sparsify(model)
-    return state.method not in state.warm
+    return _warm_key(model) not in sparsify(model).warm
 
 
 def warm_up(model: nn.Module) -> float:
@@ -86,7 +93,7 @@ def warm_up(model: nn.Module) -> float:
     finally:
         rec.enabled = was
         rec.clear()
-    state.warm.add(state.method)
+    state.warm.add(_warm_key(model))
     return time.perf_counter() - t0
 
 

@@ -282,7 +282,7 @@ class ChessState:
     weight_bytes: WeightBytes
     method: str = DENSE
     sparsity: float | None = None
-    warm: set = field(default_factory=set)  # methods whose decode path has run (generate.warm_up)
+    warm: set = field(default_factory=set)  # methods (with the decode paths on) that have run: generate.warm_up
 
 
 def sparsify(model: nn.Module) -> ChessState:

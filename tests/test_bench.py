@@ -159,3 +159,14 @@ def test_bench_times_a_model_folder_with_its_own_thresholds_on_text(tmp_path, mo
     assert main(["bench", str(plain), "--methods", "dense", "--runs", "1", "--tokens", "2", "--ahead", "0"]) == 0
     header = capsys.readouterr().out.splitlines()[0]  # no level is named where no method uses one
     assert header.startswith("decode benchmark: plain float32, 2 tokens x 1 runs"), header
+
+
+def test_each_method_reports_its_one_time_setup_once_per_process():
+    # the first run of each method (and of dense with chess-mlx's paths off, the mlx-lm row, which
+    # compiles other things) is its setup; a second bench on the same model has none left
+    model = random_model("tiny", dtype=mx.float32)
+    methods = ["mlx-lm", "dense", "chess", "chess-attn"]
+    first = run_bench(model, methods, 0.5, vocab=512, n_tokens=2, runs=1, calib_tokens=256)
+    again = run_bench(model, methods, 0.5, vocab=512, n_tokens=2, runs=1, calib_tokens=256)
+    assert all(r.setup_s > 0 for r in first), [(r.method, r.setup_s) for r in first]
+    assert [r.setup_s for r in again] == [0.0] * len(methods)
