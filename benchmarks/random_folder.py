@@ -22,9 +22,8 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chess_mlx.bench import PRESETS, preset_config, random_model  # noqa: E402
+from chess_mlx.convert import TOKENIZER_FILES  # noqa: E402
 from chess_mlx.paths import default_model_dir  # noqa: E402
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def write_folder(out: Path, preset: str, layers: int | None, dtype: str, tokenizer_from: Path, seed: int = 0) -> Path:

@@ -19,9 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import block_step, fused_attention, pipelined
+from . import pipelined
 from .calibrate import calibrate
-from .generate import warm_up
+from .generate import DECODE_PATHS, warm_up
 from .methods import DENSE
 from .sparse_layers import set_method, sparsify
 from .stats import CallStats, TokenStats, summarize
@@ -147,7 +147,6 @@ def ahead_speed(model: nn.Module, n_tokens: int, prompt_len: int = 32, vocab: in
 # generate_step (chess-mlx's decode paths switched off). "dense" is the same model through
 # chess-mlx's own decode path, the fair baseline for what sparsity adds.
 MLX_LM = "mlx-lm"
-_SWITCHES = (pipelined, fused_attention, block_step)
 
 
 def needs_thresholds(methods: list[str]) -> bool:
@@ -159,14 +158,14 @@ def needs_thresholds(methods: list[str]) -> bool:
 def _as_method(model: nn.Module, method: str, th, sparsity: float):
     """Set ``method`` on the model for a timing; ``MLX_LM`` is dense with chess-mlx's decode paths off."""
     plain = method == MLX_LM
-    was = [m.enabled() for m in _SWITCHES]
-    for m in _SWITCHES:
+    was = [m.enabled() for m in DECODE_PATHS]
+    for m in DECODE_PATHS:
         m.enable(not plain and m.enabled())
     set_method(model, DENSE if plain else method, th, sparsity)
     try:
         yield
     finally:
-        for m, on in zip(_SWITCHES, was):
+        for m, on in zip(DECODE_PATHS, was):
             m.enable(on)
 
 

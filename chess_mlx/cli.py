@@ -534,6 +534,7 @@ def cmd_bench(args) -> int:
 
     from .bench import MLX_LM, PRESETS, needs_thresholds, paired_ratios, preset_weight_bytes, random_model, run_bench
     from .device_limits import memory_short
+    from .model_io import default_dtype
     from .sparse_gemv import backend
 
     methods = M.parse_methods(args.methods, extra=(MLX_LM,))
@@ -543,7 +544,7 @@ def cmd_bench(args) -> int:
         model, vocab, label, th, prompt = _bench_folder(args, methods, sparsity)
     else:
         args.preset = args.preset or _PRESET
-        dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
+        dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
         group_size = _group_size(args)
         need = preset_weight_bytes(args.preset, args.layers, dtype, args.quantize, group_size)
         have = memory_short(need)

@@ -17,11 +17,13 @@ from typing import Iterable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import pipelined
+from . import block_step, fused_attention, pipelined
 from .sparse_layers import sparsify
 from .stats import CallStats, TokenStats, merge, summarize
 
 PREFILL_STEP = 2048  # prompt tokens per prefill call (mlx-lm's default)
+# chess-mlx's decode paths, each switchable (``enable``); all off is dense as mlx-lm decodes it
+DECODE_PATHS = (pipelined, fused_attention, block_step)
 
 
 @dataclass
@@ -58,9 +60,7 @@ WARM_PROMPT, WARM_STEPS = 8, 3  # a multi-token prefill chunk, and decode steps 
 def _warm_key(model: nn.Module) -> tuple:
     """What a one-time setup belongs to: the method, and which of chess-mlx's decode paths are on
     (``bench``'s mlx-lm row is dense with them off; it compiles other things than dense)."""
-    from . import block_step, fused_attention
-
-    return (sparsify(model).method, pipelined.enabled(), fused_attention.enabled(), block_step.enabled())
+    return (sparsify(model).method, *(m.enabled() for m in DECODE_PATHS))
 
 
 def needs_warm_up(model: nn.Module) -> bool:
@@ -85,9 +85,8 @@ def warm_up(model: nn.Module) -> float:
     rec.enabled = False
     t0 = time.perf_counter()
     try:
-        gen = pipelined.generate_step(mx.zeros((WARM_PROMPT,), dtype=mx.int32), model, max_tokens=WARM_STEPS,
-                                      sampler=lambda lp: mx.argmax(lp, axis=-1))
-        for _ in gen:
+        gen = pipelined.generate_step(mx.zeros((WARM_PROMPT,), dtype=mx.int32), model, max_tokens=WARM_STEPS)
+        for _ in gen:  # greedy, the default sampler
             pass
         mx.synchronize()
     finally:
