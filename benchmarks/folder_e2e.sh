@@ -3,10 +3,13 @@
 # random llama3-8b folder with the shipped model's tokenizer (random_folder.py), `chess-mlx convert`
 # (float16, or --quantize 4) calibrating on the shipped text, then `chess-mlx bench FOLDER` with the
 # folder's own thresholds on 32 held-out tokens. Each step fits one 600 s device call:
-#   bash benchmarks/folder_e2e.sh make|convert16|convert4|bench16|bench4 OUTDIR   (MLX CUDA staged)
+#   bash benchmarks/folder_e2e.sh make|convert16|convert4|bench16|bench4|generate4|app4 OUTDIR   (MLX CUDA staged)
+# generate4: `chess-mlx generate` on the 4-bit folder, a process per method (what a user's one-shot
+# reply sees, beside bench's rows); app4: the chat app's first replies there (app_probe.py, needs
+# textual: carry its wheels).
 # The folders live in $ROOT (default /tmp/e2e); each step's output goes to OUTDIR/<step>.txt.
 set -uo pipefail
-step=${1:?usage: folder_e2e.sh make|convert16|convert4|bench16|bench4 OUTDIR}
+step=${1:?usage: folder_e2e.sh make|convert16|convert4|bench16|bench4|generate4|app4 OUTDIR}
 out=${2:?usage: folder_e2e.sh STEP OUTDIR}
 root=${ROOT:-/tmp/e2e}
 mkdir -p "$root" "$out"
@@ -20,5 +23,10 @@ case $step in
   convert4) run python3 -m chess_mlx convert "$root/src" "$root/q4" --quantize 4 --force ;;
   bench16) run python3 -m chess_mlx bench "$root/f16" --runs 5 --json "$out/bench16.json" ;;
   bench4) run python3 -m chess_mlx bench "$root/q4" --runs 5 --json "$out/bench4.json" ;;
+  generate4) for m in dense chess chess-attn; do
+      echo "== $m"; python3 -m chess_mlx generate "$root/q4" --method $m --max-tokens 256 \
+        --prompt "Write a short story about a lighthouse keeper who finds a message in a bottle."
+    done 2>&1 | tee "$out/$step.txt" ;;
+  app4) run python3 benchmarks/app_probe.py "$root/q4" --method chess --tokens 256 --json "$out/app4.json" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

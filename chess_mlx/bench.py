@@ -171,12 +171,14 @@ def _as_method(model: nn.Module, method: str, th, sparsity: float):
 
 def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int, n_tokens: int = 128,
               runs: int = 3, calib_tokens: int = 1024, progress=None, ahead: int = 0, th=None,
-              prompt: mx.array | None = None) -> list[DecodeResult]:
+              prompt: mx.array | None = None, prompt_len: int = 32) -> list[DecodeResult]:
     """Median tokens/s of each method, runs interleaved method by method; with ``ahead`` > 0 also
     the speed with the graph built ahead (``greedy_ahead`` of that many tokens) after each run.
     ``th``: a model folder's own thresholds; without them (a random model) they are calibrated on
     random tokens. ``prompt``: token ids of real text for a trained model, whose activations (and
-    so sparsity) on random ids are not those of use; the FFN sparsity is then the mean over its tokens."""
+    so sparsity) on random ids are not those of use; the FFN sparsity is then the mean over its tokens.
+    Without it, every timing starts after ``prompt_len`` random ids (a long one: decode with a full
+    KV cache, whose attention reads stay dense under every method)."""
     state = sparsify(model)
     if th is None and needs_thresholds(methods):
         tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
@@ -188,22 +190,24 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
         with _as_method(model, m, th, sparsity):
             setups[m] = warm_up(model)
             state.recorder.enabled = True
-            model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)) if prompt is None else prompt[None])
+            # a text prompt's first tokens (unchunked, so not all of a long one)
+            model(mx.random.randint(0, vocab, (1, 1), key=mx.random.key(3)) if prompt is None else prompt[None, :512])
             calls = state.recorder.pop()
             state.recorder.enabled = False
             measured[m] = summarize(calls[-1] if calls else CallStats.dense(state.recorder.n_layers), state.weight_bytes)
-            decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab, prompt=prompt)
+            decode_speed(model, n_tokens=n_tokens, runs=0, vocab=vocab, prompt=prompt, prompt_len=prompt_len)
             if ahead:
-                ahead_speed(model, ahead, vocab=vocab, prompt=prompt)  # warm-up: a graph of this size once
+                ahead_speed(model, ahead, vocab=vocab, prompt=prompt, prompt_len=prompt_len)  # warm-up: a graph of this size once
     # Runs interleave the methods, so a slow spell of the (shared) host CPU hits all of them alike.
     speeds: dict[str, list[float]] = {m: [] for m in methods}
     aheads: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(runs):
         for m in methods:
             with _as_method(model, m, th, sparsity):
-                speeds[m] += decode_speed(model, n_tokens=n_tokens, runs=1, vocab=vocab, warmup=False, prompt=prompt)
+                speeds[m] += decode_speed(model, n_tokens=n_tokens, runs=1, vocab=vocab, warmup=False, prompt=prompt,
+                                          prompt_len=prompt_len)
                 if ahead:
-                    aheads[m].append(ahead_speed(model, ahead, vocab=vocab, prompt=prompt))
+                    aheads[m].append(ahead_speed(model, ahead, vocab=vocab, prompt=prompt, prompt_len=prompt_len))
     results = []
     for m in methods:
         st = measured[m]

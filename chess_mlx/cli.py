@@ -499,7 +499,7 @@ _PRESET = "llama3-8b"
 
 def _bench_folder(args, methods: list[str], sparsity: float):
     """A model folder for ``bench``: (model, vocabulary size, label, its thresholds or None, a
-    prompt of 32 tokens of the shipped held-out text or None). The random-model options are refused
+    prompt of ``--context`` tokens of the shipped held-out text, or None without that text). The random-model options are refused
     with it (they would be silently ignored), and so are sparse methods without thresholds or at an
     uncalibrated level, before any timing."""
     import mlx.core as mx
@@ -525,7 +525,10 @@ def _bench_folder(args, methods: list[str], sparsity: float):
     prompt = None
     if text.is_file():  # a trained model's sparsity on random ids is not that of text
         with text.open(encoding="utf-8") as f:
-            prompt = mx.array(tokenizer.encode(f.read(4000))[:32])
+            ids = tokenizer.encode(f.read(max(4000, 8 * args.context)))
+        if len(ids) < args.context:
+            raise ChessError(f"--context {args.context} needs that many tokens of {text}, which gives {len(ids)}")
+        prompt = mx.array(ids[:args.context])
     return model, vocab, f"{folder.name} {kind}", th, prompt
 
 
@@ -533,7 +536,7 @@ def cmd_bench(args) -> int:
     import mlx.core as mx
 
     from .bench import MLX_LM, PRESETS, needs_thresholds, paired_ratios, preset_weight_bytes, random_model, run_bench
-    from .device_limits import memory_short
+    from .device_limits import check_window, memory_short
     from .model_io import default_dtype
     from .sparse_gemv import backend
 
@@ -556,9 +559,10 @@ def cmd_bench(args) -> int:
         vocab = PRESETS[args.preset]["vocab_size"]
         label = f"{args.preset}{'' if not args.layers else f'/{args.layers}L'} {'%d-bit' % args.quantize if args.quantize else args.dtype or str(dtype).split('.')[-1]}"
         th = prompt = None
+    check_window(model, "--context plus --tokens", args.context + args.tokens)
     level = f"sparsity {sparsity:g}, " if needs_thresholds(methods) else ""
-    print(f"decode benchmark: {label}, {level}{args.tokens} tokens x {args.runs} runs, "
-          f"kernels: {backend()}", flush=True)
+    print(f"decode benchmark: {label}, {level}{args.tokens} tokens x {args.runs} runs after a {args.context}-token "
+          f"prompt, kernels: {backend()}", flush=True)
     def show(m, r):
         ahead = f"; graph built ahead {r.ahead_tokens_per_s:.1f} tok/s" if r.ahead_runs else ""
         print(f"  {m:<11} {r.tokens_per_s:8.1f} tok/s  (runs {min(r.runs):.1f}-{max(r.runs):.1f}; "
@@ -566,7 +570,7 @@ def cmd_bench(args) -> int:
               f"{ahead}; one-time setup {r.setup_s:.2f} s)", flush=True)
 
     results = run_bench(model, methods, sparsity, vocab, n_tokens=args.tokens, runs=args.runs, progress=show,
-                        ahead=args.ahead, th=th, prompt=prompt)
+                        ahead=args.ahead, th=th, prompt=prompt, prompt_len=args.context)
     base = next((r.tokens_per_s for r in results if r.method == M.DENSE), None)
     paired = paired_ratios(results)
     paired_ahead = paired_ratios(results, ahead=True)
@@ -584,6 +588,7 @@ def cmd_bench(args) -> int:
               "left out): " + ", ".join(f"{m} {v:.2f}x" for m, v in paired_ahead.items()) + " (median of run-by-run ratios)")
     if json_path:
         json_path.write_text(json.dumps({"model": label, "sparsity": sparsity, "backend": backend(),
+                                         "context": args.context, "tokens": args.tokens,
                                                "results": [r.__dict__ for r in results],
                                                "paired_vs_dense": paired, "paired_vs_dense_ahead": paired_ahead,
                                                "paired_vs_mlx_lm": vs_mlx_lm},
@@ -733,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods, and 'mlx-lm': dense as mlx-lm itself decodes (chess-mlx's decode paths off) (default: %(default)s)")
     b.add_argument("--sparsity", default="0.5", help="sparsity level (default: %(default)s)")
     b.add_argument("--tokens", type=_whole(1), default=128, help="tokens decoded per run (default: %(default)s)")
+    b.add_argument("--context", type=_whole(1), default=32,
+                   help="prompt tokens in the KV cache before the timed decode, as after a long chat: random "
+                        "ids, or the held-out text for a model folder (default: %(default)s)")
     b.add_argument("--runs", type=_whole(1), default=3, help="runs per method; the median is reported (default: %(default)s)")
     b.add_argument("--ahead", type=_whole(0), default=32,
                    help="also time N-token decodes whose graph is built before it runs (host work left out; 0: off; default: %(default)s)")

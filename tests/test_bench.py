@@ -170,3 +170,50 @@ def test_each_method_reports_its_one_time_setup_once_per_process():
     again = run_bench(model, methods, 0.5, vocab=512, n_tokens=2, runs=1, calib_tokens=256)
     assert all(r.setup_s > 0 for r in first), [(r.method, r.setup_s) for r in first]
     assert [r.setup_s for r in again] == [0.0] * len(methods)
+
+
+def test_context_puts_that_many_prompt_tokens_in_the_cache_before_the_timed_decode(tmp_path, monkeypatch, capsys):
+    """``--context N``: every timed decode (and graph-ahead run) of every method starts after N
+    prompt tokens: random ids for a preset, the held-out text's first N tokens for a folder. A
+    context the text cannot fill, or one that with ``--tokens`` passes the model's trained
+    context, is one line and exit 2 before any timing."""
+    import json
+
+    from chess_mlx import pipelined
+    from chess_mlx.cli import main
+    from chess_mlx.model_io import load_model
+    from chess_mlx.paths import heldout_text_path
+    from tiny import save_tiny
+
+    lens = []
+    real_step, real_ahead = pipelined.generate_step, bench.greedy_ahead
+    monkeypatch.setattr(pipelined, "generate_step", lambda prompt, *a, **k: lens.append(prompt.size) or real_step(prompt, *a, **k))
+    monkeypatch.setattr(bench, "greedy_ahead", lambda m, prompt, n: lens.append(prompt.size) or real_ahead(m, prompt, n))
+    out = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--methods", "dense,chess", "--runs", "2", "--tokens", "2",
+                 "--ahead", "2", "--context", "40", "--json", str(out)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "after a 40-token prompt" in header, header
+    # per method: warm_up's own short prompt, one untimed and two timed decodes, one untimed and two graph-ahead runs
+    timed = [n for n in lens if n != 8]
+    assert timed == [40] * 12, lens
+    assert json.loads(out.read_text())["context"] == 40
+    lens.clear()
+    d = save_tiny(tmp_path / "m")
+    model, tok, _ = load_model(d)
+    limit = model.args.max_position_embeddings
+    seen = []
+    monkeypatch.setattr(pipelined, "generate_step", lambda prompt, *a, **k: seen.append(prompt.tolist()) or real_step(prompt, *a, **k))
+    assert main(["bench", str(d), "--methods", "dense", "--runs", "1", "--tokens", "2", "--ahead", "0",
+                 "--context", "100"]) == 0
+    want = tok.encode(heldout_text_path().read_text(encoding="utf-8")[:2000])[:100]
+    assert len(want) == 100 and [p for p in seen if len(p) != 8] == [want, want]
+    capsys.readouterr()
+    long = save_tiny(tmp_path / "long", max_position_embeddings=10**6)  # a byte per token: ~178k of text
+    for folder, argv, msg in ((long, ["--context", "200000"], "--context 200000 needs that many tokens of"),
+                              (d, ["--context", str(limit - 1)],
+                               f"--context plus --tokens {limit + 1} passes the model's context of {limit}")):
+        seen.clear()
+        assert main(["bench", str(folder), "--methods", "dense", "--runs", "1", "--tokens", "2", "--ahead", "0", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and msg in err and not seen, err  # before any timing
