@@ -27,6 +27,7 @@ from chess_mlx import mlx_thread
 from chess_mlx.generate import Step, needs_warm_up, warm_up
 from chess_mlx.sampling import Sampling
 
+from .live import Latest, settled, show_markdown
 from .screens import CompareScreen, HelpScreen, SettingsScreen, SystemPromptScreen
 from .stats_view import stats_text
 
@@ -97,6 +98,8 @@ class ChatApp(App):
         self._stop = session.stop
         self._md: Optional[Markdown] = None
         self._last_paint = 0.0
+        # paints from the generation thread, which never waits for them (app/live.py)
+        self._live = Latest(self, lambda key, *a: self._paint(*a) if key == "chat" else self._compare_screen.paint(key, *a))
 
     # -- layout -------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -173,13 +176,13 @@ class ChatApp(App):
             for step, reply in self.session.reply(text, max_tokens=self.sampling.max_tokens,
                                                    sampler=self.sampling.sampler()):
                 if self._throttled(step.finish_reason is not None):
-                    self.call_from_thread(self._paint, reply.text, step, reply)
+                    self._live.put("chat", reply.text, step, reply)
         except ChessError as e:
             self.call_from_thread(self.notify, str(e), severity="error")
         except (RuntimeError, MemoryError) as e:
             self._out_of_memory(e)
         finally:
-            self.call_from_thread(self._done, reply)
+            self.call_later(self._done, reply)  # behind the paints queued before it
 
     def _out_of_memory(self, e: BaseException) -> None:
         """From the generation thread: an out-of-memory error becomes a notice (the reply stops,
@@ -188,20 +191,22 @@ class ChatApp(App):
             raise e
         self.call_from_thread(self.notify, _NO_MEMORY, severity="error", timeout=15)
 
-    def _paint(self, text: str, step: Step, reply: Reply) -> None:
+    def _paint(self, text: str, step: Step, reply: Reply):
+        """Show a step of the reply; returns the Markdown change in progress (to be awaited)."""
         self.last_step, self.last_reply = step, reply
-        if self._md is not None:
-            self._md.update(text)
+        shown = show_markdown(self._md, text) if self._md is not None else None
         screen = self._main()
         screen.query_one("#stats", Static).update(self._stats(step, reply))
         per_layer = reply.mean if reply.mean is not None else step.stats
         screen.query_one("#layers", Sparkline).data = list(per_layer.ffn_per_layer)
         screen.query_one("#attn-layers", Sparkline).data = list(per_layer.attn_per_layer)
         screen.query_one("#log", VerticalScroll).scroll_end(animate=False)
+        return shown
 
-    def _done(self, reply: Optional[Reply]) -> None:
+    async def _done(self, reply: Optional[Reply]) -> None:
+        self._live.drop()
         if reply is not None and reply.last is not None:
-            self._paint(_final_text(reply), reply.last, reply)
+            await settled(self._paint(_final_text(reply), reply.last, reply))
             if reply.notice:
                 self.notify(reply.notice, severity="warning")
         self.generating = False
@@ -221,23 +226,24 @@ class ChatApp(App):
         return True
 
     def _generate_compare(self, text: str) -> None:
-        screen, last = self._compare_screen, {}
+        last: dict = {}
         try:
             for side, step, reply in self.compare.reply(text, max_tokens=self.sampling.max_tokens):
                 final = step.finish_reason is not None or side not in last
                 last[side] = (step, reply)
                 if self._throttled(final):
-                    self.call_from_thread(screen.paint, side, reply.text, step, reply)
+                    self._live.put(side, reply.text, step, reply)
         except ChessError as e:
             self.call_from_thread(self.notify, str(e), severity="error")
         except (RuntimeError, MemoryError) as e:
             self._out_of_memory(e)
         finally:
-            self.call_from_thread(self._done_compare, last)
+            self.call_later(self._done_compare, last)
 
-    def _done_compare(self, last: dict) -> None:
+    async def _done_compare(self, last: dict) -> None:
+        self._live.drop()
         for side, (step, reply) in last.items():
-            self._compare_screen.paint(side, _final_text(reply), step, reply)
+            await settled(self._compare_screen.paint(side, _final_text(reply), step, reply))
             self.last_step, self.last_reply = step, reply
         done = self.compare.last
         self._compare_screen.finish(done.summary() if done is not None else "stopped before both sides answered")

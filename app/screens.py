@@ -20,6 +20,7 @@ from chess_mlx.errors import ChessError
 from chess_mlx.generate import Step
 from chess_mlx.sampling import Sampling
 
+from .live import show_markdown
 from .stats_view import stats_text
 
 
@@ -77,13 +78,14 @@ class CompareScreen(Screen):
             log.mount(self._md[side])
         self.query_one("#verdict", Static).update("dense is answering…")
 
-    def paint(self, side: str, text: str, step: Step, reply: Reply) -> None:
-        if side in self._md:
-            self._md[side].update(text)
+    def paint(self, side: str, text: str, step: Step, reply: Reply):
+        """Show a step of one side; returns the Markdown change in progress (to be awaited)."""
+        shown = show_markdown(self._md[side], text) if side in self._md else None
         self.query_one(f"#stats-{side}", Static).update(self._stats(side, step, reply))
         self.query_one(f"#log-{side}", VerticalScroll).scroll_end(animate=False)
         if side == "sparse":
             self.query_one("#verdict", Static).update(f"{self.cmp.sparse.label} is answering…")
+        return shown
 
     def finish(self, verdict: str) -> None:
         self.query_one("#verdict", Static).update(verdict)

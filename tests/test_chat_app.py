@@ -43,7 +43,7 @@ async def _shipped_flow(folder: Path) -> dict:
 
     def recording_paint(text, step, reply):  # what the reply widget showed, paint by paint
         seen["painted"].append((text, step.generation_tokens))
-        paint(text, step, reply)
+        return paint(text, step, reply)
 
     app._paint = recording_paint
     async with app.run_test(size=(120, 40)) as pilot:
@@ -369,3 +369,75 @@ def test_compare_flag_starts_in_compare_mode(tiny_calibrated):  # noqa: F811
     assert screen == ("CompareScreen", "cats @ 0.5")
     assert early[0] == "too early" and "still being prepared" in early[1]  # kept, with a reason
     assert after == "" and compared
+
+
+async def _slow_ui_flow(calibrated: Path, compare: bool) -> dict:
+    """A reply (or a comparison) with a paint that holds the UI for 0.15 s, asked for at every
+    token: the generation thread must run at its own speed, and the screen end on the whole reply."""
+    import time
+
+    import app.chat as chat_mod
+    from app.chat import ChatApp
+    from textual.widgets import Markdown
+
+    app = ChatApp(_session(calibrated, "chess"), Sampling(max_tokens=40))
+    seen: dict = {"paints": 0}
+    session_cls = type(app.session)
+    real_reply = session_cls.reply
+
+    def timed_reply(self, *a, **k):  # when the generation thread got its first and last step
+        for i, item in enumerate(real_reply(self, *a, **k)):
+            seen.setdefault("first", time.perf_counter())
+            seen["last"] = time.perf_counter()
+            yield item
+
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: not app.preparing)
+        slow_target = app if not compare else None
+        if compare:
+            await pilot.press("f4")
+            await pilot.pause()
+            slow_target = app._compare_screen
+        real_paint = slow_target._paint if not compare else slow_target.paint
+
+        def slow_paint(*a):
+            seen["paints"] += 1
+            time.sleep(0.15)  # a slow terminal, or a long reply re-rendered
+            return real_paint(*a)
+
+        interval, chat_mod.PAINT_INTERVAL_S = chat_mod.PAINT_INTERVAL_S, 0.0
+        session_cls.reply = timed_reply
+        try:
+            if compare:
+                slow_target.paint = slow_paint
+                app.screen.query_one("#cmp-prompt").value = "count to twenty"
+            else:
+                app._paint = slow_paint
+                app.query_one("#prompt").value = "count to twenty"
+            await pilot.press("enter")
+            await _until(pilot, lambda: app.replies >= 1)
+            await pilot.pause()
+        finally:
+            chat_mod.PAINT_INTERVAL_S = interval
+            session_cls.reply = real_reply
+        if compare:
+            seen["shown"] = {s: app._compare_screen._md[s].source for s in ("dense", "sparse")}
+            seen["replies"] = {s: r.text for s, r in (("dense", app.compare.last.dense), ("sparse", app.compare.last.sparse))}
+        else:
+            seen["shown"] = {"chat": app.query(Markdown).last().source}
+            seen["replies"] = {"chat": app.last_reply.text}
+        seen["tokens"] = app.last_step.generation_tokens
+    return seen
+
+
+def test_a_slow_screen_does_not_slow_the_reply(tiny_calibrated):  # noqa: F811
+    """Paints are handed to the UI without the generation thread waiting for them: the newest
+    is painted, the ones the UI had no time for are skipped. (With the UI waited on at every
+    paint, 40 tokens took 40 x 0.15 s.)"""
+    for compare in (False, True):
+        seen = asyncio.run(_slow_ui_flow(tiny_calibrated, compare))
+        steps = seen["tokens"] * (2 if compare else 1)
+        took = seen["last"] - seen["first"]
+        assert seen["tokens"] == 40 and took < 0.15 * steps / 4, (compare, took, seen["paints"])
+        assert seen["paints"] < steps / 2, (compare, seen["paints"])  # coalesced
+        assert seen["shown"] == seen["replies"], compare  # the final paint is the whole reply
