@@ -18,7 +18,7 @@ from . import methods as M
 from .device_limits import context_length
 from .errors import ChessError
 from .generate import Step, stream
-from .sparse_layers import set_method, sparsify
+from .sparse_layers import ensure_method, set_method, sparsify
 from .stats import CallStats, TokenStats, merge, summarize
 
 
@@ -140,7 +140,7 @@ class ChatSession:
             self.messages.append({"role": "user", "content": user_text})
             turn = Turn(user_text)
         # Several sessions may share one model (compare mode): put this session's method in place.
-        state = set_method(self.model, self.method, self.thresholds, self.sparsity)
+        state = ensure_method(self.model, self.method, self.thresholds, self.sparsity)
         full, notice = self._fit(max_tokens)
         room = max(1, self.context_limit - len(full))
         if room < max_tokens:  # the setting passes the context: the reply ends where the context does

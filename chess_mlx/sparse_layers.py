@@ -283,6 +283,7 @@ class ChessState:
     method: str = DENSE
     sparsity: float | None = None
     warm: set = field(default_factory=set)  # methods (with the decode paths on) that have run: generate.warm_up
+    thresholds: object = None  # what set_method took the current level from (None for dense)
 
 
 def sparsify(model: nn.Module) -> ChessState:
@@ -360,4 +361,16 @@ def set_method(model: nn.Module, method: str, thresholds=None, sparsity: float |
         elif method == TEAL:
             c.mode, c.inp, c.down = "teal", float(level["mlp_in"][i]), float(level["down_in"][i])
     state.method, state.sparsity = method, (None if method == DENSE else thresholds.match(sparsity))
+    state.thresholds = None if method == DENSE else thresholds
     return state
+
+
+def ensure_method(model: nn.Module, method: str, thresholds=None, sparsity: float | None = None) -> ChessState:
+    """``set_method`` unless the model already runs ``method`` at that level of those thresholds.
+    Why: ``set_method`` drops every compiled one-token trace, which the next token then traces
+    again; a chat session puts its method in place at every reply (compare mode shares the model)."""
+    state = sparsify(model)
+    if state.method == method and (method == DENSE or (state.thresholds is thresholds
+                                                       and state.sparsity == thresholds.match(sparsity))):
+        return state
+    return set_method(model, method, thresholds, sparsity)

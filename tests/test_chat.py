@@ -318,3 +318,23 @@ def test_one_time_setup_runs_once_per_method_outside_ttft_and_leaves_the_reply_a
     set_method(model, "chess-attn", s.thresholds, 0.5)
     assert warm_up(model) > 0 and warm_up(model) == 0.0
     assert sparsify(model).recorder.pop() == []
+
+
+def test_a_reply_keeps_the_traces_of_a_method_already_in_place(tiny_calibrated):
+    """A session puts its method in place at every reply (compare mode shares the weights), but
+    only where the model runs another: ``set_method`` drops the compiled one-token traces, and
+    every reply then traced each block again."""
+    from chess_mlx.sparse_layers import sparsify
+
+    s = _session(tiny_calibrated, "chess")
+    first = _run(s, "hello", 4)
+    block = s.model.model.layers[0]
+    traced = block._step.steps
+    assert traced  # the one-token step of the block was made
+    _run(s, "and again", 4)
+    assert block._step.steps is traced
+    other = ChatSession(s.model, s.tokenizer, s.thresholds, "dense")  # another session on the same weights
+    _run(other, "hello", 4)
+    assert sparsify(s.model).method == "dense" and block._step.steps is not traced
+    s.clear()  # back to CHESS on the shared weights: the first reply again
+    assert _run(s, "hello", 4).tokens == first.tokens and sparsify(s.model).method == "chess"
