@@ -13,8 +13,15 @@ A cache stays mlx-lm's own (two buffers, its code) until the first ``update_join
 what it holds into the joint buffer once. So the methods whose k and v come apart (dense, CATS,
 CHESS, TEAL, prefill, q/k-normalised families) decode exactly as with mlx-lm's cache: with the
 joint buffer from the start they decoded ~1-2% slower in one-process A/Bs (session 22), the cause
-not found. ``make_cache`` gives this cache to the layers of the families the library patches;
-``CHESS_MLX_JOINT_KV=0`` keeps mlx-lm's.
+not found. ``make_cache`` gives this cache to the layers of the families the library patches
+when ``CHESS_MLX_JOINT_KV=1``.
+
+**Off by default since session 34:** after a 4096-token prompt, float16 CHESS+attention decoded
+at 172 tok/s with it and 192 without (dense 144-147, Llama-3-8B shape, H100; 4-bit 237 and 246,
+dense 158). Its gain, one copy launch per layer, is ~2% at a 32-token context; its cost grows
+with the context. Probably MLX's one-token attention copies the keys' and values' slices of the
+joint buffer (their batch stride is that of Hk + Hv heads) where it reads mlx-lm's in place; not
+verified (RESULTS.md session 34).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .switches import env_switch
 
-enabled, enable = env_switch("CHESS_MLX_JOINT_KV", "the joint key/value cache (one copy per layer and token)")
+enabled, enable = env_switch("CHESS_MLX_JOINT_KV", "the joint key/value cache (one copy per layer and token)",
+                             default=False)
 
 
 class JointKVCache(KVCache):

@@ -82,15 +82,16 @@ def test_joint_cache_refuses_what_it_cannot_hold():
         c.update_joint(mx.concatenate(_kv(rng, 1), axis=1), 1)
 
 
-def test_make_cache_gives_joint_caches_to_patched_families():
+def test_make_cache_gives_joint_caches_to_patched_families_when_switched_on():
+    """Off by default (it slowed long contexts, RESULTS.md session 34): mlx-lm's own caches."""
     model, cfg = tiny_model("llama", 3)
-    caches = make_cache(model)
-    assert len(caches) == cfg["num_hidden_layers"] and all(type(c) is JointKVCache for c in caches)
-    kv_cache.enable(False)
+    assert not kv_cache.enabled() and all(type(c) is KVCache for c in make_cache(model))
+    kv_cache.enable(True)
     try:
-        assert all(type(c) is KVCache for c in make_cache(model))
+        caches = make_cache(model)
+        assert len(caches) == cfg["num_hidden_layers"] and all(type(c) is JointKVCache for c in caches)
     finally:
-        kv_cache.enable(True)
+        kv_cache.enable(False)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
@@ -115,9 +116,11 @@ def test_decode_with_the_joint_cache(model_type, monkeypatch):
     monkeypatch.setattr(JointKVCache, "update_and_fetch", fetch)
     monkeypatch.setattr(JointKVCache, "update_joint", joint)
     set_method(model, "chess-attn", th, 0.5)
+    kv_cache.enable(True)  # off by default
     try:
         got, dens = _decode(model, prompt, 4, make_cache=make_cache)
     finally:
+        kv_cache.enable(False)
         set_method(model, "dense")
     np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dens, want[1], atol=1e-7)
@@ -154,9 +157,11 @@ def test_joint_cache_adds_no_graph_nodes(method, monkeypatch):
 
     model, cfg, th, prompt = chess_attn_on_the_cpu("llama", 9, monkeypatch)
     set_method(model, method, th, 0.5)
+    kv_cache.enable(True)  # off by default
     try:
         theirs, ours = _step_nodes(model, prompt, make_prompt_cache), _step_nodes(model, prompt, make_cache)
     finally:
+        kv_cache.enable(False)
         set_method(model, "dense")
     layers = cfg["num_hidden_layers"]
     joint = method == "chess-attn"  # per layer: one write, and the two slices that split [k; v], saved
