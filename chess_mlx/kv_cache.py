@@ -19,9 +19,8 @@ when ``CHESS_MLX_JOINT_KV=1``.
 **Off by default since session 34:** after a 4096-token prompt, float16 CHESS+attention decoded
 at 172 tok/s with it and 192 without (dense 144-147, Llama-3-8B shape, H100; 4-bit 237 and 246,
 dense 158). Its gain, one copy launch per layer, is ~2% at a 32-token context; its cost grows
-with the context. Probably MLX's one-token attention copies the keys' and values' slices of the
-joint buffer (their batch stride is that of Hk + Hv heads) where it reads mlx-lm's in place; not
-verified (RESULTS.md session 34).
+with the context, for a reason not found (MLX's CUDA one-token attention, as its source reads,
+takes key and value slices of one sequence without a copy; RESULTS.md session 34).
 """
 
 from __future__ import annotations
