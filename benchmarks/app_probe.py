@@ -39,7 +39,7 @@ def _direct(session, tokens: int) -> dict:
     from chess_mlx.generate import from_steps, stream
     from chess_mlx.sparse_layers import sparsify
 
-    prompt = session.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    prompt = session._template([{"role": "user", "content": PROMPT}])  # the prompt the app's first reply fed
 
     t0 = time.perf_counter()
     g = from_steps(stream(session.model, session.tokenizer, prompt, max_tokens=tokens, sampler=make_sampler(0.0)),

@@ -441,3 +441,17 @@ def test_a_slow_screen_does_not_slow_the_reply(tiny_calibrated):  # noqa: F811
         assert seen["tokens"] == 40 and took < 0.15 * steps / 4, (compare, took, seen["paints"])
         assert seen["paints"] < steps / 2, (compare, seen["paints"])  # coalesced
         assert seen["shown"] == seen["replies"], compare  # the final paint is the whole reply
+
+
+def test_app_probe_drives_the_app_and_the_library_on_the_cpu(tiny_calibrated):  # noqa: F811
+    """benchmarks/app_probe.py (run on a GPU to set the app's replies beside the library's) runs
+    through: the start's preparation, two turns, F2, one compare turn, the library's replies."""
+    from test_kernels_cpu import bench_module
+
+    probe = bench_module("app_probe")
+    out = asyncio.run(probe._drive(tiny_calibrated, "chess", 6))
+    assert [r["method"] for r in out["replies"]] == ["chess @ 0.5", "chess @ 0.5", "chess-attn @ 0.5"]
+    assert all(r["tokens"] == 6 and r["tok_s"] > 0 for r in out["replies"])
+    assert out["replies"][2]["attn_sparsity"] > 0 and "chess-attn" in out["panel_last"]
+    assert "x dense tokens/s" in out["compare"]["summary"]
+    assert set(out["direct"]) == {"chess", "chess-attn"} and all(d["tokens"] == 6 for d in out["direct"].values())
