@@ -27,7 +27,7 @@ from chess_mlx import mlx_thread
 from chess_mlx.generate import Step, needs_warm_up, warm_up
 from chess_mlx.sampling import Sampling
 
-from .live import Latest, settled, show_markdown
+from .live import Latest, freeze_old_replies, settled, show_markdown
 from .screens import CompareScreen, HelpScreen, SettingsScreen, SystemPromptScreen
 from .stats_view import stats_text
 
@@ -51,6 +51,7 @@ class ChatApp(App):
     #log { width: 3fr; padding: 0 1; }
     #side { width: 36; border-left: solid $accent; padding: 0 1; }
     .user { margin: 1 0 0 0; color: $text-muted; }
+    .frozen { padding: 0 2 1 2; }
     #layers, #attn-layers { height: 3; }
     """
     BINDINGS = [
@@ -208,12 +209,15 @@ class ChatApp(App):
 
     async def _done(self, reply: Optional[Reply]) -> None:
         self._live.drop()
-        if reply is not None and reply.last is not None:
-            await settled(self._paint(_final_text(reply), reply.last, reply))
-            if reply.notice:
-                self.notify(reply.notice, severity="warning")
-        self.generating = False
-        self.replies += 1
+        try:
+            if reply is not None and reply.last is not None:
+                await settled(self._paint(_final_text(reply), reply.last, reply))
+                if reply.notice:
+                    self.notify(reply.notice, severity="warning")
+            await freeze_old_replies(self._main().query_one("#log"))  # a long chat stays cheap to repaint
+        finally:
+            self.generating = False
+            self.replies += 1
 
     # -- compare ------------------------------------------------------------------------------
     def start_compare(self, text: str) -> bool:

@@ -455,3 +455,33 @@ def test_app_probe_drives_the_app_and_the_library_on_the_cpu(tiny_calibrated):  
     assert out["replies"][2]["attn_sparsity"] > 0 and "chess-attn" in out["panel_last"]
     assert "x dense tokens/s" in out["compare"]["summary"]
     assert set(out["direct"]) == {"chess", "chess-attn"} and all(d["tokens"] == 6 for d in out["direct"].values())
+
+
+def test_replies_before_the_newest_three_are_frozen_into_one_widget_each(tiny_calibrated):  # noqa: F811
+    """A long chat stays cheap to repaint: each finished reply older than the newest three
+    becomes one Static of the same text (a Textual Markdown is a widget per block, and a
+    streaming reply lays out the whole log at every repaint), in its place in the log."""
+    from app.live import KEEP_LIVE
+    from textual.widgets import Markdown, Static
+
+    async def go():
+        app = ChatApp(_session(tiny_calibrated, "chess"), Sampling(max_tokens=5))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _until(pilot, lambda: not app.preparing)
+            for i in range(KEEP_LIVE + 2):
+                app.query_one("#prompt").value = f"question {i}"
+                await pilot.press("enter")
+                await _until(pilot, lambda: app.replies > i)
+            await pilot.pause()
+            log = list(app.query_one("#log").children)
+            kinds = ["md" if isinstance(w, Markdown) else "frozen" if w.has_class("frozen") else
+                     "user" if w.has_class("user") else type(w).__name__ for w in log]
+            frozen = [w.content.markup for w in log if isinstance(w, Static) and w.has_class("frozen")]
+            live = [w.source for w in log if isinstance(w, Markdown)]
+            return kinds, frozen, live, [t.answers[0].text for t in app.session.turns]
+
+    from app.chat import ChatApp
+
+    kinds, frozen, live, texts = asyncio.run(go())
+    assert kinds == ["user", "frozen"] * 2 + ["user", "md"] * KEEP_LIVE, kinds
+    assert frozen + live == texts and all(texts)
