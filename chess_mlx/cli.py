@@ -588,7 +588,7 @@ def cmd_bench(args) -> int:
               "left out): " + ", ".join(f"{m} {v:.2f}x" for m, v in paired_ahead.items()) + " (median of run-by-run ratios)")
     if json_path:
         json_path.write_text(json.dumps({"model": label, "sparsity": sparsity, "backend": backend(),
-                                         "context": args.context, "tokens": args.tokens,
+                                               "context": args.context, "tokens": args.tokens,
                                                "results": [r.__dict__ for r in results],
                                                "paired_vs_dense": paired, "paired_vs_dense_ahead": paired_ahead,
                                                "paired_vs_mlx_lm": vs_mlx_lm},
