@@ -249,13 +249,18 @@ class ChatApp(App):
 
     async def _done_compare(self, last: dict) -> None:
         self._live.drop()
-        for side, (step, reply) in last.items():
-            await settled(self._compare_screen.paint(side, _final_text(reply), step, reply))
-            self.last_step, self.last_reply = step, reply
-        done = self.compare.last
-        self._compare_screen.finish(done.summary() if done is not None else "stopped before both sides answered")
-        self.generating = False
-        self.replies += 1
+        screen = self._compare_screen
+        try:
+            for side, (step, reply) in last.items():
+                await settled(screen.paint(side, _final_text(reply), step, reply))
+                self.last_step, self.last_reply = step, reply
+            done = self.compare.last
+            screen.finish(done.summary() if done is not None else "stopped before both sides answered")
+            for log in screen.logs():
+                await freeze_old_replies(log)
+        finally:
+            self.generating = False
+            self.replies += 1
 
     def action_compare(self) -> None:
         """Toggle compare mode (the sparse side uses the chat's method, or CHESS when that is dense)."""

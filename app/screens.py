@@ -87,6 +87,10 @@ class CompareScreen(Screen):
             self.query_one("#verdict", Static).update(f"{self.cmp.sparse.label} is answering…")
         return shown
 
+    def logs(self) -> list[VerticalScroll]:
+        """Each side's log, dense first."""
+        return [self.query_one(f"#log-{side}", VerticalScroll) for side in SIDES]
+
     def finish(self, verdict: str) -> None:
         self.query_one("#verdict", Static).update(verdict)
 

@@ -485,3 +485,24 @@ def test_replies_before_the_newest_three_are_frozen_into_one_widget_each(tiny_ca
     kinds, frozen, live, texts = asyncio.run(go())
     assert kinds == ["user", "frozen"] * 2 + ["user", "md"] * KEEP_LIVE, kinds
     assert frozen + live == texts and all(texts)
+
+    async def go_compare():  # each side's log the same way
+        app = ChatApp(_session(tiny_calibrated, "chess"), Sampling(max_tokens=4), compare=True)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _until(pilot, lambda: not app.preparing)
+            for i in range(KEEP_LIVE + 1):
+                app.screen.query_one("#cmp-prompt").value = f"question {i}"
+                await pilot.press("enter")
+                await _until(pilot, lambda: app.replies > i)
+            await pilot.pause()
+            out = {}
+            for side, log in zip(("dense", "sparse"), app.screen.logs()):
+                out[side] = ([w.content.markup for w in log.children if w.has_class("frozen")],
+                             [w.source for w in log.children if isinstance(w, Markdown)])
+            answers = {s: [t.answers[k].text for t in app.compare.turns] for k, s in enumerate(("dense", "sparse"))}
+            return out, answers
+
+    out, answers = asyncio.run(go_compare())
+    for side in ("dense", "sparse"):
+        frozen, live = out[side]
+        assert len(frozen) == 1 and len(live) == KEEP_LIVE and frozen + live == answers[side], side
