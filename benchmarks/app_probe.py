@@ -6,7 +6,7 @@ between the app (generation on its worker thread) and the library shows.
 
     python benchmarks/app_probe.py FOLDER [--method chess] [--tokens 128] [--json OUT]
 
-Needs textual (carry its wheels to a GPU machine). Prints one line per event and a JSON summary.
+Needs textual (carry its wheels to a GPU machine). Prints one line per event; --json also writes them all.
 """
 
 from __future__ import annotations
