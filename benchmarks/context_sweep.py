@@ -22,15 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from chess_mlx import kv_cache  # noqa: E402
-from chess_mlx.bench import PRESETS, random_model, run_bench  # noqa: E402
-from chess_mlx.calibrate import calibrate  # noqa: E402
+from chess_mlx.bench import PRESETS, random_model, random_thresholds, run_bench  # noqa: E402
+from chess_mlx.model_io import default_dtype  # noqa: E402
 
 
 def sweep(model, vocab: int, contexts: list[int], methods: list[str], sparsity: float = 0.5, runs: int = 3,
           tokens: int = 128, calib_tokens: int = 1024) -> list[dict]:
     """Rows of (context, joint, method, tok/s, x dense); the joint switch is left as it was."""
-    calib = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)), key=mx.random.key(7))
-    th = calibrate(model, calib, [sparsity])
+    th = random_thresholds(model, vocab, sparsity, calib_tokens)
     was, rows = kv_cache.enabled(), []
     try:
         for ctx in contexts:
@@ -60,7 +59,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    dtype = mx.float16 if mx.default_device() == mx.gpu else mx.float32
+    dtype = default_dtype()
     model = random_model(args.preset, args.layers, dtype, args.quantize)
     print(f"{args.preset} {'%d-bit' % args.quantize if args.quantize else dtype} on {mx.default_device()}", flush=True)
     rows = sweep(model, PRESETS[args.preset]["vocab_size"], [int(c) for c in args.contexts.split(",")],

@@ -169,6 +169,13 @@ def _as_method(model: nn.Module, method: str, th, sparsity: float):
             m.enable(on)
 
 
+def random_thresholds(model: nn.Module, vocab: int, sparsity: float, calib_tokens: int = 1024):
+    """Thresholds of a random model at ``sparsity``, calibrated on random token ids (its speed
+    depends on shapes and sparsity, not on what its text means)."""
+    tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)), key=mx.random.key(7))
+    return calibrate(model, tokens, [sparsity])
+
+
 def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int, n_tokens: int = 128,
               runs: int = 3, calib_tokens: int = 1024, progress=None, ahead: int = 0, th=None,
               prompt: mx.array | None = None, prompt_len: int = 32) -> list[DecodeResult]:
@@ -181,9 +188,7 @@ def run_bench(model: nn.Module, methods: list[str], sparsity: float, vocab: int,
     KV cache, whose attention reads stay dense under every method)."""
     state = sparsify(model)
     if th is None and needs_thresholds(methods):
-        tokens = mx.random.randint(0, vocab, (max(1, calib_tokens // 256), min(256, calib_tokens)),
-                                   key=mx.random.key(7))
-        th = calibrate(model, tokens, [sparsity])
+        th = random_thresholds(model, vocab, sparsity, calib_tokens)
     measured: dict[str, TokenStats] = {}
     setups: dict[str, float] = {}
     for m in methods:  # one-time setup, measured sparsity of one decode token, and a warm-up run, per method
