@@ -245,3 +245,19 @@ def test_context_sweep_times_each_context_with_the_joint_cache_off_then_on(monke
     assert all(r["tok_s"] > 0 for r in rows) and not kv_cache.enabled()
     timed = [s for s in seen if s[0] != 8]  # warm_up's own 8-token prompt left out
     assert sorted(set(timed)) == [(12, False), (12, True), (20, False), (20, True)], seen
+
+
+def test_first_token_probe_names_the_slow_steps_by_cache_position(monkeypatch, capsys):
+    """benchmarks/first_token_probe.py on a preset (no folder): a run of 12 steps prints the first
+    four and sums up the rest; slow_steps names a planted slow step at its cache position and no
+    other."""
+    import sys
+    from test_kernels_cpu import bench_module
+
+    probe = bench_module("first_token_probe")
+    med, slow = probe.slow_steps([1.0, 1.1, 0.9, 5.0, 1.0], first_pos=300)
+    assert med == 1.0 and slow == [(303, 5.0)]
+    monkeypatch.setattr(sys, "argv", ["first_token_probe.py", "tiny", "--method", "chess", "--steps", "12"])
+    probe.main()
+    out = capsys.readouterr().out
+    assert out.count("one-token step") == 4 and "steps 5-12: median" in out, out
