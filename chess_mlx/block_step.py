@@ -37,7 +37,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from . import fused_attention as FA
 from . import sparse_gemv as G
-from .kv_cache import JointKVCache
+from .kv_cache import JointKVCache, append_token
 from .linear_ops import dense_linear
 from .switches import env_switch
 
@@ -209,12 +209,13 @@ def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
     out = s.head(x, off, (s.q.ws.last,) if s.q else ())
     if s.hkv:  # (q, [k; v]): one write into a joint cache
         q, kv = out[:2]
-        k, v = cache.update_joint(kv, s.hkv) if isinstance(cache, JointKVCache) else \
-            cache.update_and_fetch(kv[:, :s.hkv], kv[:, s.hkv:])
+        if isinstance(cache, JointKVCache):
+            k, v = cache.update_joint(kv, s.hkv)
+        else:
+            q, k, v = append_token(cache, q, kv[:, :s.hkv], kv[:, s.hkv:])
         rest = out[2:]
     else:
-        q, k, v = out[:3]
-        k, v = cache.update_and_fetch(k, v)
+        q, k, v = append_token(cache, *out[:3])
         rest = out[3:]
     if s.q:
         s.q.done(*rest)

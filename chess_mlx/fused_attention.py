@@ -32,6 +32,7 @@ import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from . import sparse_gemv as G
+from .kv_cache import append_token
 from .linear_ops import dense_linear
 from .row_store import RowStore, fusable
 from .switches import env_switch
@@ -198,7 +199,7 @@ def _one_token(self, x: mx.array, mask, cache) -> mx.array:
         if qn is not None:
             q, k = qn(q), kn(k)
         q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
-    k, v = cache.update_and_fetch(k, v)
+    q, k, v = append_token(cache, q, k, v)
     o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
     return self.o_proj(o.reshape(B, 1, -1))
 

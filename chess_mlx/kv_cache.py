@@ -31,10 +31,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from . import sparse_gemv as G
 from .switches import env_switch
 
 enabled, enable = env_switch("CHESS_MLX_JOINT_KV", "the joint key/value cache (one copy per layer and token)",
                              default=False)
+inplace_enabled, enable_inplace = env_switch(
+    "CHESS_MLX_INPLACE_KV", "the KV cache written in place on a GPU (off: mlx-lm's slice updates)")
 
 
 class JointKVCache(KVCache):
@@ -120,13 +123,110 @@ class JointKVCache(KVCache):
         return super().to_quantized(group_size=group_size, bits=bits)
 
 
+_META: dict[tuple[int, int, int], mx.array] = {}
+
+
+def _meta(p: int, cap: int, cap2: int = 0) -> mx.array:
+    """The int32 [p, cap, cap2, 0] a KV write launch reads: one per position, shared by all layers
+    (16 bytes: smaller arrays are slow for kernels to read)."""
+    a = _META.get((p, cap, cap2))
+    if a is None:
+        if len(_META) > 8192:
+            _META.clear()
+        a = _META[(p, cap, cap2)] = mx.array([p, cap, cap2, 0], dtype=mx.int32)
+    return a
+
+
+def _launch_write(kind: str, q: mx.array, k: mx.array, v: mx.array, kb: mx.array, vb: mx.array,
+                  p: int) -> mx.array:
+    """kv_write: k and v into kb and vb at position p, in place; returns q as the launch's output."""
+    nq, nkv = q.size, k.size
+    return G._kernel(kind, "kv_write")(
+        inputs=[q, k, v, kb, vb, _meta(p, kb.shape[2])],
+        template=[("T", q.dtype), ("NQ", nq), ("NKV", nkv), ("D", k.shape[-1])],
+        grid=(-(-max(nq, nkv) // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+
+
+def _launch_grow(kind: str, q: mx.array, k: mx.array, v: mx.array, kb: mx.array, vb: mx.array, p: int,
+                 cap2: int) -> tuple[mx.array, mx.array, mx.array]:
+    """kv_grow: new buffers of cap2 positions holding kb and vb's first p positions and the token
+    at p; returns (q, kb2, vb2)."""
+    nq, nkv = q.size, k.size
+    shape = (1, kb.shape[1], cap2, kb.shape[3])
+    q2, kb2, vb2 = G._kernel(kind, "kv_grow")(
+        inputs=[q, k, v, kb, vb, _meta(p, kb.shape[2], cap2)],
+        template=[("T", q.dtype), ("NQ", nq), ("NKV", nkv), ("D", k.shape[-1])],
+        grid=(-(-max(nq, nkv * cap2) // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[q.shape, shape, shape], output_dtypes=[q.dtype] * 3)
+    return q2, kb2, vb2
+
+
+class InPlaceKVCache(KVCache):
+    """mlx-lm's ``KVCache`` whose one-token decode write (``write``) goes into its buffers in place
+    on a GPU: one launch per layer and token for k and v (``cuda/kv_write.cu``,
+    ``metal/kv_write.metal``), where mlx-lm's two slice updates copy both whole buffers whenever the
+    previous token still runs (benchmarks/RESULTS.md, session 35). Prompts, batches, the CPU and
+    the reference switch take mlx-lm's code (``update_and_fetch``); the contents, growth in steps of
+    256 positions, trimming, masks and state are mlx-lm's either way.
+
+    Writing in place is safe here because each write goes to a position no earlier launch of the
+    token reads (attention reads positions below it) and the attention that reads it takes the
+    write's q output; buffers set from outside (``state``) are first copied into the cache's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.own = False  # whether keys and values are buffers this cache made (row-contiguous, unshared)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        out = super().update_and_fetch(keys, values)
+        self.own = True  # mlx-lm's growth and slice updates give fresh, row-contiguous buffers
+        return out
+
+    def write(self, q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """One token of one sequence: append k and v (1, H, 1, D); returns (q, keys, values) for
+        the attention, which must take this q (it orders the attention after the write)."""
+        kind = G.backend()
+        if (kind == "reference" or k.shape[0] != 1 or k.shape[2] != 1 or self.keys is None
+                or k.dtype != self.keys.dtype or v.dtype != self.keys.dtype or q.dtype != k.dtype
+                or k.shape != v.shape or self.keys.shape[1:] != self.values.shape[1:]
+                or self.keys.shape[1] != k.shape[1] or self.keys.shape[3] != k.shape[3]):
+            return (q, *self.update_and_fetch(k, v))
+        p = self.offset
+        if not self.own or p + 1 > self.keys.shape[2]:
+            q, self.keys, self.values = _launch_grow(kind, q, k, v, self.keys, self.values, p, p + self.step)
+            self.own = True
+        else:
+            q = _launch_write(kind, q, k, v, self.keys, self.values, p)
+        self.offset = p + 1
+        return (q, *self.keys_and_values())
+
+    @property
+    def state(self):
+        return super().state
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset = v
+        self.own = False  # someone else's arrays (views, shared): the next write copies them first
+
+
+def append_token(cache, q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """One-token attention's cache step, whatever the cache: (q, keys, values) to attend with."""
+    if type(cache) is InPlaceKVCache:
+        return cache.write(q, k, v)
+    return (q, *cache.update_and_fetch(k, v))
+
+
 def make_cache(model: nn.Module) -> list:
     """The KV caches of one generated sequence: mlx-lm's, with its plain ``KVCache`` of each
-    layer of a patched family (``fused_attention.FAMILIES``) replaced by a ``JointKVCache``."""
+    layer of a patched family (``fused_attention.FAMILIES``) replaced by an ``InPlaceKVCache``
+    (or, with ``CHESS_MLX_INPLACE_KV=0`` and ``CHESS_MLX_JOINT_KV=1``, a ``JointKVCache``)."""
     from .fused_attention import FAMILIES
 
     caches = make_prompt_cache(model)
-    if not enabled():
+    cls = InPlaceKVCache if inplace_enabled() else JointKVCache if enabled() else None
+    if cls is None:
         return caches
     layers = getattr(model, "layers", None)
     if layers is None or len(layers) != len(caches):
@@ -135,4 +235,4 @@ def make_cache(model: nn.Module) -> list:
     def patched_family(layer) -> bool:  # its attention class, or the one the library derived it from
         return any(c.__module__ in FAMILIES for c in type(getattr(layer, "self_attn", None)).__mro__)
 
-    return [JointKVCache() if type(c) is KVCache and patched_family(layer) else c for c, layer in zip(caches, layers)]
+    return [cls() if type(c) is KVCache and patched_family(layer) else c for c, layer in zip(caches, layers)]

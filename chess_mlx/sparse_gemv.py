@@ -294,9 +294,11 @@ _INPUTS = {
     "spin_q": ["x", "t", "wt", "sb", "sem", "partial", "after"],
     "gateup_f": ["x", "w", "t"],
     "gateup_q": ["x", "w", "sb", "t"],
+    "kv_write": ["q", "k", "v", "kb", "vb", "meta"],  # kv_cache.InPlaceKVCache's one-token write
+    "kv_grow": ["q", "k", "v", "kb", "vb", "meta"],  # ... and its growth by 256 positions
 }
 _OUTPUTS = {"spout_f": ["y"], "spout_q": ["y"], "spin_f": ["y", "dens"], "spin_q": ["y", "dens"],
-            "gateup_f": ["y"], "gateup_q": ["y"]}
+            "gateup_f": ["y"], "gateup_q": ["y"], "kv_write": ["q_out"], "kv_grow": ["q_out", "kb2", "vb2"]}
 # What each define of a variant adds to its base kernel: (inputs, outputs), in this order.
 _DEFINE_EXTRAS = {
     "CHESS_RESIDUAL": (["r"], []),  # the residual add fused into the epilogue
@@ -324,6 +326,8 @@ TEMPLATES = {
     "spin_q": ("T", "M", "K", "N", "BITS", "GS", "KC", "WORDS", "TPC", "NT"),
     "gateup_f": ("T", "M", "K", "N", "WPR", "TPC"),
     "gateup_q": ("T", "M", "K", "N", "BITS", "GS", "RPW", "TPC"),
+    "kv_write": ("T", "NQ", "NKV", "D"),
+    "kv_grow": ("T", "NQ", "NKV", "D"),
 }
 
 

@@ -168,3 +168,91 @@ def test_joint_cache_adds_no_graph_nodes(method, monkeypatch):
     assert theirs["SliceUpdate"] >= 2 * layers
     assert ours["SliceUpdate"] == theirs["SliceUpdate"] - (layers if joint else 0)
     assert sum(ours.values()) == sum(theirs.values()) - (3 * layers if joint else 0), (ours - theirs, theirs - ours)
+
+
+# -- the in-place cache (InPlaceKVCache) ---------------------------------------------------------
+
+def test_in_place_cache_on_the_cpu_holds_what_mlx_lm_holds():
+    """Without kernels (the CPU, the reference switch) a one-token ``write`` is mlx-lm's update:
+    fetches, growth past 256 positions, trimming, masks and a restored state all equal mlx-lm's,
+    and q comes back as it went in."""
+    from chess_mlx.kv_cache import InPlaceKVCache, append_token
+
+    rng = np.random.default_rng(2)
+    ref, c = KVCache(), InPlaceKVCache()
+    k, v = _kv(rng, 250)
+    _same(c.update_and_fetch(k, v), ref.update_and_fetch(k, v))
+    for _ in range(9):
+        q = mx.array(rng.standard_normal((1, 4, 1, 8)).astype(np.float32))
+        k, v = _kv(rng, 1)
+        q2, *got = append_token(c, q, k, v)
+        assert q2 is q
+        _same(got, ref.update_and_fetch(k, v))
+    assert c.offset == ref.offset == 259 and c.keys.shape == ref.keys.shape == (1, 2, 512, 8)
+    assert trim_prompt_cache([c], 4) == 4 and trim_prompt_cache([ref], 4) == 4
+    k, v = _kv(rng, 1)
+    _same(c.write(q, k, v)[1:], ref.update_and_fetch(k, v))
+    restored = InPlaceKVCache.from_state(c.state)
+    _same(restored.keys_and_values(), ref.keys_and_values())
+    assert not restored.own and c.own
+
+
+def _recorded_writes(monkeypatch, kind: str):
+    """(launches, cache, the tokens written): a float16 cache of 254 positions (capacity 256),
+    then three one-token writes as a GPU of ``kind`` takes them, recorded (test_kernels_emulated),
+    not run; a state set from outside, then a fourth write."""
+    from chess_mlx import sparse_gemv as G
+    from chess_mlx.kv_cache import InPlaceKVCache
+    from test_kernels_emulated import _recording
+
+    launches = _recording(monkeypatch, kind)
+    monkeypatch.setattr(G, "backend", lambda: kind)
+    rng = np.random.default_rng(3)
+    c = InPlaceKVCache()
+    k, v = (a.astype(mx.float16) for a in _kv(rng, 254))
+    c.update_and_fetch(k, v)
+    tokens = []
+    for _ in range(3):
+        q = mx.array(rng.standard_normal((1, 4, 1, 8))).astype(mx.float16)
+        k, v = (a.astype(mx.float16) for a in _kv(rng, 1))
+        tokens.append((q, k, v))
+        q2, keys, values = c.write(q, k, v)
+        assert keys.shape == values.shape == (1, 2, c.offset, 8) and q2.shape == q.shape
+    c.state = (c.keys[..., :c.offset, :], c.values[..., :c.offset, :], c.offset)  # views, not its own
+    tokens.append(tuple(a.astype(mx.float16) for a in (mx.ones((1, 4, 1, 8)), *_kv(rng, 1))))
+    c.write(*tokens[-1])
+    return launches, c, tokens
+
+
+@pytest.mark.parametrize("kind", ["cuda", "metal"])
+def test_in_place_writes_and_growth_run_in_the_emulator(kind, monkeypatch, tmp_path):
+    """The kernels a GPU decode launches (cuda/kv_write.cu, cuda/kv_grow.cu and their Metal twins),
+    run in the CPU emulation of that backend (tests/test_kernels_emulated.py): a write puts k and v
+    at its position of the cache's own buffers and changes nothing else there; growth (at the
+    256-position capacity, and after a state set from outside) gives new buffers with the old
+    positions, the token, then zeros; both hand q on unchanged."""
+    from test_kernels_emulated import _build, _run
+
+    launches, c, tokens = _recorded_writes(monkeypatch, kind)
+    assert [(l.name, int(np.array(l.inputs[-1])[0])) for l in launches] == [
+        ("kv_write", 254), ("kv_write", 255), ("kv_grow", 256), ("kv_grow", 257)]
+    assert c.offset == 258 and c.own and c.keys.shape == (1, 2, 257 + 256, 8)
+    exe = _build(kind, tmp_path, launches)
+    for i, (launch, (q, k, v)) in enumerate(zip(launches, tokens)):
+        outs, after = _run(exe, i, launch, tmp_path)
+        p = 254 + i
+        np.testing.assert_array_equal(np.array(outs[0]), np.array(q))  # q handed on
+        kb, vb = (np.array(a.astype(mx.float32)) for a in launch.inputs[3:5])
+        if launch.name == "kv_write":
+            want_k, want_v = kb.copy(), vb.copy()
+            want_k[:, :, p], want_v[:, :, p] = np.array(k)[:, :, 0], np.array(v)[:, :, 0]
+            np.testing.assert_array_equal(np.array(after[3].astype(mx.float32)), want_k)
+            np.testing.assert_array_equal(np.array(after[4].astype(mx.float32)), want_v)
+        else:
+            cap2 = launch.out_shapes[1][2]
+            assert cap2 == p + 256
+            for got, old, new in ((outs[1], kb, k), (outs[2], vb, v)):
+                got = np.array(got.astype(mx.float32))
+                np.testing.assert_array_equal(got[:, :, :p], old[:, :, :p])
+                np.testing.assert_array_equal(got[:, :, p], np.array(new.astype(mx.float32))[:, :, 0])
+                assert not got[:, :, p + 1:].any()

@@ -1,0 +1,34 @@
+// A KV cache's buffers grown while one decode token is written (kv_cache.InPlaceKVCache, every
+// 256 positions as mlx-lm's KVCache grows), with q handed on as kv_write does. Twin:
+// metal/kv_grow.metal.
+//   kb2[0, h, s, :] = kb[0, h, s, :] for s < p, k[0, h, 0, :] at s = p, 0 after (vb2 likewise);
+//   q_out = q.
+// Why a launch and not MLX's concatenate: it reads q, k and v, so MLX orders it after every
+// earlier launch of the decode (kv_write's in-place writes to kb and vb are not outputs MLX
+// would order a concatenate after).
+// Layout: kb, vb (1, NKV / D, cap, D); kb2, vb2 (1, NKV / D, cap2, D), cap2 > p; meta int32
+// [p, cap, cap2, 0], p <= cap.
+// Template: T, NQ, NKV, D (as kv_write).
+// Grid: max(NQ, NKV * cap2) threads, threadgroup 256.
+const size_t i = (size_t)blockIdx.x * 256 + threadIdx.x;
+const int p = meta[0];
+const int cap = meta[1];
+const int cap2 = meta[2];
+if (i < NQ) q_out[i] = q[i];
+if (i < (size_t)NKV * cap2) {
+  const size_t row = i / D;
+  const int d = (int)(i - row * D);
+  const int s = (int)(row % cap2);
+  const int h = (int)(row / cap2);
+  T kv = T(0.0f), vv = T(0.0f);
+  if (s < p && s < cap) {
+    const size_t at = ((size_t)h * cap + s) * D + d;
+    kv = kb[at];
+    vv = vb[at];
+  } else if (s == p) {
+    kv = k[h * D + d];
+    vv = v[h * D + d];
+  }
+  kb2[i] = kv;
+  vb2[i] = vv;
+}
