@@ -1,12 +1,15 @@
 """GPU check of the compiled decode paths (``decode_paths``) against the op-by-op kernel path and
-the reference products, and of the joint KV cache against mlx-lm's.
+the reference products, and of the in-place KV cache against mlx-lm's.
 
     python benchmarks/compile_check.py [--layers 4] [--json OUT]
 
 A Llama-3-8B-shaped model with few layers and random float16 weights, thresholds calibrated at
 50% on random tokens; for every method, 16 teacher-forced decode steps in each mode of ``modes``
 (reference products, kernels op by op, compiled paths twice, compiled paths with mlx-lm's KV
-cache instead of the joint one), each compared as ``checks`` says.
+cache instead of the in-place one), each compared as ``checks`` says. The 16-token prompt keeps
+the cache under 256 positions: from there MLX's CUDA attention decodes through cuDNN, whose
+results vary from run to run in the last bits (session 35), so bit-for-bit checks would fail
+there whatever the cache; ``kv_inplace_check.py`` checks the cache's growth.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ def main() -> int:
     # kernels' own distance from the reference: at most 1.5x the logit error and twice the flips
     # of "op" vs "ref" (plus one flip and 1e-2 of slack for near-exact methods), densities within
     # twice theirs plus 1e-3. Dense and TEAL paths run exactly the op-by-op kernels: equal to "op".
-    # "mlxkv" repeats "paths" with mlx-lm's KV caches instead of the joint ones (kv_cache): the
-    # same values in another layout, read by the same attention kernel, so bit for bit the same.
+    # "mlxkv" repeats "paths" with mlx-lm's KV caches instead of the in-place ones (kv_cache): the
+    # same values written another way, read by the same attention kernel, so bit for bit the same.
     checks = [("paths2", "paths"), ("mlxkv", "paths"), ("op", "ref"), ("paths", "ref"), ("paths", "op")]
     for m in METHODS:
         set_method(model, m, th, 0.5)
@@ -77,7 +80,7 @@ def main() -> int:
         for mode, (kernels, paths) in modes.items():
             G.force_reference(not kernels)
             decode_paths.enable(paths)
-            kv_cache.enable(mode != "mlxkv")
+            kv_cache.enable_inplace(mode != "mlxkv")
             state.recorder.enabled = True
             toks, logits = greedy(model, prompt, 16, res["ref"][0] if res else None)
             calls = [c for c in state.recorder.pop() if c.n_tokens == 1]
@@ -108,7 +111,7 @@ def main() -> int:
             print(f"{m:<11} {mode:<6} vs {base:<5} argmax flips: {flips:2d}  max rel logit err {err:.2e}  "
                   f"density err {dens_err:.1e}  {verdict}", flush=True)
     decode_paths.enable(True)
-    kv_cache.enable(False)  # its default (RESULTS.md session 34)
+    kv_cache.enable_inplace(True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if ok else 1

@@ -1,13 +1,13 @@
-"""Decode speed against the context already in the KV cache, with the joint key/value cache off
-and on, in one process: where does the joint cache (one write per layer under CHESS+attention,
-``chess_mlx/kv_cache.py``) stop paying? Session 34 found it 2% faster after 32 prompt tokens
-(session 22) but 12% slower after 4096 (float16, H100), and switched it off by default.
+"""Decode speed against the context already in the KV cache, with the in-place KV cache off
+(mlx-lm's slice updates) and on, in one process: what the in-place write
+(``chess_mlx/kv_cache.py``) gains as the context grows. Session 35, float16 after 4096 prompt
+tokens on the H100: dense 143.1 -> 156.7 tok/s, CHESS+attention 190.1 -> 213.3.
 
     python benchmarks/context_sweep.py [--quantize 4] [--contexts 32,512,1024,2048,4096] [--json OUT]
 
 One random llama3-8b model and one calibration; for each context, ``bench.run_bench`` of dense and
-the methods with the joint cache off, then on (the cache is made per decode, so the switch takes
-effect at once). Prints one row per context and setting as it goes.
+the methods with the in-place cache off, then on (the cache is made per decode, so the switch
+takes effect at once). Prints one row per context and setting as it goes.
 """
 
 from __future__ import annotations
@@ -28,23 +28,23 @@ from chess_mlx.model_io import default_dtype  # noqa: E402
 
 def sweep(model, vocab: int, contexts: list[int], methods: list[str], sparsity: float = 0.5, runs: int = 3,
           tokens: int = 128, calib_tokens: int = 1024) -> list[dict]:
-    """Rows of (context, joint, method, tok/s, x dense); the joint switch is left as it was."""
+    """Rows of (context, inplace, method, tok/s, x dense); the switch is left as it was."""
     th = random_thresholds(model, vocab, sparsity, calib_tokens)
-    was, rows = kv_cache.enabled(), []
+    was, rows = kv_cache.inplace_enabled(), []
     try:
         for ctx in contexts:
-            for joint in (False, True):
-                kv_cache.enable(joint)
+            for inplace in (False, True):
+                kv_cache.enable_inplace(inplace)
                 res = run_bench(model, ["dense", *methods], sparsity, vocab, n_tokens=tokens, runs=runs, th=th,
                                 prompt_len=ctx)
                 base = res[0].tokens_per_s
                 for r in res:
-                    rows.append(dict(context=ctx, joint=joint, method=r.method, tok_s=r.tokens_per_s,
+                    rows.append(dict(context=ctx, inplace=inplace, method=r.method, tok_s=r.tokens_per_s,
                                      runs=r.runs, vs_dense=r.tokens_per_s / base))
-                print(f"context {ctx:5d} joint {'on ' if joint else 'off'}: " + ", ".join(
+                print(f"context {ctx:5d} in-place {'on ' if inplace else 'off'}: " + ", ".join(
                     f"{r.method} {r.tokens_per_s:.1f} tok/s ({r.tokens_per_s / base:.2f}x)" for r in res), flush=True)
     finally:
-        kv_cache.enable(was)
+        kv_cache.enable_inplace(was)
     return rows
 
 

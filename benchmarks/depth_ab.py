@@ -1,8 +1,8 @@
 """A/B of a decode setting in one process: the two-thread decode's pipeline depth (steps built
-ahead), or the joint KV cache (``kv_cache``).
+ahead), or the in-place KV cache (``kv_cache``).
 
     python benchmarks/depth_ab.py [--quantize 4] [--methods dense,chess-attn] [--depths 1,2] [--runs 6]
-    python benchmarks/depth_ab.py --set joint_kv=0,1
+    python benchmarks/depth_ab.py --set inplace_kv=0,1
 
 
 ``chess_mlx.pipelined`` builds and schedules ``CHESS_MLX_PIPELINE_DEPTH`` decode steps ahead of the
@@ -11,7 +11,7 @@ token being read (read at each decode's start, so one process can alternate it).
 prompt), depths and methods interleaved, so a slow spell of the shared host hits all of them. Prints
 the median tokens/s of each, each method's ratio to dense at the same depth paired round by round,
 and each depth's speed over depth 1 paired round by round (does a deeper pipeline slow dense?).
-``--set joint_kv=0,1`` alternates ``kv_cache.enable`` the same way (each decode makes its caches).
+``--set inplace_kv=0,1`` alternates ``kv_cache.enable_inplace`` the same way (each decode makes its caches).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pipeline_probe import add_model_args, calibrated_model  # noqa: E402
 
 SETTERS = {  # how each setting takes a value, between two decodes
     "depth": lambda v: os.environ.__setitem__("CHESS_MLX_PIPELINE_DEPTH", v),
-    "joint_kv": lambda v: kv_cache.enable(v != "0"),
+    "inplace_kv": lambda v: kv_cache.enable_inplace(v != "0"),
 }
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     add_model_args(ap, "dense,chess-attn")
     ap.add_argument("--depths", default="1,2")
-    ap.add_argument("--set", help="NAME=V1,V2: the setting to alternate, depth or joint_kv (default: depth=DEPTHS)")
+    ap.add_argument("--set", help="NAME=V1,V2: the setting to alternate, depth or inplace_kv (default: depth=DEPTHS)")
     ap.add_argument("--json")
     args = ap.parse_args()
     name, values = (args.set or f"depth={args.depths}").split("=")

@@ -3,13 +3,16 @@
 MLX's slice update writes in place only when its input buffer is donatable. While step t runs on
 the GPU its command buffer holds the cache buffer it reads (MLX retains every input's data until
 completion), so step t+1's slice update, encoded meanwhile, cannot donate it and copies the whole
-buffer: ~2 x 16.8 MB per layer and token for Llama-3-8B keys and values at 4096 positions. The CPU
-emulation of session 35 saw this for the joint cache (37 ms a step at 4096 positions against 0.6).
+buffer: ~2 x 16.8 MB per layer and token for Llama-3-8B keys and values at 4096 positions.
+
+What it showed on the H100 (session 35): nothing. Each layer's few small launches leave this loop
+bound by the host's graph building (1.5-2.8 ms a step in every mode), which hides GPU-side
+copies; the model's decode (``chess-mlx bench --context 4096``, in-place on and off) is the
+measurement that counts. Kept as a functional check of the in-place write under pipelining.
 
 This probe times an attention-only decode step (32 layers of Llama-3-8B's KV shapes: a write of
 one position, MLX's one-token attention, the output fed to the next layer) at several contexts:
 - ``mlxlm``: mlx-lm's ``KVCache`` (two slice updates);
-- ``joint``: ``chess_mlx.kv_cache.JointKVCache`` (one slice update of one buffer);
 - ``inplace``: ``chess_mlx.kv_cache.InPlaceKVCache``: one launch writes k and v into the buffers
   in place and hands q on as its output, so the attention, reading that q, is ordered after the
   write (MLX's CUDA graph edges follow output buffers only).
@@ -31,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import KVCache  # noqa: E402
 
-from chess_mlx.kv_cache import InPlaceKVCache, JointKVCache  # noqa: E402
+from chess_mlx.kv_cache import InPlaceKVCache  # noqa: E402
 
 HQ, HK, D, LAYERS = 32, 8, 128, 32
 
 
 def make(mode: str, ctx: int) -> list:
-    cls = {"mlxlm": KVCache, "joint": JointKVCache, "inplace": InPlaceKVCache}[mode]
+    cls = {"mlxlm": KVCache, "inplace": InPlaceKVCache}[mode]
     caches = [cls() for _ in range(LAYERS)]
     for c in caches:
         z = mx.zeros((1, HK, ctx, D), dtype=mx.float16)
@@ -51,9 +54,7 @@ def step(mode: str, caches: list, x: mx.array) -> mx.array:
     for c in caches:
         q = x * 0.5
         kv = x[:, :2 * HK] * 0.25
-        if mode == "joint":
-            k, v = c.update_joint(kv, HK)
-        elif mode == "inplace":
+        if mode == "inplace":
             q, k, v = c.write(q, kv[:, :HK], kv[:, HK:])
         else:
             k, v = c.update_and_fetch(kv[:, :HK], kv[:, HK:])
@@ -89,7 +90,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32,250,1024,4096")
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--modes", default="mlxlm,joint,inplace")
+    ap.add_argument("--modes", default="mlxlm,inplace")
     a = ap.parse_args()
     print(f"{LAYERS} layers, {HQ}/{HK} heads of {D}, float16, on {mx.default_device()}", flush=True)
     for ctx in (int(c) for c in a.contexts.split(",")):

@@ -37,7 +37,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from . import fused_attention as FA
 from . import sparse_gemv as G
-from .kv_cache import JointKVCache, append_token
+from .kv_cache import append_token
 from .linear_ops import dense_linear
 from .switches import env_switch
 
@@ -104,15 +104,13 @@ class _Step:
     then (density, ordering token) of its thresholded projection, if any (q in ``head``, o in
     ``mid``, under CHESS+attention)."""
 
-    __slots__ = ("head", "mid", "q", "o", "hkv")
+    __slots__ = ("head", "mid", "q", "o")
 
     def __init__(self, block: nn.Module, plan, q: Optional[_Site], o: Optional[_Site]):
         attn, st = block.self_attn, block.self_attn._fused
         ln1, ln2, o_proj, rope = block.input_layernorm, block.post_attention_layernorm, attn.o_proj, attn.rope
         qn, kn = (attn.q_norm, attn.k_norm) if st.norms else (None, None)
         self.q, self.o = q, o
-        # head gives (q, [k; v]) rather than (q, k, v): the split launch rotated q and k itself
-        self.hkv = st.hkv if q is not None and q.split and q.roped else 0
 
         def head(x, offset, lasts):
             if q is None:
@@ -120,10 +118,8 @@ class _Step:
             xn = x if q.normed else ln1(x)  # normed: ln1 inside the [q | k | v] launch
             # roped: the launch rotates q and k (offset is then the position as it reads it)
             y, dens, last = q(xn, offset, last=lasts[0]) if q.roped else q(xn, last=lasts[0])
-            if q.split and q.roped:  # k and v side by side, for the joint cache's one write
-                return (*FA.heads_joint(st, y), dens, last)
-            if q.split:
-                return (*FA.heads(st, y, rope, qn, kn, offset), dens, last)
+            if q.split:  # roped: the launch rotated q and k itself
+                return (*FA.heads(st, y, None if q.roped else rope, qn, kn, offset), dens, last)
             return (*FA.heads_kv(st, y, dense_linear(xn, plan.kv), rope, qn, kn, offset), dens, last)
 
         def mid(x, o_heads, lasts):
@@ -207,16 +203,8 @@ def _one_token(self, x: mx.array, mask, cache) -> Optional[mx.array]:
     else:
         off = _offset(off, roped)
     out = s.head(x, off, (s.q.ws.last,) if s.q else ())
-    if s.hkv:  # (q, [k; v]): one write into a joint cache
-        q, kv = out[:2]
-        if isinstance(cache, JointKVCache):
-            k, v = cache.update_joint(kv, s.hkv)
-        else:
-            q, k, v = append_token(cache, q, kv[:, :s.hkv], kv[:, s.hkv:])
-        rest = out[2:]
-    else:
-        q, k, v = append_token(cache, *out[:3])
-        rest = out[3:]
+    q, k, v = append_token(cache, *out[:3])  # an in-place cache hands q on: the attention waits for the write
+    rest = out[3:]
     if s.q:
         s.q.done(*rest)
     o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)

@@ -155,15 +155,6 @@ def heads(st: _State, h: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.arr
     return r[:, :hq], r[:, hq:], v
 
 
-def heads_joint(st: _State, h: mx.array) -> tuple[mx.array, mx.array]:
-    """q heads and the k and v heads together (B, hkv + hkv, 1, D) of one token from a fused
-    product whose q and k came rotated (the launch applied RoPE): k and v stay side by side, as a
-    ``kv_cache.JointKVCache`` takes them in one write."""
-    hq, hkv = st.hq, st.hkv
-    h = h.reshape(h.shape[0], hq + 2 * hkv, 1, h.shape[-1] // (hq + 2 * hkv))
-    return h[:, :hq], h[:, hq:]
-
-
 def heads_kv(st: _State, q: mx.array, kv: mx.array, rope, q_norm, k_norm, offset) -> tuple[mx.array, ...]:
     """q, k, v heads of one token from q (B, 1, hq * D) and the fused ``[Wk; Wv]`` product ``kv``,
     with RoPE at ``offset``."""

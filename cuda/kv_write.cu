@@ -12,12 +12,12 @@
 // writes nothing.
 // Template: T, NQ (q's elements), NKV (elements of k, and of v, for one token), D (head size).
 // Grid: max(NQ, NKV) threads, threadgroup 256.
-const uint i = blockIdx.x * 256 + threadIdx.x;
+const unsigned i = blockIdx.x * 256 + threadIdx.x;
 const int p = meta[0];
 const int cap = meta[1];
 if (i < NQ) q_out[i] = q[i];
 if (i < NKV && p >= 0 && p < cap) {
-  const uint h = i / D;
+  const unsigned h = i / D;
   const size_t at = ((size_t)h * cap + p) * D + (i - h * D);
   ((T*)kb)[at] = k[i];
   ((T*)vb)[at] = v[i];

@@ -219,12 +219,13 @@ def test_context_puts_that_many_prompt_tokens_in_the_cache_before_the_timed_deco
         assert err.count("\n") == 0 and msg in err and not seen, err  # before any timing
 
 
-def test_context_sweep_times_each_context_with_the_joint_cache_off_then_on(monkeypatch):
-    """benchmarks/context_sweep.py (a GPU question: where the joint KV cache stops paying) runs on
-    the tiny preset: a row per context, setting and method, the decodes after that many prompt
-    tokens with mlx-lm's caches and then the joint ones, and the switch left as it was."""
+def test_context_sweep_times_each_context_with_the_in_place_cache_off_then_on(monkeypatch):
+    """benchmarks/context_sweep.py (a GPU question: what the in-place KV cache gains as the
+    context grows) runs on the tiny preset: a row per context, setting and method, the decodes
+    after that many prompt tokens with mlx-lm's caches and then the in-place ones, and the switch
+    left as it was."""
     from chess_mlx import kv_cache, pipelined
-    from chess_mlx.kv_cache import JointKVCache
+    from chess_mlx.kv_cache import InPlaceKVCache
     from test_kernels_cpu import bench_module
 
     sweep = bench_module("context_sweep")
@@ -233,16 +234,16 @@ def test_context_sweep_times_each_context_with_the_joint_cache_off_then_on(monke
 
     def spy(prompt, model, *a, **k):
         cache = kv_cache.make_cache(model)
-        seen.append((prompt.size, type(cache[0]) is JointKVCache))
+        seen.append((prompt.size, type(cache[0]) is InPlaceKVCache))
         return real_step(prompt, model, *a, prompt_cache=cache, **{n: v for n, v in k.items() if n != "prompt_cache"})
 
     monkeypatch.setattr(pipelined, "generate_step", spy)
     model = random_model("tiny", dtype=mx.float32)
-    assert not kv_cache.enabled()
+    assert kv_cache.inplace_enabled()
     rows = sweep.sweep(model, 512, [12, 20], ["chess-attn"], runs=1, tokens=2, calib_tokens=256)
-    assert [(r["context"], r["joint"], r["method"]) for r in rows] == [
+    assert [(r["context"], r["inplace"], r["method"]) for r in rows] == [
         (c, j, m) for c in (12, 20) for j in (False, True) for m in ("dense", "chess-attn")]
-    assert all(r["tok_s"] > 0 for r in rows) and not kv_cache.enabled()
+    assert all(r["tok_s"] > 0 for r in rows) and kv_cache.inplace_enabled()
     timed = [s for s in seen if s[0] != 8]  # warm_up's own 8-token prompt left out
     assert sorted(set(timed)) == [(12, False), (12, True), (20, False), (20, True)], seen
 

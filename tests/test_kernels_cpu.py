@@ -463,6 +463,9 @@ _INSTANCES = [
      dict(T="float16", M=1, K=4096, N=6144, KC=64, TPC=0, NT=4096)),
     ("spin_q", ["float16", "float16", "uint32", "float16", "int32", "float32"], ["float16", "float32"],
      dict(T="float16", M=1, K=4096, N=6144, BITS=4, GS=64, KC=64, WORDS=2, TPC=0, NT=4096)),
+    # the KV cache's in-place write and growth (Llama-3-8B heads: 32 q, 8 k and 8 v heads of 128)
+    ("kv_write", ["float16"] * 5 + ["int32"], ["float16"], dict(T="float16", NQ=4096, NKV=1024, D=128)),
+    ("kv_grow", ["bfloat16"] * 5 + ["int32"], ["bfloat16"] * 3, dict(T="bfloat16", NQ=4096, NKV=1024, D=128)),
 ]
 
 

@@ -1,16 +1,12 @@
-"""The joint key/value cache (``kv_cache.JointKVCache``) against mlx-lm's ``KVCache``.
+"""The in-place KV cache (``kv_cache.InPlaceKVCache``) against mlx-lm's ``KVCache``.
 
-The joint cache must hold exactly what mlx-lm's holds (keys and values per position, growth past
-its 256-position steps, trimming, masks, state), stay mlx-lm's own until k and v come side by side
-from CHESS+attention's split launch, then take them in one write, give the same decode as mlx-lm's
-cache through the model, and add no node to a decode step's graph."""
+It must hold exactly what mlx-lm's holds (keys and values per position, growth past its
+256-position steps, trimming, masks, state), take every one-token step through its write (prompts
+through mlx-lm's code), give the same decode as mlx-lm's cache through the model, and its kernels
+must write in place what they are documented to write (run in the CPU emulation of CUDA and Metal).
+Whether the writes are ordered on a real GPU is checked there (``benchmarks/kv_inplace_check.py``)."""
 
 from __future__ import annotations
-
-import collections
-import re
-import tempfile
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -18,7 +14,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
 
 from chess_mlx import block_step, kv_cache, set_method
-from chess_mlx.kv_cache import JointKVCache, make_cache
+from chess_mlx.kv_cache import InPlaceKVCache, make_cache
 from test_decode_paths import _decode
 from test_qkv_launch import chess_attn_on_the_cpu, op_by_op_decode
 from tiny import tiny_model
@@ -35,139 +31,64 @@ def _same(a: tuple, b: tuple) -> None:
         np.testing.assert_array_equal(np.array(x), np.array(y))
 
 
-def test_joint_cache_holds_what_mlx_lm_holds():
-    """A prompt, single steps across the 256-position growth, a trim and more steps, and the
-    joint write of k and v side by side: every fetch equals mlx-lm's, as do offsets and masks."""
-    rng = np.random.default_rng(0)
-    ref, joint = KVCache(), JointKVCache()
-    assert joint.empty() and joint.keys is None and joint.state == ref.state
-    k, v = _kv(rng, 250)
-    _same(joint.update_and_fetch(k, v), ref.update_and_fetch(k, v))
-    assert joint.kv is None and joint.keys.shape == ref.keys.shape  # mlx-lm's buffers until a joint write
-    for i in range(12):  # past the first 256 positions: the buffer grows
-        k, v = _kv(rng, 1)
-        if i % 2:  # what the head gives under CHESS+attention: [k; v] heads in one array
-            got = joint.update_joint(mx.concatenate([k, v], axis=1), 2)
-        else:
-            got = joint.update_and_fetch(k, v)
-        _same(got, ref.update_and_fetch(k, v))
-    assert joint.offset == ref.offset == 262 and joint.size() == 262 and joint.keys is None
-    assert joint.kv.shape == (1, 4, 512, 8) and joint.nbytes == joint.kv.nbytes
-    assert trim_prompt_cache([joint], 5) == 5 and trim_prompt_cache([ref], 5) == 5
-    k, v = _kv(rng, 3)
-    _same(joint.update_and_fetch(k, v), ref.update_and_fetch(k, v))
-    _same(joint.keys_and_values(), ref.keys_and_values())
-    for n, arr, window in ((1, False, None), (4, False, None), (4, True, None), (3, False, 8)):
-        a = joint.make_mask(n, return_array=arr, window_size=window)
-        b = ref.make_mask(n, return_array=arr, window_size=window)
-        assert a == b if a is None or isinstance(a, str) else np.array_equal(np.array(a), np.array(b))
-    restored = JointKVCache.from_state(joint.state)
-    _same(restored.keys_and_values(), ref.keys_and_values())
-    assert restored.offset == ref.offset
-
-
-def test_joint_cache_refuses_what_it_cannot_hold():
-    """Joint writes take one sequence and fixed heads; before one, anything mlx-lm's cache takes."""
-    rng = np.random.default_rng(1)
-    k, v = _kv(rng, 2)
-    batch = JointKVCache()
-    batch.update_and_fetch(mx.concatenate([k, k]), mx.concatenate([v, v]))  # mlx-lm's code: fine
-    with pytest.raises(ValueError, match="one sequence"):
-        batch.update_joint(mx.repeat(mx.concatenate([k, v], axis=1), 2, axis=0), 2)
-    c = JointKVCache()
-    c.update_joint(mx.concatenate([k, v], axis=1), 2)
-    with pytest.raises(ValueError, match="one head size"):
-        c.update_and_fetch(k, v[..., :4])
-    with pytest.raises(ValueError, match="heads changed"):
-        c.update_joint(mx.concatenate(_kv(rng, 1), axis=1), 1)
-
-
-def test_make_cache_gives_joint_caches_to_patched_families_when_switched_on():
-    """Off by default (it slowed long contexts, RESULTS.md session 34): mlx-lm's own caches."""
+def test_make_cache_gives_in_place_caches_to_patched_families():
+    """On by default; switched off, mlx-lm's own caches."""
     model, cfg = tiny_model("llama", 3)
-    assert not kv_cache.enabled() and all(type(c) is KVCache for c in make_cache(model))
-    kv_cache.enable(True)
+    caches = make_cache(model)
+    assert len(caches) == cfg["num_hidden_layers"] and all(type(c) is InPlaceKVCache for c in caches)
+    kv_cache.enable_inplace(False)
     try:
-        caches = make_cache(model)
-        assert len(caches) == cfg["num_hidden_layers"] and all(type(c) is JointKVCache for c in caches)
+        assert all(type(c) is KVCache for c in make_cache(model))
     finally:
-        kv_cache.enable(False)
+        kv_cache.enable_inplace(True)
+
+
+def _python_kernels(monkeypatch) -> list:
+    """Stand-ins for the kv_write / kv_grow launches, as a GPU would take them, that do in Python
+    what the kernels do (tested against the emulation below): write into the cache's own buffer
+    objects, or give grown ones. Returns the (kernel, position) of each call."""
+    calls = []
+
+    def write(kind, q, k, v, kb, vb, p):
+        calls.append(("kv_write", p))
+        kb[:, :, p:p + 1] = k
+        vb[:, :, p:p + 1] = v
+        return q
+
+    def grow(kind, q, k, v, kb, vb, p, cap2):
+        calls.append(("kv_grow", p))
+        pad = mx.zeros((1, kb.shape[1], cap2 - p - 1, kb.shape[3]), dtype=kb.dtype)
+        return (q, mx.concatenate([kb[:, :, :p], k, pad], axis=2), mx.concatenate([vb[:, :, :p], v, pad], axis=2))
+
+    monkeypatch.setattr(kv_cache, "_backend", lambda: "cuda")
+    monkeypatch.setattr(kv_cache, "_launch_write", write)
+    monkeypatch.setattr(kv_cache, "_launch_grow", grow)
+    return calls
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_decode_with_the_joint_cache(model_type, monkeypatch):
-    """CHESS+attention through the compiled block with joint caches gives the logits and densities
-    of the op-by-op path with mlx-lm's caches. Where the split launch rotates q and k itself
-    (Llama), every decode step writes k and v with one ``update_joint`` of the head's [k; v]
-    output; Qwen3 (q/k norms, MLX's rope) writes them apart (``update_and_fetch``)."""
+def test_decode_with_the_in_place_cache(model_type, monkeypatch):
+    """CHESS+attention through the compiled block, with in-place caches taking every one-token
+    step as a GPU would (in-place writes, then growth past 256 positions), gives the logits and
+    densities of the op-by-op path with mlx-lm's caches; the prompt goes through mlx-lm's code."""
     model, cfg, th, prompt = chess_attn_on_the_cpu(model_type, 5, monkeypatch)
-    want = op_by_op_decode(model, th, prompt, 4)
-    joined, direct = [], []  # positions per update_and_fetch / update_joint call
-    real_fetch, real_joint = JointKVCache.update_and_fetch, JointKVCache.update_joint
-
-    def fetch(self, k, v):
-        joined.append(k.shape[2])
-        return real_fetch(self, k, v)
-
-    def joint(self, kv, n):
-        direct.append(kv.shape[2])
-        return real_joint(self, kv, n)
-
-    monkeypatch.setattr(JointKVCache, "update_and_fetch", fetch)
-    monkeypatch.setattr(JointKVCache, "update_joint", joint)
+    prompt = mx.concatenate([prompt] * 32)[:254]  # two steps to the first growth
+    kv_cache.enable_inplace(False)
+    try:
+        want = op_by_op_decode(model, th, prompt, 4)
+    finally:
+        kv_cache.enable_inplace(True)
+    calls = _python_kernels(monkeypatch)
     set_method(model, "chess-attn", th, 0.5)
-    kv_cache.enable(True)  # off by default
     try:
         got, dens = _decode(model, prompt, 4, make_cache=make_cache)
     finally:
-        kv_cache.enable(False)
         set_method(model, "dense")
     np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dens, want[1], atol=1e-7)
     layers = cfg["num_hidden_layers"]
-    if model_type == "llama":  # the prompt written apart once per layer, then one write per step and layer
-        assert joined == [len(prompt)] * layers and direct == [1] * (4 * layers)
-    else:
-        assert sorted(joined) == [1] * (4 * layers) + [len(prompt)] * layers and direct == []
+    assert sorted(calls) == sorted([("kv_write", 254), ("kv_write", 255), ("kv_grow", 256), ("kv_write", 257)] * layers)
     assert block_step.enabled()
-
-
-def _step_nodes(model, prompt, make) -> collections.Counter:
-    """Primitives of the second decode token's graph (views included: MLX encodes them too)
-    after a prefill with the caches ``make(model)`` gives (the first step may move a joint
-    cache's content once)."""
-    cache = make(model)
-    mx.eval(model(prompt[None], cache=cache))
-    mx.eval(model(prompt[-1:][None], cache=cache))
-    out = model(prompt[-2:-1][None], cache=cache)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "step.dot"
-        mx.export_to_dot(str(path), out)
-        labels = re.findall(r'label\s*=\s*"([A-Za-z]+)', path.read_text())
-    mx.eval(out)
-    return collections.Counter(labels)
-
-
-@pytest.mark.parametrize("method", ["dense", "chess-attn"])
-def test_joint_cache_adds_no_graph_nodes(method, monkeypatch):
-    """The host builds and encodes every node of a decode step: against mlx-lm's caches the joint
-    ones add none, and where the split launch gives [k; v] (Llama, rope inside) they save one
-    write per layer."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    model, cfg, th, prompt = chess_attn_on_the_cpu("llama", 9, monkeypatch)
-    set_method(model, method, th, 0.5)
-    kv_cache.enable(True)  # off by default
-    try:
-        theirs, ours = _step_nodes(model, prompt, make_prompt_cache), _step_nodes(model, prompt, make_cache)
-    finally:
-        kv_cache.enable(False)
-        set_method(model, "dense")
-    layers = cfg["num_hidden_layers"]
-    joint = method == "chess-attn"  # per layer: one write, and the two slices that split [k; v], saved
-    assert theirs["SliceUpdate"] >= 2 * layers
-    assert ours["SliceUpdate"] == theirs["SliceUpdate"] - (layers if joint else 0)
-    assert sum(ours.values()) == sum(theirs.values()) - (3 * layers if joint else 0), (ours - theirs, theirs - ours)
 
 
 # -- the in-place cache (InPlaceKVCache) ---------------------------------------------------------
@@ -176,7 +97,7 @@ def test_in_place_cache_on_the_cpu_holds_what_mlx_lm_holds():
     """Without kernels (the CPU, the reference switch) a one-token ``write`` is mlx-lm's update:
     fetches, growth past 256 positions, trimming, masks and a restored state all equal mlx-lm's,
     and q comes back as it went in."""
-    from chess_mlx.kv_cache import InPlaceKVCache, append_token
+    from chess_mlx.kv_cache import append_token
 
     rng = np.random.default_rng(2)
     ref, c = KVCache(), InPlaceKVCache()
@@ -201,12 +122,10 @@ def _recorded_writes(monkeypatch, kind: str):
     """(launches, cache, the tokens written): a float16 cache of 254 positions (capacity 256),
     then three one-token writes as a GPU of ``kind`` takes them, recorded (test_kernels_emulated),
     not run; a state set from outside, then a fourth write."""
-    from chess_mlx import sparse_gemv as G
-    from chess_mlx.kv_cache import InPlaceKVCache
     from test_kernels_emulated import _recording
 
     launches = _recording(monkeypatch, kind)
-    monkeypatch.setattr(G, "backend", lambda: kind)
+    monkeypatch.setattr(kv_cache, "_backend", lambda: kind)
     rng = np.random.default_rng(3)
     c = InPlaceKVCache()
     k, v = (a.astype(mx.float16) for a in _kv(rng, 254))
