@@ -6,6 +6,12 @@ teacher-forced decode with each, step by step, then the caches' contents positio
 A Llama-3-8B-shaped model with few layers, random float16 weights. Prints, per method, the first
 step whose logits differ, the largest difference, and which cache positions differ (layer,
 position, max difference), so a lost or misplaced write shows where it is.
+
+What must hold: the first layer's cache, whose keys and values depend on the tokens only, equal
+to mlx-lm's bit for bit at every position. Past 256 positions MLX's CUDA attention decodes through
+cuDNN, so later layers and the logits are held to exact equality only where two runs with
+mlx-lm's cache agree exactly (printed first); ``MLX_CUDA_USE_CUDNN_SDPA=0`` in the environment
+keeps MLX's own attention kernel throughout.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ def main() -> int:
         set_method(model, m, th if m != "dense" else None, 0.5 if m != "dense" else None)
         ref, ref_kv, kinds = run(model, prompt, forced, False, False)
         again = run(model, prompt, forced, False, False)[0]
-        print(f"{m:10s} mlx-lm's cache twice: max logit difference {mx.abs(again - ref).max().item():.3e}", flush=True)
+        noise = mx.abs(again - ref).max().item()
+        print(f"{m:10s} mlx-lm's cache twice: max logit difference {noise:.3e}", flush=True)
         for piped in (False, True):
             got, kv, kinds2 = run(model, prompt, forced, True, piped)
             d = mx.abs(got - ref).max(axis=-1).squeeze().tolist()
@@ -75,9 +82,9 @@ def main() -> int:
                 dv = mx.abs(v0.astype(mx.float32) - v1.astype(mx.float32)).max(axis=(0, 1, 3))
                 pos = [(i, max(x, y)) for i, (x, y) in enumerate(zip(dk.tolist(), dv.tolist())) if x or y]
                 if pos:
-                    bad += 1
+                    bad += layer == 0 or noise == 0
                     print(f"  layer {layer}: {len(pos)} positions differ, first {pos[:6]}", flush=True)
-            bad += first is not None
+            bad += first is not None and noise == 0
     kv_cache.enable_inplace(True)
     print("in-place cache: " + ("same as mlx-lm's" if not bad else f"{bad} differences"), flush=True)
     return 1 if bad else 0
