@@ -66,12 +66,14 @@ def _python_kernels(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_decode_with_the_in_place_cache(model_type, monkeypatch):
-    """CHESS+attention through the compiled block, with in-place caches taking every one-token
-    step as a GPU would (in-place writes, then growth past 256 positions), gives the logits and
-    densities of the op-by-op path with mlx-lm's caches; the prompt goes through mlx-lm's code."""
+@pytest.mark.parametrize("model_type,block", [("llama", True), ("qwen3", True), ("llama", False)])
+def test_decode_with_the_in_place_cache(model_type, block, monkeypatch):
+    """CHESS+attention through the compiled block (or, with it off, the fused attention's own
+    one-token call), with in-place caches taking every one-token step as a GPU would (in-place
+    writes, then growth past 256 positions), gives the logits and densities of the op-by-op path
+    with mlx-lm's caches; the prompt goes through mlx-lm's code."""
     model, cfg, th, prompt = chess_attn_on_the_cpu(model_type, 5, monkeypatch)
+    monkeypatch.setattr(block_step, "enabled", lambda: block)
     prompt = mx.concatenate([prompt] * 32)[:254]  # two steps to the first growth
     kv_cache.enable_inplace(False)
     try:
@@ -88,7 +90,6 @@ def test_decode_with_the_in_place_cache(model_type, monkeypatch):
     np.testing.assert_allclose(dens, want[1], atol=1e-7)
     layers = cfg["num_hidden_layers"]
     assert sorted(calls) == sorted([("kv_write", 254), ("kv_write", 255), ("kv_grow", 256), ("kv_write", 257)] * layers)
-    assert block_step.enabled()
 
 
 # -- the in-place cache (InPlaceKVCache) ---------------------------------------------------------
