@@ -86,7 +86,11 @@ class InPlaceKVCache(KVCache):
 
     Writing in place is safe here because each write goes to a position no earlier launch of the
     token reads (attention reads positions below it) and the attention that reads it takes the
-    write's q output; buffers set from outside (``state``) are first copied into the cache's own."""
+    write's q output; buffers set from outside (``state``) are first copied into the cache's own.
+    The other way round, arrays it hands out (``state``, fetched keys and values) share its buffers,
+    so a later write shows in them past their offset, and at positions a trim gave back, which
+    never happens with mlx-lm's cache. The library reads them within the step that fetched them
+    only; a caller that keeps a cache's state for later should copy it (or switch this cache off)."""
 
     def __init__(self):
         super().__init__()
