@@ -286,6 +286,18 @@ def _balanced(src: str) -> bool:
     return all(code.count(a) == code.count(b) for a, b in ("{}", "()", "[]"))
 
 
+def test_cuda_sources_use_no_host_only_type_names():
+    """NVRTC, which compiles the kernels on a CUDA machine, sees no glibc headers, so ``uint`` and
+    its kin (typedefs of <sys/types.h>, and Metal's names) are unknown there, while the nvcc check
+    below compiles them through the host compiler's headers (session 35: kv_write.cu failed on the
+    GPU only)."""
+    root = Path(G.__file__).resolve().parents[1] / "cuda"
+    for f in sorted(root.iterdir()):
+        code = re.sub(r"//.*", "", f.read_text())
+        found = re.findall(r"\b(uint|ulong|ushort|uchar)\b", code)
+        assert not found, (f.name, sorted(set(found)))
+
+
 def test_wheel_carries_every_kernel_source():
     """pyproject.toml maps the top-level cuda/ and metal/ folders into the package (data packages
     chess_mlx.cuda / chess_mlx.metal) and its globs match every source file there, including the
