@@ -11,10 +11,9 @@ import os
 from typing import Callable
 
 
-def env_switch(var: str, what: str, default: bool = True) -> tuple[Callable[[], bool], Callable[[bool], None]]:
-    """``(enabled, enable)`` for a switch that is ``default`` unless the environment sets ``var``
-    (``0``: off, anything else: on)."""
-    state = [os.environ.get(var, "1" if default else "0") != "0"]
+def env_switch(var: str, what: str) -> tuple[Callable[[], bool], Callable[[bool], None]]:
+    """``(enabled, enable)`` for a switch that is on unless the environment sets ``var=0``."""
+    state = [os.environ.get(var, "1") != "0"]
 
     def enabled() -> bool:
         return state[0]
@@ -22,6 +21,6 @@ def env_switch(var: str, what: str, default: bool = True) -> tuple[Callable[[], 
     def enable(on: bool = True) -> None:
         state[0] = bool(on)
 
-    enabled.__doc__ = f"Whether {what} is on ({var}={0 if default else 1} switches it {'off' if default else 'on'})."
+    enabled.__doc__ = f"Whether {what} is on ({var}=0 switches it off)."
     enable.__doc__ = f"Switch {what} on or off."
     return enabled, enable
