@@ -105,10 +105,7 @@ class InPlaceKVCache(KVCache):
         """One token of one sequence: append k and v (1, H, 1, D); returns (q, keys, values) for
         the attention, which must take this q (it orders the attention after the write)."""
         kind = _backend()
-        if (kind == "reference" or k.shape[0] != 1 or k.shape[2] != 1 or self.keys is None
-                or k.dtype != self.keys.dtype or v.dtype != self.keys.dtype or q.dtype != k.dtype
-                or k.shape != v.shape or self.keys.shape[1:] != self.values.shape[1:]
-                or self.keys.shape[1] != k.shape[1] or self.keys.shape[3] != k.shape[3]):
+        if kind == "reference" or not self._fits(q, k, v):
             return (q, *self.update_and_fetch(k, v))
         p = self.offset
         if not self.own or p + 1 > self.keys.shape[2]:
@@ -118,6 +115,15 @@ class InPlaceKVCache(KVCache):
             q = _launch_write(kind, q, k, v, self.keys, self.values, p)
         self.offset = p + 1
         return (q, *self.keys_and_values())
+
+    def _fits(self, q: mx.array, k: mx.array, v: mx.array) -> bool:
+        """Whether the kernels take this token: one of one sequence, in buffers of its heads, head
+        size and type."""
+        if self.keys is None:
+            return False
+        _, heads, _, d = self.keys.shape
+        return (k.shape == v.shape == (1, heads, 1, d) and self.values.shape[1:] == self.keys.shape[1:]
+                and q.dtype == k.dtype == v.dtype == self.keys.dtype)
 
     @property
     def state(self):
