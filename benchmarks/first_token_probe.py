@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     a = ap.parse_args()
     if a.folder in PRESETS:
-        (model, _), _ = timed("random model", lambda: (random_model(a.folder, dtype=default_dtype()), None))
+        model, _ = timed("random model", lambda: random_model(a.folder, dtype=default_dtype()))
         th, _ = timed("calibrate", lambda: random_thresholds(model, PRESETS[a.folder]["vocab_size"], a.sparsity)) \
             if a.method != "dense" else (None, 0)
         prompt = mx.random.randint(0, PRESETS[a.folder]["vocab_size"], (1, 12), key=mx.random.key(3))
